@@ -1,0 +1,110 @@
+"""Everything that depends on the megatron-core / Transformer Engine / apex version, in one place.
+
+Supported: megatron-core 0.16.1 (the newest for Python 3.11) through 0.19.x. Nothing else in the
+package imports version-dependent megatron-core names directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import package_info
+
+MCORE_VERSION = tuple(int(x) for x in package_info.__version__.split(".")[:2])
+
+
+def _te_importable() -> bool:
+    if importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        return True
+    except Exception:  # a CPU machine: the wheel is there, its CUDA libraries are not
+        return False
+
+
+HAVE_TE: bool = _te_importable()
+HAVE_APEX: bool = importlib.util.find_spec("apex") is not None
+
+
+def get_process_group_collection(pg_collection=None):
+    """The given collection, or megatron-core's default groups from parallel_state."""
+    if pg_collection is not None:
+        return pg_collection
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def _fields_of(cls) -> set:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def make_transformer_config(cfg, **overrides):
+    """DSV3Config -> megatron-core MLATransformerConfig (the single bridge).
+
+    Our modules read their feature configs from the spec; this config carries what megatron-core's
+    own parts (linears, TransformerLayer/Block, DDP, optimizer, schedules) read. MoE fields are
+    filled for Megatron-LM users' logging and FLOP counts, but megatron-core's MoE is not built.
+    """
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    par, mla, moe = cfg.parallel, cfg.mla, cfg.moe
+    dtype = cfg.torch_dtype
+    y = mla.yarn
+    kw = dict(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=moe.dense_ffn_hidden_size, kv_channels=mla.qk_head_dim,
+        hidden_dropout=0.0, attention_dropout=mla.attention_dropout, layernorm_epsilon=cfg.norm_eps,
+        normalization="RMSNorm", add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
+        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        expert_tensor_parallel_size=par.expert_tensor_parallel_size,
+        context_parallel_size=par.context_parallel_size,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
+        sequence_parallel=par.sequence_parallel,
+        num_layers_in_first_pipeline_stage=par.num_layers_in_first_pipeline_stage,
+        num_layers_in_last_pipeline_stage=par.num_layers_in_last_pipeline_stage,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        use_cpu_initialization=True, perform_initialization=True,
+        # MLA
+        multi_latent_attention=True, q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank,
+        qk_head_dim=mla.qk_nope_head_dim, qk_pos_emb_head_dim=mla.qk_rope_head_dim, v_head_dim=mla.v_head_dim,
+        rotary_base=mla.rope_theta, rope_type="yarn" if y else "rope",
+        rotary_scaling_factor=y.factor if y else 1.0,
+        original_max_position_embeddings=y.original_max_position_embeddings if y else cfg.max_position_embeddings,
+        beta_fast=y.beta_fast if y else 32.0, beta_slow=y.beta_slow if y else 1.0,
+        mscale=y.mscale if y else 1.0, mscale_all_dim=y.mscale_all_dim if y else 0.0,
+        # MoE (informational for megatron-core; our DeepSeekMoE reads MoEConfig)
+        num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k, moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=(moe.num_shared_experts * moe.expert_ffn_hidden_size) or None,
+        moe_router_num_groups=moe.n_group if moe.n_group > 1 else None,
+        moe_router_group_topk=moe.topk_group if moe.n_group > 1 else None,
+        moe_router_topk_scaling_factor=moe.routed_scaling_factor, moe_router_score_function=moe.score_function,
+        moe_router_enable_expert_bias=moe.expert_bias and moe.score_function == "sigmoid",
+        moe_router_pre_softmax=False, moe_token_dispatcher_type="alltoall",
+        moe_layer_freq=[0] * moe.first_k_dense_replace + [1] * (cfg.num_layers - moe.first_k_dense_replace),
+        mtp_num_layers=cfg.mtp.num_layers or None,
+    )
+    if par.sequence_parallel and par.tensor_model_parallel_size > 1:
+        kw["sequence_parallel"] = True
+    kw.update(overrides)
+    known = _fields_of(MLATransformerConfig)
+    dropped = {k for k in kw if k not in known}
+    for k in dropped:  # fields a given megatron-core release does not have
+        kw.pop(k)
+    return MLATransformerConfig(**kw)
+
+
+def accepts_kwarg(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False

@@ -62,7 +62,8 @@ def config_from_hf(cls, d: Dict[str, Any]):
                     dense_ffn_hidden_size=d["intermediate_size"],
                     first_k_dense_replace=d.get("first_k_dense_replace", 0),
                     n_group=n_group_eff, topk_group=topk_group_eff,
-                    group_score_topk=min(2, E // n_group_eff),
+                    # V3 (noaux_tc) scores a group by its top-2 sum; V2's group_limited_greedy by its max
+                    group_score_topk=1 if topk_method == "group_limited_greedy" else min(2, E // n_group_eff),
                     routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
                     score_function=scoring, norm_topk_prob=bool(d.get("norm_topk_prob", False)),
                     expert_bias=topk_method == "noaux_tc",
@@ -101,7 +102,8 @@ def config_to_hf(cfg) -> Dict[str, Any]:
         "num_experts_per_tok": moe.top_k, "moe_intermediate_size": moe.expert_ffn_hidden_size,
         "intermediate_size": moe.dense_ffn_hidden_size, "first_k_dense_replace": moe.first_k_dense_replace,
         "n_group": moe.n_group, "topk_group": moe.topk_group, "routed_scaling_factor": moe.routed_scaling_factor,
-        "scoring_func": moe.score_function, "topk_method": "noaux_tc" if moe.expert_bias else "greedy",
+        "scoring_func": moe.score_function, "topk_method": ("noaux_tc" if moe.expert_bias else
+                        "group_limited_greedy" if moe.n_group > 1 else "greedy"),
         "norm_topk_prob": moe.norm_topk_prob, "aux_loss_alpha": moe.seq_aux_loss_coeff,
         "attention_dropout": m.attention_dropout,
     }

@@ -160,3 +160,12 @@ def test_transformer_config_bridge():
     assert tc.num_moe_experts == 8 and tc.moe_router_topk == 2 and tc.moe_layer_freq == [0, 1, 1]
     assert tc.normalization == "RMSNorm" and tc.gated_linear_unit and not tc.add_bias_linear
     assert tc.rotary_scaling_factor == 4 and tc.original_max_position_embeddings == 256
+
+
+def test_deepseek_v2_group_limited_greedy_round_trips():
+    # DeepSeek-V2 (236B) routes with group_limited_greedy: a group's score is its max affinity
+    d = dict(_hf("deepseek-v2-lite.json"), n_group=8, topk_group=3, topk_method="group_limited_greedy",
+             n_routed_experts=160, num_experts_per_tok=6)
+    c = DSV3Config.from_hf(d)
+    assert (c.moe.n_group, c.moe.topk_group, c.moe.group_score_topk, c.moe.expert_bias) == (8, 3, 1, False)
+    assert c.to_hf() == d

@@ -21,8 +21,41 @@ def check_backend(backend: str) -> str:
 
 
 def get_mla_spec(config, backend: str = "local"):
-    """MLA self-attention spec (issue: MLA)."""
-    raise NotImplementedError
+    """MLA self-attention spec (issue: MLA). `config` is a DSV3Config (or anything with `.mla`).
+
+    local: DuplicatedLinear down-projections, our RMSNorm, megatron-core Column/RowParallelLinear,
+           SDPAttention (torch SDPA; cuDNN first on CUDA).
+    te:    TELinear(parallel_mode="duplicated"), TENorm, TEColumnParallelLinear, TERowParallelLinear,
+           TEDotProductAttention. Norms stay separate modules (not TELayerNormColumnParallelLinear) so the
+           parameter names are the same in both backends and conversion needs one table.
+    """
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megatron_dsv3.mla.attention import MLASelfAttention, MLASubmodules
+
+    check_backend(backend)
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear, TEDotProductAttention, TELinear, TENorm, TERowParallelLinear)
+        duplicated = ModuleSpec(module=TELinear, params={"parallel_mode": "duplicated"})
+        norm, column, row, core = TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
+    else:
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        from megatron_dsv3.mla.core_attention import SDPAttention
+        from megatron_dsv3.mla.linear import DuplicatedLinear
+        from megatron_dsv3.norm import RMSNorm
+        duplicated, norm, column, row, core = DuplicatedLinear, RMSNorm, ColumnParallelLinear, RowParallelLinear, SDPAttention
+    return ModuleSpec(
+        module=MLASelfAttention,
+        params={"mla": config.mla, "attn_mask_type": AttnMaskType.causal},
+        submodules=MLASubmodules(
+            linear_q_down_proj=duplicated, q_layernorm=norm, linear_q_up_proj=column, linear_q_proj=column,
+            linear_kv_down_proj=duplicated, kv_layernorm=norm, linear_kv_up_proj=column,
+            core_attention=core, linear_proj=row,
+        ),
+    )
 
 
 def get_dense_mlp_spec(config, backend: str = "local"):

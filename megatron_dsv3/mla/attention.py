@@ -1,0 +1,170 @@
+"""Multi-head Latent Attention (DeepSeek-V2 section 2.1, DeepSeek-V3 section 2.1.1, eqs. 1-11).
+
+    c^KV = W^DKV h                       (eq. 1)  linear_kv_down_proj -> [kv_lora | rope], kv_layernorm on c^KV
+    [k^C_1..k^C_n ; v^C_1..v^C_n] = W^UK c^KV, W^UV c^KV   (eqs. 2, 5)  linear_kv_up_proj
+    k^R = RoPE(W^KR h)                   (eq. 3)  the rope slice of linear_kv_down_proj, one head for all heads
+    k_i = [k^C_i ; k^R]                  (eq. 4)
+    c^Q = W^DQ h                         (eq. 6)  linear_q_down_proj, q_layernorm
+    [q^C_i] = W^UQ c^Q, [q^R_i] = RoPE(W^QR c^Q)   (eqs. 7, 8)  linear_q_up_proj (or linear_q_proj on h, V2-Lite)
+    q_i = [q^C_i ; q^R_i]                (eq. 9)
+    o_i = softmax(q_i k_j^T * scale) v^C_j  (eq. 10)  core_attention; scale = 1/sqrt(d_h + d_h^R) * YaRN mscale^2
+    u = W^O [o_1..o_n]                   (eq. 11) linear_proj
+
+Tensor parallelism is over heads: the down-projections and latent norms are duplicated on every TP rank,
+the up-projections are column-parallel (head-major rows, as HF's `.view(heads, dim)`), the output projection
+is row-parallel. Under sequence parallelism the input is the rank's sequence shard: the down-projections and
+norms run on the shard, the column-parallel up-projections all-gather their input along the sequence, k^R is
+gathered explicitly, and the row-parallel output reduce-scatters back to the shard.
+
+Recompute (V3 section 3.2.2, MLAConfig.recompute_up_proj): the latent norms and up-projections run under a
+non-reentrant activation checkpoint; only their inputs (the down-projected latents) are kept for backward.
+
+Layout: activations [s, b, h]; per-head tensors [s, b, n, d]. Rope and YaRN come from MLAConfig (rope.py);
+megatron-core's rotary_pos_emb/cos/sin arguments are ignored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_dsv3.compat import get_process_group_collection
+from megatron_dsv3.config import MLAConfig
+from megatron_dsv3.mla.rope import RotaryEmbedding
+
+# DeepSeek's reference and HF build the latent RMSNorms with their default eps, whatever rms_norm_eps says
+LATENT_NORM_EPS = 1e-6
+
+
+@dataclass
+class MLASubmodules:
+    linear_q_down_proj: Union[ModuleSpec, type, None] = None  # W^DQ   h -> q_lora            (duplicated)
+    q_layernorm: Union[ModuleSpec, type, None] = None         # RMSNorm on c^Q
+    linear_q_up_proj: Union[ModuleSpec, type, None] = None    # W^UQ;W^QR  q_lora -> n*(d_h+d_h^R)  (column)
+    linear_q_proj: Union[ModuleSpec, type, None] = None       # q_lora_rank None: h -> n*(d_h+d_h^R)  (column)
+    linear_kv_down_proj: Union[ModuleSpec, type, None] = None  # W^DKV;W^KR  h -> kv_lora + d_h^R   (duplicated)
+    kv_layernorm: Union[ModuleSpec, type, None] = None        # RMSNorm on c^KV
+    linear_kv_up_proj: Union[ModuleSpec, type, None] = None   # W^UK;W^UV  kv_lora -> n*(d_h+d_v)  (column)
+    core_attention: Union[ModuleSpec, type, None] = None      # softmax(q k^T * scale) v
+    linear_proj: Union[ModuleSpec, type, None] = None         # W^O  n*d_v -> h  (row)
+
+
+class MLASelfAttention(MegatronModule):
+    def __init__(self, config, submodules: MLASubmodules, layer_number: int, mla: MLAConfig,
+                 attn_mask_type=AttnMaskType.causal, pg_collection=None, cp_comm_type=None, **kwargs):
+        super().__init__(config=config)
+        self.mla = mla
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        pg = get_process_group_collection(pg_collection)
+        self.tp_group = pg.tp
+        self.tp_size = self.tp_group.size() if self.tp_group is not None else 1
+        cp = getattr(pg, "cp", None)
+        if cp is not None and cp.size() > 1:
+            raise NotImplementedError("MLASelfAttention does not support context parallelism yet")
+        if config.num_attention_heads % self.tp_size:
+            raise ValueError(f"num_attention_heads ({config.num_attention_heads}) must be divisible by the "
+                             f"tensor-parallel size ({self.tp_size})")
+        self.num_heads = config.num_attention_heads // self.tp_size  # heads on this rank
+        self.sequence_parallel = bool(config.sequence_parallel) and self.tp_size > 1
+        h, n_all = config.hidden_size, config.num_attention_heads
+        d_nope, d_rope, d_v = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
+
+        duplicated = dict(config=config, init_method=config.init_method, bias=False, skip_bias_add=False,
+                          skip_weight_param_allocation=False, is_expert=False)
+        column = dict(config=config, init_method=config.init_method, gather_output=False, bias=False,
+                      skip_bias_add=False, is_expert=False, tp_group=self.tp_group)
+        if mla.q_lora_rank is None:
+            self.linear_q_proj = build_module(submodules.linear_q_proj, h, n_all * mla.qk_head_dim,
+                                              tp_comm_buffer_name="q_proj", **column)
+        else:
+            self.linear_q_down_proj = build_module(submodules.linear_q_down_proj, h, mla.q_lora_rank,
+                                                   tp_comm_buffer_name="q_down_proj", **duplicated)
+            self.q_layernorm = build_module(submodules.q_layernorm, config=config, hidden_size=mla.q_lora_rank,
+                                            eps=LATENT_NORM_EPS)
+            self.linear_q_up_proj = build_module(submodules.linear_q_up_proj, mla.q_lora_rank,
+                                                 n_all * mla.qk_head_dim, tp_comm_buffer_name="q_up_proj", **column)
+        self.linear_kv_down_proj = build_module(submodules.linear_kv_down_proj, h, mla.kv_lora_rank + d_rope,
+                                                tp_comm_buffer_name="kv_down_proj", **duplicated)
+        self.kv_layernorm = build_module(submodules.kv_layernorm, config=config, hidden_size=mla.kv_lora_rank,
+                                         eps=LATENT_NORM_EPS)
+        self.linear_kv_up_proj = build_module(submodules.linear_kv_up_proj, mla.kv_lora_rank,
+                                              n_all * (d_nope + d_v), tp_comm_buffer_name="kv_up_proj", **column)
+        self.core_attention = build_module(submodules.core_attention, config=config, layer_number=layer_number,
+                                           attn_mask_type=attn_mask_type, attention_type="self",
+                                           attention_dropout=mla.attention_dropout,
+                                           softmax_scale=mla.softmax_scale(), k_channels=mla.qk_head_dim,
+                                           v_channels=d_v, pg_collection=pg)
+        self.linear_proj = build_module(submodules.linear_proj, n_all * d_v, h, config=config,
+                                        init_method=config.output_layer_init_method, bias=False,
+                                        input_is_parallel=True, skip_bias_add=True, is_expert=False,
+                                        tp_comm_buffer_name="proj", tp_group=self.tp_group)
+        self.rotary = RotaryEmbedding(mla)
+
+    # ---- the projections ---------------------------------------------------------------------------
+    def _norm_up(self, q_latent: Optional[torch.Tensor], kv_latent: torch.Tensor):
+        """Latent RMSNorms + up-projections (the recomputed part). [s', b, r] -> [s, b, n*d]."""
+        q = None
+        if q_latent is not None:
+            q, _ = self.linear_q_up_proj(self.q_layernorm(q_latent))   # [s, b, n*(d_h+d_h^R)]  eqs. 7-8
+        kv, _ = self.linear_kv_up_proj(self.kv_layernorm(kv_latent))  # [s, b, n*(d_h+d_v)]    eqs. 2, 5
+        return q, kv
+
+    def qkv(self, hidden_states: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
+        """hidden [s', b, h] (s' = s/tp under sequence parallel) -> q, k [s, b, n, d_h+d_h^R], v [s, b, n, d_v]."""
+        mla, n = self.mla, self.num_heads
+        d_nope, d_rope, d_v = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
+
+        # down-projections on this rank's tokens
+        kv_combined, _ = self.linear_kv_down_proj(hidden_states)               # [s', b, kv_lora + d_h^R]  eq. 1, 3
+        kv_latent, k_rope = torch.split(kv_combined, [mla.kv_lora_rank, d_rope], dim=-1)
+        q_latent = None
+        if mla.q_lora_rank is not None:
+            q_latent, _ = self.linear_q_down_proj(hidden_states)               # [s', b, q_lora]  eq. 6
+
+        if mla.recompute_up_proj and torch.is_grad_enabled():
+            q, kv = checkpoint(self._norm_up, q_latent, kv_latent, use_reentrant=False)
+        else:
+            q, kv = self._norm_up(q_latent, kv_latent)
+        if q is None:
+            q, _ = self.linear_q_proj(hidden_states)                           # [s, b, n*(d_h+d_h^R)]
+        if self.sequence_parallel:
+            k_rope = gather_from_sequence_parallel_region(k_rope, group=self.tp_group)  # [s, b, d_h^R]
+
+        s, b = q.shape[:2]
+        q = q.view(s, b, n, mla.qk_head_dim)
+        q_nope, q_rope = torch.split(q, [d_nope, d_rope], dim=-1)                # [s, b, n, d_h], [s, b, n, d_h^R]
+        kv = kv.view(s, b, n, d_nope + d_v)
+        k_nope, v = torch.split(kv, [d_nope, d_v], dim=-1)                     # [s, b, n, d_h], [s, b, n, d_v]
+
+        cos, sin = self.rotary.cos_sin(s, q.device, q.dtype, position_ids)     # [s, 1 or b, 1, d_h^R/2]
+        q_rope = self.rotary(q_rope, cos, sin)                                 # eq. 8
+        k_rope = self.rotary(k_rope.unsqueeze(2), cos, sin)                    # [s, b, 1, d_h^R]  eq. 3
+
+        query = torch.cat((q_nope, q_rope), dim=-1)                            # eq. 9
+        key = torch.cat((k_nope, k_rope.expand(s, b, n, d_rope)), dim=-1)      # eq. 4: k^R shared by all heads
+        return query, key, v
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                key_value_states=None, inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,
+                rotary_pos_sin=None, attention_bias=None, packed_seq_params=None, sequence_len_offset=None,
+                position_ids: Optional[torch.Tensor] = None, **kwargs):
+        """hidden [s', b, h] -> (out [s', b, h], bias None). Positions 0..s-1 unless position_ids [b, s]."""
+        if key_value_states is not None:
+            raise ValueError("MLASelfAttention is self-attention: key_value_states must be None")
+        if inference_context is not None:
+            raise NotImplementedError("MLASelfAttention: megatron-core inference contexts are not supported")
+        if packed_seq_params is not None:
+            raise NotImplementedError("MLASelfAttention: packed sequences are not supported yet")
+        query, key, value = self.qkv(hidden_states, position_ids)
+        # [s, b, n, d] x3 -> [s, b, n*d_v]                                       eq. 10
+        out = self.core_attention(query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
+                                  attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        return self.linear_proj(out)                                            # eq. 11: ([s', b, h], bias)

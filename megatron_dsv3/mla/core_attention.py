@@ -1,0 +1,94 @@
+"""Core attention softmax(q k^T * scale + mask) v through torch's scaled_dot_product_attention.
+
+Same constructor and forward as megatron-core's DotProductAttention / TEDotProductAttention, so the spec
+can swap in TE's (or any fused) kernel without touching MLA's math:
+    query [sq, b, n, d_qk], key [sk, b, n, d_qk], value [sk, b, n, d_v] -> [sq, b, n * d_v].
+
+MLA's q/k head dim (d_h + d_h^R, 192 in V3) differs from its v head dim (128). SDPA allows that: it
+takes query (..., L, E), key (..., S, E), value (..., S, Ev) and returns (..., L, Ev); the softmax scale is
+passed explicitly (it is not 1/sqrt(E) under YaRN), and nothing is padded. Which kernel runs is SDPA's
+choice per device: on CPU its math/flash-CPU kernels; on CUDA the cuDNN backend has kernels for E != Ev
+(measured on the H200: ~475 TFLOP/s forward+backward at 192/128, where the flash backend has no kernel),
+so the default `backends` puts cuDNN first (torch.nn.attention.sdpa_kernel with set_priority), falling back
+to efficient and math. No torch.cuda call: the device is the query's.
+
+Masks follow megatron-core: `attention_mask` is boolean, True = masked out, broadcastable to [b, 1, sq, sk]
+(padding); with a causal mask type the causal triangle is applied on top of it (so a full causal mask
+given as attention_mask is also fine). A query row with nothing to attend to returns zeros on CPU
+(torch's safe softmax in SDPA's math path).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.enums import AttnMaskType
+
+_BACKEND_NAMES = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                  "math": "MATH"}
+DEFAULT_CUDA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+
+
+def _is_causal(mask_type) -> bool:
+    return mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+
+
+class SDPAttention(torch.nn.Module):
+    def __init__(self, config, layer_number: int, attn_mask_type=AttnMaskType.causal, attention_type: str = "self",
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 k_channels: Optional[int] = None, v_channels: Optional[int] = None, cp_comm_type=None,
+                 pg_collection=None, backends: Optional[Sequence[str]] = DEFAULT_CUDA_BACKENDS, **_):
+        super().__init__()
+        self.config = config
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.k_channels = k_channels if k_channels is not None else config.kv_channels
+        self.v_channels = v_channels if v_channels is not None else self.k_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else self.k_channels ** -0.5
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        unknown = [b for b in (backends or ()) if b not in _BACKEND_NAMES]
+        if unknown:
+            raise ValueError(f"SDPAttention backends must be among {sorted(_BACKEND_NAMES)}, got {unknown}")
+        self.backends = tuple(backends or ())
+
+    def _kernel_choice(self, device: torch.device):
+        # backend choice matters (and exists) only on CUDA; CPU keeps SDPA's own dispatch
+        if device.type != "cuda" or not self.backends:
+            return nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([getattr(SDPBackend, _BACKEND_NAMES[b]) for b in self.backends], set_priority=True)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **_) -> torch.Tensor:
+        if packed_seq_params is not None:
+            raise NotImplementedError("SDPAttention: packed (thd) sequences are not supported; use the 'te' backend")
+        if attention_bias is not None:
+            raise NotImplementedError("SDPAttention: attention_bias is not supported")
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        causal = _is_causal(mask_type)
+        sq, b, n, _ = query.shape
+        sk = key.shape[0]
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+
+        allowed = None  # SDPA's boolean mask: True = may attend
+        if attention_mask is not None:
+            allowed = ~attention_mask.to(torch.bool)  # [b or 1, 1, sq, sk]
+            if causal:
+                # the query at i (of the last sq positions) sees keys j <= i + (sk - sq)
+                tri = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+                allowed = allowed & tri
+        elif causal and sq != sk:
+            allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+
+        dropout_p = self.dropout_p if self.training else 0.0
+        with self._kernel_choice(q.device):
+            # [b, n, sq, d_qk] x [b, n, sk, d_qk] x [b, n, sk, d_v] -> [b, n, sq, d_v]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p,
+                                                 is_causal=causal and allowed is None, scale=self.softmax_scale)
+        # [b, n, sq, d_v] -> [sq, b, n * d_v]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, n * out.shape[-1])

@@ -84,7 +84,8 @@ def hf_attention(mla, heads, hidden, seq, version=3, dtype=torch.float32, seed=0
     else:
         from transformers.models.deepseek_v2 import modeling_deepseek_v2 as m
         attn_cls, rot_cls = m.DeepseekV2Attention, m.DeepseekV2RotaryEmbedding
-    cfg = hf_config(mla, heads, hidden, max(seq, 64), version)
+    max_pos = int(mla.yarn.factor * mla.yarn.original_max_position_embeddings) if mla.yarn else max(seq, 64)
+    cfg = hf_config(mla, heads, hidden, max_pos, version)
     g = torch.Generator().manual_seed(seed)
     attn = attn_cls(cfg, layer_idx=0)
     with torch.no_grad():

@@ -1,0 +1,489 @@
+"""HF <-> Megatron conversion, driven by the table in mapping.py.
+
+Design:
+* `load_hf(model, path)` pulls: for every tensor in the rank's `model.state_dict()` it looks up the row,
+  reads just the HF tensors that rank needs (its TP slice of a replicated read, its EP experts, its PP
+  layers), dequantising FP8 on the fly, and copies them in. One HF tensor in memory at a time.
+* HF -> Megatron (`hf_to_mcore`) runs one process per rank of the target layout (gloo; spawned here, or
+  under torchrun), builds the rank's model with `build_model`, `load_hf`s it and saves with megatron-core
+  `dist_checkpointing` (torch_dist). We write only that format: it stores global tensors with their
+  shard layout, so the checkpoint loads into ANY later TP/PP/EP (Megatron-LM's default `--ckpt-format
+  torch_dist` reads it, resharding on load); the legacy per-rank `mp_rank_XX` format would pin the layout
+  and makes Megatron-LM users re-convert per layout. The converting layout only decides how much memory
+  each process needs (the model / (TP*PP*EP) plus one HF tensor).
+  Directory: out/latest_checkpointed_iteration.txt ("release"), out/release/ (the dist checkpoint with
+  {"model": ..., "checkpoint_version": 3.0, "iteration": 0} as Megatron-LM writes), out/dsv3_config.json.
+* Megatron -> HF (`mcore_to_hf`) builds the model at a layout of choice (default 1x1x1 in one process;
+  PP/EP/TP to spread a big model), loads the dist checkpoint, and each rank streams the tensors it owns
+  (TP parts all-gathered to TP rank 0; experts written by their EP rank) into its own safetensors shards;
+  rank 0 names the shards and writes the index and config.json.
+* Everything is written into a temporary directory beside the target and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from megatron_dsv3.checkpoint import mapping as M
+from megatron_dsv3.checkpoint.fp8 import quantize_blockwise
+from megatron_dsv3.checkpoint.safetensors_io import (SCALE_SUFFIX, CheckpointError, HFCheckpoint,
+                                                     ShardedSafetensorsWriter, check_output_dir, commit_dir,
+                                                     temp_dir_beside, write_index)
+
+RELEASE = "release"
+CONFIG_FILE = "dsv3_config.json"
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "fp8": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ranks
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ranks:
+    tp_rank: int = 0
+    tp: int = 1
+    pp_rank: int = 0
+    pp: int = 1
+    ep_rank: int = 0
+    ep: int = 1
+    dp_rank: int = 0            # data-parallel rank of non-expert params
+    edp_rank: int = 0           # data-parallel rank of expert params
+
+    @classmethod
+    def current(cls) -> "Ranks":
+        """From megatron-core's parallel_state (all zeros / ones when it is not initialised)."""
+        from megatron.core import parallel_state as ps
+        if not ps.model_parallel_is_initialized():
+            return cls()
+        return cls(ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
+                   ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size(),
+                   ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size(),
+                   ps.get_data_parallel_rank(), ps.get_expert_data_parallel_rank())
+
+
+def model_config(model, fallback=None):
+    """The DSV3Config a model was built with."""
+    for attr in ("dsv3_config", "cfg", "config_dsv3"):
+        c = getattr(model, attr, None)
+        if c is not None and hasattr(c, "pipeline_layers"):
+            return c
+    if fallback is None:
+        raise ValueError("cannot find the model's DSV3Config (model.dsv3_config); pass config=")
+    return fallback
+
+
+def _layout_config(cfg, ranks: Ranks):
+    par = cfg.parallel
+    if (par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size) != \
+            (ranks.tp, ranks.pp, ranks.ep):
+        cfg = cfg.replace(parallel={"tensor_model_parallel_size": ranks.tp, "pipeline_model_parallel_size": ranks.pp,
+                                    "expert_model_parallel_size": ranks.ep})
+    if cfg.parallel.expert_tensor_parallel_size != 1:
+        raise ValueError("checkpoint conversion supports expert_tensor_parallel_size 1 only (experts whole per EP rank)")
+    if cfg.parallel.virtual_pipeline_model_parallel_size:
+        raise ValueError("load_hf/export: virtual pipeline stages are not supported; convert with "
+                         "virtual_pipeline_model_parallel_size=None (the dist checkpoint loads into any VPP)")
+    return cfg
+
+
+def _state(model) -> Dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
+
+
+def _check_same_model(hf_cfg, cfg) -> None:
+    """The HF checkpoint and the model must describe the same network (layouts may differ)."""
+    keys = [("num_layers",), ("hidden_size",), ("num_attention_heads",), ("vocab_size",),
+            ("mla", "q_lora_rank"), ("mla", "kv_lora_rank"), ("mla", "qk_nope_head_dim"), ("mla", "qk_rope_head_dim"),
+            ("mla", "v_head_dim"), ("moe", "num_experts"), ("moe", "num_shared_experts"),
+            ("moe", "expert_ffn_hidden_size"), ("moe", "dense_ffn_hidden_size"), ("moe", "first_k_dense_replace"),
+            ("moe", "expert_bias"), ("mtp", "num_layers")]
+    for path in keys:
+        a, b = hf_cfg, cfg
+        for p in path:
+            a, b = getattr(a, p), getattr(b, p)
+        if a != b:
+            raise CheckpointError(f"the checkpoint's config.json has {'.'.join(path)} = {a}, the model {b}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# HF -> a built model (this rank's part)
+# ---------------------------------------------------------------------------------------------------
+def load_hf(model, path, config=None, ranks: Optional[Ranks] = None, strict: bool = True,
+            check_shared_copies: bool = True) -> Dict[str, List[str]]:
+    """Load a Hugging Face DeepSeek-V2/V3 checkpoint (BF16/FP32 or FP8) into `model` for this rank.
+
+    Returns {"loaded": HF names read, "unused": HF names of the checkpoint this rank did not need}.
+    strict: every tensor of the model must come from the checkpoint."""
+    ckpt = path if isinstance(path, HFCheckpoint) else HFCheckpoint(path)
+    ranks = ranks or Ranks.current()
+    cfg = _layout_config(model_config(model, config or ckpt.config), ranks)
+    _check_same_model(ckpt.config, cfg)
+    rows = M.table(cfg)
+    shapes = M.expected_hf_shapes(ckpt.config)
+    loaded: List[str] = []
+
+    def read(name: str) -> torch.Tensor:
+        if name not in ckpt:
+            raise CheckpointError(f"{ckpt.path}: tensor {name!r} is missing from the checkpoint")
+        loaded.append(name)
+        return ckpt.get(name, expected_shape=shapes[name])
+
+    with torch.no_grad():
+        for local, dst in _state(model).items():
+            row = rows.get(M.global_name(local, cfg, ranks.pp_rank))
+            if row is None:
+                if strict:
+                    raise CheckpointError(f"model tensor {local!r} has no row in the HF mapping table")
+                continue
+            split = row.entry.split
+            if split in (M.EXPERT_FC1, M.EXPERT_FC2):
+                experts = M.local_experts(cfg, ranks.ep_rank, ranks.ep)
+                if dst.shape[0] != len(experts):
+                    raise CheckpointError(f"{local}: the model holds {dst.shape[0]} experts on this rank, the layout "
+                                          f"implies {len(experts)}")
+                for j, g in enumerate(experts):
+                    part = M.expert_part(split, [read(n) for n in row.hf_names([g])])
+                    _copy(dst[j], part, local)
+            else:
+                padded = dst.shape[0] * ranks.tp if split == M.VOCAB else None
+                _copy(dst, M.shard(split, [read(n) for n in row.hf_names()], ranks.tp_rank, ranks.tp, padded), local)
+        if check_shared_copies and ranks.tp_rank == 0:
+            _check_copies(ckpt, cfg, loaded)
+    consumed = set(loaded) | {n + SCALE_SUFFIX for n in loaded}
+    return {"loaded": loaded, "unused": [k for k in ckpt.keys() if k not in consumed]}
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise CheckpointError(f"{name}: the checkpoint gives shape {tuple(src.shape)} on this rank, the model has "
+                              f"{tuple(dst.shape)} (config.json and the model's config disagree)")
+    dst.copy_(src)
+
+
+def _check_copies(ckpt: HFCheckpoint, cfg, loaded: List[str]) -> None:
+    """HF's MTP layers repeat embed_tokens / shared_head.head: they must equal the main ones (MTP shares them)."""
+    for copy, main in M.mtp_shared_copies(cfg).items():
+        if copy in ckpt and main in loaded and main in ckpt:
+            if not torch.equal(ckpt.get(copy), ckpt.get(main)):
+                raise CheckpointError(f"{ckpt.path}: {copy!r} differs from {main!r}; DeepSeek's MTP shares the "
+                                      f"embedding and output head with the main model, so they must be equal")
+            loaded.append(copy)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A built model (this rank's part) -> HF tensors
+# ---------------------------------------------------------------------------------------------------
+def _gather_tp(t: torch.Tensor, ranks: Ranks) -> List[torch.Tensor]:
+    if ranks.tp == 1:
+        return [t]
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    parts = [torch.empty_like(t) for _ in range(ranks.tp)]
+    dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return parts
+
+
+def iter_hf_tensors(model, config=None, ranks: Optional[Ranks] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) for every tensor this rank writes, in the model's dtype.
+
+    Collective under TP > 1 (every TP rank must iterate). Writers: non-expert tensors TP rank 0 of DP
+    rank 0 (the embedding only on the first stage); experts the TP rank 0 of expert-DP rank 0 of each EP
+    rank. The MTP layers' copies of embedding and head are emitted with the main ones."""
+    ranks = ranks or Ranks.current()
+    cfg = _layout_config(model_config(model, config), ranks)
+    rows = M.table(cfg)
+    copies: Dict[str, List[str]] = {}
+    for copy, main in M.mtp_shared_copies(cfg).items():
+        copies.setdefault(main, []).append(copy)
+    for local, t in _state(model).items():
+        row = rows.get(M.global_name(local, cfg, ranks.pp_rank))
+        if row is None:
+            raise CheckpointError(f"model tensor {local!r} has no row in the HF mapping table")
+        t = t.detach()
+        split = row.entry.split
+        if split in (M.EXPERT_FC1, M.EXPERT_FC2):
+            if ranks.tp_rank != 0 or ranks.edp_rank != 0:
+                continue
+            for j, g in enumerate(M.local_experts(cfg, ranks.ep_rank, ranks.ep)):
+                yield from zip(row.hf_names([g]), M.expert_hf(split, t[j]))
+            continue
+        if row.ours.startswith("embedding.") and ranks.pp_rank != 0:
+            continue  # the last stage's copy (for MTP) is not the one written
+        parts = _gather_tp(t, ranks) if split != M.REPLICATED else [t]
+        if ranks.tp_rank != 0 or ranks.dp_rank != 0:
+            continue
+        for name, full in zip(row.hf_names(), M.merge(split, parts, rows=cfg.vocab_size)):
+            yield name, full
+            for copy in copies.get(name, ()):
+                yield copy, full
+
+
+def _fp8_names(cfg) -> set:
+    out = set()
+    for r in M.model_tensors(cfg):
+        if r.entry.fp8:
+            experts = range(cfg.moe.num_experts) if r.entry.split in (M.EXPERT_FC1, M.EXPERT_FC2) else None
+            out.update(r.hf_names(experts))
+    return out
+
+
+def write_hf_tensors(writer: ShardedSafetensorsWriter, tensors: Iterator[Tuple[str, torch.Tensor]], cfg,
+                     dtype: str = "bf16", progress=None) -> None:
+    """Cast (or FP8-quantise, as published) each tensor and stream it to the writer."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
+    fp8 = _fp8_names(cfg) if dtype == "fp8" else set()
+    keep = {n: r.entry.dtype for r in M.model_tensors(cfg) if r.entry.dtype is not None for n in r.hf_names()}
+    for name, t in tensors:
+        if name in fp8:
+            q, s = quantize_blockwise(t)
+            writer.add(name, q)
+            writer.add(name + SCALE_SUFFIX, s)
+        else:
+            writer.add(name, t.to(keep.get(name, EXPORT_DTYPES[dtype])))
+        if progress is not None:
+            progress.update(1)
+
+
+def hf_config_dict(cfg, dtype: str) -> dict:
+    """config.json for an export in `dtype` (FP8: with the published quantization_config)."""
+    cfg = cfg.replace(fp8={"param_fp8": dtype == "fp8"})
+    d = cfg.to_hf()
+    if dtype != "fp8":
+        d.pop("quantization_config", None)
+    name = {"bf16": "bfloat16", "fp8": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype]
+    keys = [k for k in ("torch_dtype", "dtype") if k in d] or ["torch_dtype"]
+    for k in keys:
+        d[k] = name
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running on the ranks of a layout
+# ---------------------------------------------------------------------------------------------------
+def world_size_for(tp: int, pp: int, ep: int) -> int:
+    """Smallest world with these sizes (megatron-core carves EP out of TP x DP; expert TP = 1)."""
+    return pp * (tp * ep // math.gcd(tp, ep))
+
+
+def _run(fn, tp: int, pp: int, ep: int, **kwargs):
+    """fn(rank, **kwargs) on every rank of the layout: in this process when torch.distributed is already
+    up (torchrun) or the layout is 1x1x1, else on spawned gloo ranks."""
+    import torch.distributed as dist
+    from megatron_dsv3 import testing
+    if dist.is_available() and dist.is_initialized():
+        from megatron.core import parallel_state as ps
+        if not ps.model_parallel_is_initialized():
+            testing.init_parallel_state(tp, pp, ep)
+        return [fn(dist.get_rank(), **kwargs)]
+    world = world_size_for(tp, pp, ep)
+    if world == 1:
+        with testing.single_process(tp, pp, ep):
+            return [fn(0, **kwargs)]
+    return testing.run_distributed(fn, world, tp=tp, pp=pp, ep=ep, timeout=kwargs.pop("timeout", 3600), **kwargs)
+
+
+def _build_model(cfg):
+    from megatron.core import parallel_state as ps
+    from megatron_dsv3.mcore_cpu import apply_cpu_shim
+    from megatron_dsv3.model import build_model
+    apply_cpu_shim()
+    return build_model(cfg, pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
+                       post_process=ps.is_pipeline_last_stage(ignore_virtual=True))
+
+
+def target_config(hf_cfg, tp: int = 1, pp: int = 1, ep: int = 1, params_dtype: str = "bfloat16", **parallel):
+    """The HF config at a layout; raises ValueError (from DSV3Config) if the layout does not divide it."""
+    return hf_cfg.replace(params_dtype=params_dtype,
+                          parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                        expert_model_parallel_size=ep, **parallel))
+
+
+# ---------------------------------------------------------------------------------------------------
+# HF -> Megatron dist checkpoint
+# ---------------------------------------------------------------------------------------------------
+def save_mcore(model, directory: str, cfg) -> None:
+    """dist_checkpointing.save of the model into directory/release (collective)."""
+    from megatron.core import dist_checkpointing
+    import torch.distributed as dist
+    release = os.path.join(directory, RELEASE)
+    if dist.get_rank() == 0:
+        os.makedirs(release, exist_ok=True)
+        with open(os.path.join(directory, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(RELEASE)
+        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+    dist.barrier()
+    sd = {"model": model.sharded_state_dict(), "checkpoint_version": 3.0, "iteration": 0}
+    dist_checkpointing.save(sd, release)
+
+
+def load_mcore(model, directory: str) -> None:
+    """Load a checkpoint written by save_mcore (or Megatron-LM: a dir with latest_checkpointed_iteration.txt,
+    or the dist checkpoint directory itself) into the model, at the model's layout."""
+    from megatron.core import dist_checkpointing
+    d = directory
+    tracker = os.path.join(d, "latest_checkpointed_iteration.txt")
+    if os.path.exists(tracker):
+        it = open(tracker).read().strip()
+        d = os.path.join(d, RELEASE if it == RELEASE else f"iter_{int(it):07d}")
+    if not os.path.exists(os.path.join(d, "metadata.json")):
+        raise CheckpointError(f"{directory}: not a megatron-core dist checkpoint (no metadata.json in {d})")
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, d)
+    model.load_state_dict(loaded["model"], strict=False)
+
+
+def read_mcore_config(directory: str):
+    from megatron_dsv3.config import DSV3Config
+    p = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(p):
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE} (written by hf_to_mcore); cannot tell the model")
+    with open(p) as f:
+        return DSV3Config.from_dict(json.load(f))
+
+
+def _hf_to_mcore_rank(rank: int, hf_path: str, out: str, cfg_dict: dict) -> dict:
+    from megatron_dsv3.config import DSV3Config
+    cfg = DSV3Config.from_dict(cfg_dict)
+    model = _build_model(cfg)
+    info = load_hf(model, hf_path, config=cfg, check_shared_copies=(rank == 0))
+    save_mcore(model, out, cfg)
+    n = sum(t.numel() for t in _state(model).values())
+    return {"rank": rank, "ranks": Ranks.current(), "numel": n, "loaded": len(info["loaded"]),
+            "unused": info["unused"]}
+
+
+def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, params_dtype: str = "bfloat16",
+                overwrite: bool = False, allow_unused: bool = False) -> dict:
+    """Convert an HF checkpoint into a megatron-core dist checkpoint at layout TP x PP x EP."""
+    check_output_dir(out, overwrite)
+    ckpt = HFCheckpoint(hf_path)          # validates config.json, index, shards before any work
+    cfg = target_config(ckpt.config, tp, pp, ep, params_dtype)
+    _check_full_checkpoint(ckpt, cfg)
+    tmp = temp_dir_beside(out)
+    try:
+        results = _run(_hf_to_mcore_rank, tp, pp, ep, hf_path=os.path.abspath(hf_path), out=tmp,
+                       cfg_dict=cfg.to_dict())
+        unused = set.intersection(*[set(r["unused"]) for r in results]) if results else set()
+        unused -= set(M.mtp_shared_copies(cfg))
+        if unused and not allow_unused:
+            raise CheckpointError(f"{hf_path}: {len(unused)} checkpoint tensor(s) map to nothing in the model, "
+                                  f"e.g. {sorted(unused)[:3]}")
+        commit_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": out, "world_size": len(results), "layout": (tp, pp, ep),
+            "tensors_per_rank": [r["loaded"] for r in results], "numel_per_rank": [r["numel"] for r in results],
+            "hf_tensors": len(ckpt.keys())}
+
+
+def _check_full_checkpoint(ckpt: HFCheckpoint, cfg) -> None:
+    """Every tensor the config implies is present with its shape (and FP8 weights have scales)."""
+    shapes = M.expected_hf_shapes(ckpt.config)
+    copies = M.mtp_shared_copies(ckpt.config)
+    missing = [n for n in shapes if n not in ckpt and n not in copies]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: {len(missing)} tensor(s) the config implies are missing from the "
+                              f"index, e.g. {missing[0]!r}")
+    for n, shp in shapes.items():
+        if n not in ckpt:
+            continue
+        got = ckpt.shape(n)
+        if got != shp:
+            raise CheckpointError(f"{ckpt.file_of(n)}: tensor {n!r} has shape {got}, but config.json implies {shp}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Megatron dist checkpoint -> HF
+# ---------------------------------------------------------------------------------------------------
+def _mcore_to_hf_rank(rank: int, mcore_path: str, out: str, cfg_dict: dict, dtype: str,
+                      max_shard_bytes: int, show_progress: bool) -> list:
+    import torch.distributed as dist
+    from megatron_dsv3.config import DSV3Config
+    cfg = DSV3Config.from_dict(cfg_dict)
+    model = _build_model(cfg)
+    load_mcore(model, mcore_path)
+    writer = ShardedSafetensorsWriter(out, max_shard_bytes, prefix=f"part-r{rank:05d}")
+    bar = None
+    if show_progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(desc="writing HF tensors (rank 0)", unit="tensor")
+    write_hf_tensors(writer, iter_hf_tensors(model, cfg), cfg, dtype, progress=bar)
+    if bar is not None:
+        bar.close()
+    parts = writer.close()
+    if dist.get_world_size() > 1:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, parts)
+        parts = [p for ps in every for p in ps]
+    return parts
+
+
+def mcore_to_hf(mcore_path: str, out: str, dtype: str = "bf16", tp: int = 1, pp: int = 1, ep: int = 1,
+                overwrite: bool = False, max_shard_bytes: int = 5 * 2 ** 30, show_progress: bool = False) -> dict:
+    """Convert a dist checkpoint written by hf_to_mcore (or training) into HF safetensors + config.json."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
+    check_output_dir(out, overwrite)
+    src = read_mcore_config(mcore_path)
+    cfg = src.replace(params_dtype="float32" if dtype == "fp32" else src.params_dtype,
+                      parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                    expert_model_parallel_size=ep, num_layers_in_first_pipeline_stage=None,
+                                    num_layers_in_last_pipeline_stage=None,
+                                    virtual_pipeline_model_parallel_size=None))
+    tmp = temp_dir_beside(out)
+    try:
+        parts = _run(_mcore_to_hf_rank, tp, pp, ep, mcore_path=os.path.abspath(mcore_path), out=tmp,
+                     cfg_dict=cfg.to_dict(), dtype=dtype, max_shard_bytes=max_shard_bytes,
+                     show_progress=show_progress)[0]
+        weight_map = write_index(tmp, parts)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config_dict(cfg, dtype), f, indent=2)
+        commit_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": out, "tensors": len(weight_map), "files": len(set(weight_map.values())),
+            "bytes": sum(p[2] for p in parts), "dtype": dtype}
+
+
+# ---------------------------------------------------------------------------------------------------
+# HF -> HF (re-shard / re-quantise), no model: the pure streaming path
+# ---------------------------------------------------------------------------------------------------
+def hf_to_hf(hf_path: str, out: str, dtype: str = "bf16", overwrite: bool = False,
+             max_shard_bytes: int = 5 * 2 ** 30, show_progress: bool = False) -> dict:
+    """Rewrite an HF checkpoint in another dtype (e.g. FP8 -> BF16 for engines without FP8, or BF16 -> FP8
+    with published-style scales) and shard size, one tensor at a time."""
+    check_output_dir(out, overwrite)
+    ckpt = HFCheckpoint(hf_path)
+    cfg = ckpt.config
+    _check_full_checkpoint(ckpt, cfg)
+    shapes = M.expected_hf_shapes(cfg)
+    names = [n for n in shapes if n in ckpt]
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(names), desc="re-writing HF tensors", unit="tensor")
+    tmp = temp_dir_beside(out)
+    try:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
+        write_hf_tensors(writer, ((n, ckpt.get(n)) for n in names), cfg, dtype, progress=bar)
+        weight_map = writer.finish()
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config_dict(cfg, dtype), f, indent=2)
+        commit_dir(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"out": out, "tensors": len(weight_map), "files": len(set(weight_map.values())),
+            "bytes": writer.total_bytes, "dtype": dtype}

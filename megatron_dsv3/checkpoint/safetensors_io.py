@@ -1,0 +1,293 @@
+"""Streaming reader and writer for Hugging Face sharded safetensors checkpoints.
+
+Reader: `HFCheckpoint(path)` reads config.json (DSV3Config.from_hf, which refuses anything but
+DeepSeek-V2/V3) and `model.safetensors.index.json` (or a single `model.safetensors`), checks that every
+shard exists and every index entry is in its shard, and returns ONE tensor per `get()`, FP8 weights
+dequantised block by block on the fly. Each read opens the shard with `safetensors.safe_open` and closes
+it again: safe_open memory-maps the file and every page a read touches stays in the process's RSS while
+the map is open (measured: reading a 1 GiB file tensor by tensor under one open handle grew RSS by
+1.2 GB; reopening per tensor kept it flat). Peak memory is therefore one tensor plus its float32 copy.
+
+Writer: `ShardedSafetensorsWriter(dir)` takes tensors one at a time and streams their bytes to disk
+(safetensors' own `save_file` needs the whole shard in memory): data goes to a scratch file and, when
+a shard is full, the header is written and the data copied behind it in 64 MiB chunks. `finish()`
+names the shards `model-0000i-of-0000N.safetensors` and writes the index. Files written by several
+ranks are merged with `write_index`.
+
+`output_dir(target, overwrite)`: everything is written into a temporary directory beside the target and
+renamed onto it only when complete, so a failure never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from megatron_dsv3.checkpoint.fp8 import dequantize_blockwise, scale_shape
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+SCALE_SUFFIX = "_scale_inv"  # "x.weight" -> "x.weight_scale_inv"
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+           torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file and the tensor."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------
+class HFCheckpoint:
+    """A Hugging Face DeepSeek-V2/V3 checkpoint directory, read one tensor at a time."""
+
+    def __init__(self, path: str):
+        from megatron_dsv3.config import DSV3Config
+        self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise CheckpointError(f"{self.path}: not a directory (expected a Hugging Face checkpoint directory)")
+        cfg_file = os.path.join(self.path, "config.json")
+        if not os.path.exists(cfg_file):
+            raise CheckpointError(f"{self.path}: no config.json")
+        with open(cfg_file) as f:
+            self.hf_config = json.load(f)
+        try:
+            self.config = DSV3Config.from_hf(self.hf_config)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{cfg_file}: not a DeepSeek-V2/V3 config: {e}") from e
+        q = self.hf_config.get("quantization_config") or {}
+        self.fp8 = q.get("quant_method") == "fp8"
+        self.block = int((q.get("weight_block_size") or [128, 128])[0])
+        self._meta: Dict[Tuple[str, str], Tuple[Tuple[int, ...], str]] = {}
+        self.weight_map = self._read_weight_map()
+        self._check_shards()
+
+    # -- index ------------------------------------------------------------------------------------
+    def _read_weight_map(self) -> Dict[str, str]:
+        index = os.path.join(self.path, INDEX)
+        if os.path.exists(index):
+            with open(index) as f:
+                try:
+                    return dict(json.load(f)["weight_map"])
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+        single = os.path.join(self.path, SINGLE)
+        if os.path.exists(single):
+            return {k: SINGLE for k in self._keys_of(SINGLE)}
+        raise CheckpointError(f"{self.path}: neither {INDEX} nor {SINGLE} found")
+
+    def _keys_of(self, fname: str) -> List[str]:
+        """Tensor names of one shard; records each tensor's shape and dtype (header only, no data read)."""
+        from safetensors import safe_open
+        full = os.path.join(self.path, fname)
+        try:
+            with safe_open(full, "pt") as f:
+                keys = list(f.keys())
+                for k in keys:
+                    sl = f.get_slice(k)
+                    self._meta[(fname, k)] = (tuple(sl.get_shape()), sl.get_dtype())
+                return keys
+        except Exception as e:  # safetensors raises SafetensorError / OSError on a damaged file
+            raise CheckpointError(f"{full}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+
+    def _check_shards(self) -> None:
+        files = sorted(set(self.weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(self.path, f))]
+        if missing:
+            raise CheckpointError(f"{self.path}: shard file(s) listed in {INDEX} are missing: {', '.join(missing)}")
+        by_file: Dict[str, List[str]] = {}
+        for k, v in self.weight_map.items():
+            by_file.setdefault(v, []).append(k)
+        for fname in files:
+            have = set(self._keys_of(fname))
+            absent = [k for k in by_file[fname] if k not in have]
+            if absent:
+                raise CheckpointError(f"{os.path.join(self.path, fname)}: {len(absent)} tensor(s) the index places in "
+                                      f"this file are not in it, e.g. {absent[0]!r}")
+        for k in self.weight_map:
+            if k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] not in self.weight_map:
+                raise CheckpointError(f"{self.path}: scale {k!r} has no weight {k[: -len(SCALE_SUFFIX)]!r}")
+            if self.stored_dtype(k).startswith("F8") and k + SCALE_SUFFIX not in self.weight_map:
+                raise CheckpointError(f"{self.file_of(k)}: FP8 weight {k!r} has no scale {k + SCALE_SUFFIX!r}")
+
+    # -- tensors ----------------------------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def keys(self) -> List[str]:
+        return list(self.weight_map)
+
+    def file_of(self, name: str) -> str:
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is not in the checkpoint")
+        return os.path.join(self.path, self.weight_map[name])
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor as stored (FP8 stays FP8). The shard is opened for this read only (see module doc)."""
+        from safetensors import safe_open
+        fname = self.file_of(name)
+        try:
+            with safe_open(fname, "pt") as f:
+                return f.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{fname}: cannot read tensor {name!r} (truncated or corrupt file?): {e}") from e
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        self.file_of(name)
+        return self._meta[(self.weight_map[name], name)][0]
+
+    def stored_dtype(self, name: str) -> str:
+        """safetensors dtype string as stored, e.g. "BF16", "F8_E4M3"."""
+        self.file_of(name)
+        return self._meta[(self.weight_map[name], name)][1]
+
+    def is_fp8(self, name: str) -> bool:
+        return name + SCALE_SUFFIX in self.weight_map
+
+    def get(self, name: str, dtype: Optional[torch.dtype] = None,
+            expected_shape: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
+        """One tensor in `dtype` (None: as stored, FP8 dequantised to float32), shape-checked."""
+        t = self.raw(name)
+        if expected_shape is not None and tuple(t.shape) != tuple(expected_shape):
+            raise CheckpointError(f"{self.file_of(name)}: tensor {name!r} has shape {tuple(t.shape)}, but config.json "
+                                  f"implies {tuple(expected_shape)}")
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale_name = name + SCALE_SUFFIX
+            if scale_name not in self.weight_map:
+                raise CheckpointError(f"{self.file_of(name)}: FP8 weight {name!r} has no scale {scale_name!r}")
+            s = self.raw(scale_name)
+            if tuple(s.shape) != scale_shape(t.shape, self.block):
+                raise CheckpointError(f"{self.file_of(scale_name)}: {scale_name!r} has shape {tuple(s.shape)}; "
+                                      f"{name!r} {tuple(t.shape)} needs {scale_shape(t.shape, self.block)}")
+            t = dequantize_blockwise(t, s, self.block, dtype=torch.float32)
+        return t if dtype is None else t.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------
+def _header(entries: List[Tuple[str, torch.dtype, Tuple[int, ...], int, int]]) -> bytes:
+    h = {"__metadata__": {"format": "pt"}}
+    for name, dtype, shape, begin, end in entries:
+        h[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+    raw = json.dumps(h, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors one by one into shards of at most `max_shard_bytes` (a tensor larger than that gets
+    a shard of its own). Memory: one tensor's bytes at a time."""
+
+    def __init__(self, directory: str, max_shard_bytes: int = 5 * 2 ** 30, prefix: str = "part"):
+        self.dir, self.max, self.prefix = directory, max_shard_bytes, prefix
+        os.makedirs(directory, exist_ok=True)
+        self.parts: List[Tuple[str, List[str], int]] = []   # (file, names, bytes)
+        self._entries: List[Tuple[str, torch.dtype, Tuple[int, ...], int, int]] = []
+        self._data = None
+        self._size = 0
+        self.total_bytes = 0
+        self._names = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ValueError(f"tensor {name!r} written twice")
+        self._names.add(name)
+        t = tensor.detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        if self._entries and self._size + nbytes > self.max:
+            self._close_shard()
+        if self._data is None:
+            self._data = tempfile.TemporaryFile(dir=self.dir)
+        if nbytes:
+            self._data.write(t.view(-1).view(torch.uint8).numpy())  # the buffer itself, no bytes copy
+        self._entries.append((name, t.dtype, tuple(t.shape), self._size, self._size + nbytes))
+        self._size += nbytes
+        self.total_bytes += nbytes
+
+    def _close_shard(self) -> None:
+        if not self._entries:
+            return
+        fname = f"{self.prefix}-{len(self.parts):05d}.safetensors"
+        with open(os.path.join(self.dir, fname), "wb") as out:
+            out.write(_header(self._entries))
+            self._data.seek(0)
+            shutil.copyfileobj(self._data, out, 64 * 2 ** 20)
+        self._data.close()
+        self.parts.append((fname, [e[0] for e in self._entries], self._size))
+        self._entries, self._data, self._size = [], None, 0
+
+    def close(self) -> List[Tuple[str, List[str], int]]:
+        """Flush the last shard; returns [(file, tensor names, bytes)] for `write_index`."""
+        self._close_shard()
+        return self.parts
+
+    def finish(self) -> Dict[str, str]:
+        """close() and name the shards model-0000i-of-0000N.safetensors with an index (single writer)."""
+        return write_index(self.dir, self.close())
+
+
+def write_index(directory: str, parts: Iterable[Tuple[str, List[str], int]]) -> Dict[str, str]:
+    """Rename part files to the Hugging Face shard names and write model.safetensors.index.json."""
+    parts = list(parts)
+    n = len(parts)
+    weight_map, total = {}, 0
+    for i, (fname, names, nbytes) in enumerate(parts):
+        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(os.path.join(directory, fname), os.path.join(directory, final))
+        weight_map.update({k: final for k in names})
+        total += nbytes
+    with open(os.path.join(directory, INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    return weight_map
+
+
+# ---------------------------------------------------------------------------------------------------
+# All or nothing
+# ---------------------------------------------------------------------------------------------------
+def check_output_dir(target: str, overwrite: bool) -> None:
+    if os.path.lexists(target) and not overwrite:
+        raise FileExistsError(f"output directory {target} exists; pass overwrite=True (--overwrite) to replace it")
+
+
+def temp_dir_beside(target: str) -> str:
+    target = os.path.abspath(target)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+
+
+def commit_dir(tmp: str, target: str, overwrite: bool) -> None:
+    """Move a completed temporary directory onto the target (replacing it when overwrite)."""
+    target = os.path.abspath(target)
+    check_output_dir(target, overwrite)
+    old = None
+    if os.path.lexists(target):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+        os.rmdir(old)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def output_dir(target: str, overwrite: bool = False):
+    """Yields a temporary directory beside `target`; renamed onto it on success, removed on failure."""
+    check_output_dir(target, overwrite)
+    tmp = temp_dir_beside(target)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_dir(tmp, target, overwrite)

@@ -14,7 +14,11 @@ Tensor parallelism is over heads: the down-projections and latent norms are dupl
 the up-projections are column-parallel (head-major rows, as HF's `.view(heads, dim)`), the output projection
 is row-parallel. Under sequence parallelism the input is the rank's sequence shard: the down-projections and
 norms run on the shard, the column-parallel up-projections all-gather their input along the sequence, k^R is
-gathered explicitly, and the row-parallel output reduce-scatters back to the shard.
+gathered explicitly, and the row-parallel output reduce-scatters back to the shard. Without sequence
+parallelism k^R passes through copy_to_tensor_model_parallel_region: it feeds only this rank's heads, so its
+gradient (and through it the input's and W^KR's) must be summed over TP, as the up-projections do for the
+latents. (Reading megatron-core 0.16.1's MLA, its duplicated-down-projection path without sequence parallel
+has no such reduction; not run here, since that path needs TE.)
 
 Recompute (V3 section 3.2.2, MLAConfig.recompute_up_proj): the latent norms and up-projections run under a
 non-reentrant activation checkpoint; only their inputs (the down-projected latents) are kept for backward.
@@ -30,7 +34,8 @@ from typing import Optional, Union
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                     gather_from_sequence_parallel_region)
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -135,8 +140,12 @@ class MLASelfAttention(MegatronModule):
             q, kv = self._norm_up(q_latent, kv_latent)
         if q is None:
             q, _ = self.linear_q_proj(hidden_states)                           # [s, b, n*(d_h+d_h^R)]
+        # k^R leaves the duplicated region into per-rank heads: each rank's gradient covers its heads only,
+        # so the backward must sum over TP (the column-parallel up-projections do the same for the latents)
         if self.sequence_parallel:
             k_rope = gather_from_sequence_parallel_region(k_rope, group=self.tp_group)  # [s, b, d_h^R]
+        elif self.tp_size > 1:
+            k_rope = copy_to_tensor_model_parallel_region(k_rope, group=self.tp_group)   # backward: all-reduce
 
         s, b = q.shape[:2]
         q = q.view(s, b, n, mla.qk_head_dim)

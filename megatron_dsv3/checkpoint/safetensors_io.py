@@ -9,8 +9,8 @@ the map is open (measured: reading a 1 GiB file tensor by tensor under one open 
 1.2 GB; reopening per tensor kept it flat). Peak memory is therefore one tensor plus its float32 copy.
 
 Writer: `ShardedSafetensorsWriter(dir)` takes tensors one at a time and streams their bytes to disk
-(safetensors' own `save_file` needs the whole shard in memory): data goes to a scratch file and, when
-a shard is full, the header is written and the data copied behind it in 64 MiB chunks. `finish()`
+(safetensors' own `save_file` needs the whole shard in memory): each shard file starts with space kept
+for its header, data goes behind it as it arrives, and the header is filled in when the shard closes. `finish()`
 names the shards `model-0000i-of-0000N.safetensors` and writes the index. Files written by several
 ranks are merged with `write_index`.
 
@@ -175,25 +175,39 @@ class HFCheckpoint:
 # ---------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------
-def _header(entries: List[Tuple[str, torch.dtype, Tuple[int, ...], int, int]]) -> bytes:
-    h = {"__metadata__": {"format": "pt"}}
-    for name, dtype, shape, begin, end in entries:
-        h[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
-    raw = json.dumps(h, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
-    return struct.pack("<Q", len(raw)) + raw
+def _entry_json(name: str, dtype: torch.dtype, shape, begin: int, end: int) -> str:
+    return json.dumps({name: {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [begin, end]}},
+                      separators=(",", ":"))[1:-1]
+
+
+def _header(entries: List[str], reserve: int) -> bytes:
+    """8-byte length + JSON header padded with spaces to exactly `reserve` bytes (a multiple of 8)."""
+    raw = ("{" + ",".join(['"__metadata__":{"format":"pt"}'] + entries) + "}").encode()
+    assert len(raw) <= reserve
+    return struct.pack("<Q", reserve) + raw + b" " * (reserve - len(raw))
 
 
 class ShardedSafetensorsWriter:
     """Writes tensors one by one into shards of at most `max_shard_bytes` (a tensor larger than that gets
-    a shard of its own). Memory: one tensor's bytes at a time."""
+    a shard of its own). Memory: one tensor's bytes at a time; disk: each byte written once.
 
-    def __init__(self, directory: str, max_shard_bytes: int = 5 * 2 ** 30, prefix: str = "part"):
+    A shard file starts with `header_reserve` bytes kept for its header: data is written behind it as
+    tensors arrive, and the header (padded with spaces, which safetensors allows and itself uses for
+    alignment) is filled in when the shard closes. A shard also closes early when its header would
+    outgrow the reserve."""
+
+    def __init__(self, directory: str, max_shard_bytes: int = 5 * 2 ** 30, prefix: str = "part",
+                 header_reserve: Optional[int] = None):
         self.dir, self.max, self.prefix = directory, max_shard_bytes, prefix
+        if header_reserve is None:
+            header_reserve = min(2 ** 20, max(8192, max_shard_bytes // 64))
+        self.reserve = header_reserve // 8 * 8
         os.makedirs(directory, exist_ok=True)
         self.parts: List[Tuple[str, List[str], int]] = []   # (file, names, bytes)
-        self._entries: List[Tuple[str, torch.dtype, Tuple[int, ...], int, int]] = []
-        self._data = None
+        self._entries: List[str] = []                        # JSON fragments of the open shard's header
+        self._names_in_shard: List[str] = []
+        self._header_len = 64                                # braces + metadata + commas, generously
+        self._file = None
         self._size = 0
         self.total_bytes = 0
         self._names = set()
@@ -206,25 +220,32 @@ class ShardedSafetensorsWriter:
         nbytes = t.numel() * t.element_size()
         if self._entries and self._size + nbytes > self.max:
             self._close_shard()
-        if self._data is None:
-            self._data = tempfile.TemporaryFile(dir=self.dir)
+        entry = _entry_json(name, t.dtype, tuple(t.shape), self._size, self._size + nbytes)
+        if self._entries and self._header_len + len(entry) + 1 > self.reserve:
+            self._close_shard()
+            entry = _entry_json(name, t.dtype, tuple(t.shape), 0, nbytes)
+        if len(entry) + 64 > self.reserve:
+            raise ValueError(f"tensor {name!r}: its header entry does not fit header_reserve={self.reserve}")
+        if self._file is None:
+            self._fname = f"{self.prefix}-{len(self.parts):05d}.safetensors"
+            self._file = open(os.path.join(self.dir, self._fname), "wb")
+            self._file.seek(8 + self.reserve)
         if nbytes:
-            self._data.write(t.view(-1).view(torch.uint8).numpy())  # the buffer itself, no bytes copy
-        self._entries.append((name, t.dtype, tuple(t.shape), self._size, self._size + nbytes))
+            self._file.write(t.view(-1).view(torch.uint8).numpy())  # the buffer itself, no bytes copy
+        self._entries.append(entry)
+        self._names_in_shard.append(name)
+        self._header_len += len(entry) + 1
         self._size += nbytes
         self.total_bytes += nbytes
 
     def _close_shard(self) -> None:
         if not self._entries:
             return
-        fname = f"{self.prefix}-{len(self.parts):05d}.safetensors"
-        with open(os.path.join(self.dir, fname), "wb") as out:
-            out.write(_header(self._entries))
-            self._data.seek(0)
-            shutil.copyfileobj(self._data, out, 64 * 2 ** 20)
-        self._data.close()
-        self.parts.append((fname, [e[0] for e in self._entries], self._size))
-        self._entries, self._data, self._size = [], None, 0
+        self._file.seek(0)
+        self._file.write(_header(self._entries, self.reserve))
+        self._file.close()
+        self.parts.append((self._fname, self._names_in_shard, self._size))
+        self._entries, self._names_in_shard, self._file, self._size, self._header_len = [], [], None, 0, 64
 
     def close(self) -> List[Tuple[str, List[str], int]]:
         """Flush the last shard; returns [(file, tensor names, bytes)] for `write_index`."""

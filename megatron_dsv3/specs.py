@@ -58,26 +58,114 @@ def get_mla_spec(config, backend: str = "local"):
     )
 
 
+def _mlp_linears(backend: str):
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+        return TEColumnParallelLinear, TERowParallelLinear
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    return ColumnParallelLinear, RowParallelLinear
+
+
 def get_dense_mlp_spec(config, backend: str = "local"):
-    """SwiGLU MLP of the first k dense layers (issue: MoE)."""
-    raise NotImplementedError
+    """SwiGLU MLP of the first k dense layers (issue: MoE): megatron-core's MLP of width
+    MoEConfig.dense_ffn_hidden_size (= the TransformerConfig's ffn_hidden_size from to_transformer_config).
+    Parameters: linear_fc1.weight [2*ffn/tp, h] ([gate; up] per TP rank), linear_fc2.weight [h, ffn/tp]."""
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    column, row = _mlp_linears(check_backend(backend))
+    return ModuleSpec(module=MLP, params={"ffn_hidden_size": config.moe.dense_ffn_hidden_size},
+                      submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))
 
 
 def get_moe_spec(config, backend: str = "local"):
-    """DeepSeekMoE spec: router + routed experts + shared experts (issue: MoE)."""
-    raise NotImplementedError
+    """DeepSeekMoE spec: router + routed experts + shared experts (issue: MoE). `config` is a DSV3Config.
+
+    Router and GroupedExperts are ours in both backends; the shared experts are megatron-core's MLP
+    (TE linears with backend "te") of width num_shared_experts * expert_ffn_hidden_size.
+    """
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megatron_dsv3.moe.experts import GroupedExperts
+    from megatron_dsv3.moe.layer import DeepSeekMoE, DeepSeekMoESubmodules
+    from megatron_dsv3.moe.router import Router
+
+    column, row = _mlp_linears(check_backend(backend))
+    shared = None
+    if config.moe.num_shared_experts > 0:
+        shared = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))
+    return ModuleSpec(module=DeepSeekMoE, params={"moe": config.moe},
+                      submodules=DeepSeekMoESubmodules(router=Router, experts=GroupedExperts, shared_experts=shared))
 
 
 def get_layer_spec(config, moe_layer: bool, backend: str = "local"):
-    """One transformer layer: RMSNorm -> MLA -> residual -> RMSNorm -> MLP|MoE -> residual (issue: model)."""
-    raise NotImplementedError
+    """One transformer layer: RMSNorm -> MLA -> residual -> RMSNorm -> MLP|MoE -> residual (issue: model).
+
+    megatron-core's TransformerLayer with our RMSNorm (both backends: same parameter names, and it allows
+    sequence parallelism), MLA, and the dense MLP (first k layers) or DeepSeekMoE.
+    """
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from megatron_dsv3.norm import RMSNorm
+
+    check_backend(backend)
+    mlp = get_moe_spec(config, backend) if moe_layer else get_dense_mlp_spec(config, backend)
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm, self_attention=get_mla_spec(config, backend), self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm, mlp=mlp, mlp_bda=get_bias_dropout_add,
+        ),
+    )
 
 
-def get_decoder_block_spec(config, backend: str = "local"):
-    """Per-layer specs for megatron-core's TransformerBlock (issue: model)."""
-    raise NotImplementedError
+def get_decoder_block_spec(config, backend: str = "local", vp_stage=None, pp_rank=None, all_layers: bool = False):
+    """Per-layer specs for megatron-core's TransformerBlock (issue: model): the first
+    MoEConfig.first_k_dense_replace layers dense, the rest DeepSeekMoE, then the final RMSNorm.
+
+    megatron-core (0.16-0.19) builds every spec it is given: the pipeline stage's slice is chosen here, as
+    megatron-core's get_gpt_decoder_block_spec does, from (pp_rank, vp_stage) and the uneven first/last stage
+    sizes of ParallelConfig (pp_rank defaults to parallel_state's). all_layers=True returns all num_layers specs.
+    """
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from megatron_dsv3.norm import RMSNorm
+
+    check_backend(backend)
+    dense, moe = get_layer_spec(config, False, backend), get_layer_spec(config, True, backend)
+    specs = [moe if config.is_moe_layer(i) else dense for i in range(config.num_layers)]
+    if not all_layers and config.parallel.pipeline_model_parallel_size > 1:
+        tc = config.to_transformer_config()
+        if pp_rank is None:
+            from megatron.core import parallel_state
+            pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        offset = get_transformer_layer_offset(tc, vp_stage=vp_stage, pp_rank=pp_rank)
+        specs = specs[offset:offset + get_num_layers_to_build(tc, vp_stage=vp_stage, pp_rank=pp_rank)]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
 
 
 def get_mtp_block_spec(config, backend: str = "local"):
-    """The D MTP modules (issue: model)."""
-    raise NotImplementedError
+    """The D MTP modules (issue: model; V3 section 2.2): per depth, RMSNorms on the embedding and the hidden
+    state, the projection M_k (column-parallel, gathered), one MLA + DeepSeekMoE layer, a final RMSNorm.
+    None when MTPConfig.num_layers is 0."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from megatron_dsv3.mtp.module import MTPBlock, MTPBlockSubmodules, MTPModule, MTPModuleSubmodules
+    from megatron_dsv3.norm import RMSNorm
+
+    check_backend(backend)
+    if config.mtp.num_layers == 0:
+        return None
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear as column
+    else:
+        from megatron.core.tensor_parallel import ColumnParallelLinear as column
+    module = ModuleSpec(module=MTPModule, submodules=MTPModuleSubmodules(
+        enorm=RMSNorm, hnorm=RMSNorm, eh_proj=column, transformer_layer=get_layer_spec(config, True, backend),
+        final_layernorm=RMSNorm))
+    return ModuleSpec(module=MTPBlock, params={"mtp": config.mtp},
+                      submodules=MTPBlockSubmodules(layer_specs=[module] * config.mtp.num_layers))

@@ -1,0 +1,120 @@
+"""The routed experts of one EP rank: E_local SwiGLU MLPs computed as one grouped computation.
+
+Layout (per EP rank; local expert e is global expert ep_rank * E_local + e):
+    weight1 [E_local, h, 2f]   x @ weight1[e] = [gate | up]   (HF gate_proj.weight = weight1[e, :, :f].T,
+                                                               up_proj.weight = weight1[e, :, f:].T)
+    weight2 [E_local, f, h]    (HF down_proj.weight = weight2[e].T)
+Tokens arrive sorted by local expert with `counts` [E_local] tokens each. Fast path: torch._grouped_mm (CUDA,
+bf16, 16-byte aligned rows); elsewhere a padded batched matmul ([E_local, max count, h] @ [E_local, h, 2f]).
+`experts_loop_reference` is the plain per-expert loop both are tested against.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.transformer.module import MegatronModule
+
+__all__ = ["GroupedExperts", "grouped_swiglu", "padded_swiglu", "experts_loop_reference", "can_use_grouped_mm"]
+
+
+def experts_loop_reference(x: torch.Tensor, counts: Sequence[int], weight1: torch.Tensor,
+                           weight2: torch.Tensor) -> torch.Tensor:
+    """The plain reference: one SwiGLU per expert over its contiguous block of tokens. x [N, h] -> [N, h]."""
+    outs, start = [], 0
+    for e, n in enumerate(int(c) for c in counts):
+        gate, up = (x[start:start + n] @ weight1[e]).chunk(2, dim=-1)                 # [n, f] each
+        outs.append((F.silu(gate) * up) @ weight2[e])                                  # [n, h]
+        start += n
+    return torch.cat(outs, dim=0) if outs else x.new_zeros(0, weight2.shape[-1])
+
+
+def can_use_grouped_mm(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor) -> bool:
+    """torch._grouped_mm is used on CUDA for bf16 with row strides that are multiples of 16 bytes (8 elements)."""
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+            and weight1.dtype == torch.bfloat16 and weight2.dtype == torch.bfloat16
+            and all(d % 8 == 0 for d in (weight1.shape[1], weight1.shape[2], weight2.shape[1], weight2.shape[2])))
+
+
+def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm path: x [N, h] sorted by expert, counts [E_local] (on x's device) -> [N, h]."""
+    offs = torch.cumsum(counts, dim=0).to(torch.int32)                                 # group end offsets
+    gate, up = torch._grouped_mm(x, weight1, offs=offs).chunk(2, dim=-1)              # [N, f] each
+    return torch._grouped_mm((F.silu(gate) * up).contiguous(), weight2, offs=offs)    # [N, h]
+
+
+def padded_swiglu(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
+                  max_count: Optional[int] = None) -> torch.Tensor:
+    """Batched path for any device/dtype: scatter into [E_local, C, h] (C = largest count), two bmm's, gather.
+    Padding rows are zero, so they produce zero output and zero gradient."""
+    N, h = x.shape
+    E = weight1.shape[0]
+    if N == 0:
+        return x.new_zeros(0, weight2.shape[-1]) + 0 * (weight1.sum() + weight2.sum())  # keep the graph for DDP
+    C = int(counts.max()) if max_count is None else max_count
+    expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=N)        # [N]
+    starts = torch.cumsum(counts, dim=0) - counts                                                       # [E]
+    pos = torch.arange(N, device=x.device) - starts[expert]                                            # [N]
+    padded = x.new_zeros(E, C, h).index_put((expert, pos), x)                                          # [E, C, h]
+    gate, up = torch.bmm(padded, weight1).chunk(2, dim=-1)                                             # [E, C, f]
+    out = torch.bmm(F.silu(gate) * up, weight2)                                                         # [E, C, h]
+    return out[expert, pos]                                                                             # [N, h]
+
+
+class GroupedExperts(MegatronModule):
+    """E_local SwiGLU experts (weights as in the module docstring); forward(x_sorted [N, h], counts [E_local])."""
+
+    def __init__(self, config, num_local_experts: int, ffn_hidden_size: int, ep_rank: int = 0, ep_size: int = 1):
+        super().__init__(config=config)
+        self.num_local_experts, self.ffn_hidden_size = num_local_experts, ffn_hidden_size
+        self.ep_rank, self.ep_size = ep_rank, ep_size
+        h, f, E = config.hidden_size, ffn_hidden_size, num_local_experts
+        device = "cpu" if config.use_cpu_initialization else None
+        dtype = config.params_dtype
+        self.weight1 = torch.nn.Parameter(torch.empty(E, h, 2 * f, dtype=dtype, device=device))
+        self.weight2 = torch.nn.Parameter(torch.empty(E, f, h, dtype=dtype, device=device))
+        if config.perform_initialization:
+            self._init_weights(config)
+        for w in (self.weight1, self.weight2):
+            # megatron DDP reduces these over the expert-data-parallel group instead of the data-parallel one
+            setattr(w, "allreduce", ep_size == 1)
+
+    @torch.no_grad()
+    def _init_weights(self, config) -> None:
+        """N(0, init_method_std) for weight1 and megatron's output_layer_init_method for weight2, drawn per
+        GLOBAL expert from a generator seeded by (one draw of the global RNG, expert id): every rank builds the
+        same layer in the same order, so the experts are the same whatever the EP size, and differ across layers."""
+        base = int(torch.randint(0, 2 ** 62, (1,)).item())
+        for e in range(self.num_local_experts):
+            g = self.ep_rank * self.num_local_experts + e
+            fork = torch.random.fork_rng(devices=[])
+            with fork:
+                torch.manual_seed(base + g)
+                w1 = torch.empty(self.weight1.shape[1:], dtype=torch.float32)
+                w2 = torch.empty(self.weight2.shape[1:], dtype=torch.float32)
+                config.init_method(w1)
+                config.output_layer_init_method(w2)
+            self.weight1[e].copy_(w1)
+            self.weight2[e].copy_(w2)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [N, h] sorted by local expert, counts [E_local] -> [N, h]."""
+        if can_use_grouped_mm(x, self.weight1, self.weight2):
+            return grouped_swiglu(x, counts, self.weight1, self.weight2)
+        return padded_swiglu(x, counts, self.weight1, self.weight2)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """Distributed checkpointing: both weights are sharded on dim 0 over EP (global expert index)."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        replica_id = (0, ps.get_expert_tensor_parallel_rank(), ps.get_expert_data_parallel_rank())
+        out = {}
+        for name in ("weight1", "weight2"):
+            t = getattr(self, name)
+            out[f"{prefix}{name}"] = ShardedTensor.from_rank_offsets(
+                f"{prefix}{name}", t, *sharded_offsets, (len(sharded_offsets), self.ep_rank, self.ep_size),
+                replica_id=replica_id, prepend_axis_num=len(sharded_offsets))
+        return out

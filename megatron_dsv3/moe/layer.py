@@ -1,0 +1,134 @@
+"""DeepSeekMoE layer (DeepSeek-V3 section 2.1.2, eq. 12 without the residual):
+
+    h'_t = sum_{i<=N_s} FFN^(s)_i(u_t) + sum_{i<=N_r} g_{i,t} FFN^(r)_i(u_t)
+
+megatron-core's TransformerLayer adds the residual u_t. The N_s shared experts are one megatron-core MLP of width
+N_s * expert_ffn_hidden_size (tensor-parallel like the dense MLP); the routed experts are our GroupedExperts,
+split over the expert-parallel group (ETP = 1), reached through dispatch.dispatch_combine. No token dropping.
+
+Tensor parallelism without sequence parallelism: every TP rank holds all tokens. Each rank routes all of them
+(identical routing, identical balance loss), but sends only its 1/tp share of the tokens to the experts; the
+shares are summed back with an all-reduce over TP (forward all-reduce, backward identity). The inputs of the
+expert path and the gate logits go through megatron's copy_to_tensor_model_parallel_region (backward
+all-reduce), so the gradients of the input and of the router weight are complete and identical on every TP
+rank. Each token is computed by its experts exactly once, so the expert gradients are exact too. Only the
+rank's own share is counted into the router's tokens_per_expert; the bias update sums counts over TP as well.
+With sequence parallelism the TP ranks hold different tokens and nothing special is needed.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_dsv3.compat import get_process_group_collection
+from megatron_dsv3.config import MoEConfig
+from megatron_dsv3.moe.dispatch import dispatch_combine
+from megatron_dsv3.moe.router import placement_groups
+
+__all__ = ["DeepSeekMoE", "DeepSeekMoESubmodules"]
+
+
+@dataclass
+class DeepSeekMoESubmodules:
+    router: Union[ModuleSpec, type] = None            # Router
+    experts: Union[ModuleSpec, type] = None           # GroupedExperts
+    shared_experts: Union[ModuleSpec, type, None] = None  # megatron MLP spec; None when num_shared_experts == 0
+
+
+def _size(group) -> int:
+    return torch.distributed.get_world_size(group) if group is not None and torch.distributed.is_initialized() else 1
+
+
+def _rank(group) -> int:
+    return torch.distributed.get_rank(group) if group is not None and torch.distributed.is_initialized() else 0
+
+
+class DeepSeekMoE(MegatronModule):
+    """forward(hidden_states [s, b, h]) -> (out [s, b, h], None). Submodule names: router, experts, shared_experts."""
+
+    def __init__(self, config, submodules: DeepSeekMoESubmodules, moe: MoEConfig, layer_number: Optional[int] = None,
+                 pg_collection=None, ranks_per_node: Optional[int] = None, **kwargs):
+        super().__init__(config=config)
+        self.moe = moe
+        pgs = get_process_group_collection(pg_collection)
+        self.tp_group, self.ep_group = pgs.tp, pgs.ep
+        tp, ep = _size(self.tp_group), _size(self.ep_group)
+        if moe.num_experts % ep:
+            raise ValueError(f"MoEConfig.num_experts ({moe.num_experts}) must be divisible by the expert-parallel "
+                             f"size ({ep})")
+        self.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
+        # TP without SP: split the routed work over the TP ranks (module docstring)
+        self.tp_split = tp > 1 and not self.sequence_parallel
+
+        expert_order, n_group = None, None
+        if moe.node_limited_by_placement and ep > 1:
+            ranks_per_node = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", torch.distributed.get_world_size()))
+            groups = placement_groups(torch.distributed.get_process_group_ranks(self.ep_group), moe.num_experts,
+                                      ranks_per_node)
+            n_group = int(groups.max()) + 1
+            if moe.topk_group > n_group:
+                raise ValueError(f"MoEConfig.topk_group ({moe.topk_group}) exceeds the {n_group} nodes the "
+                                 f"expert-parallel group spans (node_limited_by_placement)")
+            expert_order = torch.argsort(groups, stable=True)
+        self.router = build_module(submodules.router, config=config, moe=moe, expert_order=expert_order,
+                                   n_group=n_group)
+        if self.tp_split:
+            self.router.gate_grad_group = self.tp_group
+        cp_group = getattr(pgs, "cp", None)
+        seq_group = getattr(pgs, "tp_cp", None) if self.sequence_parallel else cp_group
+        self.router.seq_group = seq_group if _size(seq_group) > 1 else None
+        self.experts = build_module(submodules.experts, config=config,
+                                    num_local_experts=moe.num_experts // ep,
+                                    ffn_hidden_size=moe.expert_ffn_hidden_size, ep_rank=_rank(self.ep_group),
+                                    ep_size=ep)
+        self.shared_experts = None
+        if submodules.shared_experts is not None and moe.num_shared_experts > 0:
+            width = moe.num_shared_experts * moe.expert_ffn_hidden_size
+            # megatron-core 0.16.1's MLP sizes linear_fc2's input from config.ffn_hidden_size, not from its
+            # ffn_hidden_size argument: give it a config copy with the shared width
+            shared_config = copy.copy(config)
+            shared_config.ffn_hidden_size = width
+            self.shared_experts = build_module(submodules.shared_experts, config=shared_config,
+                                               ffn_hidden_size=width, tp_group=self.tp_group)
+        self.set_layer_number(layer_number)
+
+    def set_layer_number(self, layer_number: Optional[int]) -> None:
+        """Called by megatron's TransformerLayer with its (global, 1-based) layer number; used to name metrics."""
+        self.layer_number = layer_number
+        self.router.layer_number = layer_number
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask=None, **kwargs):
+        """hidden_states [s, b, h] -> (routed + shared output [s, b, h], None). padding_mask is not used:
+        padded positions are routed like any token (DeepSeek-V3 packs documents, no padding)."""
+        s, b, h = hidden_states.shape
+        topk_idx, gates = self.router(hidden_states)                       # [T, k] int64, [T, k] fp32
+        x = hidden_states.reshape(s * b, h)                                 # [T, h]
+        if self.tp_split:
+            from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                                reduce_from_tensor_model_parallel_region)
+            tp, r, T = _size(self.tp_group), _rank(self.tp_group), s * b
+            lo, hi = T * r // tp, T * (r + 1) // tp
+            x_share = copy_to_tensor_model_parallel_region(x, group=self.tp_group)[lo:hi]
+            idx_share, gates_share = topk_idx[lo:hi], gates[lo:hi]
+        else:
+            x_share, idx_share, gates_share = x, topk_idx, gates
+        if self.training:
+            self.router.record_tokens(idx_share)
+        routed = dispatch_combine(x_share, idx_share, gates_share, self.experts, self.moe.num_experts,
+                                  self.ep_group)                            # [T_share, h]
+        if self.tp_split:
+            full = routed.new_zeros(s * b, h)
+            full = torch.cat([full[:lo], routed, full[hi:]], dim=0)
+            routed = reduce_from_tensor_model_parallel_region(full, group=self.tp_group)
+        out = routed.view(s, b, h)
+        if self.shared_experts is not None:
+            shared, shared_bias = self.shared_experts(hidden_states)
+            out = out + (shared if shared_bias is None else shared + shared_bias)
+        return out, None

@@ -1,0 +1,181 @@
+"""The DeepSeek-V3 language model composed from megatron-core parts (not GPTModel, which megatron-core
+0.19 deprecates): LanguageModelEmbedding (no position embedding: MLA applies its own rope), TransformerBlock
+(our layer specs), an untied ColumnParallelLinear output head, vocab-parallel cross entropy, and MTP.
+
+Pipeline parallelism: the embedding lives on the first stage; the final RMSNorm, output head and the MTP
+modules on the last one. MTP needs the embedding of future tokens on the last stage, so that stage keeps a
+copy of the word embeddings tied to the first stage's through megatron-core's embedding group, exactly as
+GPTModel does for MTP: LanguageModule.setup_embeddings_and_output_layer zero-fills the copy and all-reduces it
+over the embedding group at construction (so both start equal), and finalize_model_grads all-reduces its
+gradient with the first stage's every step (it asks shared_embedding_or_output_weight(), which returns the
+embedding weight on both stages, because TransformerConfig.mtp_num_layers is set). The copy is named
+embedding.word_embeddings.weight on the last stage too; checkpoints store it once (sharded_state_dict ties it).
+
+Forward follows GPTModel: logits [b, s, V/tp] (V/tp: parallel_output; all of V with gather) without labels,
+the per-token main loss [b, s] with labels. With labels and MTP on, the MTP loss lambda/D sum_k L^k rides
+along in backward (mtp/module.py). Decoder positions are 0..s-1 (megatron's TransformerLayer does not pass
+position_ids to attention; MLA computes its rope from the sequence length).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.pipeline_parallel.utils import is_pp_first_stage, is_pp_last_stage, is_vp_first_stage, is_vp_last_stage
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from megatron_dsv3.compat import get_process_group_collection
+from megatron_dsv3.config import DSV3Config
+from megatron_dsv3.specs import check_backend, get_decoder_block_spec, get_mtp_block_spec
+
+__all__ = ["DSV3Model", "build_model"]
+
+
+def _pg_rank(group) -> int:
+    if group is None or not torch.distributed.is_initialized():
+        return 0
+    return torch.distributed.get_rank(group)
+
+
+class DSV3Model(LanguageModule):
+    """Parameter names: embedding.word_embeddings.weight [V/tp, h], decoder.layers.{i}.*,
+    decoder.final_layernorm.weight, output_layer.weight [V/tp, h], mtp.layers.{k}.* (interfaces.md)."""
+
+    def __init__(self, config: DSV3Config, pre_process: bool = True, post_process: bool = True,
+                 backend: str = "local", pg_collection=None, vp_stage: Optional[int] = None,
+                 parallel_output: bool = True, transformer_config=None):
+        check_backend(backend)
+        if config.parallel.context_parallel_size > 1:
+            raise NotImplementedError("DSV3Model: context parallelism is not supported (MLA has no CP path yet)")
+        pg_collection = get_process_group_collection(pg_collection)
+        tc = transformer_config if transformer_config is not None else config.to_transformer_config()
+        super().__init__(config=tc, pg_collection=pg_collection)
+        self.dsv3_config = config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.vp_stage = vp_stage
+        self.parallel_output = parallel_output
+        self.share_embeddings_and_output_weights = False   # DeepSeek-V3's head is untied
+        self.model_type = ModelType.encoder_or_decoder      # read by megatron-core's schedules
+        self.vocab_size = config.padded_vocab_size
+        self.max_sequence_length = config.max_position_embeddings
+        # MTP sits with the output head (megatron-core's default placement: the last pipeline stage)
+        self.mtp_process = post_process and config.mtp.num_layers > 0
+
+        if self.pre_process or self.mtp_process:
+            self.embedding = LanguageModelEmbedding(
+                config=tc, vocab_size=self.vocab_size, max_sequence_length=self.max_sequence_length,
+                position_embedding_type="none", tp_group=pg_collection.tp)
+
+        self.decoder = TransformerBlock(
+            config=tc, spec=get_decoder_block_spec(config, backend, vp_stage=vp_stage,
+                                                   pp_rank=_pg_rank(pg_collection.pp)),
+            pre_process=pre_process, post_process=post_process, pg_collection=pg_collection, vp_stage=vp_stage)
+
+        if self.mtp_process:
+            self.mtp = build_module(get_mtp_block_spec(config, backend), config=tc, pg_collection=pg_collection,
+                                    vp_stage=vp_stage)
+
+        if self.post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                tc.hidden_size, self.vocab_size, config=tc, init_method=tc.init_method, bias=False,
+                skip_bias_add=False, gather_output=not parallel_output, tp_group=pg_collection.tp)
+
+        if self.pre_process or self.post_process:
+            self.setup_embeddings_and_output_layer()
+
+    # ---- pipeline plumbing -----------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        """Called by megatron-core's schedules with the previous stage's output."""
+        if isinstance(input_tensor, (list, tuple)):
+            assert len(input_tensor) == 1, "DSV3Model takes one input tensor per stage"
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self) -> Optional[Tensor]:
+        """The weight megatron-core keeps in sync between the first and last stage: the word embeddings
+        (first stage, and the last stage's copy used by MTP); the untied head is never shared."""
+        if self.pre_process or self.mtp_process:
+            return self.embedding.word_embeddings.weight
+        return None
+
+    # ---- MTP switches (see megatron_dsv3.mtp.loss for the model-chunk versions) -------------------
+    def set_mtp_loss_weight(self, weight: float) -> None:
+        if self.mtp_process:
+            self.mtp.loss_weight = float(weight)
+
+    def set_mtp_enabled(self, enabled: bool) -> None:
+        if self.mtp_process:
+            self.mtp.enabled = bool(enabled)
+
+    def mtp_loss_report(self, reset: bool = True, group=None) -> dict:
+        return self.mtp.loss_report(reset=reset, group=group) if self.mtp_process else {}
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, decoder_input: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, loss_mask: Optional[Tensor] = None,
+                inference_context=None, packed_seq_params=None, runtime_gather_output: Optional[bool] = None,
+                **kwargs) -> Tensor:
+        """input_ids, labels, loss_mask [b, s] (labels[i] = t_{i+1}); attention_mask: None (causal) or
+        megatron's boolean [b|1, 1, s, s], True = masked. Returns per-token loss [b, s] with labels, logits
+        [b, s, V/tp] without (all of V with runtime_gather_output=True); on a non-last pipeline stage the
+        hidden states [s', b, h]."""
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=None)   # [s', b, h]
+        # non-first stages: the decoder reads the tensor given to set_input_tensor
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
+                              inference_context=inference_context, packed_seq_params=packed_seq_params)
+        if not self.post_process:
+            return hidden
+
+        if labels is not None and self.mtp_process and self.mtp.enabled:
+            hidden = self.mtp(
+                hidden, input_ids=input_ids, labels=labels, loss_mask=loss_mask,
+                embedding=lambda ids: self.embedding(input_ids=ids, position_ids=None),
+                output_layer=lambda h: self.output_layer(h, runtime_gather_output=False),
+                loss_fn=self.compute_language_model_loss, attention_mask=attention_mask,
+                per_token_loss=bool(self.config.calculate_per_token_loss))
+
+        if labels is None:
+            logits, _ = self.output_layer(hidden, runtime_gather_output=runtime_gather_output)  # [s, b, V/tp]
+            return logits.transpose(0, 1).contiguous()                                       # [b, s, V/tp]
+        logits, _ = self.output_layer(hidden, runtime_gather_output=False)
+        return self.compute_language_model_loss(labels, logits)                              # [b, s]
+
+    # ---- checkpointing ---------------------------------------------------------------------------
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """LanguageModule's, with the last stage's embedding copy stored as a replica of the first stage's."""
+        from megatron.core.transformer.multi_token_prediction import tie_word_embeddings_state_dict
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        sd.pop(f"{prefix}output_layer._extra_state", None)
+        if self.mtp_process and not self.pre_process:
+            tie_word_embeddings_state_dict(sd, self.embedding.word_embeddings.weight,
+                                           f"{prefix}embedding.word_embeddings.weight", tp_group=self.tp_group,
+                                           dp_cp_group=metadata["dp_cp_group"])
+        return sd
+
+
+def build_model(config: DSV3Config, pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                backend: str = "local", pg_collection=None, vp_stage: Optional[int] = None,
+                **kwargs) -> DSV3Model:
+    """One model chunk for this rank. pre/post_process default to whether this rank (and vp_stage) is the
+    first/last pipeline stage of pg_collection.pp (megatron-core's parallel_state groups by default).
+    Usable as megatron's model_provider: build_model(cfg, pre_process=..., post_process=..., vp_stage=...)."""
+    pg = get_process_group_collection(pg_collection)
+    vp_size = config.parallel.virtual_pipeline_model_parallel_size
+    if pre_process is None:
+        pre_process = is_pp_first_stage(pg.pp) and is_vp_first_stage(vp_stage, vp_size)
+    if post_process is None:
+        post_process = is_pp_last_stage(pg.pp) and is_vp_last_stage(vp_stage, vp_size)
+    return DSV3Model(config, pre_process=pre_process, post_process=post_process, backend=backend,
+                     pg_collection=pg, vp_stage=vp_stage, **kwargs)

@@ -115,7 +115,7 @@ def _check_same_model(hf_cfg, cfg) -> None:
 # HF -> a built model (this rank's part)
 # ---------------------------------------------------------------------------------------------------
 def load_hf(model, path, config=None, ranks: Optional[Ranks] = None, strict: bool = True,
-            check_shared_copies: bool = True) -> Dict[str, List[str]]:
+            check_shared_copies: bool = True, show_progress: bool = False) -> Dict[str, List[str]]:
     """Load a Hugging Face DeepSeek-V2/V3 checkpoint (BF16/FP32 or FP8) into `model` for this rank.
 
     Returns {"loaded": HF names read, "unused": HF names of the checkpoint this rank did not need}.
@@ -134,8 +134,16 @@ def load_hf(model, path, config=None, ranks: Optional[Ranks] = None, strict: boo
         loaded.append(name)
         return ckpt.get(name, expected_shape=shapes[name])
 
+    state = _state(model)
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(state), desc=f"loading HF tensors (rank TP{ranks.tp_rank} PP{ranks.pp_rank} "
+                                          f"EP{ranks.ep_rank})", unit="tensor")
     with torch.no_grad():
-        for local, dst in _state(model).items():
+        for local, dst in state.items():
+            if bar is not None:
+                bar.update(1)
             row = rows.get(M.global_name(local, cfg, ranks.pp_rank))
             if row is None:
                 if strict:
@@ -155,6 +163,8 @@ def load_hf(model, path, config=None, ranks: Optional[Ranks] = None, strict: boo
                 _copy(dst, M.shard(split, [read(n) for n in row.hf_names()], ranks.tp_rank, ranks.tp, padded), local)
         if check_shared_copies and ranks.tp_rank == 0:
             _check_copies(ckpt, cfg, loaded)
+    if bar is not None:
+        bar.close()
     consumed = set(loaded) | {n + SCALE_SUFFIX for n in loaded}
     return {"loaded": loaded, "unused": [k for k in ckpt.keys() if k not in consumed]}
 
@@ -348,11 +358,12 @@ def read_mcore_config(directory: str):
         return DSV3Config.from_dict(json.load(f))
 
 
-def _hf_to_mcore_rank(rank: int, hf_path: str, out: str, cfg_dict: dict) -> dict:
+def _hf_to_mcore_rank(rank: int, hf_path: str, out: str, cfg_dict: dict, show_progress: bool = False) -> dict:
     from megatron_dsv3.config import DSV3Config
     cfg = DSV3Config.from_dict(cfg_dict)
     model = _build_model(cfg)
-    info = load_hf(model, hf_path, config=cfg, check_shared_copies=(rank == 0))
+    info = load_hf(model, hf_path, config=cfg, check_shared_copies=(rank == 0),
+                   show_progress=show_progress and rank == 0)
     save_mcore(model, out, cfg)
     n = sum(t.numel() for t in _state(model).values())
     return {"rank": rank, "ranks": Ranks.current(), "numel": n, "loaded": len(info["loaded"]),
@@ -360,7 +371,7 @@ def _hf_to_mcore_rank(rank: int, hf_path: str, out: str, cfg_dict: dict) -> dict
 
 
 def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, params_dtype: str = "bfloat16",
-                overwrite: bool = False, allow_unused: bool = False) -> dict:
+                overwrite: bool = False, allow_unused: bool = False, show_progress: bool = False) -> dict:
     """Convert an HF checkpoint into a megatron-core dist checkpoint at layout TP x PP x EP."""
     check_output_dir(out, overwrite)
     ckpt = HFCheckpoint(hf_path)          # validates config.json, index, shards before any work
@@ -369,7 +380,7 @@ def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, p
     tmp = temp_dir_beside(out)
     try:
         results = _run(_hf_to_mcore_rank, tp, pp, ep, hf_path=os.path.abspath(hf_path), out=tmp,
-                       cfg_dict=cfg.to_dict())
+                       cfg_dict=cfg.to_dict(), show_progress=show_progress)
         unused = set.intersection(*[set(r["unused"]) for r in results]) if results else set()
         unused -= set(M.mtp_shared_copies(cfg))
         if unused and not allow_unused:

@@ -100,13 +100,14 @@ def hf_attention(mla, heads, hidden, seq, version=3, dtype=torch.float32, seed=0
 def hf_forward(attn, rot, x_bsh, position_ids=None, pad_mask=None, version=3):
     """x [b, s, h] -> [b, s, h]; causal (+ padding: pad_mask [b, s] True = padded key)."""
     b, s, _ = x_bsh.shape
+    dev = x_bsh.device
     if position_ids is None:
-        position_ids = torch.arange(s)[None].expand(b, s)
+        position_ids = torch.arange(s, device=dev)[None].expand(b, s)
     neg = torch.finfo(x_bsh.dtype).min
-    masked = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None].expand(b, 1, s, s)
+    masked = torch.ones(s, s, dtype=torch.bool, device=dev).triu(1)[None, None].expand(b, 1, s, s)
     if pad_mask is not None:
-        masked = masked | pad_mask[:, None, None, :]
-    mask = torch.zeros(b, 1, s, s, dtype=x_bsh.dtype).masked_fill(masked, neg)
+        masked = masked | pad_mask.to(dev)[:, None, None, :]
+    mask = torch.zeros(b, 1, s, s, dtype=x_bsh.dtype, device=dev).masked_fill(masked, neg)
     if version == 3:
         cos, sin = rot(x_bsh, position_ids)
         out, _ = attn(x_bsh, position_embeddings=(cos, sin), attention_mask=mask)

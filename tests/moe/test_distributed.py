@@ -1,0 +1,171 @@
+"""DeepSeekMoE on several gloo ranks: expert parallelism (EP=2) equals EP=1 in outputs and gradients;
+TP=2 x EP=2 (the routed work split over TP ranks) equals TP=1; EP=2 x DP=2 ends a step with uneven loads with
+the identical, correctly updated expert bias on every rank. Reference on each rank: the same layer with
+size-1 groups (TP = EP = 1) and the full weights."""
+import torch
+import torch.distributed as dist
+
+from megatron_dsv3.config import DSV3Config
+from megatron_dsv3.testing import run_distributed
+
+E, H, F, K = 8, 32, 16, 3
+
+
+def _cfg(tp=1, ep=1) -> DSV3Config:
+    return DSV3Config.from_preset("tiny", hidden_size=H, moe=dict(
+        num_experts=E, top_k=K, n_group=4, topk_group=2, num_shared_experts=2, expert_ffn_hidden_size=F,
+        routed_scaling_factor=2.5, seq_aux_loss_coeff=1e-2),
+        parallel=dict(tensor_model_parallel_size=tp, expert_model_parallel_size=ep))
+
+
+def _build(cfg, pg_collection=None):
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron_dsv3.specs import get_moe_spec
+    return build_module(get_moe_spec(cfg), config=cfg.to_transformer_config(), pg_collection=pg_collection)
+
+
+def _reference(singles):
+    """TP = EP = 1 layer (size-1 groups of this rank) with seeded random weights, identical on every rank."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    me = singles[dist.get_rank()]
+    torch.manual_seed(0)
+    ref = _build(_cfg(), ProcessGroupCollection(tp=me, ep=me, cp=me))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.normal_(0, 0.3 if name == "router.weight" else 0.1)
+        ref.router.expert_bias.normal_(0, 0.1)
+    return ref
+
+
+def _load_shards(layer, ref, tp_rank, tp, ep_rank, ep):
+    """Full (reference) weights -> this rank's shards: experts by EP rank, shared MLP by TP rank
+    (linear_fc1 holds [gate shard; up shard] per TP rank, megatron's GLU layout)."""
+    El, w = E // ep, 2 * F // tp                          # local experts; shared width per TP rank (2 shared)
+    with torch.no_grad():
+        layer.router.weight.copy_(ref.router.weight)
+        layer.router.expert_bias.copy_(ref.router.expert_bias)
+        layer.experts.weight1.copy_(ref.experts.weight1[ep_rank * El:(ep_rank + 1) * El])
+        layer.experts.weight2.copy_(ref.experts.weight2[ep_rank * El:(ep_rank + 1) * El])
+        gate, up = ref.shared_experts.linear_fc1.weight.chunk(2, dim=0)
+        layer.shared_experts.linear_fc1.weight.copy_(torch.cat([gate[tp_rank * w:(tp_rank + 1) * w],
+                                                                up[tp_rank * w:(tp_rank + 1) * w]]))
+        layer.shared_experts.linear_fc2.weight.copy_(ref.shared_experts.linear_fc2.weight[:, tp_rank * w:(tp_rank + 1) * w])
+
+
+def _run(layer, x, g):
+    x = x.clone().requires_grad_(True)
+    out, _ = layer(x)
+    out.backward(g)
+    return out.detach(), x.grad
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+
+def _parity(rank, tp, ep, token_seed):
+    """Errors of the TP x EP layer against the reference, on this rank's tokens."""
+    from megatron.core import parallel_state as ps
+    singles = [dist.new_group([r]) for r in range(dist.get_world_size())]
+    ref = _reference(singles)
+    layer = _build(_cfg(tp, ep))
+    tp_rank, ep_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_model_parallel_rank()
+    _load_shards(layer, ref, tp_rank, tp, ep_rank, ep)
+    torch.manual_seed(100 + token_seed)
+    x, g = torch.randn(6, 4, H), torch.randn(6, 4, H)        # [s, b, h]
+    out_ref, dx_ref = _run(ref, x, g)
+    out, dx = _run(layer, x, g)
+    # expert gradients: each owner sees the tokens of its whole EP group, each token once
+    ep_group = ps.get_expert_model_parallel_group()
+    seeds = [None] * dist.get_world_size(ep_group)
+    dist.all_gather_object(seeds, token_seed, group=ep_group)
+    dw1, dw2 = ref.experts.weight1.grad.clone(), ref.experts.weight2.grad.clone()
+    if len(set(seeds)) > 1:                                  # different tokens on the EP ranks: sum their grads
+        assert len(set(seeds)) == len(seeds)
+        dist.all_reduce(dw1, group=ep_group)
+        dist.all_reduce(dw2, group=ep_group)
+    El = E // ep
+    gate, up = ref.shared_experts.linear_fc1.weight.grad.chunk(2, dim=0)
+    w = 2 * F // tp
+    return {
+        "out": _rel(out, out_ref), "dx": _rel(dx, dx_ref),
+        "router": _rel(layer.router.weight.grad, ref.router.weight.grad),
+        "w1": _rel(layer.experts.weight1.grad, dw1[ep_rank * El:(ep_rank + 1) * El]),
+        "w2": _rel(layer.experts.weight2.grad, dw2[ep_rank * El:(ep_rank + 1) * El]),
+        "shared_fc1": _rel(layer.shared_experts.linear_fc1.weight.grad,
+                           torch.cat([gate[tp_rank * w:(tp_rank + 1) * w], up[tp_rank * w:(tp_rank + 1) * w]])),
+        "aux": abs(float(layer.router._aux_sum) - float(ref.router._aux_sum)) / float(ref.router._aux_sum),
+        # this rank's share of routed tokens; summed over TP they are the reference's counts
+        "counts": layer.router.tokens_per_expert.clone(), "counts_ref": ref.router.tokens_per_expert.clone(),
+        "tp_rank": tp_rank,
+    }
+
+
+def _ep2(rank):
+    return _parity(rank, tp=1, ep=2, token_seed=rank)
+
+
+def _ep2_dp2_then_tp2_ep2(rank):
+    """World 4. Part 1: TP=1, EP=2, DP=4 (EP=2 x expert-DP=2): uneven loads, one bias update.
+    Part 2: parallel state re-initialised as TP=2, EP=2 (EP group == TP group): parity of the split routed work."""
+    from megatron.core import parallel_state as ps
+    from megatron_dsv3.moe.router import apply_expert_bias_update
+    from megatron_dsv3.testing import destroy_parallel_state, init_parallel_state
+
+    torch.manual_seed(0)
+    layer = _build(_cfg(tp=1, ep=2))
+    skew = torch.zeros(H)
+    skew[: 4 * (rank + 1)] = 1.0 + rank                      # every rank sees a different skew
+    torch.manual_seed(10 + rank)
+    for _ in range(2):                                       # two micro-batches, then the global-batch hook
+        x = torch.randn(8, 2, H) + skew
+        out, _ = layer(x)
+        out.square().mean().backward()
+    local_counts = layer.router.tokens_per_expert.clone()
+    metrics = apply_expert_bias_update([layer], rate=1e-3)
+    part1 = {"counts": local_counts, "bias": layer.router.expert_bias.clone(), "metrics": metrics,
+             "reset": int(layer.router.tokens_per_expert.sum())}
+
+    destroy_parallel_state()
+    init_parallel_state(tp=2, ep=2)
+    ep_ranks = dist.get_process_group_ranks(ps.get_expert_model_parallel_group())
+    tp_ranks = dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
+    part2 = _parity(rank, tp=2, ep=2, token_seed=rank // 2)  # the TP pair holds the same tokens
+    part2["ep_is_tp"] = ep_ranks == tp_ranks
+    return part1, part2
+
+
+def _check_parity(results, tol=1e-5):
+    for r, res in enumerate(results):
+        for key in ("out", "dx", "router", "w1", "w2", "shared_fc1", "aux"):
+            assert res[key] < tol, f"rank {r}: {key} relative error {res[key]:.2e}"
+
+
+def test_moe_distributed():
+    from megatron_dsv3.moe.router import update_expert_bias
+
+    # EP = 2 on 2 ranks (different tokens per rank) == EP = 1
+    ep2 = run_distributed(_ep2, 2, ep=2)
+    _check_parity(ep2)                                       # float32: 1e-5 relative
+    for res in ep2:
+        assert torch.equal(res["counts"], res["counts_ref"])
+
+    part1, part2 = zip(*run_distributed(_ep2_dp2_then_tp2_ep2, 4, ep=2))
+    # EP2 x DP2: uneven loads, identical bias everywhere, equal to the equation on the summed loads
+    counts = torch.stack([p["counts"] for p in part1])
+    assert len({tuple(c.tolist()) for c in counts}) == 4     # every rank's load differs
+    total = counts.sum(0)
+    expected = update_expert_bias(torch.zeros(E), total, 1e-3)
+    for p in part1:
+        assert torch.equal(p["bias"], part1[0]["bias"])
+        assert torch.equal(p["bias"], expected)
+        m = p["metrics"]["router"]
+        assert torch.equal(m["tokens_per_expert"], total.double()) and p["reset"] == 0
+        assert abs(m["max_vio"] - float((total.max() - total.float().mean()) / total.float().mean())) < 1e-9
+        assert m["bias_spread"] > 0 and m["aux_loss"] > 0
+    assert int(total.sum()) == 4 * 2 * 16 * K                # ranks x micro-batches x tokens x k
+    # TP2 x EP2: routed work split over the TP pair == TP = EP = 1
+    assert all(p["ep_is_tp"] for p in part2)
+    _check_parity(part2)
+    for a, b in ((part2[0], part2[1]), (part2[2], part2[3])):
+        assert torch.equal(a["counts"] + b["counts"], a["counts_ref"])

@@ -21,6 +21,7 @@ Design:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -330,8 +331,46 @@ def save_mcore(model, directory: str, cfg) -> None:
         with open(os.path.join(directory, CONFIG_FILE), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
     dist.barrier()
-    sd = {"model": model.sharded_state_dict(), "checkpoint_version": 3.0, "iteration": 0}
-    dist_checkpointing.save(sd, release)
+    sd = {"model": model_sharded_state_dict(model), "checkpoint_version": 3.0, "iteration": 0}
+    with _allow_child_processes():
+        dist_checkpointing.save(sd, release)
+
+
+def model_sharded_state_dict(model) -> dict:
+    """model.sharded_state_dict(), with the MTP modules' tensors sharded correctly.
+
+    megatron-core's default recursion (MegatronModule.sharded_state_dict) treats a plain nn.ModuleList
+    child as replicated tensors: an MTP block holding its modules in one (without its own
+    sharded_state_dict) would save each rank's TP/EP part as if it were the whole tensor. Until the MTP
+    block defines its own, its modules' entries are re-derived here one module at a time."""
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+    sd = model.sharded_state_dict()
+    mtp = getattr(model, "mtp", None)
+    if mtp is not None and isinstance(getattr(mtp, "layers", None), torch.nn.ModuleList) \
+            and type(mtp).sharded_state_dict is MegatronModule.sharded_state_dict:
+        meta = ensure_metadata_has_dp_cp_group(None)
+        for k in [k for k in sd if k.startswith("mtp.layers.")]:
+            del sd[k]
+        for i, layer in enumerate(mtp.layers):
+            sd.update(layer.sharded_state_dict(prefix=f"mtp.layers.{i}.", metadata=meta))
+    return sd
+
+
+@contextlib.contextmanager
+def _allow_child_processes():
+    """dist_checkpointing's writer forks worker processes (and a spawn Manager for their results); Python
+    forbids children in a daemonic process, which is what megatron_dsv3.testing.run_distributed's ranks are.
+    The workers are joined before save returns, so lifting the flag for the call is safe."""
+    import multiprocessing as mp
+    cfg = mp.current_process()._config
+    daemon = cfg.get("daemon")
+    cfg["daemon"] = False
+    try:
+        yield
+    finally:
+        if daemon is not None:
+            cfg["daemon"] = daemon
 
 
 def load_mcore(model, directory: str) -> None:
@@ -345,7 +384,7 @@ def load_mcore(model, directory: str) -> None:
         d = os.path.join(d, RELEASE if it == RELEASE else f"iter_{int(it):07d}")
     if not os.path.exists(os.path.join(d, "metadata.json")):
         raise CheckpointError(f"{directory}: not a megatron-core dist checkpoint (no metadata.json in {d})")
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, d)
+    loaded = dist_checkpointing.load({"model": model_sharded_state_dict(model)}, d)
     model.load_state_dict(loaded["model"], strict=False)
 
 

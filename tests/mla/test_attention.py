@@ -111,3 +111,26 @@ def test_no_torch_cuda_in_module_source():
         tree = ast.parse(f.read_text())
         hits = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "cuda"]
         assert not hits, f"CUDA use in {f.name} at lines {hits}"
+
+
+def test_inside_megatron_transformer_layer(mcore_single):
+    """megatron-core's TransformerLayer builds our spec and calls our forward with its own keyword set;
+    the layer's dist-checkpoint state dict covers every attention parameter."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from megatron_dsv3.norm import RMSNorm
+    from megatron_dsv3.specs import get_mla_spec
+    mla, heads, hidden, seq = CONFIGS["v3_yarn"]
+    cfg = dsv3_config(mla, heads, hidden)
+    spec = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+        input_layernorm=RMSNorm, self_attention=get_mla_spec(cfg), self_attn_bda=get_bias_dropout_add))
+    layer = build_module(spec, config=cfg.to_transformer_config(), layer_number=1)
+    x = torch.randn(seq, 2, hidden, requires_grad=True)
+    out, _ = layer(x, attention_mask=None)
+    out.square().mean().backward()
+    assert out.shape == x.shape and x.grad is not None
+    names = {k for k, _ in layer.named_parameters()}
+    assert {"self_attention." + v for v in HF_TO_OURS.values() if v != "linear_q_proj.weight"} <= names
+    assert names <= set(layer.sharded_state_dict())

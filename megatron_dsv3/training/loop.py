@@ -1,0 +1,468 @@
+"""The trainer: megatron-core parts put together in the order of one global batch.
+
+    setup:  process groups (gloo on CPU, nccl on GPU; world size 1 under plain `python`) -> parallel_state
+            -> model chunks (build_model per virtual stage) -> megatron DDP -> distributed optimizer
+            (ZeRO-1) -> datasets -> checkpoint (resume, or --load-hf, or fresh)
+    step:   schedules (LR, batch size, MTP lambda, bias gamma at the tokens seen)
+            -> get_forward_backward_func() over the micro-batches (finalize_model_grads reduces grads)
+            -> optimizer.step() (clips the global grad norm)
+            -> apply_expert_bias_update(): ONE all-reduce of the routers' token counts, the bias moves by
+               +-gamma identically on every rank; once per global batch, whatever the accumulation
+    around: evaluation, logs, atomic checkpoints, a greedy sample and the expert-load summary at the end.
+
+The same code runs on one CPU process and under torchrun on GPUs. On CPU the megatron-core shim is
+applied in this process (every torchrun worker runs this code, so each applies it).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from datetime import timedelta
+from functools import partial
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_dsv3.training import checkpointing
+from megatron_dsv3.training.arguments import config_from_args
+from megatron_dsv3.training.data import build_datasets, default_blend, micro_batches, parse_blend
+from megatron_dsv3.training.logger import TrainLogger, device_peak_tflops, flops_per_token
+from megatron_dsv3.training.schedules import BatchRamp, LRSchedule, num_microbatches
+from megatron_dsv3.training.tokenizer import build_tokenizer
+
+
+# ---- process groups ------------------------------------------------------------------------------------------
+def init_distributed(args) -> torch.device:
+    """Default process group + megatron-core parallel_state (reused when the caller made them already)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")   # megatron's torch.compile costs 20 s cold on CPU
+        from megatron_dsv3.mcore_cpu import apply_cpu_shim
+        apply_cpu_shim()
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        timeout = timedelta(minutes=args.distributed_timeout_minutes)
+        backend = "nccl" if use_cuda else "gloo"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:       # torchrun / srun
+            dist.init_process_group(backend, timeout=timeout)
+        else:                                                          # plain `python`: a world of one
+            from megatron_dsv3.testing import free_port
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                                    timeout=timeout)
+    sizes = dict(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                 pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                 virtual_pipeline_model_parallel_size=args.num_virtual_stages_per_pipeline_rank,
+                 context_parallel_size=args.context_parallel_size,
+                 expert_model_parallel_size=args.expert_model_parallel_size,
+                 expert_tensor_parallel_size=args.expert_tensor_parallel_size)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(**sizes)
+    else:
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_expert_model_parallel_world_size())
+        want = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size)
+        if have != want:
+            raise ValueError(f"parallel_state is initialised with (TP, PP, EP) = {have}, the flags ask for {want}")
+    # Megatron-LM's seeding: one stream per pipeline stage; tensor-parallel streams inside the tracker
+    seed = args.seed + 100 * ps.get_pipeline_model_parallel_rank()
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return device
+
+
+def _chunk_flags(vp_stage, vp_size):
+    from megatron.core import parallel_state as ps
+    pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return pre, post
+
+
+def _default_builder(cfg, pre_process, post_process, vp_stage=None, backend="local"):
+    from megatron_dsv3.model import build_model
+    return build_model(cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, backend=backend)
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Per-token loss [b, s] -> (sum, tokens, report): megatron-core averages over the tokens of each
+    micro-batch and over the micro-batches; the report sums [loss, tokens] for the global-batch mean."""
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    loss = torch.sum(losses * mask)
+    n = mask.sum().to(torch.int)
+    return loss, n, {"lm loss": torch.cat([loss.detach().view(1), n.detach().float().view(1)])}
+
+
+def forward_step(data_iterator, model):
+    b = next(data_iterator)
+    out = model(b["tokens"], b["position_ids"], None, labels=b["labels"], loss_mask=b["loss_mask"])
+    return out, partial(loss_func, b["loss_mask"])
+
+
+class Trainer:
+    def __init__(self, args, model_builder: Optional[Callable] = None):
+        self.args = args
+        self.device = init_distributed(args)
+        from megatron.core import parallel_state as ps
+        self.ps = ps
+        self.cfg = config_from_args(args, on_gpu=self.device.type == "cuda")
+        self.rank = dist.get_rank()
+        self.is_writer = self.rank == dist.get_world_size() - 1     # last stage holds the loss
+        self.dp = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.tokenizer = build_tokenizer(args.tokenizer)
+        if self.tokenizer.vocab_size > self.cfg.vocab_size:
+            raise ValueError(f"tokenizer vocabulary ({self.tokenizer.vocab_size}) exceeds the model's "
+                             f"vocab_size ({self.cfg.vocab_size}); pass --vocab-size")
+        self.ramp = BatchRamp(args.global_batch_size, *(args.rampup_batch_size or (None,)))
+        self.lr_schedule = LRSchedule(
+            max_lr=args.lr, min_lr=args.min_lr, warmup=args.lr_warmup_iters, hold=args.lr_hold_iters,
+            decay=args.lr_decay_iters, style=args.lr_decay_style,
+            tail=tuple((int(float(s)), float(v)) for s, v in
+                       (x.split(":") for x in (args.lr_tail.split(",") if args.lr_tail else []))))
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.history: List[dict] = []          # per step: iteration, loss, lr, grad_norm (read by tests)
+        self.eval_history: List[dict] = []
+        self.load_stats: Dict[str, dict] = {}  # per router: accumulated token counts (the summary at the end)
+        self._build_model(model_builder or partial(_default_builder, backend=args.transformer_impl))
+        self._build_optimizer()
+        self._build_data()
+        self._load()
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def _build_model(self, builder):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ps, a = self.ps, self.args
+        vp = ps.get_virtual_pipeline_model_parallel_world_size()
+        chunks = []
+        for i in range(vp or 1):
+            vp_stage = i if vp else None
+            pre, post = _chunk_flags(vp_stage, vp)
+            m = builder(self.cfg, pre_process=pre, post_process=post, vp_stage=vp_stage)
+            chunks.append(m.to(self.device))
+        self.model_config = tc = chunks[0].config
+        # our routers update their bias in apply_expert_bias_update; megatron-core's finalize_model_grads
+        # would try its own update for modules with an `expert_bias` attribute (DeepSeekMoE has one)
+        tc.moe_router_enable_expert_bias = False
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=a.overlap_grad_reduce,
+            overlap_param_gather=a.overlap_param_gather, use_distributed_optimizer=a.use_distributed_optimizer,
+            check_for_nan_in_grad=False, bucket_size=None if not a.overlap_grad_reduce else 40_000_000)
+        self.chunks = [DistributedDataParallel(config=c.config, ddp_config=ddp_cfg, module=c,
+                                               disable_bucketing=i > 0) for i, c in enumerate(chunks)]
+        for c in self.chunks:
+            c.broadcast_params()
+        self.n_params = sum(p.numel() for c in chunks for p in c.parameters())
+
+    def _build_optimizer(self):
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        a, tc = self.args, self.model_config
+        bf16 = self.cfg.params_dtype == "bfloat16"
+        oc = OptimizerConfig(optimizer="adam", lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
+                             adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
+                             clip_grad=a.clip_grad, bf16=bf16, params_dtype=self.cfg.torch_dtype,
+                             use_distributed_optimizer=a.use_distributed_optimizer,
+                             overlap_param_gather=a.overlap_param_gather)
+        self.optimizer = get_megatron_optimizer(oc, self.chunks)
+        tc.finalize_model_grads_func = finalize_model_grads
+        tc.grad_scale_func = self.optimizer.scale_loss
+        if a.overlap_grad_reduce:
+            tc.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
+
+    def _build_data(self):
+        a = self.args
+        blend = parse_blend(a.data_path) or default_blend(self.tokenizer, a.data_cache_path)
+        train_samples = self.ramp.samples_for(a.train_iters)
+        valid_samples = a.eval_iters * a.global_batch_size if a.eval_iters else 0   # the same set each time
+        self.train_ds, self.valid_ds, _ = build_datasets(
+            blend, self.tokenizer, self.cfg.seq_length, a.seed, a.split, [train_samples, valid_samples, 0],
+            a.data_cache_path)
+
+    def _load(self):
+        a = self.args
+        state = None
+        if a.load and checkpointing.read_latest(a.load) is not None:
+            state = checkpointing.load_checkpoint(
+                a.load, self.chunks, self.optimizer, load_optim=not (a.no_load_optim or a.finetune),
+                load_rng=not (a.no_load_rng or a.finetune))
+            if not a.finetune:
+                self.iteration = state["iteration"]
+                self.consumed_samples = state["consumed_samples"]
+            self._log0(f"loaded {a.load} at iteration {state['iteration']} "
+                       f"(consumed samples {state['consumed_samples']})")
+        elif a.load_hf:
+            from megatron_dsv3.checkpoint import load_hf
+            load_hf([c.module for c in self.chunks], a.load_hf)
+            self._log0(f"loaded Hugging Face weights from {a.load_hf}")
+        if (state is not None and (a.no_load_optim or a.finetune)) or (state is None and a.load_hf):
+            # weights changed under the optimizer: its fp32 main copies must follow
+            self.optimizer.reload_model_params()
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+    def _log0(self, msg):
+        if self.is_writer:
+            print(msg, flush=True)
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.consumed_samples * self.cfg.seq_length
+
+    def _set_lr(self, lr: float):
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+            g["weight_decay"] = self.args.weight_decay * g.get("wd_mult", 1.0)
+
+    def _iterators(self, batches):
+        its = [iter(batches) for _ in self.chunks]
+        return its if len(its) > 1 else its[0]
+
+    def _run(self, dataset, consumed, gbs, forward_only):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        a = self.args
+        m = num_microbatches(gbs, a.micro_batch_size, self.dp)
+        batches = micro_batches(dataset, consumed, gbs, a.micro_batch_size, self.dp_rank, self.dp, self.device)
+        fb = get_forward_backward_func()
+        return fb(forward_step_func=forward_step, data_iterator=self._iterators(batches),
+                  model=self.chunks if len(self.chunks) > 1 else self.chunks[0], num_microbatches=m,
+                  seq_length=self.cfg.seq_length, micro_batch_size=a.micro_batch_size, forward_only=forward_only)
+
+    def _reduce_loss(self, losses) -> float:
+        """Token-mean loss of the global batch, on every rank (computed on the last stage, broadcast)."""
+        ps = self.ps
+        t = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
+            t = torch.stack([x["lm loss"].double() for x in losses]).sum(0).to(self.device)
+            dist.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        return float(t[0] / t[1].clamp(min=1))
+
+    def _stage_metrics(self, local: dict) -> dict:
+        """Merge a per-stage dict over the pipeline stages (small; only at log steps)."""
+        ps = self.ps
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return local
+        out = [None] * ps.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(out, local, group=ps.get_pipeline_model_parallel_group())
+        merged = {}
+        for d in out:
+            merged.update(d or {})
+        return merged
+
+    # ---- one global batch ----------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        from megatron_dsv3.moe.router import apply_expert_bias_update
+        from megatron_dsv3.mtp.loss import set_mtp_loss_weight
+
+        a, cfg = self.args, self.cfg
+        gbs = self.ramp.batch_size_at(self.consumed_samples)
+        lr = self.lr_schedule.lr_at(self.iteration, a.train_iters)
+        self._set_lr(lr)
+        lam = cfg.mtp.loss_weight_at(self.tokens_seen)
+        set_mtp_loss_weight(self.chunks, lam)
+        gamma = cfg.moe.bias_rate_at(self.tokens_seen)
+
+        for c in self.chunks:
+            c.train()
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._run(self.train_ds, self.consumed_samples, gbs, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        # aux-loss-free balancing: once per global batch, after all micro-batches were counted
+        router_metrics = apply_expert_bias_update(self.chunks, gamma)
+        for name, m in router_metrics.items():
+            s = self.load_stats.setdefault(name, {"layer": m["layer_number"], "counts": 0})
+            s["counts"] = s["counts"] + m["tokens_per_expert"].double()
+            s["bias_spread"] = m["bias_spread"]
+            s["max_vio_last"] = m["max_vio"]
+        self.consumed_samples += gbs
+        self.iteration += 1
+        loss = self._reduce_loss(losses)
+        rec = {"iteration": self.iteration, "loss": loss, "lr": lr, "batch_size": gbs, "mtp_lambda": lam,
+               "bias_rate": gamma, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+               "skipped": not ok, "routers": router_metrics}
+        self.history.append(rec)
+        return rec
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        a = self.args
+        if not a.eval_iters or self.valid_ds is None:
+            return None
+        from megatron_dsv3.mtp.loss import mtp_loss_report
+        for c in self.chunks:
+            c.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for i in range(a.eval_iters):
+            losses = self._run(self.valid_ds, i * a.global_batch_size, a.global_batch_size, forward_only=True)
+            loss = self._reduce_loss(losses)
+            total += torch.tensor([loss, 1.0], dtype=torch.float64)
+        mtp_loss_report(self.chunks, reset=True)   # drop the MTP sums of the evaluation forwards
+        for c in self.chunks:
+            c.train()
+        val = float(total[0] / total[1])
+        self.eval_history.append({"iteration": self.iteration, "loss": val})
+        return val
+
+    def save(self):
+        a = self.args
+        checkpointing.save_checkpoint(
+            a.save, self.iteration, self.chunks, self.optimizer,
+            {"consumed_samples": self.consumed_samples, "tokens": self.tokens_seen, "config": self.cfg.to_dict(),
+             "tokenizer": dict(self.tokenizer.unique_identifiers)})
+        self._log0(f"saved checkpoint {checkpointing.checkpoint_dir(a.save, self.iteration)}")
+
+    # ---- the run -------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        from megatron_dsv3.mtp.loss import mtp_loss_report
+
+        a, cfg, ps = self.args, self.cfg, self.ps
+        if self.is_writer:
+            self._print_banner()
+        log = TrainLogger(a.tensorboard_dir, self.is_writer, a.train_iters, a.progress_bar, initial=self.iteration)
+        self.logger = log
+        fpt = flops_per_token(cfg, cfg.seq_length)
+        peak = a.peak_tflops or device_peak_tflops(self.device)
+        world = dist.get_world_size()
+        first_val = self.evaluate() if self.iteration == 0 and a.eval_interval else None
+        if first_val is not None:
+            log.print(f"iteration {self.iteration:6d} | validation loss {first_val:.4f}")
+            log.scalars(self.iteration, {"val/loss": first_val})
+        window = {"t0": time.perf_counter(), "tokens": 0, "steps": 0, "loss": 0.0}
+        stop = a.train_iters if a.exit_interval is None else min(a.train_iters, a.exit_interval)
+        while self.iteration < stop:
+            rec = self.train_step()
+            window["tokens"] += rec["batch_size"] * cfg.seq_length
+            window["steps"] += 1
+            window["loss"] += rec["loss"]
+            log.step({"loss": f"{rec['loss']:.3f}"})
+            it = self.iteration
+            if it % a.log_interval == 0 or it == stop:
+                dt = time.perf_counter() - window["t0"]
+                tok_s = window["tokens"] / max(dt, 1e-9)
+                tflops = tok_s * fpt / world / 1e12
+                mtp = mtp_loss_report(self.chunks, reset=True,
+                                      group=ps.get_data_parallel_group(with_context_parallel=True))
+                routers = self._stage_metrics({n: {k: v for k, v in m.items() if k != "tokens_per_expert"}
+                                               for n, m in rec["routers"].items()})
+                mtp = self._stage_metrics(mtp)
+                s = {"train/loss": rec["loss"], "train/lr": rec["lr"], "train/grad_norm": rec["grad_norm"],
+                     "train/batch_size": rec["batch_size"], "train/mtp_lambda": rec["mtp_lambda"],
+                     "train/bias_update_rate": rec["bias_rate"], "perf/tokens_per_s": tok_s,
+                     "perf/tflops_per_device": tflops, "perf/mfu": tflops / peak if peak else None,
+                     "train/tokens": self.tokens_seen}
+                for k, v in mtp.items():
+                    s[f"train/mtp_loss_depth{k}"] = v
+                aux = [m["aux_loss"] for m in routers.values() if m.get("aux_loss") is not None]
+                if aux:
+                    s["train/seq_balance_loss"] = sum(aux) / len(aux)
+                for m in routers.values():
+                    n = m["layer_number"]
+                    s[f"moe/max_vio/layer{n}"] = m["max_vio"]
+                    s[f"moe/bias_spread/layer{n}"] = m["bias_spread"]
+                    if m.get("aux_loss") is not None:
+                        s[f"moe/seq_balance_loss/layer{n}"] = m["aux_loss"]
+                log.scalars(it, s)
+                maxvio = max((m["max_vio"] for m in routers.values()), default=float("nan"))
+                mtp_s = " ".join(f"mtp{k} {v:.4f}" for k, v in sorted(mtp.items()))
+                mfu_s = f" | MFU {100 * tflops / peak:.1f}%" if peak else ""
+                log.print(f"iteration {it:6d}/{a.train_iters} | loss {window['loss'] / window['steps']:.4f} | "
+                          f"{mtp_s + ' | ' if mtp_s else ''}lr {rec['lr']:.3e} | grad norm {rec['grad_norm']:.3f} | "
+                          f"batch {rec['batch_size']} | MaxVio {maxvio:.3f} | {tok_s:,.0f} tok/s | "
+                          f"{tflops:.3f} TFLOP/s/dev{mfu_s}")
+                window = {"t0": time.perf_counter(), "tokens": 0, "steps": 0, "loss": 0.0}
+            if a.eval_interval and (it % a.eval_interval == 0 or it == a.train_iters):
+                val = self.evaluate()
+                if val is not None:
+                    log.print(f"iteration {it:6d} | validation loss {val:.4f}")
+                    log.scalars(it, {"val/loss": val})
+                window["t0"] = time.perf_counter()
+            if a.save and a.save_interval and it % a.save_interval == 0 and it < a.train_iters:
+                self.save()
+        if a.save and a.save_final and self.iteration == a.train_iters:
+            if checkpointing.read_latest(a.save) != self.iteration:
+                self.save()
+        log.close()
+        return {"history": self.history, "eval": self.eval_history}
+
+    def _print_banner(self):
+        a, cfg = self.args, self.cfg
+        pc = cfg.parameter_counts()
+        print(f"megatron_dsv3 trainer | preset {cfg.name} | {pc['total'] / 1e6:.2f}M parameters "
+                  f"({pc['activated'] / 1e6:.2f}M activated, MTP {pc['mtp'] / 1e6:.2f}M) | device {self.device.type} | "
+                  f"world {dist.get_world_size()} (TP {a.tensor_model_parallel_size} PP {a.pipeline_model_parallel_size} "
+                  f"EP {a.expert_model_parallel_size} DP {self.dp}) | {cfg.params_dtype}")
+        print(f"  {a.train_iters} steps x {a.global_batch_size} x {cfg.seq_length} tokens "
+                  f"(micro-batch {a.micro_batch_size}) | lr {a.lr:g} -> {a.min_lr:g} ({a.lr_decay_style}, warmup "
+                  f"{a.lr_warmup_iters}) | tokenizer {type(self.tokenizer).__name__} | train samples "
+                  f"{len(self.train_ds)}")
+
+    # ---- after training ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: str, n_tokens: int) -> Optional[str]:
+        """Greedy decoding (no KV cache: the whole sequence each step); PP = 1 only."""
+        if self.ps.get_pipeline_model_parallel_world_size() > 1 or n_tokens <= 0:
+            return None
+        model = self.chunks[0].module
+        model.eval()
+        ids = [self.tokenizer.bos] if getattr(self.tokenizer, "bos", None) is not None else []
+        ids += self.tokenizer.tokenize(prompt)
+        out = []
+        for _ in range(n_tokens):
+            x = torch.tensor([ids[-self.cfg.seq_length:]], device=self.device)
+            pos = torch.arange(x.shape[1], device=self.device).unsqueeze(0)
+            logits = model(x, pos, None, runtime_gather_output=True)            # [1, s, V]
+            nxt = int(logits[0, -1, :self.tokenizer.vocab_size].float().argmax())
+            if nxt == self.tokenizer.eod:
+                break
+            ids.append(nxt)
+            out.append(nxt)
+        model.train()
+        return prompt + self.tokenizer.detokenize(out)
+
+    def expert_load_summary(self) -> str:
+        """Per MoE layer: load share of the least and most used expert over the run, MaxVio over the run
+        (max load / mean load - 1, paper section 4.5.2), the last batch's MaxVio and the bias spread."""
+        stats = self._stage_metrics({n: {"layer": s["layer"], "counts": s["counts"].tolist(),
+                                         "bias_spread": s["bias_spread"], "max_vio_last": s["max_vio_last"]}
+                                     for n, s in self.load_stats.items()})
+        lines = ["expert load (routed tokens per expert, whole run):",
+                 "  layer | experts | min share | max share | MaxVio(run) | MaxVio(last batch) | bias spread"]
+        for s in sorted(stats.values(), key=lambda s: s["layer"] or 0):
+            c = torch.tensor(s["counts"], dtype=torch.float64)
+            if c.sum() == 0:
+                continue
+            share = c / c.sum()
+            vio = float(c.max() / c.mean() - 1)
+            lines.append(f"  {s['layer']:5d} | {len(c):7d} | {float(share.min()):9.3f} | {float(share.max()):9.3f} | "
+                         f"{vio:11.3f} | {s['max_vio_last']:18.3f} | {s['bias_spread']:.4f}")
+        return "\n".join(lines)
+
+
+def run(args, model_builder: Optional[Callable] = None) -> Trainer:
+    """Train as the flags say; print the sample and the expert-load summary at the end."""
+    t = Trainer(args, model_builder)
+    t.train()
+    sample = t.generate(args.prompt, args.generate_tokens) if args.generate_tokens else None  # collective over TP
+    summary = t.expert_load_summary()                                                        # collective over PP
+    if t.is_writer:
+        if t.eval_history:
+            first, last = t.eval_history[0]["loss"], t.eval_history[-1]["loss"]
+            print(f"validation loss {first:.4f} -> {last:.4f} ({first - last:+.4f})", flush=True)
+        if sample is not None:
+            print(f"sample (greedy, {args.generate_tokens} tokens max):\n{sample}", flush=True)
+        print(summary, flush=True)
+    return t

@@ -51,6 +51,7 @@ def hf_model(cfg: DSV3Config, seed: int = 0):
     # to_hf() writes no num_key_value_heads; HF's default (128) breaks repeat_kv for other head counts
     hc = DeepseekV3Config(**dict(cfg.to_hf(), num_key_value_heads=cfg.num_attention_heads))
     hc._attn_implementation = "eager"
+    hc._experts_implementation = "eager"   # the plain per-expert loop (also works in float64)
     torch.manual_seed(seed)
     model = DeepseekV3ForCausalLM(hc).float().eval()
     g = torch.Generator().manual_seed(seed)

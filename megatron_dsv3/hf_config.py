@@ -34,7 +34,7 @@ def _yarn_from(rope: Dict[str, Any]):
     return YaRNConfig(factor=float(rope["factor"]),
                       original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
                       beta_fast=float(rope.get("beta_fast", 32)), beta_slow=float(rope.get("beta_slow", 1)),
-                      mscale=float(rope.get("mscale", 1.0)), mscale_all_dim=float(rope.get("mscale_all_dim", 0.0))), theta
+                      mscale=float(rope.get("mscale", 0.0)), mscale_all_dim=float(rope.get("mscale_all_dim", 0.0))), theta
 
 
 def config_from_hf(cls, d: Dict[str, Any]):

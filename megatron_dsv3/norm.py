@@ -18,8 +18,9 @@ class RMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # y = w * x / sqrt(mean(x^2) + eps), statistics in float32
+        # y = w * x / sqrt(mean(x^2) + eps), statistics in float32 at least (float64 stays float64,
+        # so float64 references can be exact)
         dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        xs = x if dtype == torch.float64 else x.float()
+        xs = xs * torch.rsqrt(xs.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xs.to(dtype)

@@ -39,8 +39,12 @@ def free_port() -> int:
 def _context():
     global _ctx
     if _ctx is None:
-        _ctx = mp.get_context("forkserver")
-        _ctx.set_forkserver_preload(_PRELOAD)
+        if torch.cuda.is_available():
+            # a forkserver that imported megatron-core may have touched CUDA; ranks must start clean
+            _ctx = mp.get_context("spawn")
+        else:
+            _ctx = mp.get_context("forkserver")
+            _ctx.set_forkserver_preload(_PRELOAD)
     return _ctx
 
 

@@ -88,6 +88,8 @@ def _rank_main(rank, world_size, port, sizes, fn, kwargs, q, timeout):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), TORCHDYNAMO_DISABLE="1")
     torch.set_num_threads(1)
+    import warnings
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")  # ranks' stderr is not captured
     import torch.distributed as dist
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,

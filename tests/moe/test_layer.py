@@ -187,3 +187,27 @@ def test_specs(mcore_single):
     if not HAVE_TE:
         with pytest.raises(ValueError, match="Transformer Engine"):
             get_moe_spec(cfg, backend="te")
+
+
+@pytest.mark.gpu
+def test_deepseek_moe_cuda_bf16_takes_grouped_mm_path(mcore_single):
+    """The whole layer on CUDA in bf16 (torch._grouped_mm experts, float32 router) against itself in float32 on the
+    same bf16-rounded input: same routing (the router is float32 in both), bf16 expert math within ~2e-2."""
+    from megatron_dsv3.moe import experts as experts_mod
+    torch.manual_seed(5)
+    h, s, b = 64, 16, 4
+    cfg = DSV3Config.from_preset("tiny", hidden_size=h, moe=dict(num_experts=16, top_k=4, n_group=4, topk_group=2,
+                                                                 expert_ffn_hidden_size=32))
+    ours = _build_ours(cfg).cuda()
+    x = torch.randn(s, b, h, device="cuda").bfloat16()
+    out32, _ = ours(x.float())
+    idx32, _ = ours.router(x.float())
+    ours.bfloat16()
+    assert ours.router.weight.dtype == torch.float32 and ours.experts.weight1.dtype == torch.bfloat16
+    assert experts_mod.can_use_grouped_mm(x.reshape(-1, h), ours.experts.weight1, ours.experts.weight2)
+    xb = x.clone().requires_grad_(True)
+    out16, _ = ours(xb)
+    assert torch.equal(ours.router(x)[0], idx32)
+    assert out16.dtype == torch.bfloat16 and _rel(out16, out32) < 2e-2
+    out16.float().square().sum().backward()
+    assert ours.experts.weight1.grad is not None and torch.isfinite(ours.experts.weight1.grad.float()).all()

@@ -204,8 +204,8 @@ def iter_hf_tensors(model, config=None, ranks: Optional[Ranks] = None) -> Iterat
     """(HF name, full tensor) for every tensor this rank writes, in the model's dtype.
 
     Collective under TP > 1 (every TP rank must iterate). Writers: non-expert tensors TP rank 0 of DP
-    rank 0 (the embedding only on the first stage); experts the TP rank 0 of expert-DP rank 0 of each EP
-    rank. The MTP layers' copies of embedding and head are emitted with the main ones."""
+    rank 0 (the embedding only on the first stage); experts expert-DP rank 0 of each EP rank.
+    The MTP layers' copies of embedding and head are emitted with the main ones."""
     ranks = ranks or Ranks.current()
     cfg = _layout_config(model_config(model, config), ranks)
     rows = M.table(cfg)
@@ -219,7 +219,7 @@ def iter_hf_tensors(model, config=None, ranks: Optional[Ranks] = None) -> Iterat
         t = t.detach()
         split = row.entry.split
         if split in (M.EXPERT_FC1, M.EXPERT_FC2):
-            if ranks.tp_rank != 0 or ranks.edp_rank != 0:
+            if ranks.edp_rank != 0:     # expert TP is 1: each EP rank's experts are whole on it
                 continue
             for j, g in enumerate(M.local_experts(cfg, ranks.ep_rank, ranks.ep)):
                 yield from zip(row.hf_names([g]), M.expert_hf(split, t[j]))
@@ -363,9 +363,14 @@ def _allow_child_processes():
     forbids children in a daemonic process, which is what megatron_dsv3.testing.run_distributed's ranks are.
     The workers are joined before save returns, so lifting the flag for the call is safe."""
     import multiprocessing as mp
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
     cfg = mp.current_process()._config
     daemon = cfg.get("daemon")
     cfg["daemon"] = False
+    if getattr(filesystem_async, "_results_queue", 0) is None and not torch.cuda.is_available():
+        # its results queue lives in a Manager started with "spawn" (a fresh interpreter: 5-15 s on a small
+        # CPU host); without CUDA in this process "fork" is safe and instant
+        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
     try:
         yield
     finally:

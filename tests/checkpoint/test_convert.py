@@ -1,0 +1,121 @@
+"""HF <-> Megatron conversion with the real model (build_model): round trips and logits against HF.
+
+Tiny DeepSeek-V3 (conftest.py): 2 layers (dense, MoE) + 1 MTP layer, 8 experts, FP8 blocks with partial
+edges, vocabulary padded under TP=2. Two multi-process runs (4 ranks TP2xPP2xEP2 import, 2 ranks TP2xEP2
+export); the rest in this process at TP=PP=EP=1.
+Tolerance of the logits: 1e-4 of the largest |logit| (float32 on both sides; different summation orders).
+"""
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from megatron_dsv3.checkpoint import convert as C
+from megatron_dsv3.checkpoint.safetensors_io import INDEX, CheckpointError, HFCheckpoint
+from megatron_dsv3.checkpoint.verify import compare_logits, hf_reference_model, our_model
+from megatron_dsv3.config import DSV3Config
+
+MTP_AND_BIAS = ["model.layers.2.enorm.weight", "model.layers.2.hnorm.weight", "model.layers.2.eh_proj.weight",
+                "model.layers.2.shared_head.norm.weight", "model.layers.2.mlp.experts.7.down_proj.weight",
+                "model.layers.2.self_attn.kv_b_proj.weight", "model.layers.2.embed_tokens.weight",
+                "model.layers.2.shared_head.head.weight", "model.layers.1.mlp.gate.e_score_correction_bias",
+                "model.layers.2.mlp.gate.e_score_correction_bias"]
+
+
+def _read(path):
+    with open(os.path.join(path, INDEX)) as f:
+        wm = json.load(f)["weight_map"]
+    out = {}
+    for k, fn in wm.items():
+        with safe_open(os.path.join(path, fn), "pt") as f:
+            out[k] = f.get_tensor(k)
+    return out
+
+
+def _assert_identical(a_dir, b_dir):
+    a, b = _read(a_dir), _read(b_dir)
+    assert set(a) == set(b), set(a) ^ set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8)), k
+    for k in MTP_AND_BIAS:                      # MTP and router bias survive, by name and value
+        assert k in b and torch.equal(a[k], b[k])
+    assert b["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert b["model.layers.1.mlp.gate.e_score_correction_bias"].abs().sum() > 0
+    ca = json.load(open(os.path.join(a_dir, "config.json")))
+    cb = json.load(open(os.path.join(b_dir, "config.json")))
+    assert DSV3Config.from_hf(ca).replace(hf_extra=()) == DSV3Config.from_hf(cb).replace(hf_extra=())
+    assert {k: v for k, v in cb.items() if k in ca} == ca     # every field of the source kept as it was
+
+
+@pytest.fixture(scope="module")
+def mcore_from_bf16_tp2pp2ep2(hf_tiny, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("mcore") / "tp2pp2ep2")
+    info = C.hf_to_mcore(hf_tiny["bf16"], out, tp=2, pp=2, ep=2, params_dtype="float32")
+    assert info["world_size"] == 4 and info["layout"] == (2, 2, 2)
+    return out
+
+
+def test_bf16_hf_to_mcore_tp2pp2ep2_to_hf_is_bit_identical(hf_tiny, mcore_from_bf16_tp2pp2ep2, tmp_path):
+    out = mcore_from_bf16_tp2pp2ep2
+    assert open(os.path.join(out, "latest_checkpointed_iteration.txt")).read() == "release"
+    assert os.path.exists(os.path.join(out, "release", "metadata.json"))
+    back = str(tmp_path / "hf")
+    info = C.mcore_to_hf(out, back, dtype="bf16", max_shard_bytes=500_000)     # loaded at TP=PP=EP=1
+    assert info["files"] >= 2
+    _assert_identical(hf_tiny["bf16"], back)
+
+
+def test_fp8_hf_to_mcore_to_hf_tp2ep2_export_same_bytes_and_scales(hf_tiny, tmp_path):
+    mc = str(tmp_path / "mcore")
+    C.hf_to_mcore(hf_tiny["fp8"], mc, params_dtype="float32")                  # 1x1x1, this process
+    back = str(tmp_path / "hf")
+    C.mcore_to_hf(mc, back, dtype="fp8", tp=2, ep=2)                           # 2 ranks: TP gather, EP writers
+    _assert_identical(hf_tiny["fp8"], back)
+    b = _read(back)
+    assert b["model.layers.1.mlp.experts.3.up_proj.weight"].dtype == torch.float8_e4m3fn
+    assert b["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"].shape == (1, 2)      # 64 x 160
+    assert b["model.layers.2.eh_proj.weight"].dtype == torch.bfloat16                     # not quantised
+
+
+def test_logits_match_hf_from_dist_checkpoint_and_fp8(hf_tiny, mcore_from_bf16_tp2pp2ep2):
+    """Ours (dist checkpoint written at TP2xPP2xEP2, loaded at 1x1x1; and load_hf of the FP8 files)
+    against transformers' DeepseekV3ForCausalLM on the same (dequantised) weights."""
+    from megatron_dsv3.testing import single_process
+    with tempfile.TemporaryDirectory() as work:
+        ref_bf16 = hf_reference_model(hf_tiny["bf16"], work)
+        ref_fp8 = hf_reference_model(hf_tiny["fp8"], work)
+        with single_process():
+            model, cfg = our_model(mcore_from_bf16_tp2pp2ep2)
+            r = compare_logits(ref_bf16, model, cfg.vocab_size, prompts=3, seq=24)
+            assert r["max_rel"] < 1e-4 and r["kl"] < 1e-8, r
+            sd = model.state_dict()
+            t = hf_tiny["tensors"]
+            assert torch.equal(sd["mtp.layers.0.eh_proj.weight"], t["model.layers.2.eh_proj.weight"].bfloat16().float())
+            assert torch.equal(sd["decoder.layers.1.mlp.router.expert_bias"],
+                               t["model.layers.1.mlp.gate.e_score_correction_bias"])
+
+            model, cfg = our_model(hf_tiny["fp8"])                             # load_hf, dequantised on the fly
+            r = compare_logits(ref_fp8, model, cfg.vocab_size, prompts=3, seq=24)
+            assert r["max_rel"] < 1e-4 and r["kl"] < 1e-8, r
+            ck = HFCheckpoint(hf_tiny["fp8"])
+            w = model.state_dict()["mtp.layers.0.transformer_layer.mlp.experts.weight2"]
+            assert torch.equal(w[5], ck.get("model.layers.2.mlp.experts.5.down_proj.weight").t())
+
+
+def test_load_hf_rejects_a_different_model(hf_tiny, tmp_path):
+    from megatron_dsv3.testing import single_process
+    with single_process():
+        cfg = C.target_config(hf_tiny["config"], params_dtype="float32").replace(moe={"expert_ffn_hidden_size": 32})
+        model = C._build_model(cfg)
+        with pytest.raises(CheckpointError, match=r"config.json has moe.expert_ffn_hidden_size = 64, the model 32"):
+            C.load_hf(model, hf_tiny["bf16"])
+
+
+def test_hf_to_mcore_bad_layout_fails_before_spawning(hf_tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be divisible"):
+        C.hf_to_mcore(hf_tiny["bf16"], str(tmp_path / "o"), tp=3)
+    assert os.listdir(tmp_path) == []

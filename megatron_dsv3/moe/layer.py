@@ -119,7 +119,8 @@ class DeepSeekMoE(MegatronModule):
             idx_share, gates_share = topk_idx[lo:hi], gates[lo:hi]
         else:
             x_share, idx_share, gates_share = x, topk_idx, gates
-        if self.training:
+        if self.training and torch.is_grad_enabled():
+            # grad-enabled only: under activation recompute the first (no-grad) pass is not counted twice
             self.router.record_tokens(idx_share)
         routed = dispatch_combine(x_share, idx_share, gates_share, self.experts, self.moe.num_experts,
                                   self.ep_group)                            # [T_share, h]

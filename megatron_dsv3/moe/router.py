@@ -318,6 +318,17 @@ def apply_expert_bias_update(model_chunks, rate: float, group=None) -> Dict[str,
         {name: {"layer_number", "tokens_per_expert" [E] float64, "max_vio", "bias_min", "bias_max",
                 "bias_spread", "aux_loss" (mean over micro-batches and ranks, or None)}}
     `rate` is gamma at this point of training: MoEConfig.bias_rate_at(tokens_seen).
+
+    From a Megatron-LM training script (megatron/training/training.py, `train_step`), right after
+    `update_successful, grad_norm, num_zeros = optimizer.step()`:
+
+        if update_successful:
+            rate = dsv3_config.moe.bias_rate_at(args.consumed_train_samples * args.seq_length)
+            moe_metrics = apply_expert_bias_update(model, rate)   # model: the list of model chunks
+
+    Every rank of a pipeline stage must call it (it is a collective); stages run it independently. Counting
+    happens in training-mode, grad-enabled forwards only (so eval passes and the no-grad first pass of activation
+    recompute are not counted).
     """
     routers = routers_of(model_chunks)
     if not routers:

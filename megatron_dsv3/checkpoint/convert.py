@@ -68,6 +68,17 @@ class Ranks:
                    ps.get_data_parallel_rank(), ps.get_expert_data_parallel_rank())
 
 
+def unwrap(model):
+    """The DSV3Model inside megatron's wrappers (DDP, Float16Module: `.module`) or a one-chunk list."""
+    if isinstance(model, (list, tuple)):
+        if len(model) != 1:
+            raise ValueError("load_hf/export take one model chunk (virtual pipeline stages are not supported)")
+        model = model[0]
+    while not hasattr(model, "dsv3_config") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def model_config(model, fallback=None):
     """The DSV3Config a model was built with."""
     for attr in ("dsv3_config", "cfg", "config_dsv3"):
@@ -122,6 +133,7 @@ def load_hf(model, path, config=None, ranks: Optional[Ranks] = None, strict: boo
     Returns {"loaded": HF names read, "unused": HF names of the checkpoint this rank did not need}.
     strict: every tensor of the model must come from the checkpoint."""
     ckpt = path if isinstance(path, HFCheckpoint) else HFCheckpoint(path)
+    model = unwrap(model)
     ranks = ranks or Ranks.current()
     cfg = _layout_config(model_config(model, config or ckpt.config), ranks)
     _check_same_model(ckpt.config, cfg)
@@ -206,6 +218,7 @@ def iter_hf_tensors(model, config=None, ranks: Optional[Ranks] = None) -> Iterat
     Collective under TP > 1 (every TP rank must iterate). Writers: non-expert tensors TP rank 0 of DP
     rank 0 (the embedding only on the first stage); experts expert-DP rank 0 of each EP rank.
     The MTP layers' copies of embedding and head are emitted with the main ones."""
+    model = unwrap(model)
     ranks = ranks or Ranks.current()
     cfg = _layout_config(model_config(model, config), ranks)
     rows = M.table(cfg)
@@ -298,6 +311,33 @@ def _run(fn, tp: int, pp: int, ep: int, **kwargs):
         with testing.single_process(tp, pp, ep):
             return [fn(0, **kwargs)]
     return testing.run_distributed(fn, world, tp=tp, pp=pp, ep=ep, timeout=kwargs.pop("timeout", 3600), **kwargs)
+
+
+def _launched() -> bool:
+    """True under torchrun (or any caller that set up torch.distributed): every rank runs the converter."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def _is_rank0() -> bool:
+    return not _launched() or torch.distributed.get_rank() == 0
+
+
+def _shared_temp_dir(out: str) -> str:
+    if not _launched():
+        return temp_dir_beside(out)
+    obj = [temp_dir_beside(out) if _is_rank0() else None]
+    torch.distributed.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+def _all_gather(obj) -> list:
+    import torch.distributed as dist
+    if dist.get_world_size() == 1:
+        return [obj]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, obj)
+    return every
 
 
 def _build_model(cfg):
@@ -410,8 +450,7 @@ def _hf_to_mcore_rank(rank: int, hf_path: str, out: str, cfg_dict: dict, show_pr
                    show_progress=show_progress and rank == 0)
     save_mcore(model, out, cfg)
     n = sum(t.numel() for t in _state(model).values())
-    return {"rank": rank, "ranks": Ranks.current(), "numel": n, "loaded": len(info["loaded"]),
-            "unused": info["unused"]}
+    return _all_gather({"rank": rank, "numel": n, "loaded": len(info["loaded"]), "unused": info["unused"]})
 
 
 def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, params_dtype: str = "bfloat16",
@@ -421,19 +460,22 @@ def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, p
     ckpt = HFCheckpoint(hf_path)          # validates config.json, index, shards before any work
     cfg = target_config(ckpt.config, tp, pp, ep, params_dtype)
     _check_full_checkpoint(ckpt, cfg)
-    tmp = temp_dir_beside(out)
+    tmp = _shared_temp_dir(out)
     try:
         results = _run(_hf_to_mcore_rank, tp, pp, ep, hf_path=os.path.abspath(hf_path), out=tmp,
-                       cfg_dict=cfg.to_dict(), show_progress=show_progress)
-        unused = set.intersection(*[set(r["unused"]) for r in results]) if results else set()
-        unused -= set(M.mtp_shared_copies(cfg))
+                       cfg_dict=cfg.to_dict(), show_progress=show_progress)[0]
+        unused = set.intersection(*[set(r["unused"]) for r in results]) - set(M.mtp_shared_copies(cfg))
         if unused and not allow_unused:
             raise CheckpointError(f"{hf_path}: {len(unused)} checkpoint tensor(s) map to nothing in the model, "
                                   f"e.g. {sorted(unused)[:3]}")
-        commit_dir(tmp, out, overwrite)
+        if _is_rank0():
+            commit_dir(tmp, out, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if _launched():
+        torch.distributed.barrier()
     return {"out": out, "world_size": len(results), "layout": (tp, pp, ep),
             "tensors_per_rank": [r["loaded"] for r in results], "numel_per_rank": [r["numel"] for r in results],
             "hf_tensors": len(ckpt.keys())}
@@ -460,7 +502,6 @@ def _check_full_checkpoint(ckpt: HFCheckpoint, cfg) -> None:
 # ---------------------------------------------------------------------------------------------------
 def _mcore_to_hf_rank(rank: int, mcore_path: str, out: str, cfg_dict: dict, dtype: str,
                       max_shard_bytes: int, show_progress: bool) -> list:
-    import torch.distributed as dist
     from megatron_dsv3.config import DSV3Config
     cfg = DSV3Config.from_dict(cfg_dict)
     model = _build_model(cfg)
@@ -473,12 +514,7 @@ def _mcore_to_hf_rank(rank: int, mcore_path: str, out: str, cfg_dict: dict, dtyp
     write_hf_tensors(writer, iter_hf_tensors(model, cfg), cfg, dtype, progress=bar)
     if bar is not None:
         bar.close()
-    parts = writer.close()
-    if dist.get_world_size() > 1:
-        every = [None] * dist.get_world_size()
-        dist.all_gather_object(every, parts)
-        parts = [p for ps in every for p in ps]
-    return parts
+    return [p for ps in _all_gather(writer.close()) for p in ps]
 
 
 def mcore_to_hf(mcore_path: str, out: str, dtype: str = "bf16", tp: int = 1, pp: int = 1, ep: int = 1,
@@ -493,19 +529,23 @@ def mcore_to_hf(mcore_path: str, out: str, dtype: str = "bf16", tp: int = 1, pp:
                                     expert_model_parallel_size=ep, num_layers_in_first_pipeline_stage=None,
                                     num_layers_in_last_pipeline_stage=None,
                                     virtual_pipeline_model_parallel_size=None))
-    tmp = temp_dir_beside(out)
+    tmp = _shared_temp_dir(out)
     try:
         parts = _run(_mcore_to_hf_rank, tp, pp, ep, mcore_path=os.path.abspath(mcore_path), out=tmp,
                      cfg_dict=cfg.to_dict(), dtype=dtype, max_shard_bytes=max_shard_bytes,
                      show_progress=show_progress)[0]
-        weight_map = write_index(tmp, parts)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config_dict(cfg, dtype), f, indent=2)
-        commit_dir(tmp, out, overwrite)
+        if _is_rank0():
+            write_index(tmp, parts)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(hf_config_dict(cfg, dtype), f, indent=2)
+            commit_dir(tmp, out, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": out, "tensors": len(weight_map), "files": len(set(weight_map.values())),
+    if _launched():
+        torch.distributed.barrier()
+    return {"out": out, "tensors": sum(len(p[1]) for p in parts), "files": len(parts),
             "bytes": sum(p[2] for p in parts), "dtype": dtype}
 
 

@@ -1,7 +1,7 @@
 """HF <-> Megatron conversion with the real model (build_model): round trips and logits against HF.
 
 Tiny DeepSeek-V3 (conftest.py): 2 layers (dense, MoE) + 1 MTP layer, 8 experts, FP8 blocks with partial
-edges, vocabulary padded under TP=2. Two multi-process runs (4 ranks TP2xPP2xEP2 import, 2 ranks TP2xEP2
+edges, vocabulary padded under TP=2. Two multi-process runs (4 ranks TP2xPP2xEP2 import, 4 ranks TP2xPP2xEP2
 export); the rest in this process at TP=PP=EP=1.
 Tolerance of the logits: 1e-4 of the largest |logit| (float32 on both sides; different summation orders).
 """
@@ -69,11 +69,11 @@ def test_bf16_hf_to_mcore_tp2pp2ep2_to_hf_is_bit_identical(hf_tiny, mcore_from_b
     _assert_identical(hf_tiny["bf16"], back)
 
 
-def test_fp8_hf_to_mcore_to_hf_tp2ep2_export_same_bytes_and_scales(hf_tiny, tmp_path):
+def test_fp8_hf_to_mcore_to_hf_tp2pp2ep2_export_same_bytes_and_scales(hf_tiny, tmp_path):
     mc = str(tmp_path / "mcore")
     C.hf_to_mcore(hf_tiny["fp8"], mc, params_dtype="float32")                  # 1x1x1, this process
     back = str(tmp_path / "hf")
-    C.mcore_to_hf(mc, back, dtype="fp8", tp=2, ep=2)                           # 2 ranks: TP gather, EP writers
+    C.mcore_to_hf(mc, back, dtype="fp8", tp=2, pp=2, ep=2)        # 4 ranks: TP gather, PP stages, EP writers
     _assert_identical(hf_tiny["fp8"], back)
     b = _read(back)
     assert b["model.layers.1.mlp.experts.3.up_proj.weight"].dtype == torch.float8_e4m3fn

@@ -101,11 +101,35 @@ def _parity(rank, tp, ep, token_seed):
     }
 
 
-def _ep2(rank):
-    return _parity(rank, tp=1, ep=2, token_seed=rank)
+def _ep2(rank, ckpt):
+    res = _parity(rank, tp=1, ep=2, token_seed=rank)
+    # distributed checkpoint of the EP=2 layer (weights = the reference's shards), reloaded later at TP2 x EP2
+    from megatron.core import dist_checkpointing
+    torch.manual_seed(0)
+    layer = _build(_cfg(1, 2))
+    ref = _reference([dist.new_group([r]) for r in range(dist.get_world_size())])
+    _load_shards(layer, ref, 0, 1, rank, 2)
+    # the harness's rank processes are daemonic; megatron's async writer starts a multiprocessing Manager
+    import multiprocessing
+    multiprocessing.current_process()._config["daemon"] = False
+    dist_checkpointing.save(layer.sharded_state_dict(prefix="mlp."), ckpt)
+    return res
 
 
-def _ep2_dp2_then_tp2_ep2(rank):
+def _check_loaded(layer, ckpt, tp_rank, tp, ep_rank, ep):
+    """Load the EP=2 checkpoint into this (differently sharded) layer; compare with the reference's shards."""
+    from megatron.core import dist_checkpointing
+    loaded = dist_checkpointing.load(layer.sharded_state_dict(prefix="mlp."), ckpt)
+    layer.load_state_dict({k[len("mlp."):]: v for k, v in loaded.items()}, strict=False)
+    torch.manual_seed(0)
+    expected = _build(_cfg(tp, ep))
+    _load_shards(expected, _reference([dist.new_group([r]) for r in range(dist.get_world_size())]),
+                 tp_rank, tp, ep_rank, ep)
+    got, want = layer.state_dict(), expected.state_dict()
+    return all(torch.equal(got[k], want[k]) for k in want if isinstance(want[k], torch.Tensor))
+
+
+def _ep2_dp2_then_tp2_ep2(rank, ckpt):
     """World 4. Part 1: TP=1, EP=2, DP=4 (EP=2 x expert-DP=2): uneven loads, one bias update.
     Part 2: parallel state re-initialised as TP=2, EP=2 (EP group == TP group): parity of the split routed work."""
     from megatron.core import parallel_state as ps
@@ -132,6 +156,9 @@ def _ep2_dp2_then_tp2_ep2(rank):
     tp_ranks = dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
     part2 = _parity(rank, tp=2, ep=2, token_seed=rank // 2)  # the TP pair holds the same tokens
     part2["ep_is_tp"] = ep_ranks == tp_ranks
+    torch.manual_seed(1)                                     # different weights, then the checkpoint's
+    part2["ckpt_loaded"] = _check_loaded(_build(_cfg(2, 2)), ckpt, ps.get_tensor_model_parallel_rank(), 2,
+                                         ps.get_expert_model_parallel_rank(), 2)
     return part1, part2
 
 
@@ -141,16 +168,19 @@ def _check_parity(results, tol=1e-5):
             assert res[key] < tol, f"rank {r}: {key} relative error {res[key]:.2e}"
 
 
-def test_moe_distributed():
+def test_moe_distributed(tmp_path):
     from megatron_dsv3.moe.router import update_expert_bias
 
+    ckpt = str(tmp_path / "ckpt")
+    import os
+    os.makedirs(ckpt)
     # EP = 2 on 2 ranks (different tokens per rank) == EP = 1
-    ep2 = run_distributed(_ep2, 2, ep=2)
+    ep2 = run_distributed(_ep2, 2, ep=2, ckpt=ckpt)
     _check_parity(ep2)                                       # float32: 1e-5 relative
     for res in ep2:
         assert torch.equal(res["counts"], res["counts_ref"])
 
-    part1, part2 = zip(*run_distributed(_ep2_dp2_then_tp2_ep2, 4, ep=2))
+    part1, part2 = zip(*run_distributed(_ep2_dp2_then_tp2_ep2, 4, ep=2, ckpt=ckpt))
     # EP2 x DP2: uneven loads, identical bias everywhere, equal to the equation on the summed loads
     counts = torch.stack([p["counts"] for p in part1])
     assert len({tuple(c.tolist()) for c in counts}) == 4     # every rank's load differs
@@ -166,6 +196,8 @@ def test_moe_distributed():
     assert int(total.sum()) == 4 * 2 * 16 * K                # ranks x micro-batches x tokens x k
     # TP2 x EP2: routed work split over the TP pair == TP = EP = 1
     assert all(p["ep_is_tp"] for p in part2)
+    # the EP=2 distributed checkpoint reloads at TP=2 x EP=2 (experts by EP rank, shared MLP resharded over TP)
+    assert all(p["ckpt_loaded"] for p in part2)
     _check_parity(part2)
     for a, b in ((part2[0], part2[1]), (part2[2], part2[3])):
         assert torch.equal(a["counts"] + b["counts"], a["counts_ref"])

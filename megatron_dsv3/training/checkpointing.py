@@ -19,6 +19,8 @@ State saved:
 """
 from __future__ import annotations
 
+import contextlib
+import multiprocessing as mp
 import os
 import random
 import shutil
@@ -124,12 +126,39 @@ def _rng_sharded(data):
     return ShardedObject("rng_state", data, shape, offset, replica_id=0)
 
 
+def _model_sharded_state_dict(chunk, md):
+    model = _unwrap(chunk)
+    try:  # the conversion code's version fixes the MTP modules' TP/EP sharding (a ModuleList megatron treats as replicated)
+        from megatron_dsv3.checkpoint.convert import model_sharded_state_dict
+    except ImportError:  # pragma: no cover
+        return model.sharded_state_dict(metadata=md)
+    return model_sharded_state_dict(model)
+
+
+@contextlib.contextmanager
+def _writer_processes():
+    """dist_checkpointing's writer starts child processes: allow them in daemonic ranks (test spawners), and
+    on CPU give it a fork-started results queue instead of a spawn-started Manager (a fresh interpreter,
+    5-15 s on a small host). The children are joined before save returns."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    cfg = mp.current_process()._config
+    daemon = cfg.get("daemon")
+    cfg["daemon"] = False
+    if getattr(filesystem_async, "_results_queue", 0) is None and not torch.cuda.is_available():
+        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+    try:
+        yield
+    finally:
+        if daemon is not None:
+            cfg["daemon"] = daemon
+
+
 def _sharded_state_dict(chunks, optimizer, train_state, *, is_loading: bool, with_optim: bool, with_rng: bool,
                         fully_reshardable: bool) -> dict:
     md = _metadata(fully_reshardable)
     sd = {}
     for i, c in enumerate(chunks):
-        sd[f"model{i}"] = _unwrap(c).sharded_state_dict(metadata=md)
+        sd[f"model{i}"] = _model_sharded_state_dict(c, md)
     if with_optim and optimizer is not None:
         model_sd = sd["model0"] if len(chunks) == 1 else {f"model{i}": sd[f"model{i}"] for i in range(len(chunks))}
         sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=md)
@@ -155,7 +184,8 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module], op
     _barrier()
     sd = _sharded_state_dict(chunks, optimizer, dict(train_state, iteration=iteration), is_loading=False,
                              with_optim=True, with_rng=True, fully_reshardable=fully_reshardable)
-    dist_checkpointing.save(sd, tmp)
+    with _writer_processes():
+        dist_checkpointing.save(sd, tmp)
     _barrier()
     if os.environ.get(_PAUSE_ENV):
         time.sleep(float(os.environ[_PAUSE_ENV]))
@@ -169,6 +199,58 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module], op
     return final
 
 
+@torch.no_grad()
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh torch Adam its state tensors (and `step`) so that megatron's sharded_state_dict can describe
+    what to load: without Transformer Engine / apex, DistributedOptimizer.state_dict() reads `step` from the
+    torch optimizer's state, which a fresh optimizer does not have yet. One step with zero gradients and lr 0
+    changes no parameter; the loaded state replaces all of it."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or len(inner.state) > 0:
+            continue
+        lrs = [g["lr"] for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"] = 0.0
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        for g, lr in zip(inner.param_groups, lrs):
+            g["lr"] = lr
+
+
+def _saved_steps(tree) -> set:
+    """The Adam step counts stored in the optimizer's param_groups of a loaded state dict."""
+    out = set()
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == "param_groups" and isinstance(v, list):
+                out |= {g["step"] for g in v if isinstance(g, dict) and g.get("step") is not None}
+            else:
+                out |= _saved_steps(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            out |= _saved_steps(v)
+    return out
+
+
+@torch.no_grad()
+def _restore_adam_step(optimizer, loaded_optimizer_sd) -> None:
+    """megatron-core 0.16 with torch's AdamW (no TE / apex): the 'dp_reshardable' load copies the moments but
+    leaves each parameter's `step` at what the optimizer had before the load. Put back the saved count
+    (Adam's bias correction depends on it; without this a resumed run differs from the second step on)."""
+    steps = _saved_steps(loaded_optimizer_sd)
+    if len(steps) != 1:
+        return
+    step = float(steps.pop())
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for st in (inner.state.values() if inner is not None else ()):
+            if "step" in st:
+                st["step"] = torch.tensor(step, dtype=torch.float32, device=st["step"].device)
+
+
 def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load_optim: bool = True,
                     load_rng: bool = True, fully_reshardable: bool = False, iteration: Optional[int] = None) -> Optional[dict]:
     """Collective. Loads `latest` (or `iteration`) into the chunks (and optimizer); restores RNG states.
@@ -180,12 +262,16 @@ def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load
         return None
     path = checkpoint_dir(root, it)
     common = dist_checkpointing.load_common_state_dict(path)
+    if load_optim and optimizer is not None:
+        _materialize_optimizer_state(optimizer)
     sd = _sharded_state_dict(chunks, optimizer, None, is_loading=True, with_optim=load_optim, with_rng=load_rng, fully_reshardable=fully_reshardable)
     loaded = dist_checkpointing.load(sd, path)
     for i, c in enumerate(chunks):
         _unwrap(c).load_state_dict(loaded[f"model{i}"], strict=True)
     if load_optim and optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():   # fp32 params: the optimizer's shards are views of the parameters
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_step(optimizer, loaded["optimizer"])
     if load_rng and loaded.get("rng_state") is not None:
         _set_rng_state(loaded["rng_state"])
     state = dict(common.get("train_state") or loaded.get("train_state") or {})

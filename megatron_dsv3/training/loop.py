@@ -203,7 +203,8 @@ class Trainer:
                        f"(consumed samples {state['consumed_samples']})")
         elif a.load_hf:
             from megatron_dsv3.checkpoint import load_hf
-            load_hf([c.module for c in self.chunks], a.load_hf)
+            for c in self.chunks:
+                load_hf(c.module, a.load_hf, show_progress=self.is_writer)
             self._log0(f"loaded Hugging Face weights from {a.load_hf}")
         if (state is not None and (a.no_load_optim or a.finetune)) or (state is None and a.load_hf):
             # weights changed under the optimizer: its fp32 main copies must follow

@@ -1,0 +1,58 @@
+"""Decoder block / layer / MTP specs: layer kinds, pipeline-stage slices (uneven, virtual), MTP depth."""
+import pytest
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_dsv3.config import DSV3Config
+from megatron_dsv3.moe.layer import DeepSeekMoE
+from megatron_dsv3.mla.attention import MLASelfAttention
+from megatron_dsv3.norm import RMSNorm
+from megatron_dsv3.specs import get_decoder_block_spec, get_layer_spec, get_mtp_block_spec
+
+
+def _kinds(block):
+    return ["moe" if spec.submodules.mlp.module is DeepSeekMoE else "dense" for spec in block.layer_specs]
+
+
+def test_layer_spec_is_megatron_layer_with_mla_and_mlp():
+    cfg = DSV3Config.from_preset("tiny")
+    for moe in (False, True):
+        spec = get_layer_spec(cfg, moe)
+        assert spec.module is TransformerLayer
+        sub = spec.submodules
+        assert sub.input_layernorm is RMSNorm and sub.pre_mlp_layernorm is RMSNorm
+        assert sub.self_attention.module is MLASelfAttention
+        assert (sub.mlp.module is DeepSeekMoE) == moe
+
+
+def test_all_layers_first_k_dense():
+    cfg = DSV3Config.from_preset("dsv3-671b")
+    block = get_decoder_block_spec(cfg, all_layers=True)
+    assert _kinds(block) == ["dense"] * 3 + ["moe"] * 58 and block.layer_norm is RMSNorm
+
+
+@pytest.mark.parametrize("parallel,vpp_stages", [
+    ({"pipeline_model_parallel_size": 2, "num_layers_in_first_pipeline_stage": 1}, None),
+    ({"pipeline_model_parallel_size": 3, "num_layers_in_first_pipeline_stage": 1,
+      "num_layers_in_last_pipeline_stage": 1}, None),
+    ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, 2),
+])
+def test_stage_slices_cover_the_model_in_order(parallel, vpp_stages):
+    cfg = DSV3Config.from_preset("tiny").replace(num_layers=6 if vpp_stages is None else 8,
+                                                 moe={"first_k_dense_replace": 2}, parallel=parallel)
+    full = _kinds(get_decoder_block_spec(cfg, all_layers=True))
+    pp = cfg.parallel.pipeline_model_parallel_size
+    chunks = {}   # (vp, pp) -> kinds; megatron's model order is vp-major
+    for rank in range(pp):
+        for vp in range(vpp_stages or 1):
+            chunks[(vp, rank)] = _kinds(get_decoder_block_spec(cfg, pp_rank=rank, vp_stage=vp if vpp_stages else None))
+    assert sum((chunks[k] for k in sorted(chunks)), []) == full
+    if vpp_stages is None:
+        assert tuple(len(chunks[(0, r)]) for r in range(pp)) == cfg.pipeline_layers()
+
+
+def test_mtp_block_spec_depth():
+    assert get_mtp_block_spec(DSV3Config.from_preset("dsv2-lite")) is None
+    spec = get_mtp_block_spec(DSV3Config.from_preset("tiny").replace(mtp={"num_layers": 3}))
+    assert len(spec.submodules.layer_specs) == 3
+    layer = spec.submodules.layer_specs[0].submodules.transformer_layer
+    assert layer.submodules.mlp.module is DeepSeekMoE

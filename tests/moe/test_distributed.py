@@ -11,11 +11,11 @@ from megatron_dsv3.testing import run_distributed
 E, H, F, K = 8, 32, 16, 3
 
 
-def _cfg(tp=1, ep=1) -> DSV3Config:
-    return DSV3Config.from_preset("tiny", hidden_size=H, moe=dict(
+def _cfg(tp=1, ep=1, sp=False, **moe) -> DSV3Config:
+    return DSV3Config.from_preset("tiny", hidden_size=H, moe=dict(dict(
         num_experts=E, top_k=K, n_group=4, topk_group=2, num_shared_experts=2, expert_ffn_hidden_size=F,
-        routed_scaling_factor=2.5, seq_aux_loss_coeff=1e-2),
-        parallel=dict(tensor_model_parallel_size=tp, expert_model_parallel_size=ep))
+        routed_scaling_factor=2.5, seq_aux_loss_coeff=1e-2), **moe),
+        parallel=dict(tensor_model_parallel_size=tp, expert_model_parallel_size=ep, sequence_parallel=sp))
 
 
 def _build(cfg, pg_collection=None):
@@ -63,18 +63,30 @@ def _rel(a, b):
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
 
-def _parity(rank, tp, ep, token_seed):
-    """Errors of the TP x EP layer against the reference, on this rank's tokens."""
+def _parity(rank, tp, ep, token_seed, sp=False):
+    """Errors of the TP x EP layer against the reference, on this rank's tokens. With sequence parallelism
+    (sp) each TP rank holds s/tp positions of the sequences; the router weight gradient is then summed over TP
+    (what megatron's finalize_model_grads does for params marked sequence_parallel)."""
     from megatron.core import parallel_state as ps
     singles = [dist.new_group([r]) for r in range(dist.get_world_size())]
     ref = _reference(singles)
-    layer = _build(_cfg(tp, ep))
+    layer = _build(_cfg(tp, ep, sp))
     tp_rank, ep_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_model_parallel_rank()
     _load_shards(layer, ref, tp_rank, tp, ep_rank, ep)
     torch.manual_seed(100 + token_seed)
     x, g = torch.randn(6, 4, H), torch.randn(6, 4, H)        # [s, b, h]
     out_ref, dx_ref = _run(ref, x, g)
-    out, dx = _run(layer, x, g)
+    if sp:
+        lo, hi = 6 * tp_rank // tp, 6 * (tp_rank + 1) // tp
+        out_ref, dx_ref = out_ref[lo:hi], dx_ref[lo:hi]
+        out, dx = _run(layer, x[lo:hi], g[lo:hi])
+        dist.all_reduce(layer.router.weight.grad, group=ps.get_tensor_model_parallel_group())
+        aux = layer.router._aux_sum.clone()                  # tp x this rank's part: the mean over TP is the loss
+        dist.all_reduce(aux, group=ps.get_tensor_model_parallel_group())
+        aux = aux / tp
+    else:
+        out, dx = _run(layer, x, g)
+        aux = layer.router._aux_sum
     # expert gradients: each owner sees the tokens of its whole EP group, each token once
     ep_group = ps.get_expert_model_parallel_group()
     seeds = [None] * dist.get_world_size(ep_group)
@@ -94,7 +106,7 @@ def _parity(rank, tp, ep, token_seed):
         "w2": _rel(layer.experts.weight2.grad, dw2[ep_rank * El:(ep_rank + 1) * El]),
         "shared_fc1": _rel(layer.shared_experts.linear_fc1.weight.grad,
                            torch.cat([gate[tp_rank * w:(tp_rank + 1) * w], up[tp_rank * w:(tp_rank + 1) * w]])),
-        "aux": abs(float(layer.router._aux_sum) - float(ref.router._aux_sum)) / float(ref.router._aux_sum),
+        "aux": abs(float(aux) - float(ref.router._aux_sum)) / float(ref.router._aux_sum),
         # this rank's share of routed tokens; summed over TP they are the reference's counts
         "counts": layer.router.tokens_per_expert.clone(), "counts_ref": ref.router.tokens_per_expert.clone(),
         "tp_rank": tp_rank,
@@ -149,6 +161,17 @@ def _ep2_dp2_then_tp2_ep2(rank, ckpt):
     metrics = apply_expert_bias_update([layer], rate=1e-3)
     part1 = {"counts": local_counts, "bias": layer.router.expert_bias.clone(), "metrics": metrics,
              "reset": int(layer.router.tokens_per_expert.sum())}
+    # node-limited routing by placement: one EP rank per node -> 2 groups = the 2 ranks' experts; M = 1 node
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron_dsv3.specs import get_moe_spec
+    cfg = _cfg(1, 2, node_limited_by_placement=True, n_group=2, topk_group=1)
+    nodes = {}
+    for per_node in (1, 2):
+        limited = build_module(get_moe_spec(cfg), config=cfg.to_transformer_config(), ranks_per_node=per_node)
+        idx, _ = limited.router(torch.randn(8, 2, H) + skew)
+        owner = idx // (E // 2)                              # EP rank holding each chosen expert [T, k]
+        nodes[per_node] = (limited.router.n_group, bool((owner == owner[:, :1]).all()))
+    part1["nodes"] = nodes
 
     destroy_parallel_state()
     init_parallel_state(tp=2, ep=2)
@@ -156,10 +179,11 @@ def _ep2_dp2_then_tp2_ep2(rank, ckpt):
     tp_ranks = dist.get_process_group_ranks(ps.get_tensor_model_parallel_group())
     part2 = _parity(rank, tp=2, ep=2, token_seed=rank // 2)  # the TP pair holds the same tokens
     part2["ep_is_tp"] = ep_ranks == tp_ranks
+    sp = _parity(rank, tp=2, ep=2, token_seed=rank // 2, sp=True)
     torch.manual_seed(1)                                     # different weights, then the checkpoint's
     part2["ckpt_loaded"] = _check_loaded(_build(_cfg(2, 2)), ckpt, ps.get_tensor_model_parallel_rank(), 2,
                                          ps.get_expert_model_parallel_rank(), 2)
-    return part1, part2
+    return part1, part2, sp
 
 
 def _check_parity(results, tol=1e-5):
@@ -180,7 +204,7 @@ def test_moe_distributed(tmp_path):
     for res in ep2:
         assert torch.equal(res["counts"], res["counts_ref"])
 
-    part1, part2 = zip(*run_distributed(_ep2_dp2_then_tp2_ep2, 4, ep=2, ckpt=ckpt))
+    part1, part2, part_sp = zip(*run_distributed(_ep2_dp2_then_tp2_ep2, 4, ep=2, ckpt=ckpt))
     # EP2 x DP2: uneven loads, identical bias everywhere, equal to the equation on the summed loads
     counts = torch.stack([p["counts"] for p in part1])
     assert len({tuple(c.tolist()) for c in counts}) == 4     # every rank's load differs
@@ -194,10 +218,18 @@ def test_moe_distributed(tmp_path):
         assert abs(m["max_vio"] - float((total.max() - total.float().mean()) / total.float().mean())) < 1e-9
         assert m["bias_spread"] > 0 and m["aux_loss"] > 0
     assert int(total.sum()) == 4 * 2 * 16 * K                # ranks x micro-batches x tokens x k
+    for p in part1:
+        assert p["nodes"][1] == (2, True)                     # 2 nodes: each token's k experts on one EP rank
+        assert p["nodes"][2][0] == 1                          # both EP ranks on one node: no limit
     # TP2 x EP2: routed work split over the TP pair == TP = EP = 1
     assert all(p["ep_is_tp"] for p in part2)
     # the EP=2 distributed checkpoint reloads at TP=2 x EP=2 (experts by EP rank, shared MLP resharded over TP)
     assert all(p["ckpt_loaded"] for p in part2)
     _check_parity(part2)
     for a, b in ((part2[0], part2[1]), (part2[2], part2[3])):
+        assert torch.equal(a["counts"] + b["counts"], a["counts_ref"])
+    # TP2 (sequence parallel) x EP2: each TP rank routes its own half of every sequence; the sequence-wise
+    # balance loss sums its counts over TP so the partial losses add up to the whole sequences' loss
+    _check_parity(part_sp)
+    for a, b in ((part_sp[0], part_sp[1]), (part_sp[2], part_sp[3])):
         assert torch.equal(a["counts"] + b["counts"], a["counts_ref"])

@@ -345,8 +345,10 @@ def _build_model(cfg):
     from megatron_dsv3.mcore_cpu import apply_cpu_shim
     from megatron_dsv3.model import build_model
     apply_cpu_shim()
+    # no random init: every tensor is overwritten by a strict load (load_hf / load_mcore)
     return build_model(cfg, pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
-                       post_process=ps.is_pipeline_last_stage(ignore_virtual=True))
+                       post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
+                       transformer_config=cfg.to_transformer_config(perform_initialization=False))
 
 
 def target_config(hf_cfg, tp: int = 1, pp: int = 1, ep: int = 1, params_dtype: str = "bfloat16", **parallel):
@@ -430,7 +432,7 @@ def load_mcore(model, directory: str) -> None:
     if not os.path.exists(os.path.join(d, "metadata.json")):
         raise CheckpointError(f"{directory}: not a megatron-core dist checkpoint (no metadata.json in {d})")
     loaded = dist_checkpointing.load({"model": model_sharded_state_dict(model)}, d)
-    model.load_state_dict(loaded["model"], strict=False)
+    model.load_state_dict(loaded["model"], strict=True)
 
 
 def read_mcore_config(directory: str):

@@ -111,7 +111,8 @@ def train_step(rank, parallel, state, batches):
     finalize_model_grads([ddp])
     grads = {info[n][0]: p.main_grad.detach().clone() for n, p in model.named_parameters()}
     loss = torch.stack([d["lm loss"] for d in losses]).sum(0) if losses else None
-    return {"loss": loss, "mtp": mtp_loss_report(model, group=ps.get_data_parallel_group()), "grads": grads,
+    emb = model.sharded_state_dict().get("embedding.word_embeddings.weight")
+    return {"emb_ckpt": (emb.key, emb.replica_id) if emb is not None else None,"loss": loss, "mtp": mtp_loss_report(model, group=ps.get_data_parallel_group()), "grads": grads,
             "info": info, "tp_rank": ps.get_tensor_model_parallel_rank(),
             "tp": ps.get_tensor_model_parallel_world_size(), "ep_rank": ps.get_expert_model_parallel_rank()}
 
@@ -159,3 +160,6 @@ def test_parallel_step_equals_single(reference, mode):
             assert err < 1e-4, (mode, glob, err)
             seen.add(glob)
     assert seen == set(ref["grads"])
+    if mode == "pp2":   # checkpoints store the embedding once: the last stage's MTP copy is a replica of it
+        assert results[0]["emb_ckpt"] == ("embedding.word_embeddings.weight", (0, 0, 0))
+        assert results[1]["emb_ckpt"][0] == "embedding.word_embeddings.weight" and results[1]["emb_ckpt"][1][0] == 1

@@ -79,7 +79,7 @@ class GroupedExperts(MegatronModule):
             self._init_weights(config)
         for w in (self.weight1, self.weight2):
             # megatron DDP reduces these over the expert-data-parallel group instead of the data-parallel one
-            setattr(w, "allreduce", ep_size == 1)
+            setattr(w, "allreduce", False)
 
     @torch.no_grad()
     def _init_weights(self, config) -> None:

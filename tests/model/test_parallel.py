@@ -1,4 +1,4 @@
-"""PP=2 (uneven 1+2 layers, megatron-core's 1F1B), TP=2 and EP=2 give the loss, MTP loss and gradients of PP=1,
+"""PP=2 (uneven 1+2 layers, megatron-core's 1F1B), TP=2 (with and without sequence parallel) and EP=2 give the loss, MTP loss and gradients of PP=1,
 for the tiny preset with MTP on (and the MoE balance loss on).
 
 Every run is one training step the way a trainer does it: megatron-core DDP around the model,
@@ -19,6 +19,7 @@ MICRO_BATCHES, B, S = 4, 2, 32
 MODES = {  # name: (parallel overrides, run_distributed sizes)
     "pp2": ({"pipeline_model_parallel_size": 2, "num_layers_in_first_pipeline_stage": 1}, dict(pp=2)),
     "tp2": ({"tensor_model_parallel_size": 2}, dict(tp=2)),
+    "tp2sp": ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, dict(tp=2)),
     "ep2": ({"expert_model_parallel_size": 2}, dict(ep=2)),
 }
 

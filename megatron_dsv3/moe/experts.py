@@ -78,7 +78,9 @@ class GroupedExperts(MegatronModule):
         if config.perform_initialization:
             self._init_weights(config)
         for w in (self.weight1, self.weight2):
-            # megatron DDP reduces these over the expert-data-parallel group instead of the data-parallel one
+            # expert parameters for megatron's DDP/optimizer: their grads are summed over the expert-data-parallel
+            # group (which, with ETP = 1, also spans the TP ranks) and scaled by 1/dp. Also at EP = 1: with TP > 1
+            # each TP rank computes only its share of the tokens (layer.py), so the TP ranks' grads must be summed.
             setattr(w, "allreduce", False)
 
     @torch.no_grad()

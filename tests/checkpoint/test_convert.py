@@ -119,3 +119,24 @@ def test_hf_to_mcore_bad_layout_fails_before_spawning(hf_tiny, tmp_path):
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be divisible"):
         C.hf_to_mcore(hf_tiny["bf16"], str(tmp_path / "o"), tp=3)
     assert os.listdir(tmp_path) == []
+
+
+def test_deepseek_v2_without_q_lora_or_bias_loads_and_matches_hf(tmp_path):
+    """The V2 rows of the table (q_proj, softmax router without bias, no MTP) against DeepseekV2ForCausalLM."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+    from megatron_dsv3.testing import single_process
+    torch.manual_seed(0)
+    hf = DeepseekV2ForCausalLM(DeepseekV2Config(
+        vocab_size=200, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=2,
+        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.05) if p.dim() > 1 else p.uniform_(0.9, 1.1)
+    hf.save_pretrained(str(tmp_path / "v2"))
+    with single_process():
+        model, cfg = our_model(str(tmp_path / "v2"))
+        assert cfg.mla.q_lora_rank is None and not cfg.moe.expert_bias and cfg.mtp.num_layers == 0
+        r = compare_logits(hf.eval(), model, cfg.vocab_size, prompts=2, seq=16)
+        assert r["max_rel"] < 1e-4 and r["kl"] < 1e-8, r

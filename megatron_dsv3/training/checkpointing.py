@@ -169,6 +169,11 @@ def _sharded_state_dict(chunks, optimizer, train_state, *, is_loading: bool, wit
     return sd
 
 
+def _has_state(optimizer) -> bool:
+    return any(len(getattr(o, "optimizer", None).state) > 0 for o in getattr(optimizer, "chained_optimizers", [optimizer])
+               if getattr(o, "optimizer", None) is not None)
+
+
 def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module], optimizer, train_state: dict,
                     fully_reshardable: bool = False) -> str:
     """Collective: every rank calls it. Returns the final directory."""
@@ -182,8 +187,11 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module], op
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    sd = _sharded_state_dict(chunks, optimizer, dict(train_state, iteration=iteration), is_loading=False,
-                             with_optim=True, with_rng=True, fully_reshardable=fully_reshardable)
+    # a fresh optimizer (no step taken yet) has no state to save; megatron cannot describe it either
+    with_optim = optimizer is not None and _has_state(optimizer)
+    sd = _sharded_state_dict(chunks, optimizer, dict(train_state, iteration=iteration, has_optimizer=with_optim),
+                             is_loading=False, with_optim=with_optim, with_rng=True,
+                             fully_reshardable=fully_reshardable)
     with _writer_processes():
         dist_checkpointing.save(sd, tmp)
     _barrier()
@@ -262,6 +270,7 @@ def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load
         return None
     path = checkpoint_dir(root, it)
     common = dist_checkpointing.load_common_state_dict(path)
+    load_optim = load_optim and (common.get("train_state") or {}).get("has_optimizer", True)
     if load_optim and optimizer is not None:
         _materialize_optimizer_state(optimizer)
     sd = _sharded_state_dict(chunks, optimizer, None, is_loading=True, with_optim=load_optim, with_rng=load_rng, fully_reshardable=fully_reshardable)

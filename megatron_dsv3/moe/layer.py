@@ -72,10 +72,7 @@ class DeepSeekMoE(MegatronModule):
             ranks_per_node = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", torch.distributed.get_world_size()))
             groups = placement_groups(torch.distributed.get_process_group_ranks(self.ep_group), moe.num_experts,
                                       ranks_per_node)
-            n_group = int(groups.max()) + 1
-            if moe.topk_group > n_group:
-                raise ValueError(f"MoEConfig.topk_group ({moe.topk_group}) exceeds the {n_group} nodes the "
-                                 f"expert-parallel group spans (node_limited_by_placement)")
+            n_group = int(groups.max()) + 1     # nodes the EP group spans; topk_group >= n_group: no limit
             expert_order = torch.argsort(groups, stable=True)
         self.router = build_module(submodules.router, config=config, moe=moe, expert_order=expert_order,
                                    n_group=n_group)

@@ -47,11 +47,11 @@ def group_limited_topk(scores_for_choice: torch.Tensor, top_k: int, n_group: int
     `expert_order` [E] (a permutation listing the experts group by group), the blocks of that order.
     """
     T, E = scores_for_choice.shape
-    if n_group == 1 or topk_group == n_group:
+    if topk_group >= n_group:                                                                # no group limit
         return torch.topk(scores_for_choice, k=top_k, dim=-1, sorted=False)[1]
     s = scores_for_choice if expert_order is None else scores_for_choice[:, expert_order]
     grouped = s.view(T, n_group, E // n_group)                                               # [T, G, E/G]
-    group_scores = grouped.topk(group_score_topk, dim=-1)[0].sum(dim=-1)                     # [T, G]
+    group_scores = grouped.topk(min(group_score_topk, E // n_group), dim=-1)[0].sum(dim=-1)  # [T, G]
     group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]              # [T, M]
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)     # [T, G]
     masked = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(T, E)              # [T, E] (-inf, not 0)

@@ -174,7 +174,7 @@ def load_hf(model, path, config=None, ranks: Optional[Ranks] = None, strict: boo
             else:
                 padded = dst.shape[0] * ranks.tp if split == M.VOCAB else None
                 _copy(dst, M.shard(split, [read(n) for n in row.hf_names()], ranks.tp_rank, ranks.tp, padded), local)
-        if check_shared_copies and ranks.tp_rank == 0:
+        if check_shared_copies and ranks.tp_rank == 0 and ranks.dp_rank == 0:
             _check_copies(ckpt, cfg, loaded)
     if bar is not None:
         bar.close()
@@ -448,8 +448,7 @@ def _hf_to_mcore_rank(rank: int, hf_path: str, out: str, cfg_dict: dict, show_pr
     from megatron_dsv3.config import DSV3Config
     cfg = DSV3Config.from_dict(cfg_dict)
     model = _build_model(cfg)
-    info = load_hf(model, hf_path, config=cfg, check_shared_copies=(rank == 0),
-                   show_progress=show_progress and rank == 0)
+    info = load_hf(model, hf_path, config=cfg, show_progress=show_progress and rank == 0)
     save_mcore(model, out, cfg)
     n = sum(t.numel() for t in _state(model).values())
     return _all_gather({"rank": rank, "numel": n, "loaded": len(info["loaded"]), "unused": info["unused"]})
@@ -461,7 +460,7 @@ def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, p
     check_output_dir(out, overwrite)
     ckpt = HFCheckpoint(hf_path)          # validates config.json, index, shards before any work
     cfg = target_config(ckpt.config, tp, pp, ep, params_dtype)
-    _check_full_checkpoint(ckpt, cfg)
+    _check_full_checkpoint(ckpt, cfg, allow_unused)
     tmp = _shared_temp_dir(out)
     try:
         results = _run(_hf_to_mcore_rank, tp, pp, ep, hf_path=os.path.abspath(hf_path), out=tmp,
@@ -483,14 +482,20 @@ def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, p
             "hf_tensors": len(ckpt.keys())}
 
 
-def _check_full_checkpoint(ckpt: HFCheckpoint, cfg) -> None:
-    """Every tensor the config implies is present with its shape (and FP8 weights have scales)."""
+def _check_full_checkpoint(ckpt: HFCheckpoint, cfg, allow_unused: bool = False) -> None:
+    """Every tensor the config implies is present with its shape (FP8 weights with scales: HFCheckpoint),
+    and, unless allow_unused, every tensor of the checkpoint has a place in the model."""
     shapes = M.expected_hf_shapes(ckpt.config)
     copies = M.mtp_shared_copies(ckpt.config)
     missing = [n for n in shapes if n not in ckpt and n not in copies]
     if missing:
         raise CheckpointError(f"{ckpt.path}: {len(missing)} tensor(s) the config implies are missing from the "
                               f"index, e.g. {missing[0]!r}")
+    unknown = sorted(k for k in ckpt.keys() if k not in shapes and not (
+        k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in shapes))
+    if unknown and not allow_unused:
+        raise CheckpointError(f"{ckpt.path}: {len(unknown)} checkpoint tensor(s) map to nothing in the model, "
+                              f"e.g. {unknown[:3]}")
     for n, shp in shapes.items():
         if n not in ckpt:
             continue

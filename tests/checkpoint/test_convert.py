@@ -140,3 +140,25 @@ def test_deepseek_v2_without_q_lora_or_bias_loads_and_matches_hf(tmp_path):
         assert cfg.mla.q_lora_rank is None and not cfg.moe.expert_bias and cfg.mtp.num_layers == 0
         r = compare_logits(hf.eval(), model, cfg.vocab_size, prompts=2, seq=16)
         assert r["max_rel"] < 1e-4 and r["kl"] < 1e-8, r
+
+
+def test_bad_mtp_copy_and_unknown_tensor(hf_tiny, tmp_path):
+    """The MTP layer's embed_tokens copy must equal the main one; a tensor the model has no place for is refused."""
+    import shutil
+    from tests.checkpoint.test_safetensors_io import _rewrite
+    from megatron_dsv3.testing import single_process
+    src = str(tmp_path / "src")
+    shutil.copytree(hf_tiny["bf16"], src)
+    _rewrite(src, lambda k, t: {k: t + 1 if k == "model.layers.2.embed_tokens.weight" else t})
+    with single_process():
+        model = C._build_model(C.target_config(hf_tiny["config"], params_dtype="float32"))
+        with pytest.raises(CheckpointError, match=r"'model.layers.2.embed_tokens.weight' differs from "
+                                                  r"'model.embed_tokens.weight'"):
+            C.load_hf(model, src)
+    src2 = str(tmp_path / "src2")
+    shutil.copytree(hf_tiny["bf16"], src2)
+    _rewrite(src2, lambda k, t: {k: t, "model.layers.0.mlp.bias": t[:2]} if k == "model.norm.weight" else {k: t})
+    with pytest.raises(CheckpointError, match=r"1 checkpoint tensor\(s\) map to nothing in the model, "
+                                              r"e.g. \['model.layers.0.mlp.bias'\]"):
+        C.hf_to_mcore(src2, str(tmp_path / "out"), params_dtype="float32")
+    assert not os.path.exists(tmp_path / "out")

@@ -265,8 +265,9 @@ class Router(MegatronModule):
             if moe.aux_loss_type == "sequence":
                 aux = sequence_balance_loss(scores, topk_idx, s, b, moe.num_experts, moe.top_k,
                                             moe.seq_aux_loss_coeff, seq_group=self.seq_group)
-            else:
-                aux = batch_balance_loss(scores, topk_idx, moe.num_experts, moe.top_k, moe.seq_aux_loss_coeff)
+            else:  # batch-wise: every token of the micro-batch as one set (= batch_balance_loss), SP/CP-aware
+                aux = sequence_balance_loss(scores, topk_idx, s * b, 1, moe.num_experts, moe.top_k,
+                                            moe.seq_aux_loss_coeff, seq_group=self.seq_group)
             self._record_aux(aux.detach())
             gates = AuxLossScaler.apply(gates, aux)
         return topk_idx, gates

@@ -192,11 +192,12 @@ def test_sequence_balance_loss_matches_paper():
         assert float(sequence_balance_loss(flat, even, s, b, E, K, alpha)) == pytest.approx(alpha)
 
 
-def test_aux_loss_gradient_reaches_router_through_gates():
+@pytest.mark.parametrize("kind", ["sequence", "batch"])
+def test_aux_loss_gradient_reaches_router_through_gates(kind):
     """The gates carry the balance loss: backward of sum(gates * 0) yields scale * d(loss)/d(weight)."""
     torch.manual_seed(9)
     s, b, h = 6, 2, 16
-    moe = _moe(num_experts=8, top_k=2, n_group=1, topk_group=1, seq_aux_loss_coeff=0.1)
+    moe = _moe(num_experts=8, top_k=2, n_group=1, topk_group=1, seq_aux_loss_coeff=0.1, aux_loss_type=kind)
     router = Router(_tiny_config(hidden=h, num_experts=8, top_k=2, n_group=1, topk_group=1), moe)
     x = torch.randn(s, b, h)
     try:
@@ -208,7 +209,12 @@ def test_aux_loss_gradient_reaches_router_through_gates():
     got = router.weight.grad.clone()
     w = router.weight.detach().clone().requires_grad_(True)
     scores = torch.sigmoid(x.reshape(-1, h) @ w.T)
-    (0.25 * sequence_balance_loss(scores, idx, s, b, 8, 2, 0.1)).backward()
+    if kind == "sequence":
+        loss = sequence_balance_loss(scores, idx, s, b, 8, 2, 0.1)
+    else:
+        loss = batch_balance_loss(scores, idx, 8, 2, 0.1)
+    (0.25 * loss).backward()
+    assert float(router._aux_sum) == pytest.approx(float(loss), rel=1e-6)
     torch.testing.assert_close(got, w.grad, rtol=1e-5, atol=1e-10)
     assert router._aux_calls == 1 and float(router._aux_sum) > 0
     router.eval()                                            # no loss, no recording outside training

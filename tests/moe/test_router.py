@@ -214,7 +214,7 @@ def test_aux_loss_gradient_reaches_router_through_gates(kind):
     else:
         loss = batch_balance_loss(scores, idx, 8, 2, 0.1)
     (0.25 * loss).backward()
-    assert float(router._aux_sum) == pytest.approx(float(loss), rel=1e-6)
+    assert float(router._aux_sum) == pytest.approx(float(loss.detach()), rel=1e-6)
     torch.testing.assert_close(got, w.grad, rtol=1e-5, atol=1e-10)
     assert router._aux_calls == 1 and float(router._aux_sum) > 0
     router.eval()                                            # no loss, no recording outside training

@@ -153,6 +153,15 @@ class MTPBlock(MegatronModule):
         self._counts = counts if self._counts is None else self._counts + counts
         return hidden_states
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Each depth's own sharded state dict (TP/EP sharding kept): megatron-core's default recursion would
+        treat the ModuleList `layers` as replicated tensors. The block has no tensors of its own."""
+        sd = {}
+        for k, layer in enumerate(self.layers):
+            sd.update(layer.sharded_state_dict(prefix=f"{prefix}layers.{k}.", sharded_offsets=sharded_offsets,
+                                               metadata=metadata))
+        return sd
+
     def loss_report(self, reset: bool = True, group=None) -> Dict[int, float]:
         """{depth k: mean L^k} over the tokens of all forwards since the last reset (summed over `group`,
         e.g. the data-parallel group, when given). Empty before any MTP forward."""

@@ -112,8 +112,9 @@ def train_step(rank, parallel, state, batches):
     finalize_model_grads([ddp])
     grads = {info[n][0]: p.main_grad.detach().clone() for n, p in model.named_parameters()}
     loss = torch.stack([d["lm loss"] for d in losses]).sum(0) if losses else None
-    emb = model.sharded_state_dict().get("embedding.word_embeddings.weight")
-    return {"emb_ckpt": (emb.key, emb.replica_id) if emb is not None else None,"loss": loss, "mtp": mtp_loss_report(model, group=ps.get_data_parallel_group()), "grads": grads,
+    ckpt = {k: (v.key, tuple(v.global_shape), tuple(v.global_offset), v.replica_id)
+            for k, v in model.sharded_state_dict().items() if hasattr(v, "global_shape")}
+    return {"ckpt": ckpt,"loss": loss, "mtp": mtp_loss_report(model, group=ps.get_data_parallel_group()), "grads": grads,
             "info": info, "tp_rank": ps.get_tensor_model_parallel_rank(),
             "tp": ps.get_tensor_model_parallel_world_size(), "ep_rank": ps.get_expert_model_parallel_rank()}
 
@@ -151,6 +152,17 @@ def test_parallel_step_equals_single(reference, mode):
     mtp_reports = [r["mtp"] for r in results if r["mtp"]]
     assert mtp_reports and all(abs(m[1] - ref["mtp"][1]) < 1e-5 * ref["mtp"][1] for m in mtp_reports)
 
+    emb = "embedding.word_embeddings.weight"
+    if mode == "pp2":   # checkpoints store the embedding once: the last stage's MTP copy is a replica of it
+        c0, c1 = results[0]["ckpt"][emb], results[1]["ckpt"][emb]
+        assert c0[0] == c1[0] == emb and c0[3] == (0, 0, 0) and c1[3][0] == 1
+    if mode.startswith("tp2"):   # MTP's TP-sharded weights are saved as halves of one tensor, like the decoder's
+        for name in ("mtp.layers.0.eh_proj.weight",
+                     "mtp.layers.0.transformer_layer.self_attention.linear_q_up_proj.weight",
+                     "decoder.layers.1.self_attention.linear_q_up_proj.weight"):
+            (k0, shape0, off0, _), (k1, shape1, off1, _) = results[0]["ckpt"][name], results[1]["ckpt"][name]
+            assert k0 == k1 and shape0 == shape1 and off0 != off1, name
+
     # every parameter of the full model is on some rank with the reference's gradient (fp32, reordered sums)
     seen = set()
     for r in results:
@@ -161,6 +173,3 @@ def test_parallel_step_equals_single(reference, mode):
             assert err < 1e-4, (mode, glob, err)
             seen.add(glob)
     assert seen == set(ref["grads"])
-    if mode == "pp2":   # checkpoints store the embedding once: the last stage's MTP copy is a replica of it
-        assert results[0]["emb_ckpt"] == ("embedding.word_embeddings.weight", (0, 0, 0))
-        assert results[1]["emb_ckpt"][0] == "embedding.word_embeddings.weight" and results[1]["emb_ckpt"][1][0] == 1

@@ -58,42 +58,39 @@ def dequantize_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor, block: i
     return out
 
 
-def _blocks(w: torch.Tensor, block: int) -> torch.Tensor:
-    # [rows, cols] -> [R, C, block*block], zero-padded at the edges (zeros never change amax)
-    rows, cols = w.shape
-    R, C = scale_shape((rows, cols), block)
-    if (rows, cols) != (R * block, C * block):
-        w = torch.nn.functional.pad(w, (0, C * block - cols, 0, R * block - rows))
-    return w.view(R, block, C, block).permute(0, 2, 1, 3).reshape(R, C, block * block)
-
-
 def _quantize_band(w: torch.Tensor, block: int) -> Tuple[torch.Tensor, torch.Tensor]:
     rows, cols = w.shape
-    b = _blocks(w.float(), block)                                  # [R, C, block^2]
-    amax = b.abs().amax(-1, keepdim=True)                          # [R, C, 1]
+    R, C = scale_shape((rows, cols), block)
+    w = w.float()
+    if (rows, cols) != (R * block, C * block):                       # zero-pad the edge blocks (amax unchanged)
+        w = torch.nn.functional.pad(w, (0, C * block - cols, 0, R * block - rows))
+    b = w.view(R, block, C, block)                                 # block (i, j) = b[i, :, j, :]
+    amax = b.abs().amax(dim=(1, 3), keepdim=True)                  # [R, 1, C, 1]
     scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))  # published: amax / 448
-
     x = b / scale
     q = x.to(torch.float8_e4m3fn)                                  # |x| <= 448: no saturation
-    exact = (q.float() * scale == b).all(-1)                       # [R, C]
+    qf = q.float()
+    exact = (qf * scale == b).all(3).all(1)                        # [R, C]
     # blocks that are e4m3 x (a scale a few ulps off): every x within 1e-5 of the e4m3 grid
-    near = ~exact & ((q.float() - x).abs() <= 1e-5 * x.abs()).all(-1)
+    near = ~exact & ((qf - x).abs() <= 1e-5 * x.abs()).all(3).all(1)
+    scale = scale.view(R, C)
     if bool(near.any()):
+        q = q.permute(0, 2, 1, 3)                                  # [R, C, block, block] view for indexing
         idx = near.nonzero(as_tuple=True)
-        bs, s = b[idx], scale[idx]                                 # [n, block^2], [n, 1]
+        bs, s = b.permute(0, 2, 1, 3)[idx], scale[idx][:, None, None]   # [n, block, block], [n, 1, 1]
         up = lambda t: torch.nextafter(t, torch.full_like(t, math.inf))
         down = lambda t: torch.nextafter(t, torch.zeros_like(t))
         done = torch.zeros(s.shape, dtype=torch.bool)
         best = s.clone()
         for cand in (down(s), up(s), down(down(s)), up(up(s))):
-            hit = ((bs / cand).to(torch.float8_e4m3fn).float() * cand == bs).all(-1, keepdim=True) & ~done
+            hit = ((bs / cand).to(torch.float8_e4m3fn).float() * cand == bs).flatten(1).all(1)[:, None, None] & ~done
             best = torch.where(hit, cand, best)
             done |= hit
-        scale[idx] = best
+        scale[idx] = best[:, 0, 0]
         q[idx] = (bs / best).to(torch.float8_e4m3fn)
-    R, C = scale.shape[:2]
-    q = q.view(R, C, block, block).permute(0, 2, 1, 3).reshape(R * block, C * block)[:rows, :cols]
-    return q.contiguous(), scale.view(R, C)
+        q = q.permute(0, 2, 1, 3)
+    q = q.reshape(R * block, C * block)[:rows, :cols]
+    return q.contiguous(), scale
 
 
 def quantize_blockwise(weight: torch.Tensor, block: int = BLOCK,

@@ -1,0 +1,283 @@
+"""Megatron-LM integration: our model, flags and once-per-global-batch hooks inside Megatron-LM's own
+`pretrain()` (followed release: Megatron-LM tag core_v0.16.1, commit 55ac7082, the release matching
+megatron-core 0.16.1; pretrain_gpt.py and megatron/training/training.py were read for the contracts).
+
+Three ways in, none of which needs a patched Megatron-LM:
+
+1. The launcher (recommended):
+       python -m megatron_dsv3.megatron_lm --megatron-lm /path/to/Megatron-LM <Megatron-LM flags> --dsv3-preset dsv3-671b
+   imports Megatron-LM's pretrain_gpt.py as a module (its forward_step, dataset provider and embedding-rank
+   rule) and calls `pretrain()` with our builder and `extra_args_provider`.
+2. Your own script: `pretrain(..., partial(model_provider_module.model_provider, dsv3_builder), ...,
+   extra_args_provider=megatron_dsv3.megatron_lm.extra_args_provider)`; or `model_provider` below, which has
+   the plain (pre_process, post_process, vp_stage) signature of older Megatron-LM scripts.
+3. pretrain_gpt.py itself, after patches/core_v0.16.1/0001-pretrain_gpt-dsv3-builder.patch (a convenience).
+
+Hooks (installed by `extra_args_provider`, i.e. as soon as Megatron-LM parses its arguments):
+* `finalize_model_grads` in megatron.training.training is wrapped (train() reads that module global when it
+  sets config.finalize_model_grads_func; it runs once per global batch, after all micro-batches, and never in
+  evaluation). After megatron's gradient reduction it calls `after_global_batch`: the expert-bias update
+  (apply_expert_bias_update with gamma at the tokens seen), the MTP lambda for the next batch, and the
+  TensorBoard scalars (MTP loss per depth, per-layer MaxVio, bias spread, balance loss) on the writer rank.
+  The bias moves before optimizer.step() instead of after: the bias is no parameter, so this is the same.
+* The model's TransformerConfig gets moe_router_enable_expert_bias=False: megatron's own bias update would
+  otherwise find our routers' `expert_bias` buffers and update them a second time.
+
+Flags Megatron-LM must be given for our model: --num-layers/--hidden-size/--num-attention-heads/--seq-length/
+--max-position-embeddings as the preset (they override it), --untie-embeddings-and-output-weights,
+--position-embedding-type none, --normalization RMSNorm, --swiglu, --disable-bias-linear, --num-experts N
+(Megatron-LM requires it for --expert-model-parallel-size > 1; it must equal the preset's), and
+--mtp-num-layers D with pipeline parallelism (Megatron-LM only sends the tokens to the last stage when it
+knows there is MTP there). Everything DeepSeek-specific comes from --dsv3-preset and the --dsv3-* flags.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from functools import partial
+from typing import Optional
+
+import torch
+
+from megatron_dsv3.config import PRESETS, DSV3Config
+from megatron_dsv3.training.arguments import parse_schedule
+
+MEGATRON_LM_RELEASE = "core_v0.16.1"
+MEGATRON_LM_COMMIT = "55ac7082517c3878ae653c07c09c534b8aed49f6"
+
+_ARGS = None          # set_args() for callers without megatron.training (tests, other launchers)
+_CONFIG: Optional[DSV3Config] = None   # the config the model was built with (read by the hooks)
+_HOOKED = False
+
+
+# ---- flags ------------------------------------------------------------------------------------------------------
+def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the --dsv3-* flags (no name Megatron-LM uses) and installs the training hooks."""
+    g = parser.add_argument_group("megatron_dsv3")
+    g.add_argument("--dsv3-preset", default="dsv3-671b", choices=sorted(PRESETS),
+                   help="feature configs (MLA, MoE, MTP, YaRN) of this preset; sizes come from Megatron-LM's flags")
+    g.add_argument("--dsv3-config", default=None, help="a DSV3Config JSON (DSV3Config.to_dict()) instead of a preset")
+    g.add_argument("--dsv3-hf-config", default=None, help="a Hugging Face config.json instead of a preset")
+    g.add_argument("--dsv3-bias-update-rate", default=None,
+                   help="expert-bias gamma by tokens seen, 'tokens:value,...' (paper: '0:0.001,14.3e12:0')")
+    g.add_argument("--dsv3-mtp-loss-weight", default=None,
+                   help="MTP lambda by tokens seen, 'tokens:value,...' (paper: '0:0.3,10e12:0.1')")
+    g.add_argument("--dsv3-seq-aux-loss-coeff", type=float, default=None, help="alpha of the sequence-wise loss")
+    g.add_argument("--dsv3-init-method-std", type=float, default=None, help="default: the preset's (0.006)")
+    g.add_argument("--dsv3-yarn-original-max-position-embeddings", type=int, default=None)
+    g.add_argument("--dsv3-yarn-beta-fast", type=float, default=None)
+    g.add_argument("--dsv3-yarn-beta-slow", type=float, default=None)
+    g.add_argument("--dsv3-recompute-mla-up-proj", action="store_true")
+    install_hooks()
+    return parser
+
+
+def _get(args, name, default=None):
+    return getattr(args, name, default)
+
+
+def config_from_megatron_args(args) -> DSV3Config:
+    """DSV3Config from Megatron-LM's parsed args: feature configs from --dsv3-*, sizes and parallelism from
+    Megatron-LM's own flags (the ones Megatron-LM itself reads for data, schedules and checkpoints)."""
+    import json
+    from megatron_dsv3.config import YaRNConfig
+    if _get(args, "dsv3_config"):
+        with open(args.dsv3_config) as f:
+            cfg = DSV3Config.from_dict(json.load(f))
+    elif _get(args, "dsv3_hf_config"):
+        cfg = DSV3Config.from_hf(args.dsv3_hf_config)
+    else:
+        cfg = DSV3Config.from_preset(_get(args, "dsv3_preset") or "dsv3-671b")
+    top = {}
+    for ours, theirs in (("num_layers", "num_layers"), ("hidden_size", "hidden_size"),
+                         ("num_attention_heads", "num_attention_heads"), ("seq_length", "seq_length"),
+                         ("max_position_embeddings", "max_position_embeddings")):
+        v = _get(args, theirs)
+        if v is not None:
+            top[ours] = v
+    vocab = _get(args, "padded_vocab_size") or _get(args, "vocab_size")
+    if vocab:
+        top["vocab_size"] = vocab
+        top["make_vocab_size_divisible_by"] = 1          # Megatron-LM padded it already
+    if _get(args, "dsv3_init_method_std") is not None:
+        top["init_method_std"] = args.dsv3_init_method_std
+    dtype = _get(args, "params_dtype")
+    if dtype is None:
+        dtype = torch.bfloat16 if _get(args, "bf16") else torch.float16 if _get(args, "fp16") else torch.float32
+    top["params_dtype"] = str(dtype).replace("torch.", "")
+
+    mla = {}
+    if cfg.mla.yarn is not None:
+        y = dict(cfg.mla.yarn.__dict__)
+        if (_get(args, "rotary_scaling_factor") or 1.0) != 1.0:
+            y["factor"] = args.rotary_scaling_factor
+        for flag, field in (("dsv3_yarn_original_max_position_embeddings", "original_max_position_embeddings"),
+                            ("dsv3_yarn_beta_fast", "beta_fast"), ("dsv3_yarn_beta_slow", "beta_slow")):
+            if _get(args, flag) is not None:
+                y[field] = _get(args, flag)
+        mla["yarn"] = YaRNConfig(**y)
+    if _get(args, "dsv3_recompute_mla_up_proj"):
+        mla["recompute_up_proj"] = True
+    moe = {}
+    rate = parse_schedule(_get(args, "dsv3_bias_update_rate"))
+    if rate is not None:
+        moe["bias_update_rate"] = rate
+    if _get(args, "dsv3_seq_aux_loss_coeff") is not None:
+        moe["seq_aux_loss_coeff"] = args.dsv3_seq_aux_loss_coeff
+    n_exp = _get(args, "num_experts")
+    if n_exp is not None and n_exp != cfg.moe.num_experts:
+        raise ValueError(f"--num-experts {n_exp} differs from the model's {cfg.moe.num_experts} (--dsv3-preset "
+                         f"{_get(args, 'dsv3_preset')}); pass the model's count or leave it out")
+    mtp = {}
+    if _get(args, "mtp_num_layers") is not None:
+        mtp["num_layers"] = args.mtp_num_layers
+    lw = parse_schedule(_get(args, "dsv3_mtp_loss_weight"))
+    if lw is None and _get(args, "mtp_loss_scaling_factor") is not None and _get(args, "mtp_num_layers"):
+        lw = ((0, float(args.mtp_loss_scaling_factor)),)
+    if lw is not None:
+        mtp["loss_weight"] = lw
+    par = dict(
+        tensor_model_parallel_size=_get(args, "tensor_model_parallel_size", 1),
+        pipeline_model_parallel_size=_get(args, "pipeline_model_parallel_size", 1),
+        expert_model_parallel_size=_get(args, "expert_model_parallel_size", 1),
+        expert_tensor_parallel_size=_get(args, "expert_tensor_parallel_size") or 1,
+        context_parallel_size=_get(args, "context_parallel_size", 1),
+        virtual_pipeline_model_parallel_size=_get(args, "virtual_pipeline_model_parallel_size"),
+        sequence_parallel=bool(_get(args, "sequence_parallel", False)),
+        num_layers_in_first_pipeline_stage=_get(args, "decoder_first_pipeline_num_layers"),
+        num_layers_in_last_pipeline_stage=_get(args, "decoder_last_pipeline_num_layers"),
+    )
+    cfg = cfg.replace(**top, mla=mla, moe=moe, mtp=mtp, parallel=par)
+    if cfg.mtp.num_layers and par["pipeline_model_parallel_size"] > 1 and _get(args, "mtp_num_layers") is None:
+        raise ValueError("MTP with pipeline parallelism under Megatron-LM needs --mtp-num-layers "
+                         f"{cfg.mtp.num_layers}: without it Megatron-LM's get_batch gives the last stage no tokens")
+    return cfg
+
+
+# ---- model ------------------------------------------------------------------------------------------------------
+def dsv3_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
+    """Drop-in for pretrain_gpt's gpt_builder (same signature). `config` (a TransformerConfig Megatron-LM may
+    pass) is ignored: the model's config comes from DSV3Config.to_transformer_config()."""
+    global _CONFIG
+    from megatron_dsv3.model import build_model
+    cfg = config_from_megatron_args(args)
+    impl = _get(args, "transformer_impl", "local")
+    backend = "te" if impl == "transformer_engine" else "local"
+    model = build_model(cfg, pre_process=pre_process, post_process=post_process, backend=backend,
+                        pg_collection=pg_collection, vp_stage=vp_stage)
+    model.config.moe_router_enable_expert_bias = False    # our routers update their bias in after_global_batch
+    _CONFIG = cfg
+    return model
+
+
+def set_args(args) -> None:
+    """Give model_provider its args when megatron.training (Megatron-LM) is not what parsed them."""
+    global _ARGS
+    _ARGS = args
+
+
+def get_args():
+    if _ARGS is not None:
+        return _ARGS
+    from megatron.training import get_args as megatron_get_args
+    return megatron_get_args()
+
+
+def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
+                   config=None, pg_collection=None):
+    """Megatron-LM's model_provider contract: builds this rank's chunk from the parsed args."""
+    return dsv3_builder(get_args(), pre_process, post_process, vp_stage=vp_stage, config=config,
+                        pg_collection=pg_collection)
+
+
+# ---- hooks ------------------------------------------------------------------------------------------------------
+def after_global_batch(model_chunks, args, config: Optional[DSV3Config] = None, writer=None,
+                       iteration: Optional[int] = None) -> dict:
+    """Once per global batch (after the gradients are reduced): expert-bias update, the MTP lambda of the next
+    batch, and the scalars. Returns {"routers": per-router metrics, "mtp": {depth: loss}}."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_dsv3.moe.router import apply_expert_bias_update
+    from megatron_dsv3.mtp.loss import mtp_loss_report, set_mtp_loss_weight
+
+    cfg = config or _CONFIG or config_from_megatron_args(args)
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    samples = _get(args, "consumed_train_samples", 0) or 0
+    gbs = _get(args, "global_batch_size", 0) or 0
+    tokens = (samples + gbs) * cfg.seq_length          # Megatron-LM counts this batch after train_step returns
+    routers = apply_expert_bias_update(chunks, cfg.moe.bias_rate_at(tokens))
+    set_mtp_loss_weight(chunks, cfg.mtp.loss_weight_at(tokens))
+    group = ps.get_data_parallel_group(with_context_parallel=True) if ps.model_parallel_is_initialized() else None
+    mtp = mtp_loss_report(chunks, reset=True, group=group)
+    if writer is not None and iteration is not None:
+        for k, v in mtp.items():
+            writer.add_scalar(f"mtp loss depth {k}", v, iteration)
+        aux = [m["aux_loss"] for m in routers.values() if m.get("aux_loss") is not None]
+        if aux:
+            writer.add_scalar("seq-wise balance loss", sum(aux) / len(aux), iteration)
+        for m in routers.values():
+            writer.add_scalar(f"moe/max_vio/layer{m['layer_number']}", m["max_vio"], iteration)
+            writer.add_scalar(f"moe/bias_spread/layer{m['layer_number']}", m["bias_spread"], iteration)
+        writer.add_scalar("expert bias update rate", cfg.moe.bias_rate_at(tokens), iteration)
+        writer.add_scalar("mtp lambda", cfg.mtp.loss_weight_at(tokens), iteration)
+    return {"routers": routers, "mtp": mtp}
+
+
+def _finalize_with_dsv3(orig):
+    def finalize_model_grads(model, *args, **kwargs):
+        out = orig(model, *args, **kwargs)
+        margs = get_args()
+        it = (_get(margs, "curr_iteration", 0) or 0) + 1
+        writer = None
+        if _get(margs, "log_interval") and it % margs.log_interval == 0:
+            try:
+                from megatron.training.global_vars import get_tensorboard_writer
+                writer = get_tensorboard_writer()
+            except ImportError:
+                writer = None
+        after_global_batch(model, margs, writer=writer, iteration=it)
+        return out
+    finalize_model_grads.__wrapped__ = orig
+    return finalize_model_grads
+
+
+def install_hooks() -> bool:
+    """Wrap megatron.training.training.finalize_model_grads (idempotent). False when Megatron-LM is absent."""
+    global _HOOKED
+    if _HOOKED:
+        return True
+    try:
+        import megatron.training.training as T
+    except ImportError:
+        return False
+    T.finalize_model_grads = _finalize_with_dsv3(T.finalize_model_grads)
+    _HOOKED = True
+    return True
+
+
+# ---- the launcher -----------------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    """python -m megatron_dsv3.megatron_lm --megatron-lm PATH <Megatron-LM flags> <--dsv3-* flags>"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = os.environ.get("MEGATRON_LM_PATH")
+    if "--megatron-lm" in argv:
+        i = argv.index("--megatron-lm")
+        path = argv[i + 1]
+        del argv[i:i + 2]
+    if not path or not os.path.isfile(os.path.join(path, "pretrain_gpt.py")):
+        raise SystemExit("give the Megatron-LM checkout (release core_v0.16.1) with --megatron-lm PATH or "
+                         "MEGATRON_LM_PATH (it must hold pretrain_gpt.py)")
+    sys.path.insert(0, os.path.abspath(path))
+    sys.argv = [os.path.join(path, "pretrain_gpt.py")] + argv
+    import pretrain_gpt as P                           # noqa: E402  (Megatron-LM's script, as a module)
+    from megatron.core.enums import ModelType
+    from megatron.training import pretrain
+    P.train_valid_test_datasets_provider.is_distributed = True
+    pretrain(P.train_valid_test_datasets_provider, partial(P.model_provider, dsv3_builder),
+             ModelType.encoder_or_decoder, P.forward_step, args_defaults={"tokenizer_type": "HuggingFaceTokenizer"},
+             extra_args_provider=extra_args_provider, get_embedding_ranks=P.get_embedding_ranks)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Megatron-LM integration contract (Megatron-LM is not on PyPI: the test plays its part).
+
+* extra_args_provider adds only --dsv3-* flags, none clashing with Megatron-LM core_v0.16.1's (its option
+  strings, plus the ones it generates from TransformerConfig fields), and parses;
+* model_provider / dsv3_builder build our model from a namespace with Megatron-LM's argument names, honour
+  the sizes and parallel flags, switch megatron's own expert-bias update off, and the model follows
+  pretrain_gpt's forward_step contract (per-token loss [b, s] with labels and loss_mask);
+* the finalize_model_grads hook (after_global_batch) moves the bias once and sets the MTP lambda.
+"""
+import argparse
+import dataclasses
+import os
+import types
+
+import pytest
+import torch
+
+from megatron_dsv3 import megatron_lm
+
+FLAGS = os.path.join(os.path.dirname(__file__), "fixtures", "megatron_lm_core_v0.16.1_flags.txt")
+
+
+def _megatron_flags():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    flags = {l.strip() for l in open(FLAGS) if l.startswith("--")}
+    flags |= {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TransformerConfig)}
+    return flags
+
+
+def test_extra_args_provider_adds_non_clashing_flags():
+    megatron = _megatron_flags()
+    parser = argparse.ArgumentParser()
+    for f in sorted(megatron):          # a parser with every Megatron-LM flag: a clash raises here
+        parser.add_argument(f, default=None)
+    parser = megatron_lm.extra_args_provider(parser)
+    ours = [s for a in parser._actions for s in a.option_strings if s.startswith("--dsv3-")]
+    assert len(ours) >= 8 and not set(ours) & megatron
+    args = parser.parse_args(["--dsv3-preset", "tiny", "--dsv3-bias-update-rate", "0:0.001,14.3e12:0",
+                              "--dsv3-mtp-loss-weight", "0:0.3,10e12:0.1", "--num-layers", "3"])
+    assert args.dsv3_preset == "tiny" and args.dsv3_bias_update_rate == "0:0.001,14.3e12:0"
+
+
+def _megatron_args(**kw):
+    """The names Megatron-LM's parse_args gives (values for the tiny preset)."""
+    a = dict(num_layers=3, hidden_size=128, num_attention_heads=4, seq_length=32, max_position_embeddings=1024,
+             padded_vocab_size=384, params_dtype=torch.float32, bf16=False, fp16=False, transformer_impl="local",
+             tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
+             expert_tensor_parallel_size=None, context_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+             sequence_parallel=False, decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
+             num_experts=8, mtp_num_layers=None, mtp_loss_scaling_factor=0.1, rotary_scaling_factor=1.0,
+             consumed_train_samples=0, global_batch_size=4, curr_iteration=0, log_interval=1,
+             dsv3_preset="tiny", dsv3_config=None, dsv3_hf_config=None, dsv3_bias_update_rate="0:0.01",
+             dsv3_mtp_loss_weight="0:0.3,1000:0.1", dsv3_seq_aux_loss_coeff=None, dsv3_init_method_std=None,
+             dsv3_yarn_original_max_position_embeddings=None, dsv3_yarn_beta_fast=None, dsv3_yarn_beta_slow=None,
+             dsv3_recompute_mla_up_proj=False)
+    a.update(kw)
+    return types.SimpleNamespace(**a)
+
+
+def test_config_from_megatron_args():
+    cfg = megatron_lm.config_from_megatron_args(_megatron_args(num_layers=4, hidden_size=256, seq_length=64,
+                                                               decoder_first_pipeline_num_layers=None))
+    assert (cfg.num_layers, cfg.hidden_size, cfg.seq_length, cfg.vocab_size) == (4, 256, 64, 384)
+    assert cfg.moe.bias_update_rate == ((0, 0.01),) and cfg.mtp.loss_weight == ((0, 0.3), (1000, 0.1))
+    assert cfg.padded_vocab_size == 384 and cfg.params_dtype == "float32"
+    with pytest.raises(ValueError, match="--num-experts"):
+        megatron_lm.config_from_megatron_args(_megatron_args(num_experts=16))
+    with pytest.raises(ValueError, match="--mtp-num-layers"):
+        megatron_lm.config_from_megatron_args(_megatron_args(pipeline_model_parallel_size=2,
+                                                             decoder_first_pipeline_num_layers=2))
+    big = megatron_lm.config_from_megatron_args(_megatron_args(
+        dsv3_preset="dsv3-671b", num_layers=61, hidden_size=7168, num_attention_heads=128, seq_length=4096,
+        max_position_embeddings=163840, padded_vocab_size=129280, num_experts=256, mtp_num_layers=1,
+        pipeline_model_parallel_size=16, expert_model_parallel_size=64, decoder_first_pipeline_num_layers=3,
+        decoder_last_pipeline_num_layers=2, params_dtype=torch.bfloat16))
+    assert big.pipeline_layers() == (3,) + (4,) * 14 + (2,) and big.params_dtype == "bfloat16"
+
+
+def test_model_provider_contract_and_hook(mcore_single):
+    from megatron_dsv3.moe.router import routers_of
+    args = _megatron_args()
+    megatron_lm.set_args(args)
+    try:
+        model = megatron_lm.model_provider(pre_process=True, post_process=True)
+    finally:
+        megatron_lm.set_args(None)
+    assert type(model).__name__ == "DSV3Model" and model.config.moe_router_enable_expert_bias is False
+    assert model.config.num_layers == 3 and model.config.hidden_size == 128
+    # pretrain_gpt.forward_step: model(tokens, position_ids, attention_mask, labels=, loss_mask=, packed_seq_params=)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (2, 32), generator=g)
+    labels = torch.roll(tokens, -1, dims=1)
+    loss_mask = torch.ones(2, 32)
+    pos = torch.arange(32).expand(2, 32)
+    out = model(tokens, pos, None, labels=labels, loss_mask=loss_mask, packed_seq_params=None)
+    assert out.shape == (2, 32) and torch.isfinite(out).all()
+    out.sum().backward()
+
+    before = {n: r.expert_bias.clone() for n, r in routers_of(model)}
+    writer = types.SimpleNamespace(scalars={}, add_scalar=lambda k, v, i: writer.scalars.__setitem__(k, v))
+    res = megatron_lm.after_global_batch([model], args, writer=writer, iteration=1)
+    for n, r in routers_of(model):
+        delta = (r.expert_bias - before[n]).abs()
+        assert float(delta.max()) == pytest.approx(0.01) and res["routers"][n]["tokens_per_expert"].sum() > 0
+        assert int(r.tokens_per_expert.sum()) == 0          # counts reset for the next global batch
+    assert model.mtp.loss_weight == pytest.approx(0.3)      # lambda at 128 tokens seen
+    assert "mtp loss depth 1" in writer.scalars and any(k.startswith("moe/max_vio/") for k in writer.scalars)
+
+
+def test_finalize_hook_wraps_once():
+    calls = []
+    wrapped = megatron_lm._finalize_with_dsv3(lambda model, *a, **k: calls.append(("orig", a, k)))
+    assert wrapped.__wrapped__ is not None
+    seen = []
+    orig_after = megatron_lm.after_global_batch
+    megatron_lm.after_global_batch = lambda model, args, **kw: seen.append(kw["iteration"])
+    megatron_lm.set_args(_megatron_args(curr_iteration=4, log_interval=10))
+    try:
+        wrapped(["chunk"], num_tokens=None, pg_collection=None, force_all_reduce=False)
+    finally:
+        megatron_lm.after_global_batch = orig_after
+        megatron_lm.set_args(None)
+    assert calls == [("orig", (), {"num_tokens": None, "pg_collection": None, "force_all_reduce": False})]
+    assert seen == [5]

@@ -2,21 +2,25 @@
 
 Design:
 * `load_hf(model, path)` pulls: for every tensor in the rank's `model.state_dict()` it looks up the row,
-  reads just the HF tensors that rank needs (its TP slice of a replicated read, its EP experts, its PP
-  layers), dequantising FP8 on the fly, and copies them in. One HF tensor in memory at a time.
+  reads the HF tensors that rank needs (only its PP stage's layers and its EP rank's experts; a whole HF
+  tensor is read and the TP part cut from it), dequantising FP8 on the fly, and copies them in. One HF
+  tensor (plus its float32 dequantised copy) in memory at a time.
 * HF -> Megatron (`hf_to_mcore`) runs one process per rank of the target layout (gloo; spawned here, or
-  under torchrun), builds the rank's model with `build_model`, `load_hf`s it and saves with megatron-core
-  `dist_checkpointing` (torch_dist). We write only that format: it stores global tensors with their
-  shard layout, so the checkpoint loads into ANY later TP/PP/EP (Megatron-LM's default `--ckpt-format
-  torch_dist` reads it, resharding on load); the legacy per-rank `mp_rank_XX` format would pin the layout
-  and makes Megatron-LM users re-convert per layout. The converting layout only decides how much memory
-  each process needs (the model / (TP*PP*EP) plus one HF tensor).
+  the ranks of torchrun), builds the rank's model with `build_model` (no random init), `load_hf`s it and
+  saves with megatron-core `dist_checkpointing` (torch_dist). We write only that format: it stores global
+  tensors with their shard layout, so the checkpoint loads into ANY later TP/PP/EP (megatron-core
+  reshards on load; it is also Megatron-LM's default `--ckpt-format torch_dist`, loadable with
+  `--finetune --no-load-optim --no-load-rng`: not tested here, Megatron-LM is not installed). The legacy
+  per-rank `mp_rank_XX` format would pin the layout and make users re-convert per layout, so it is not
+  written. The converting layout only decides how much memory each process needs (the model /
+  (TP*PP*EP) plus one HF tensor).
   Directory: out/latest_checkpointed_iteration.txt ("release"), out/release/ (the dist checkpoint with
   {"model": ..., "checkpoint_version": 3.0, "iteration": 0} as Megatron-LM writes), out/dsv3_config.json.
 * Megatron -> HF (`mcore_to_hf`) builds the model at a layout of choice (default 1x1x1 in one process;
   PP/EP/TP to spread a big model), loads the dist checkpoint, and each rank streams the tensors it owns
   (TP parts all-gathered to TP rank 0; experts written by their EP rank) into its own safetensors shards;
-  rank 0 names the shards and writes the index and config.json.
+  rank 0 names the shards and writes the index and config.json (DSV3Config.to_hf(); FP8 adds the published
+  quantization_config). FP8 export quantises the rows marked fp8 in the table, as published.
 * Everything is written into a temporary directory beside the target and renamed when complete.
 """
 from __future__ import annotations

@@ -424,28 +424,46 @@ def _allow_child_processes():
             cfg["daemon"] = daemon
 
 
-def load_mcore(model, directory: str) -> None:
-    """Load a checkpoint written by save_mcore (or Megatron-LM: a dir with latest_checkpointed_iteration.txt,
-    or the dist checkpoint directory itself) into the model, at the model's layout."""
-    from megatron.core import dist_checkpointing
+def resolve_mcore_dir(directory: str) -> str:
+    """The dist checkpoint directory a path names: ours / Megatron-LM's (latest_checkpointed_iteration.txt:
+    "release" or an iteration), the trainer's (`latest`: an iteration, see training/checkpointing.py), or a
+    dist checkpoint directory itself."""
     d = directory
-    tracker = os.path.join(d, "latest_checkpointed_iteration.txt")
-    if os.path.exists(tracker):
-        it = open(tracker).read().strip()
-        d = os.path.join(d, RELEASE if it == RELEASE else f"iter_{int(it):07d}")
+    for tracker in ("latest_checkpointed_iteration.txt", "latest"):
+        t = os.path.join(directory, tracker)
+        if os.path.isfile(t):
+            it = open(t).read().strip()
+            d = os.path.join(directory, RELEASE if it == RELEASE else f"iter_{int(it):07d}")
+            break
     if not os.path.exists(os.path.join(d, "metadata.json")):
         raise CheckpointError(f"{directory}: not a megatron-core dist checkpoint (no metadata.json in {d})")
-    loaded = dist_checkpointing.load({"model": model_sharded_state_dict(model)}, d)
+    return d
+
+
+def load_mcore(model, directory: str) -> None:
+    """Load the model's tensors from a dist checkpoint (see resolve_mcore_dir) at the model's layout.
+    The "model"/"model0" nesting of a state dict is not part of the stored keys, so training checkpoints
+    (with optimizer state, which is not read) load the same way."""
+    from megatron.core import dist_checkpointing
+    model = unwrap(model)
+    loaded = dist_checkpointing.load({"model": model_sharded_state_dict(model)}, resolve_mcore_dir(directory))
     model.load_state_dict(loaded["model"], strict=True)
 
 
 def read_mcore_config(directory: str):
+    """The DSV3Config of a dist checkpoint: dsv3_config.json (hf_to_mcore) or the trainer's train_state."""
+    from megatron.core import dist_checkpointing
     from megatron_dsv3.config import DSV3Config
     p = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(p):
-        raise CheckpointError(f"{directory}: no {CONFIG_FILE} (written by hf_to_mcore); cannot tell the model")
-    with open(p) as f:
-        return DSV3Config.from_dict(json.load(f))
+    if os.path.exists(p):
+        with open(p) as f:
+            return DSV3Config.from_dict(json.load(f))
+    common = dist_checkpointing.load_common_state_dict(resolve_mcore_dir(directory))
+    cfg = (common.get("train_state") or {}).get("config")
+    if cfg is None:
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE} and no train_state.config in the checkpoint; "
+                              f"cannot tell which model it holds")
+    return DSV3Config.from_dict(cfg)
 
 
 def _hf_to_mcore_rank(rank: int, hf_path: str, out: str, cfg_dict: dict, show_progress: bool = False) -> dict:
@@ -535,11 +553,14 @@ def mcore_to_hf(mcore_path: str, out: str, dtype: str = "bf16", tp: int = 1, pp:
         raise ValueError(f"export dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     check_output_dir(out, overwrite)
     src = read_mcore_config(mcore_path)
-    cfg = src.replace(params_dtype="float32" if dtype == "fp32" else src.params_dtype,
+    # the export layout replaces the training one (a dist checkpoint reshards on load); FP8 compute is off
+    # (export reads the high-precision parameters)
+    cfg = src.replace(params_dtype="float32" if dtype == "fp32" else src.params_dtype, fp8={"enabled": False},
                       parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                    expert_model_parallel_size=ep, num_layers_in_first_pipeline_stage=None,
-                                    num_layers_in_last_pipeline_stage=None,
-                                    virtual_pipeline_model_parallel_size=None))
+                                    expert_model_parallel_size=ep, expert_tensor_parallel_size=1,
+                                    context_parallel_size=1, sequence_parallel=False,
+                                    num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
+                                    virtual_pipeline_model_parallel_size=None, pipeline_schedule="1f1b"))
     tmp = _shared_temp_dir(out)
     try:
         parts = _run(_mcore_to_hf_rank, tp, pp, ep, mcore_path=os.path.abspath(mcore_path), out=tmp,

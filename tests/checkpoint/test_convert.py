@@ -162,3 +162,18 @@ def test_bad_mtp_copy_and_unknown_tensor(hf_tiny, tmp_path):
                                               r"e.g. \['model.layers.0.mlp.bias'\]"):
         C.hf_to_mcore(src2, str(tmp_path / "out"), params_dtype="float32")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_trainer_checkpoint_exports_to_hf(hf_tiny, tmp_path):
+    """A checkpoint saved by the trainer (training/checkpointing.py: `latest`, iter_*, model0, config in
+    train_state) exports like ours."""
+    from megatron_dsv3.testing import single_process
+    from megatron_dsv3.training.checkpointing import save_checkpoint
+    cfg = C.target_config(hf_tiny["config"], params_dtype="float32")
+    with single_process():
+        model = C._build_model(cfg)
+        C.load_hf(model, hf_tiny["bf16"])
+        save_checkpoint(str(tmp_path / "run"), 7, [model], None, {"config": cfg.to_dict()})
+    back = str(tmp_path / "hf")
+    C.mcore_to_hf(str(tmp_path / "run"), back, dtype="bf16")
+    _assert_identical(hf_tiny["bf16"], back)

@@ -355,6 +355,18 @@ def _build_model(cfg):
                        transformer_config=cfg.to_transformer_config(perform_initialization=False))
 
 
+def reading_config(cfg, tp: int = 1, pp: int = 1, ep: int = 1, params_dtype: Optional[str] = None):
+    """A (training) config at a plain layout for reading a checkpoint out: a dist checkpoint reshards on
+    load, so SP/CP/VPP/uneven stages of the training run do not matter; FP8 compute is off (the
+    high-precision parameters are what is read)."""
+    return cfg.replace(params_dtype=params_dtype or cfg.params_dtype, fp8={"enabled": False},
+                       parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     expert_model_parallel_size=ep, expert_tensor_parallel_size=1,
+                                     context_parallel_size=1, sequence_parallel=False,
+                                     num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
+                                     virtual_pipeline_model_parallel_size=None, pipeline_schedule="1f1b"))
+
+
 def target_config(hf_cfg, tp: int = 1, pp: int = 1, ep: int = 1, params_dtype: str = "bfloat16", **parallel):
     """The HF config at a layout; raises ValueError (from DSV3Config) if the layout does not divide it."""
     return hf_cfg.replace(params_dtype=params_dtype,
@@ -553,14 +565,7 @@ def mcore_to_hf(mcore_path: str, out: str, dtype: str = "bf16", tp: int = 1, pp:
         raise ValueError(f"export dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     check_output_dir(out, overwrite)
     src = read_mcore_config(mcore_path)
-    # the export layout replaces the training one (a dist checkpoint reshards on load); FP8 compute is off
-    # (export reads the high-precision parameters)
-    cfg = src.replace(params_dtype="float32" if dtype == "fp32" else src.params_dtype, fp8={"enabled": False},
-                      parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                    expert_model_parallel_size=ep, expert_tensor_parallel_size=1,
-                                    context_parallel_size=1, sequence_parallel=False,
-                                    num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
-                                    virtual_pipeline_model_parallel_size=None, pipeline_schedule="1f1b"))
+    cfg = reading_config(src, tp, pp, ep, "float32" if dtype == "fp32" else src.params_dtype)
     tmp = _shared_temp_dir(out)
     try:
         parts = _run(_mcore_to_hf_rank, tp, pp, ep, mcore_path=os.path.abspath(mcore_path), out=tmp,

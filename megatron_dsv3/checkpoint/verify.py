@@ -15,8 +15,9 @@ import torch
 
 
 def is_mcore_dir(path: str) -> bool:
-    from megatron_dsv3.checkpoint.convert import CONFIG_FILE
-    return os.path.exists(os.path.join(path, CONFIG_FILE))
+    """A dist checkpoint (ours, Megatron-LM's or the trainer's), as opposed to an HF directory."""
+    return any(os.path.exists(os.path.join(path, f))
+               for f in ("dsv3_config.json", "latest_checkpointed_iteration.txt", "latest", "metadata.json"))
 
 
 def hf_reference_model(hf_dir: str, workdir: str):
@@ -35,17 +36,13 @@ def hf_reference_model(hf_dir: str, workdir: str):
 def our_model(path: str, config=None):
     """build_model (TP=PP=EP=1, float32) loaded from an HF directory or a dist checkpoint. Needs
     megatron-core's parallel_state initialised (megatron_dsv3.testing.single_process)."""
-    from megatron_dsv3.checkpoint.convert import _build_model, load_hf, load_mcore, read_mcore_config
+    from megatron_dsv3.checkpoint.convert import _build_model, load_hf, load_mcore, read_mcore_config, reading_config
     from megatron_dsv3.checkpoint.safetensors_io import HFCheckpoint
     if is_mcore_dir(path):
         cfg = config or read_mcore_config(path)
     else:
         cfg = config or HFCheckpoint(path).config
-    cfg = cfg.replace(params_dtype="float32",
-                      parallel=dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                                    expert_model_parallel_size=1, num_layers_in_first_pipeline_stage=None,
-                                    num_layers_in_last_pipeline_stage=None, virtual_pipeline_model_parallel_size=None,
-                                    sequence_parallel=False))
+    cfg = reading_config(cfg, params_dtype="float32")
     model = _build_model(cfg)
     if is_mcore_dir(path):
         load_mcore(model, path)

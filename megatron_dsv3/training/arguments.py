@@ -70,6 +70,10 @@ def add_model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-yarn", action="store_true", help="plain rope (no YaRN)")
     g.add_argument("--recompute-mla-up-proj", action="store_true",
                    help="recompute RMSNorm + MLA up-projections in backward (paper section 3.2.2)")
+    g.add_argument("--recompute-granularity", default=None, choices=["full"],
+                   help="megatron-core full-layer activation recomputation (long context)")
+    g.add_argument("--recompute-method", default="uniform", choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int, default=1)
     g.add_argument("--fp8", action="store_true", help="FP8 mixed precision (paper section 3.3), when available")
     g.add_argument("--bf16", action="store_true", default=None, help="bf16 params (default on GPU)")
     g.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 params (default on CPU)")

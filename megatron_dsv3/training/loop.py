@@ -85,9 +85,13 @@ def _chunk_flags(vp_stage, vp_size):
     return pre, post
 
 
-def _default_builder(cfg, pre_process, post_process, vp_stage=None, backend="local"):
+def _default_builder(cfg, pre_process, post_process, vp_stage=None, backend="local", recompute=None):
     from megatron_dsv3.model import build_model
-    return build_model(cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, backend=backend)
+    kw = {}
+    if recompute:   # megatron-core's full-layer recomputation, set on the model's TransformerConfig
+        kw["transformer_config"] = cfg.to_transformer_config(**recompute)
+    return build_model(cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, backend=backend,
+                       **kw)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -132,7 +136,12 @@ class Trainer:
         self.history: List[dict] = []          # per step: iteration, loss, lr, grad_norm (read by tests)
         self.eval_history: List[dict] = []
         self.load_stats: Dict[str, dict] = {}  # per router: accumulated token counts (the summary at the end)
-        self._build_model(model_builder or partial(_default_builder, backend=args.transformer_impl))
+        recompute = None
+        if args.recompute_granularity:
+            recompute = dict(recompute_granularity=args.recompute_granularity,
+                             recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers)
+        self._build_model(model_builder or partial(_default_builder, backend=args.transformer_impl,
+                                                   recompute=recompute))
         self._build_optimizer()
         self._build_data()
         self._load()
@@ -448,7 +457,8 @@ class Trainer:
                 continue
             share = c / c.sum()
             vio = float(c.max() / c.mean() - 1)
-            lines.append(f"  {s['layer']:5d} | {len(c):7d} | {float(share.min()):9.3f} | {float(share.max()):9.3f} | "
+            name = f"{s['layer']} MTP" if (s["layer"] or 0) > self.cfg.num_layers else str(s["layer"])
+            lines.append(f"  {name:>5} | {len(c):7d} | {float(share.min()):9.3f} | {float(share.max()):9.3f} | "
                          f"{vio:11.3f} | {s['max_vio_last']:18.3f} | {s['bias_spread']:.4f}")
         return "\n".join(lines)
 

@@ -91,3 +91,26 @@ def num_microbatches(global_batch: int, micro_batch: int, data_parallel: int) ->
         raise ValueError(f"global batch size ({global_batch}) must be divisible by micro-batch size ({micro_batch}) "
                          f"x data-parallel size ({data_parallel})")
     return global_batch // (micro_batch * data_parallel)
+
+
+def steps_for_tokens(ramp: BatchRamp, tokens: float, seq_length: int) -> int:
+    """Optimizer steps until `tokens` tokens are consumed under this batch schedule (to turn the paper's
+    token-denominated milestones into the step counts of --lr-hold-iters / --lr-decay-iters / --lr-tail)."""
+    samples, steps, goal = 0, 0, tokens / seq_length
+    while samples < goal:
+        samples += ramp.batch_size_at(samples)
+        steps += 1
+    return steps
+
+
+def paper_schedule(seq_length: int = 4096) -> dict:
+    """DeepSeek-V3's pre-training schedule (section 4.2) in steps: batch 3072 -> 15360 over 469B tokens, LR
+    warmup 2K steps to 2.2e-4, constant to 10T tokens, cosine to 2.2e-5 over 4.3T, 2.2e-5 for 333B tokens,
+    7.3e-6 for the last 167B (14.8T in all)."""
+    ramp = BatchRamp(15360, start=3072, increment=768, ramp_samples=int(469e9 / seq_length))
+    at = lambda t: steps_for_tokens(ramp, t, seq_length)
+    hold_end, decay_end, tail2 = at(10e12), at(14.3e12), at(14.633e12)
+    total = at(14.8e12)
+    return {"train_iters": total, "warmup": 2000, "hold": hold_end - 2000, "decay": decay_end - hold_end,
+            "tail": ((decay_end, 2.2e-5), (tail2, 7.3e-6)), "rampup": (3072, 768, int(469e9 / seq_length)),
+            "global_batch_size": 15360}

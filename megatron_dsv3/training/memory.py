@@ -1,0 +1,150 @@
+"""Per-GPU memory estimate from the config alone (no model built): what the launch shells print before
+they start, to catch a layout that cannot fit.
+
+Counted per pipeline stage (the largest is reported):
+* weights       local parameters x bytes of the parameter dtype (bf16: 2);
+* gradients     megatron DDP's grad buffer (fp32: 4 bytes per local parameter);
+* optimizer     ZeRO-1: fp32 master weights + Adam's two moments, divided over the data-parallel ranks that
+                hold the same parameters (dense: DP, experts: expert-DP = DP*TP/(EP*ETP)); the paper keeps the
+                moments in BF16 (section 3.3.3: moment_bytes=2);
+* activations   per layer and token: what backward needs (bf16), from the layer's shapes; 1F1B keeps
+                PP - stage micro-batches in flight on a stage; MLA up-projection recompute (paper section
+                3.2.2) drops the up-projected q, k, v; plus the fp32 logits of one micro-batch on the last stage.
+Communication buffers, the allocator's fragmentation and the CUDA context (~2-5 GB in practice) are not
+modelled: leave that much headroom.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Dict, Optional
+
+from megatron_dsv3.accounting import attention_params, mlp_params
+
+GiB = 1024 ** 3
+
+
+def stage_parameters(cfg, stage: int) -> Dict[str, float]:
+    """Local parameter counts of one pipeline stage: {"dense": ..., "expert": ...} (per GPU)."""
+    par, h, V, moe = cfg.parallel, cfg.hidden_size, cfg.padded_vocab_size, cfg.moe
+    tp, ep, etp = par.tensor_model_parallel_size, par.expert_model_parallel_size, par.expert_tensor_parallel_size
+    layers = cfg.pipeline_layers()
+    first_layer = sum(layers[:stage])
+    dense = expert = 0.0
+
+    def layer(global_idx: int, moe_layer: bool):
+        nonlocal dense, expert
+        dense += attention_params(cfg) / tp + 2 * h
+        if moe_layer:
+            expert += moe.num_experts / ep * mlp_params(h, moe.expert_ffn_hidden_size) / etp
+            dense += mlp_params(h, moe.num_shared_experts * moe.expert_ffn_hidden_size) / tp + moe.num_experts * h
+        else:
+            dense += mlp_params(h, moe.dense_ffn_hidden_size) / tp
+
+    for i in range(first_layer, first_layer + layers[stage]):
+        layer(i, cfg.is_moe_layer(i))
+    last = stage == len(layers) - 1
+    if stage == 0:
+        dense += V * h / tp
+    if last:
+        dense += V * h / tp + h                                      # output head, final norm
+        for _ in range(cfg.mtp.num_layers):
+            layer(cfg.num_layers, True)
+            dense += 2 * h + 2 * h * h / 1 + h                       # enorm, hnorm, eh_proj, final norm
+        if cfg.mtp.num_layers and len(layers) > 1:
+            dense += V * h / tp                                      # the last stage's embedding copy for MTP
+    return {"dense": dense, "expert": expert}
+
+
+def activation_bytes_per_token(cfg, moe_layer: bool, recompute_up_proj: bool, act_bytes: int = 2) -> float:
+    h, m, moe = cfg.hidden_size, cfg.mla, cfg.moe
+    tp = cfg.parallel.tensor_model_parallel_size
+    H = cfg.num_attention_heads / tp
+    attn = 2 * h + (m.q_lora_rank or 0) + m.kv_lora_rank + m.qk_rope_head_dim     # norm in/out, latents
+    if not recompute_up_proj:
+        attn += H * (2 * m.qk_head_dim + m.v_head_dim)                            # q, k, v up-projected
+    attn += H * m.v_head_dim + 2 * H * 4 / act_bytes                               # attention out, softmax stats
+    if moe_layer:
+        f, fs = moe.expert_ffn_hidden_size, moe.num_shared_experts * moe.expert_ffn_hidden_size / tp
+        mlp = 2 * h + moe.top_k * (h + 3 * f) + 3 * fs + moe.num_experts * 4 / act_bytes
+    else:
+        mlp = 2 * h + 3 * moe.dense_ffn_hidden_size / tp
+    return (attn + mlp) * act_bytes
+
+
+def estimate_memory(cfg, micro_batch_size: int, data_parallel_size: int, seq_length: Optional[int] = None,
+                    recompute_up_proj: Optional[bool] = None, param_bytes: Optional[int] = None,
+                    grad_bytes: int = 4, master_bytes: int = 4, moment_bytes: int = 4) -> Dict[str, float]:
+    """GiB per GPU on the fullest pipeline stage: weights, gradients, optimizer, activations, total."""
+    par = cfg.parallel
+    s = seq_length or cfg.seq_length
+    pp = par.pipeline_model_parallel_size
+    tp, ep, etp = par.tensor_model_parallel_size, par.expert_model_parallel_size, par.expert_tensor_parallel_size
+    pbytes = param_bytes or (2 if cfg.params_dtype in ("bfloat16", "float16") else 4)
+    rec = cfg.mla.recompute_up_proj if recompute_up_proj is None else recompute_up_proj
+    expert_dp = max(1, data_parallel_size * tp // (ep * etp))
+    layers = cfg.pipeline_layers()
+    best = None
+    for stage in range(pp):
+        p = stage_parameters(cfg, stage)
+        n = p["dense"] + p["expert"]
+        opt = (master_bytes + 2 * moment_bytes) * (p["dense"] / data_parallel_size + p["expert"] / expert_dp)
+        first = sum(layers[:stage])
+        per_token = sum(activation_bytes_per_token(cfg, cfg.is_moe_layer(i), rec)
+                        for i in range(first, first + layers[stage]))
+        if stage == pp - 1:
+            per_token += cfg.mtp.num_layers * activation_bytes_per_token(cfg, True, rec)
+        in_flight = pp - stage                                              # 1F1B warm-up depth
+        act = per_token * s * micro_batch_size * in_flight
+        if stage == pp - 1:
+            act += s * micro_batch_size * cfg.padded_vocab_size / tp * 4 * (1 + cfg.mtp.num_layers)
+        row = {"stage": stage, "params_billion": n / 1e9, "weights": n * pbytes / GiB, "gradients": n * grad_bytes / GiB,
+               "optimizer": opt / GiB, "activations": act / GiB}
+        row["total"] = row["weights"] + row["gradients"] + row["optimizer"] + row["activations"]
+        if best is None or row["total"] > best["total"]:
+            best = row
+    return best
+
+
+def _fmt(gib: float) -> str:
+    return f"{gib:.1f} GiB" if gib >= 1 else f"{gib * 1024:.1f} MiB"
+
+
+def describe(cfg, micro_batch_size: int, data_parallel_size: int, **kw) -> str:
+    par = cfg.parallel
+    pc = cfg.parameter_counts()
+    est = estimate_memory(cfg, micro_batch_size, data_parallel_size, **kw)
+    world = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * data_parallel_size
+    lines = [
+        f"model {cfg.name}: {cfg.num_layers} layers (+{cfg.mtp.num_layers} MTP), hidden {cfg.hidden_size}, "
+        f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k} ({cfg.moe.num_shared_experts} shared), "
+        f"{pc['total'] / 1e9:.3f}B params ({pc['activated'] / 1e9:.3f}B activated), {cfg.params_dtype}",
+        f"layout: {world} GPUs = TP {par.tensor_model_parallel_size} x PP {par.pipeline_model_parallel_size} x "
+        f"DP {data_parallel_size}; EP {par.expert_model_parallel_size}; layers per stage "
+        f"{list(cfg.pipeline_layers())}; seq {cfg.seq_length}, micro-batch {micro_batch_size}",
+        f"memory per GPU (fullest stage {est['stage']}: {est['params_billion'] * 1e3:.1f}M local params): "
+        f"weights {_fmt(est['weights'])} + grads {_fmt(est['gradients'])} + optimizer {_fmt(est['optimizer'])} + "
+        f"activations {_fmt(est['activations'])} = {_fmt(est['total'])} (+ buffers and CUDA context, a few GiB)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """python -m megatron_dsv3.training.memory <the trainer's flags>: prints the resolved layout and the estimate."""
+    from megatron_dsv3.training.arguments import build_parser, config_from_args
+    p = build_parser()
+    p.add_argument("--world-size", type=int, default=None, help="GPUs in the job (default: TP*PP)")
+    p.add_argument("--moment-bytes", type=int, default=4, help="bytes per Adam moment (paper: 2, BF16)")
+    args, _ = p.parse_known_args(argv)
+    if args.bf16 is None:
+        args.bf16 = True
+    cfg = config_from_args(args, on_gpu=True)
+    par = cfg.parallel
+    world = args.world_size or par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+    dp = world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size)
+    print(describe(cfg, args.micro_batch_size or 1, dp, moment_bytes=args.moment_bytes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

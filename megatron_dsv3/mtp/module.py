@@ -87,6 +87,12 @@ class MTPModule(MegatronModule):
                                               pg_collection=pg, vp_stage=vp_stage)
         self.final_layernorm = build_module(submodules.final_layernorm, **norm)
 
+    @property
+    def mtp_model_layer(self):
+        """megatron-core 0.19's name for the inner layer: its pipeline schedules set per-micro-batch state
+        on model.mtp.layers[k].mtp_model_layer. An alias; parameters stay under transformer_layer."""
+        return self.transformer_layer
+
     def forward(self, hidden_states: torch.Tensor, embeddings: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         # eq. 21: [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)]          [s', b, 2h]

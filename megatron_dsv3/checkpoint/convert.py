@@ -2,9 +2,9 @@
 
 Design:
 * `load_hf(model, path)` pulls: for every tensor in the rank's `model.state_dict()` it looks up the row,
-  reads the HF tensors that rank needs (only its PP stage's layers and its EP rank's experts; a whole HF
-  tensor is read and the TP part cut from it), dequantising FP8 on the fly, and copies them in. One HF
-  tensor (plus its float32 dequantised copy) in memory at a time.
+  reads the HF tensors that rank needs (only its PP stage's layers and its EP rank's experts; of a
+  tensor split on dim 0 over TP only the rank's rows, of others the whole tensor, then cut), dequantising
+  FP8 on the fly, and copies them in. One HF tensor (plus its float32 dequantised copy) in memory at a time.
 * HF -> Megatron (`hf_to_mcore`) runs one process per rank of the target layout (gloo; spawned here, or
   the ranks of torchrun), builds the rank's model with `build_model` (no random init), `load_hf`s it and
   saves with megatron-core `dist_checkpointing` (torch_dist). We write only that format: it stores global
@@ -145,11 +145,11 @@ def load_hf(model, path, config=None, ranks: Optional[Ranks] = None, strict: boo
     shapes = M.expected_hf_shapes(ckpt.config)
     loaded: List[str] = []
 
-    def read(name: str) -> torch.Tensor:
+    def read(name: str, rows=None) -> torch.Tensor:
         if name not in ckpt:
             raise CheckpointError(f"{ckpt.path}: tensor {name!r} is missing from the checkpoint")
         loaded.append(name)
-        return ckpt.get(name, expected_shape=shapes[name])
+        return ckpt.get(name, expected_shape=shapes[name], rows=rows)
 
     state = _state(model)
     bar = None
@@ -176,14 +176,31 @@ def load_hf(model, path, config=None, ranks: Optional[Ranks] = None, strict: boo
                     part = M.expert_part(split, [read(n) for n in row.hf_names([g])])
                     _copy(dst[j], part, local)
             else:
-                padded = dst.shape[0] * ranks.tp if split == M.VOCAB else None
-                _copy(dst, M.shard(split, [read(n) for n in row.hf_names()], ranks.tp_rank, ranks.tp, padded), local)
+                _copy(dst, _tp_part(row, split, read, shapes, ranks, dst), local)
         if check_shared_copies and ranks.tp_rank == 0 and ranks.dp_rank == 0:
             _check_copies(ckpt, cfg, loaded)
     if bar is not None:
         bar.close()
     consumed = set(loaded) | {n + SCALE_SUFFIX for n in loaded}
     return {"loaded": loaded, "unused": [k for k in ckpt.keys() if k not in consumed]}
+
+
+def _tp_part(row, split, read, shapes, ranks: Ranks, dst: torch.Tensor) -> torch.Tensor:
+    """This TP rank's part of a non-expert row. Dim-0 splits read only the rank's rows (M.shard's result,
+    without reading the rest); other splits read whole tensors and cut them with M.shard."""
+    names = row.hf_names()
+    tp, r = ranks.tp, ranks.tp_rank
+    if tp > 1 and split in (M.COLUMN, M.GLU) and all(shapes[n][0] % tp == 0 for n in names):
+        parts = [read(n, rows=(r * shapes[n][0] // tp, (r + 1) * shapes[n][0] // tp)) for n in names]
+        return torch.cat(parts) if split == M.GLU else parts[0]       # GLU: [gate_r; up_r]
+    if tp > 1 and split == M.VOCAB:
+        n, k = names[0], dst.shape[0]                                 # k = padded vocab / tp
+        vocab = shapes[n][0]
+        r0, r1 = min(r * k, vocab), min((r + 1) * k, vocab)
+        t = read(n, rows=(r0, r1)) if r1 > r0 else dst.new_zeros(0, *dst.shape[1:])
+        return torch.cat([t, t.new_zeros(k - t.shape[0], *t.shape[1:])]) if t.shape[0] < k else t
+    padded = dst.shape[0] * tp if split == M.VOCAB else None
+    return M.shard(split, [read(n) for n in names], r, tp, padded)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:

@@ -153,22 +153,42 @@ class HFCheckpoint:
     def is_fp8(self, name: str) -> bool:
         return name + SCALE_SUFFIX in self.weight_map
 
-    def get(self, name: str, dtype: Optional[torch.dtype] = None,
-            expected_shape: Optional[Tuple[int, ...]] = None) -> torch.Tensor:
-        """One tensor in `dtype` (None: as stored, FP8 dequantised to float32), shape-checked."""
-        t = self.raw(name)
-        if expected_shape is not None and tuple(t.shape) != tuple(expected_shape):
-            raise CheckpointError(f"{self.file_of(name)}: tensor {name!r} has shape {tuple(t.shape)}, but config.json "
+    def _rows(self, name: str, r0: Optional[int], r1: Optional[int]) -> torch.Tensor:
+        """Rows r0:r1 of a stored tensor (all when r0 is None), reading only those bytes."""
+        from safetensors import safe_open
+        fname = self.file_of(name)
+        try:
+            with safe_open(fname, "pt") as f:
+                return f.get_tensor(name) if r0 is None else f.get_slice(name)[r0:r1]
+        except Exception as e:
+            raise CheckpointError(f"{fname}: cannot read tensor {name!r} (truncated or corrupt file?): {e}") from e
+
+    def get(self, name: str, dtype: Optional[torch.dtype] = None, expected_shape: Optional[Tuple[int, ...]] = None,
+            rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """One tensor in `dtype` (None: as stored, FP8 dequantised to float32), shape-checked.
+
+        rows=(r0, r1): only those rows are read (a TP rank's part of a dim-0 split); FP8 weights need r0 on a
+        block boundary for that, else the whole tensor is read and cut."""
+        shape = self.shape(name)
+        if expected_shape is not None and shape != tuple(expected_shape):
+            raise CheckpointError(f"{self.file_of(name)}: tensor {name!r} has shape {shape}, but config.json "
                                   f"implies {tuple(expected_shape)}")
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            scale_name = name + SCALE_SUFFIX
-            if scale_name not in self.weight_map:
-                raise CheckpointError(f"{self.file_of(name)}: FP8 weight {name!r} has no scale {scale_name!r}")
-            s = self.raw(scale_name)
-            if tuple(s.shape) != scale_shape(t.shape, self.block):
-                raise CheckpointError(f"{self.file_of(scale_name)}: {scale_name!r} has shape {tuple(s.shape)}; "
-                                      f"{name!r} {tuple(t.shape)} needs {scale_shape(t.shape, self.block)}")
-            t = dequantize_blockwise(t, s, self.block, dtype=torch.float32)
+        r0, r1 = rows if rows is not None else (None, None)
+        if not self.stored_dtype(name).startswith("F8"):
+            t = self._rows(name, r0, r1)
+            return t if dtype is None else t.to(dtype)
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in self.weight_map:
+            raise CheckpointError(f"{self.file_of(name)}: FP8 weight {name!r} has no scale {scale_name!r}")
+        if self.shape(scale_name) != scale_shape(shape, self.block):
+            raise CheckpointError(f"{self.file_of(scale_name)}: {scale_name!r} has shape {self.shape(scale_name)}; "
+                                  f"{name!r} {shape} needs {scale_shape(shape, self.block)}")
+        b = self.block
+        if r0 is not None and r0 % b == 0:
+            t = dequantize_blockwise(self._rows(name, r0, r1), self._rows(scale_name, r0 // b, -(-r1 // b)), b)
+        else:
+            t = dequantize_blockwise(self._rows(name, None, None), self._rows(scale_name, None, None), b)
+            t = t if r0 is None else t[r0:r1].contiguous()
         return t if dtype is None else t.to(dtype)
 
 

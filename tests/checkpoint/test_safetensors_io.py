@@ -199,3 +199,14 @@ def test_output_dir_context(tmp_path):
         open(os.path.join(d, "f"), "w").write("1")
         assert not (tmp_path / "x").exists()
     assert (tmp_path / "x" / "f").read_text() == "1"
+
+
+def test_row_reads_equal_cut_full_reads(hf_tiny):
+    """get(rows=...) reads only a TP rank's rows; BF16 and FP8 (block-aligned and not) equal the cut full tensor."""
+    for which in ("bf16", "fp8"):
+        ck = HFCheckpoint(hf_tiny[which])
+        for name, rows in (("model.layers.0.self_attn.q_b_proj.weight", (128, 192)),    # FP8: aligned
+                           ("model.layers.0.self_attn.q_b_proj.weight", (96, 192)),     # FP8: not aligned
+                           ("model.layers.0.mlp.gate_proj.weight", (0, 160)),
+                           ("model.embed_tokens.weight", (126, 251))):
+            assert torch.equal(ck.get(name, rows=rows), ck.get(name)[rows[0]:rows[1]]), (which, name, rows)

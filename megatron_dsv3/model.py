@@ -126,7 +126,8 @@ class DSV3Model(LanguageModule):
         """input_ids, labels, loss_mask [b, s] (labels[i] = t_{i+1}); attention_mask: None (causal) or
         megatron's boolean [b|1, 1, s, s], True = masked. Returns per-token loss [b, s] with labels, logits
         [b, s, V/tp] without (all of V with runtime_gather_output=True); on a non-last pipeline stage the
-        hidden states [s', b, h]."""
+        hidden states [s', b, h]. position_ids is accepted as GPTModel's and not used (positions 0..s-1).
+        Under pipeline parallelism with MTP the last stage needs input_ids too."""
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)   # [s', b, h]
         # non-first stages: the decoder reads the tensor given to set_input_tensor
@@ -136,6 +137,9 @@ class DSV3Model(LanguageModule):
             return hidden
 
         if labels is not None and self.mtp_process and self.mtp.enabled:
+            if input_ids is None:
+                raise ValueError("DSV3Model: MTP embeds future tokens, so the last pipeline stage needs input_ids "
+                                 "(not only labels); pass them there or switch MTP off (set_mtp_enabled)")
             hidden = self.mtp(
                 hidden, input_ids=input_ids, labels=labels, loss_mask=loss_mask,
                 embedding=lambda ids: self.embedding(input_ids=ids, position_ids=None),

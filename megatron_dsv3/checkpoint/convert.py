@@ -76,7 +76,7 @@ def unwrap(model):
     """The DSV3Model inside megatron's wrappers (DDP, Float16Module: `.module`) or a one-chunk list."""
     if isinstance(model, (list, tuple)):
         if len(model) != 1:
-            raise ValueError("load_hf/export take one model chunk (virtual pipeline stages are not supported)")
+            raise ValueError("load_hf/export take one model chunk at a time: call them per virtual pipeline chunk")
         model = model[0]
     while not hasattr(model, "dsv3_config") and hasattr(model, "module"):
         model = model.module
@@ -95,17 +95,25 @@ def model_config(model, fallback=None):
 
 
 def _layout_config(cfg, ranks: Ranks):
-    par = cfg.parallel
-    if (par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size) != \
-            (ranks.tp, ranks.pp, ranks.ep):
-        cfg = cfg.replace(parallel={"tensor_model_parallel_size": ranks.tp, "pipeline_model_parallel_size": ranks.pp,
-                                    "expert_model_parallel_size": ranks.ep})
     if cfg.parallel.expert_tensor_parallel_size != 1:
         raise ValueError("checkpoint conversion supports expert_tensor_parallel_size 1 only (experts whole per EP rank)")
-    if cfg.parallel.virtual_pipeline_model_parallel_size:
-        raise ValueError("load_hf/export: virtual pipeline stages are not supported; convert with "
-                         "virtual_pipeline_model_parallel_size=None (the dist checkpoint loads into any VPP)")
     return cfg
+
+
+def _global_namer(model, cfg, ranks: Ranks):
+    """local state-dict name -> global name. Decoder layers are numbered per model chunk; their global
+    index is the TransformerLayer's layer_number - 1 (megatron adds the PP/VPP offset, uneven stages too)."""
+    layers = getattr(getattr(model, "decoder", None), "layers", None)
+    numbers = {i: layer.layer_number - 1 for i, layer in enumerate(layers or [])
+               if getattr(layer, "layer_number", None) is not None}
+
+    def name(local: str) -> str:
+        parsed = M.decoder_layer(local)
+        if parsed is None:
+            return local
+        i, rest = parsed
+        return f"decoder.layers.{numbers[i]}.{rest}" if i in numbers else M.global_name(local, cfg, ranks.pp_rank)
+    return name
 
 
 def _state(model) -> Dict[str, torch.Tensor]:
@@ -141,7 +149,7 @@ def load_hf(model, path, config=None, ranks: Optional[Ranks] = None, strict: boo
     ranks = ranks or Ranks.current()
     cfg = _layout_config(model_config(model, config or ckpt.config), ranks)
     _check_same_model(ckpt.config, cfg)
-    rows = M.table(cfg)
+    rows, global_name = M.table(cfg), _global_namer(model, cfg, ranks)
     shapes = M.expected_hf_shapes(ckpt.config)
     loaded: List[str] = []
 
@@ -161,7 +169,7 @@ def load_hf(model, path, config=None, ranks: Optional[Ranks] = None, strict: boo
         for local, dst in state.items():
             if bar is not None:
                 bar.update(1)
-            row = rows.get(M.global_name(local, cfg, ranks.pp_rank))
+            row = rows.get(global_name(local))
             if row is None:
                 if strict:
                     raise CheckpointError(f"model tensor {local!r} has no row in the HF mapping table")
@@ -242,12 +250,12 @@ def iter_hf_tensors(model, config=None, ranks: Optional[Ranks] = None) -> Iterat
     model = unwrap(model)
     ranks = ranks or Ranks.current()
     cfg = _layout_config(model_config(model, config), ranks)
-    rows = M.table(cfg)
+    rows, global_name = M.table(cfg), _global_namer(model, cfg, ranks)
     copies: Dict[str, List[str]] = {}
     for copy, main in M.mtp_shared_copies(cfg).items():
         copies.setdefault(main, []).append(copy)
     for local, t in _state(model).items():
-        row = rows.get(M.global_name(local, cfg, ranks.pp_rank))
+        row = rows.get(global_name(local))
         if row is None:
             raise CheckpointError(f"model tensor {local!r} has no row in the HF mapping table")
         t = t.detach()

@@ -194,6 +194,12 @@ def stage_of_layer(cfg, layer: int) -> int:
     return max(s for s, o in enumerate(offs) if o <= layer and cfg.pipeline_layers()[s] > 0)
 
 
+def decoder_layer(local: str) -> Optional[Tuple[int, str]]:
+    """"decoder.layers.{i}.rest" -> (i, rest); None for other names."""
+    m = _LAYER_RE.match(local)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
 def global_name(local: str, cfg, pp_rank: int) -> str:
     """decoder.layers.{local}.x on stage pp_rank -> decoder.layers.{global}.x; other names unchanged."""
     m = _LAYER_RE.match(local)

@@ -30,12 +30,12 @@ HF_KW = dict(vocab_size=251, hidden_size=160, intermediate_size=320, moe_interme
                            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
 
 
-def random_hf_tensors(tmp, seed=0):
+def random_hf_tensors(tmp, seed=0, layers=2):
     """{HF file name: float32 tensor} of a random tiny DeepSeek-V3 incl. its MTP layer, and config.json."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
     from safetensors import safe_open
     torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**HF_KW))
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**dict(HF_KW, num_hidden_layers=layers)))
     src = os.path.join(tmp, "save_pretrained")
     model.save_pretrained(src)
     with open(os.path.join(src, "config.json")) as f:

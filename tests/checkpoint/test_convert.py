@@ -177,3 +177,32 @@ def test_trainer_checkpoint_exports_to_hf(hf_tiny, tmp_path):
     back = str(tmp_path / "hf")
     C.mcore_to_hf(str(tmp_path / "run"), back, dtype="bf16")
     _assert_identical(hf_tiny["bf16"], back)
+
+
+def _vpp_rank(rank, path, tensors):
+    from megatron_dsv3.model import build_model
+    ck = HFCheckpoint(path)
+    cfg = ck.config.replace(params_dtype="float32", parallel={"pipeline_model_parallel_size": 2,
+                                                              "virtual_pipeline_model_parallel_size": 2,
+                                                              "pipeline_schedule": "interleaved"})
+    seen = []
+    for v in range(2):
+        chunk = build_model(cfg, vp_stage=v)
+        C.load_hf(chunk, ck)
+        for i, layer in enumerate(chunk.decoder.layers):
+            g = layer.layer_number - 1
+            w = chunk.state_dict()[f"decoder.layers.{i}.self_attention.linear_kv_up_proj.weight"]
+            assert torch.equal(w, tensors[f"model.layers.{g}.self_attn.kv_b_proj.weight"].bfloat16().float()), g
+            seen.append(g)
+    return seen
+
+
+def test_load_hf_per_virtual_pipeline_chunk(tmp_path):
+    """--load-hf with interleaved stages: each chunk's layers are found by their global layer number."""
+    from tests.checkpoint import conftest
+    from megatron_dsv3.testing import run_distributed
+    tensors, config, _ = conftest.random_hf_tensors(str(tmp_path), layers=4)
+    path = conftest.write_hf(str(tmp_path / "hf"), tensors, config)
+    seen = run_distributed(_vpp_rank, 2, pp=2, vpp=2, path=path,
+                           tensors={k: v for k, v in tensors.items() if "kv_b_proj" in k})
+    assert seen == [[0, 2], [1, 3]]            # megatron's interleaved placement

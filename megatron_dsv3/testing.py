@@ -113,13 +113,26 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *, tp: int = 1, pp:
                     etp: int = 1, vpp: Optional[int] = None, seed: int = 1234, timeout: float = 180,
                     **kwargs) -> List[Any]:
     """fn(rank, **kwargs) on `world_size` gloo ranks; returns the per-rank results in rank order."""
+    for attempt in range(3):
+        try:
+            return _run_once(fn, world_size, tp=tp, pp=pp, ep=ep, cp=cp, etp=etp, vpp=vpp, seed=seed,
+                             timeout=timeout, **kwargs)
+        except DistributedTestError as e:
+            # the free port was taken between choosing and binding it (other processes on the machine): retry
+            if attempt == 2 or "address already in use" not in str(e).lower():
+                raise
+
+
+def _run_once(fn, world_size, *, tp, pp, ep, cp, etp, vpp, seed, timeout, **kwargs):
     if world_size % (tp * pp * cp) != 0:
         raise ValueError(f"world_size {world_size} is not divisible by tp*pp*cp = {tp * pp * cp}")
     ctx = _context()
     q = ctx.Queue()
     port = free_port()
     sizes = dict(tp=tp, pp=pp, ep=ep, cp=cp, etp=etp, vpp=vpp, seed=seed)
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, sizes, fn, kwargs, q, timeout), daemon=True)
+    # not daemonic: megatron's checkpoint writer starts a multiprocessing Manager inside a rank;
+    # every rank is joined or terminated below
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, sizes, fn, kwargs, q, timeout))
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -14,8 +14,9 @@ HF's `model.layers.{L+k}.embed_tokens.weight` and `.shared_head.head.weight` are
 embedding and head (MTP_SHARED): written on export as the published checkpoint does, checked on import.
 
 Pipeline stage ownership (DSV3Config.pipeline_layers()): layer i belongs to the stage whose layer range
-holds it; the embedding to the first stage (and, when MTP is on, a copy on the last stage, which embeds
-the MTP inputs); final norm, output head and all MTP rows to the last stage.
+holds it (with virtual stages, to the chunk whose TransformerLayer has layer_number i + 1: the converter
+reads the global index from the model); the embedding to the first stage (and, when MTP is on, a copy on
+the last stage, which embeds the MTP inputs); final norm, output head and all MTP rows to the last stage.
 Expert parallel (EP): expert g lives on EP rank g // E_local as local expert g % E_local.
 Expert tensor parallel > 1 is not supported (experts are whole on their EP rank).
 """

@@ -92,9 +92,13 @@ def _unwrap(chunk):
     return chunk
 
 
+OPTIM_FORMAT = os.environ.get("MEGATRON_DSV3_OPTIM_FORMAT")   # debugging override of the format chosen below
+
+
 def _metadata(fully_reshardable: bool) -> dict:
     from megatron.core import parallel_state as ps
-    return {"distrib_optim_sharding_type": "fully_reshardable" if fully_reshardable else "dp_reshardable",
+    fmt = OPTIM_FORMAT or ("fully_reshardable" if fully_reshardable else "dp_reshardable")
+    return {"distrib_optim_sharding_type": fmt,
             "singleton_local_shards": False, "chained_optim_avoid_prefix": True,
             "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
 

@@ -86,3 +86,16 @@ def test_kill_during_save_keeps_previous_checkpoint(mcore_single, tiny_data, tmp
     assert t.history[0]["iteration"] == 3 and t.iteration == 4
     assert open(os.path.join(ck, "latest")).read().strip() == "4"
     assert not os.path.exists(tmp)
+
+
+@pytest.mark.xfail(reason="moe/router.py keeps Router.weight in float32 inside a bf16 model; megatron-core's "
+                          "DistributedOptimizer checkpoint formats support one parameter dtype (dp_reshardable asserts, "
+                          "fully_reshardable and fully_sharded_model_space fail too). Storing the weight in params_dtype "
+                          "(compute stays fp32, the optimizer holds the fp32 master) makes this pass.", strict=False)
+def test_bf16_save_and_resume(mcore_single, tiny_data, tmp_path):
+    prefix, cache = tiny_data
+    ck = str(tmp_path / "ckpt")
+    full = _train(trainer_argv(prefix, cache, "--bf16", iters=4))
+    _train(trainer_argv(prefix, cache, "--bf16", "--save", ck, "--save-interval", "2", "--exit-interval", "2", iters=4))
+    resumed = _train(trainer_argv(prefix, cache, "--bf16", "--load", ck, iters=4))
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[2:]]

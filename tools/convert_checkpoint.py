@@ -51,6 +51,8 @@ def main(argv=None) -> int:
             s.add_argument("--ep", type=int, default=1)
         if name == "hf-to-mcore":
             s.add_argument("--dtype", choices=sorted(PARAM_DTYPES), default="bf16", help="parameter dtype")
+            s.add_argument("--no-mtp", action="store_true",
+                           help="build without MTP (checkpoints saved by transformers have no MTP layer)")
         else:
             s.add_argument("--dtype", choices=["bf16", "fp8", "fp32"], default="bf16",
                            help="fp8: e4m3 + 128x128 weight_scale_inv as the published checkpoints")
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     try:
         if a.cmd == "hf-to-mcore":
             info = C.hf_to_mcore(a.src, a.out, a.tp, a.pp, a.ep, params_dtype=PARAM_DTYPES[a.dtype],
-                                 overwrite=a.overwrite, show_progress=True)
+                                 overwrite=a.overwrite, show_progress=True, drop_mtp=a.no_mtp)
             _print(f"wrote megatron-core dist checkpoint {a.out}/release (+ latest_checkpointed_iteration.txt, "
                   f"{C.CONFIG_FILE}) from {info['hf_tensors']} HF tensors on {info['world_size']} rank(s) "
                   f"TPxPPxEP={a.tp}x{a.pp}x{a.ep}; parameters per rank: {info['numel_per_rank']}")

@@ -126,7 +126,10 @@ def _check_same_model(hf_cfg, cfg) -> None:
             ("mla", "q_lora_rank"), ("mla", "kv_lora_rank"), ("mla", "qk_nope_head_dim"), ("mla", "qk_rope_head_dim"),
             ("mla", "v_head_dim"), ("moe", "num_experts"), ("moe", "num_shared_experts"),
             ("moe", "expert_ffn_hidden_size"), ("moe", "dense_ffn_hidden_size"), ("moe", "first_k_dense_replace"),
-            ("moe", "expert_bias"), ("mtp", "num_layers")]
+            ("moe", "expert_bias")]
+    if cfg.mtp.num_layers > hf_cfg.mtp.num_layers:      # fewer is fine: MTP dropped (drop_mtp)
+        raise CheckpointError(f"the model has {cfg.mtp.num_layers} MTP layer(s), the checkpoint's config.json "
+                              f"{hf_cfg.mtp.num_layers}")
     for path in keys:
         a, b = hf_cfg, cfg
         for p in path:
@@ -155,7 +158,10 @@ def load_hf(model, path, config=None, ranks: Optional[Ranks] = None, strict: boo
 
     def read(name: str, rows=None) -> torch.Tensor:
         if name not in ckpt:
-            raise CheckpointError(f"{ckpt.path}: tensor {name!r} is missing from the checkpoint")
+            hint = ""
+            if name.startswith(f"model.layers.{cfg.num_layers}."):
+                hint = " (a checkpoint without its MTP layer: build the model with MTPConfig.num_layers=0)"
+            raise CheckpointError(f"{ckpt.path}: tensor {name!r} is missing from the checkpoint{hint}")
         loaded.append(name)
         return ckpt.get(name, expected_shape=shapes[name], rows=rows)
 
@@ -514,17 +520,24 @@ def _hf_to_mcore_rank(rank: int, hf_path: str, out: str, cfg_dict: dict, show_pr
 
 
 def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, params_dtype: str = "bfloat16",
-                overwrite: bool = False, allow_unused: bool = False, show_progress: bool = False) -> dict:
-    """Convert an HF checkpoint into a megatron-core dist checkpoint at layout TP x PP x EP."""
+                overwrite: bool = False, allow_unused: bool = False, show_progress: bool = False,
+                drop_mtp: bool = False) -> dict:
+    """Convert an HF checkpoint into a megatron-core dist checkpoint at layout TP x PP x EP.
+    drop_mtp: build the model without MTP (for checkpoints whose files lack the MTP layer)."""
     check_output_dir(out, overwrite)
     ckpt = HFCheckpoint(hf_path)          # validates config.json, index, shards before any work
     cfg = target_config(ckpt.config, tp, pp, ep, params_dtype)
+    if drop_mtp:
+        cfg = cfg.replace(mtp={"num_layers": 0})
     _check_full_checkpoint(ckpt, cfg, allow_unused)
     tmp = _shared_temp_dir(out)
     try:
         results = _run(_hf_to_mcore_rank, tp, pp, ep, hf_path=os.path.abspath(hf_path), out=tmp,
                        cfg_dict=cfg.to_dict(), show_progress=show_progress)[0]
-        unused = set.intersection(*[set(r["unused"]) for r in results]) - set(M.mtp_shared_copies(cfg))
+        unused = set.intersection(*[set(r["unused"]) for r in results]) - set(M.mtp_shared_copies(ckpt.config))
+        if drop_mtp:
+            unused -= set(_mtp_tensors(ckpt, cfg))
+            unused -= {n + SCALE_SUFFIX for n in _mtp_tensors(ckpt, cfg)}
         if unused and not allow_unused:
             raise CheckpointError(f"{hf_path}: {len(unused)} checkpoint tensor(s) map to nothing in the model, "
                                   f"e.g. {sorted(unused)[:3]}")
@@ -541,16 +554,27 @@ def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, p
             "hf_tensors": len(ckpt.keys())}
 
 
+def _mtp_tensors(ckpt: HFCheckpoint, cfg) -> List[str]:
+    prefixes = tuple(f"model.layers.{cfg.num_layers + k}." for k in range(ckpt.config.mtp.num_layers))
+    return [k for k in ckpt.keys() if prefixes and k.startswith(prefixes)]
+
+
 def _check_full_checkpoint(ckpt: HFCheckpoint, cfg, allow_unused: bool = False) -> None:
-    """Every tensor the config implies is present with its shape (FP8 weights with scales: HFCheckpoint),
-    and, unless allow_unused, every tensor of the checkpoint has a place in the model."""
-    shapes = M.expected_hf_shapes(ckpt.config)
-    copies = M.mtp_shared_copies(ckpt.config)
+    """Every tensor `cfg` implies is present with its shape (FP8 weights with scales: HFCheckpoint), and,
+    unless allow_unused, every tensor of the checkpoint has a place in the model (an MTP layer the target
+    config drops, drop_mtp, is skipped knowingly)."""
+    shapes = M.expected_hf_shapes(cfg)
+    copies = M.mtp_shared_copies(cfg)
     missing = [n for n in shapes if n not in ckpt and n not in copies]
     if missing:
+        hint = ""
+        if cfg.mtp.num_layers and not _mtp_tensors(ckpt, cfg):
+            hint = (f" (config.json says num_nextn_predict_layers={cfg.mtp.num_layers} but the files hold no MTP "
+                    f"layer, as transformers' save_pretrained writes them: convert with drop_mtp=True / --no-mtp)")
         raise CheckpointError(f"{ckpt.path}: {len(missing)} tensor(s) the config implies are missing from the "
-                              f"index, e.g. {missing[0]!r}")
-    unknown = sorted(k for k in ckpt.keys() if k not in shapes and not (
+                              f"index, e.g. {missing[0]!r}{hint}")
+    dropped = set(_mtp_tensors(ckpt, cfg)) if cfg.mtp.num_layers < ckpt.config.mtp.num_layers else set()
+    unknown = sorted(k for k in ckpt.keys() if k not in shapes and k not in dropped and not (
         k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in shapes))
     if unknown and not allow_unused:
         raise CheckpointError(f"{ckpt.path}: {len(unknown)} checkpoint tensor(s) map to nothing in the model, "

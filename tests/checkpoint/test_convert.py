@@ -26,13 +26,8 @@ MTP_AND_BIAS = ["model.layers.2.enorm.weight", "model.layers.2.hnorm.weight", "m
 
 
 def _read(path):
-    with open(os.path.join(path, INDEX)) as f:
-        wm = json.load(f)["weight_map"]
-    out = {}
-    for k, fn in wm.items():
-        with safe_open(os.path.join(path, fn), "pt") as f:
-            out[k] = f.get_tensor(k)
-    return out
+    ck = HFCheckpoint(path)          # index or a single model.safetensors
+    return {k: ck.raw(k) for k in ck.keys()}
 
 
 def _assert_identical(a_dir, b_dir):
@@ -206,3 +201,16 @@ def test_load_hf_per_virtual_pipeline_chunk(tmp_path):
     seen = run_distributed(_vpp_rank, 2, pp=2, vpp=2, path=path,
                            tensors={k: v for k, v in tensors.items() if "kv_b_proj" in k})
     assert seen == [[0, 2], [1, 3]]            # megatron's interleaved placement
+
+
+def test_checkpoint_without_mtp_layer_needs_drop_mtp(hf_tiny, tmp_path):
+    """transformers' save_pretrained keeps num_nextn_predict_layers=1 but writes no MTP layer."""
+    plain = os.path.join(hf_tiny["root"], "save_pretrained")
+    with pytest.raises(CheckpointError, match=r"missing from the index, e.g. 'model.layers.2.*convert with "
+                                              r"drop_mtp=True / --no-mtp"):
+        C.hf_to_mcore(plain, str(tmp_path / "mc"))
+    C.hf_to_mcore(plain, str(tmp_path / "mc"), params_dtype="float32", drop_mtp=True)
+    C.mcore_to_hf(str(tmp_path / "mc"), str(tmp_path / "hf"), dtype="fp32")
+    a, b = _read(plain), _read(str(tmp_path / "hf"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.load(open(tmp_path / "hf" / "config.json"))["num_nextn_predict_layers"] == 0

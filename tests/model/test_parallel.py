@@ -1,5 +1,6 @@
-"""PP=2 (uneven 1+2 layers, megatron-core's 1F1B), TP=2 (with and without sequence parallel) and EP=2 give the loss, MTP loss and gradients of PP=1,
-for the tiny preset with MTP on (and the MoE balance loss on).
+"""PP=2 (uneven 1+3 layers, megatron-core's 1F1B), PP=2 x VPP=2 (interleaved 1F1B), TP=2 (with and without
+sequence parallel) and EP=2 give the loss, MTP loss and gradients of PP=1, for the tiny preset (4 layers) with MTP
+on (and the MoE balance loss on).
 
 Every run is one training step the way a trainer does it: megatron-core DDP around the model,
 get_forward_backward_func() over 4 micro-batches, finalize_model_grads (DP all-reduce and the first/last stage
@@ -21,6 +22,7 @@ MICRO_BATCHES, B, S = 4, 2, 32
 
 MODES = {  # name: (parallel overrides, run_distributed sizes)
     "pp2": ({"pipeline_model_parallel_size": 2, "num_layers_in_first_pipeline_stage": 1}, dict(pp=2)),
+    "pp2vpp2": ({"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, dict(pp=2, vpp=2)),
     "tp2": ({"tensor_model_parallel_size": 2}, dict(tp=2)),
     "tp2sp": ({"tensor_model_parallel_size": 2, "sequence_parallel": True}, dict(tp=2)),
     "ep2": ({"expert_model_parallel_size": 2}, dict(ep=2)),
@@ -28,7 +30,7 @@ MODES = {  # name: (parallel overrides, run_distributed sizes)
 
 
 def _config(parallel=None) -> DSV3Config:
-    cfg = DSV3Config.from_preset("tiny").replace(seq_length=S)
+    cfg = DSV3Config.from_preset("tiny").replace(num_layers=4, seq_length=S)   # 1 dense + 3 MoE layers
     return cfg.replace(parallel=parallel) if parallel else cfg
 
 
@@ -84,7 +86,7 @@ def _shard(name, full, tp_dim, ep_slice, tp, tp_rank):
 
 
 def train_step(rank, parallel, state, batches):
-    """One step on this rank; returns (loss sums, MTP report, {global name: local grad})."""
+    """One step on this rank; returns (loss sums, MTP report, {global name: local grad}, checkpoint keys)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -93,33 +95,44 @@ def train_step(rank, parallel, state, batches):
     from megatron_dsv3.mtp import mtp_loss_report
 
     cfg = _config(parallel)
-    model = build_model(cfg)
-    info = _shard_info(model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            glob, tp_dim, ep_slice = info[name]
-            p.copy_(_shard(glob, state[glob], tp_dim, ep_slice, ps.get_tensor_model_parallel_world_size(),
-                           ps.get_tensor_model_parallel_rank()))
-        for name, buf in model.named_buffers():
-            if name.endswith("expert_bias"):
-                glob = info[name.replace("expert_bias", "weight")][0].replace("weight", "expert_bias")
-                buf.copy_(state[glob])
-    model.config.moe_router_enable_expert_bias = False  # our routers update their bias in their own hook
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    chunks = [build_model(cfg, vp_stage=v) for v in range(vpp)] if vpp else [build_model(cfg)]
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    info, ddps, ckpt = {}, [], {}
+    for i, model in enumerate(chunks):
+        chunk_info = _shard_info(model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                glob, tp_dim, ep_slice = chunk_info[name]
+                p.copy_(_shard(glob, state[glob], tp_dim, ep_slice, tp, tp_rank))
+            for name, buf in model.named_buffers():
+                if name.endswith("expert_bias"):
+                    glob = chunk_info[name.replace("expert_bias", "weight")][0].replace("weight", "expert_bias")
+                    buf.copy_(state[glob])
+        model.config.moe_router_enable_expert_bias = False  # our routers update their bias in their own hook
+        # gloo + megatron's batched P2P: with PP=2 the previous and next stage are the same rank, and the
+        # interleaved schedule's batched send-next/send-prev pairs arrive swapped (megatron's own GPTModel
+        # too: micro-batches 3-4 differ); unbatched P2P is exact
+        model.config.batch_p2p_comm = False
+        ddps.append(DistributedDataParallel(model.config, DistributedDataParallelConfig(), model,
+                                            disable_bucketing=i > 0))
+        info.update({glob: v for glob, v in ((v[0], v) for v in chunk_info.values())})
+        ckpt.update({k: (v.key, tuple(v.global_shape), tuple(v.global_offset), v.replica_id)
+                     for k, v in model.sharded_state_dict().items() if hasattr(v, "global_shape")})
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = batches[dp_rank::dp]
     losses = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iter(mine), model=[ddp], num_microbatches=len(mine),
-        seq_length=S, micro_batch_size=B, forward_only=False)
-    finalize_model_grads([ddp])
-    grads = {info[n][0]: p.main_grad.detach().clone() for n, p in model.named_parameters()}
+        forward_step_func=_forward_step, data_iterator=[iter(mine) for _ in chunks] if vpp else iter(mine),
+        model=ddps, num_microbatches=len(mine), seq_length=S, micro_batch_size=B, forward_only=False)
+    finalize_model_grads(ddps)
+    grads = {}
+    for model in chunks:
+        names = _shard_info(model)
+        grads.update({names[n][0]: p.main_grad.detach().clone() for n, p in model.named_parameters()})
     loss = torch.stack([d["lm loss"] for d in losses]).sum(0) if losses else None
-    ckpt = {k: (v.key, tuple(v.global_shape), tuple(v.global_offset), v.replica_id)
-            for k, v in model.sharded_state_dict().items() if hasattr(v, "global_shape")}
-    return {"ckpt": ckpt,"loss": loss, "mtp": mtp_loss_report(model, group=ps.get_data_parallel_group()), "grads": grads,
-            "info": info, "tp_rank": ps.get_tensor_model_parallel_rank(),
-            "tp": ps.get_tensor_model_parallel_world_size(), "ep_rank": ps.get_expert_model_parallel_rank()}
+    return {"ckpt": ckpt, "loss": loss, "mtp": mtp_loss_report(chunks, group=ps.get_data_parallel_group()),
+            "grads": grads, "info": info, "tp_rank": tp_rank, "tp": tp}
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +182,7 @@ def test_parallel_step_equals_single(reference, mode):
     # every parameter of the full model is on some rank with the reference's gradient (fp32, reordered sums)
     seen = set()
     for r in results:
-        for local, (glob, tp_dim, ep_slice) in r["info"].items():
+        for glob, (_, tp_dim, ep_slice) in r["info"].items():
             want = _shard(glob, ref["grads"][glob], tp_dim, ep_slice, r["tp"], r["tp_rank"])
             got = r["grads"][glob]
             err = ((got - want).abs().max() / ref["grads"][glob].abs().max().clamp_min(1e-30)).item()

@@ -9,7 +9,7 @@ Counted per pipeline stage (the largest is reported):
                 moments in BF16 (section 3.3.3: moment_bytes=2);
 * activations   per layer and token: what backward needs (bf16), from the layer's shapes; 1F1B keeps
                 PP - stage micro-batches in flight on a stage; MLA up-projection recompute (paper section
-                3.2.2) drops the up-projected q, k, v; plus the fp32 logits of one micro-batch on the last stage.
+                3.2.2) drops the up-projected q, k, v; full recomputation keeps only layer inputs; plus the fp32 logits of one micro-batch on the last stage.
 Communication buffers, the allocator's fragmentation and the CUDA context (~2-5 GB in practice) are not
 modelled: leave that much headroom.
 """
@@ -74,7 +74,8 @@ def activation_bytes_per_token(cfg, moe_layer: bool, recompute_up_proj: bool, ac
 
 def estimate_memory(cfg, micro_batch_size: int, data_parallel_size: int, seq_length: Optional[int] = None,
                     recompute_up_proj: Optional[bool] = None, param_bytes: Optional[int] = None,
-                    grad_bytes: int = 4, master_bytes: int = 4, moment_bytes: int = 4) -> Dict[str, float]:
+                    grad_bytes: int = 4, master_bytes: int = 4, moment_bytes: int = 4,
+                    recompute_full: bool = False) -> Dict[str, float]:
     """GiB per GPU on the fullest pipeline stage: weights, gradients, optimizer, activations, total."""
     par = cfg.parallel
     s = seq_length or cfg.seq_length
@@ -95,7 +96,12 @@ def estimate_memory(cfg, micro_batch_size: int, data_parallel_size: int, seq_len
         if stage == pp - 1:
             per_token += cfg.mtp.num_layers * activation_bytes_per_token(cfg, True, rec)
         in_flight = pp - stage                                              # 1F1B warm-up depth
-        act = per_token * s * micro_batch_size * in_flight
+        if recompute_full:   # only each layer's input is kept; one layer's activations live during its backward
+            n_layers = layers[stage] + (cfg.mtp.num_layers if stage == pp - 1 else 0)
+            one = max(activation_bytes_per_token(cfg, cfg.is_moe_layer(i), rec) for i in range(first, first + max(1, layers[stage])))
+            act = (n_layers * cfg.hidden_size * 2 * in_flight + one) * s * micro_batch_size
+        else:
+            act = per_token * s * micro_batch_size * in_flight
         if stage == pp - 1:
             act += s * micro_batch_size * cfg.padded_vocab_size / tp * 4 * (1 + cfg.mtp.num_layers)
         row = {"stage": stage, "params_billion": n / 1e9, "weights": n * pbytes / GiB, "gradients": n * grad_bytes / GiB,
@@ -142,7 +148,8 @@ def main(argv=None) -> int:
     par = cfg.parallel
     world = args.world_size or par.tensor_model_parallel_size * par.pipeline_model_parallel_size
     dp = world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size)
-    print(describe(cfg, args.micro_batch_size or 1, dp, moment_bytes=args.moment_bytes))
+    print(describe(cfg, args.micro_batch_size or 1, dp, moment_bytes=args.moment_bytes,
+                   recompute_full=args.recompute_granularity == "full"))
     return 0
 
 

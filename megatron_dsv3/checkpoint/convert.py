@@ -96,7 +96,8 @@ def model_config(model, fallback=None):
 
 def _layout_config(cfg, ranks: Ranks):
     if cfg.parallel.expert_tensor_parallel_size != 1:
-        raise ValueError("checkpoint conversion supports expert_tensor_parallel_size 1 only (experts whole per EP rank)")
+        raise ValueError("checkpoint conversion supports expert_tensor_parallel_size 1 only "
+                         "(experts whole per EP rank)")
     return cfg
 
 

@@ -52,7 +52,8 @@ def our_model(path: str, config=None):
 
 
 @torch.no_grad()
-def compare_logits(hf_model, model, vocab_size: int, prompts: int = 4, seq: int = 32, seed: int = 0) -> Dict[str, float]:
+def compare_logits(hf_model, model, vocab_size: int, prompts: int = 4, seq: int = 32,
+                   seed: int = 0) -> Dict[str, float]:
     """Max abs / max relative logit difference and mean KL(p_hf || p_ours) on random-token prompts."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab_size, (prompts, seq), generator=g)

@@ -11,10 +11,9 @@ import tempfile
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from megatron_dsv3.checkpoint import convert as C
-from megatron_dsv3.checkpoint.safetensors_io import INDEX, CheckpointError, HFCheckpoint
+from megatron_dsv3.checkpoint.safetensors_io import CheckpointError, HFCheckpoint
 from megatron_dsv3.checkpoint.verify import compare_logits, hf_reference_model, our_model
 from megatron_dsv3.config import DSV3Config
 

@@ -14,7 +14,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
 
 from megatron_dsv3.checkpoint import mapping as M
 from megatron_dsv3.checkpoint.safetensors_io import INDEX

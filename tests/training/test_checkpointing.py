@@ -99,3 +99,25 @@ def test_bf16_save_and_resume(mcore_single, tiny_data, tmp_path):
     _train(trainer_argv(prefix, cache, "--bf16", "--save", ck, "--save-interval", "2", "--exit-interval", "2", iters=4))
     resumed = _train(trainer_argv(prefix, cache, "--bf16", "--load", ck, iters=4))
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[2:]]
+
+
+def test_load_hf_starts_from_hugging_face_weights(mcore_single, tiny_data, tmp_path):
+    """--load-hf: a model exported to HF safetensors (the conversion code) comes back into a fresh trainer."""
+    import json
+    from megatron_dsv3.checkpoint import ShardedSafetensorsWriter
+    from megatron_dsv3.checkpoint.convert import hf_config_dict, iter_hf_tensors, write_hf_tensors
+    prefix, cache = tiny_data
+    src = _train(trainer_argv(prefix, cache, iters=2))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    model = src.chunks[0].module
+    writer = ShardedSafetensorsWriter(str(hf))
+    write_hf_tensors(writer, iter_hf_tensors(model), src.cfg, dtype="fp32")
+    writer.finish()
+    (hf / "config.json").write_text(json.dumps(hf_config_dict(src.cfg, "fp32")))
+    dst = _train(trainer_argv(prefix, cache, "--load-hf", str(hf), "--seed", "7", iters=0))
+    want = dict(model.named_parameters())
+    for n, p in dst.chunks[0].module.named_parameters():
+        assert torch.equal(p, want[n]), n
+    for name, b in _bias(dst).items():
+        assert torch.equal(b, _bias(src)[name]), name

@@ -169,6 +169,19 @@ class DSV3Model(LanguageModule):
         return sd
 
 
+def _check_groups(config: DSV3Config, pg) -> None:
+    """The process groups must have the sizes ParallelConfig says (megatron-core's layers shard by the groups,
+    its TransformerConfig by the config: a mismatch builds a model that silently computes something else)."""
+    par = config.parallel
+    for field, group in (("tensor_model_parallel_size", "tp"), ("pipeline_model_parallel_size", "pp"),
+                         ("expert_model_parallel_size", "ep")):
+        g = getattr(pg, group, None)
+        size = g.size() if g is not None and torch.distributed.is_initialized() else 1
+        if size != getattr(par, field):
+            raise ValueError(f"ParallelConfig.{field} is {getattr(par, field)} but the {group} process group has "
+                             f"{size} ranks (initialise megatron-core's parallel_state with the config's sizes)")
+
+
 def build_model(config: DSV3Config, pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
                 backend: str = "local", pg_collection=None, vp_stage: Optional[int] = None,
                 **kwargs) -> DSV3Model:
@@ -176,6 +189,7 @@ def build_model(config: DSV3Config, pre_process: Optional[bool] = None, post_pro
     first/last pipeline stage of pg_collection.pp (megatron-core's parallel_state groups by default).
     Usable as megatron's model_provider: build_model(cfg, pre_process=..., post_process=..., vp_stage=...)."""
     pg = get_process_group_collection(pg_collection)
+    _check_groups(config, pg)
     vp_size = config.parallel.virtual_pipeline_model_parallel_size
     if pre_process is None:
         pre_process = is_pp_first_stage(pg.pp) and is_vp_first_stage(vp_stage, vp_size)

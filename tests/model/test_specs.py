@@ -56,3 +56,10 @@ def test_mtp_block_spec_depth():
     assert len(spec.submodules.layer_specs) == 3
     layer = spec.submodules.layer_specs[0].submodules.transformer_layer
     assert layer.submodules.mlp.module is DeepSeekMoE
+
+
+def test_build_model_rejects_groups_unlike_the_config(mcore_single):
+    from megatron_dsv3.model import build_model
+    cfg = DSV3Config.from_preset("tiny").replace(parallel={"tensor_model_parallel_size": 2})
+    with pytest.raises(ValueError, match="tensor_model_parallel_size"):
+        build_model(cfg)   # parallel_state here is TP=1

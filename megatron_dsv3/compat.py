@@ -88,13 +88,19 @@ def make_transformer_config(cfg, **overrides):
         moe_router_num_groups=moe.n_group if moe.n_group > 1 else None,
         moe_router_group_topk=moe.topk_group if moe.n_group > 1 else None,
         moe_router_topk_scaling_factor=moe.routed_scaling_factor, moe_router_score_function=moe.score_function,
-        moe_router_enable_expert_bias=moe.expert_bias and moe.score_function == "sigmoid",
+        # False: megatron-core's finalize_model_grads would otherwise move our routers' bias itself;
+        # ours moves once per global batch in megatron_dsv3.moe.router.apply_expert_bias_update
+        moe_router_enable_expert_bias=False,
         moe_router_pre_softmax=False, moe_token_dispatcher_type="alltoall",
         moe_layer_freq=[0] * moe.first_k_dense_replace + [1] * (cfg.num_layers - moe.first_k_dense_replace),
         mtp_num_layers=cfg.mtp.num_layers or None,
     )
     if par.sequence_parallel and par.tensor_model_parallel_size > 1:
         kw["sequence_parallel"] = True
+    if not torch.cuda.is_available():
+        # gloo delivers megatron's batched isend/irecv pairs out of order under interleaved pipelining
+        # (micro-batches swap at PP=2 x VPP=2); single sends are exact
+        kw["batch_p2p_comm"] = False
     kw.update(overrides)
     known = _fields_of(MLATransformerConfig)
     dropped = {k for k in kw if k not in known}

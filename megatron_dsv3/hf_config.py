@@ -14,7 +14,7 @@ from megatron_dsv3.config import FP8Config, MLAConfig, MoEConfig, MTPConfig, YaR
 _MODELLED = {
     "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_position_embeddings", "rms_norm_eps",
     "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_theta",
-    "rope_scaling", "rope_parameters", "rope_interleave", "n_routed_experts", "n_shared_experts",
+    "rope_scaling", "rope_parameters", "rope_interleave", "num_key_value_heads", "n_routed_experts", "n_shared_experts",
     "num_experts_per_tok", "moe_intermediate_size", "intermediate_size", "first_k_dense_replace", "n_group",
     "topk_group", "routed_scaling_factor", "scoring_func", "topk_method", "norm_topk_prob",
     "num_nextn_predict_layers", "quantization_config", "model_type", "aux_loss_alpha", "attention_dropout",
@@ -95,6 +95,7 @@ def config_to_hf(cfg) -> Dict[str, Any]:
         "model_type": src.get("model_type", "deepseek_v3"),
         "num_hidden_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
         "num_attention_heads": cfg.num_attention_heads, "vocab_size": cfg.vocab_size,
+        "num_key_value_heads": cfg.num_attention_heads,  # MLA has no KV-head sharing; HF defaults it to 128
         "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_eps,
         "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
         "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim, "rope_theta": m.rope_theta,

@@ -441,7 +441,7 @@ class Trainer:
             ids.append(nxt)
             out.append(nxt)
         model.train()
-        return prompt + self.tokenizer.detokenize(out)
+        return (prompt + self.tokenizer.detokenize(out)).rstrip()
 
     def expert_load_summary(self) -> str:
         """Per MoE layer: load share of the least and most used expert over the run, MaxVio over the run

@@ -100,10 +100,9 @@ def test_tp2_pp2_ep2_matches_single_process(reference, tiny_data):
     _check_bias_once_per_batch(results, ref)
 
 
-@pytest.mark.xfail(reason="routed experts with EP=1 are marked allreduce=True (moe/experts.py), so with TP>1 their "
-                          "gradients (each TP rank computes a share of the tokens) are not summed over TP: loss differs "
-                          "~1e-3 at step 2", strict=False)
 def test_tp2_matches_single_process(reference, tiny_data):
+    """TP=2 with EP=1: the routed experts are replicated over TP and each TP rank computes a share of the
+    tokens, so their gradients must be summed over TP (megatron's expert-data-parallel reduction)."""
     ref, load = reference
     prefix, cache = tiny_data
     argv = trainer_argv(prefix, cache, *load, "--tensor-model-parallel-size", "2")

@@ -210,7 +210,9 @@ class Trainer:
                 self.consumed_samples = state["consumed_samples"]
             self._log0(f"loaded {a.load} at iteration {state['iteration']} "
                        f"(consumed samples {state['consumed_samples']})")
-        elif a.load_hf:
+        elif a.load and not a.load_hf:
+            self._log0(f"no checkpoint at {a.load} (no 'latest' file): starting from scratch")
+        if state is None and a.load_hf:
             from megatron_dsv3.checkpoint import load_hf
             for c in self.chunks:
                 load_hf(c.module, a.load_hf, show_progress=self.is_writer)

@@ -65,6 +65,7 @@ class Bench:
         self.cuda = device.type == "cuda"
         self.deadline = time.monotonic() + budget_s
         self.rows: List[Row] = []
+        self.on_row: Callable[[], None] = lambda: None   # called after every row (writes the partial table)
 
     def _sync(self):
         if self.cuda:
@@ -98,6 +99,7 @@ class Bench:
         if time.monotonic() > self.deadline:
             row.status, row.notes = "skipped", "time budget spent (--budget-s)"
             print(f"[skip] {row.part} / {row.variant}: time budget spent", flush=True)
+            self.on_row()
             return row
         step = None
         t0 = time.monotonic()
@@ -123,6 +125,7 @@ class Bench:
               f"{'-' if row.ms is None else f'{row.ms:.2f} ms'}"
               f"{'' if tf is None else f', {tf:.1f} TFLOP/s'} ({time.monotonic() - t0:.1f} s) {row.notes}",
               flush=True)
+        self.on_row()
         return row
 
 
@@ -444,6 +447,17 @@ def _main(args) -> List[Row]:
               "preset": cfg.name, "dtype": cfg.params_dtype, "seq x mb": f"{args.seq} x {args.mb}",
               "warmup / iterations": f"{args.warmup} / {args.iters}"}
     bench = Bench(device, args.warmup, args.iters, args.budget_s)
+
+    def write(final: bool = False) -> str:
+        text = to_markdown(bench.rows, header if final else {**header, "status": "partial (run in progress)"}, cuda)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        return text
+
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        bench.on_row = write
     t0 = time.monotonic()
     with contextlib.ExitStack() as stack:
         header["torch.distributed"] = _init_distributed(stack, ["nccl", "gloo"] if cuda else ["gloo"])
@@ -453,13 +467,8 @@ def _main(args) -> List[Row]:
             traceback.print_exc()
             bench.rows.append(Row("benchmark setup", "run_all", "ours", status="error",
                                   notes=f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:240]}"))
-    header["wall time"] = f"{time.monotonic() - t0:.0f} s"
-    text = to_markdown(bench.rows, header, cuda)
-    print(text, flush=True)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+        header["wall time"] = f"{time.monotonic() - t0:.0f} s"
+        print(write(final=True), flush=True)   # before the process-group teardown
     return bench.rows
 
 

@@ -197,13 +197,17 @@ class Router(MegatronModule):
     """Gate of one MoE layer.
 
     Parameters / buffers (state dict names):
-        weight       [E, h] float32 parameter (HF mlp.gate.weight)
+        weight       [E, h] parameter in the model's params dtype (HF mlp.gate.weight, bf16 in the published
+                            checkpoint); the affinities are computed in float32 from it, and the optimizer keeps
+                            its float32 master copy as for every other weight
         expert_bias  [E]    float32 persistent buffer (HF mlp.gate.e_score_correction_bias); absent when
                             MoEConfig.expert_bias is False (DeepSeek-V2)
         tokens_per_expert [E] int64 non-persistent buffer: routed-token counts accumulated over the micro-batches
                             of a global batch by the layer (`record_tokens`); read and reset by
                             `apply_expert_bias_update`.
-    Both stay float32 when the model is cast to bf16/fp16 (see `_apply`).
+    expert_bias stays float32 when the model is cast to bf16/fp16 (see `_apply`): ±gamma steps of 1e-3 would
+    vanish in bf16. (The weight follows the model dtype: megatron-core's distributed-optimizer checkpoints
+    expect one parameter dtype per model.)
     """
 
     def __init__(self, config, moe: MoEConfig, expert_order: Optional[torch.Tensor] = None,
@@ -213,7 +217,7 @@ class Router(MegatronModule):
         self.layer_number: Optional[int] = None
         E, h = moe.num_experts, config.hidden_size
         device = "cpu" if config.use_cpu_initialization else None
-        self.weight = torch.nn.Parameter(torch.empty(E, h, dtype=torch.float32, device=device))
+        self.weight = torch.nn.Parameter(torch.empty(E, h, dtype=config.params_dtype, device=device))
         if config.perform_initialization:
             config.init_method(self.weight)
         if getattr(config, "sequence_parallel", False):
@@ -236,8 +240,8 @@ class Router(MegatronModule):
         self._aux_calls = 0
 
     def _apply(self, fn, *args, **kwargs):
-        """Keep weight and expert_bias float32 under module.bfloat16()/.half() (Float16Module casts everything)."""
-        keep = {n: t for n, t in (("weight", self.weight), ("expert_bias", self.expert_bias)) if t is not None}
+        """Keep expert_bias float32 under module.bfloat16()/.half() (Float16Module casts everything)."""
+        keep = {n: t for n, t in (("expert_bias", self.expert_bias),) if t is not None}
         keep = {n: t.detach().clone() for n, t in keep.items()}
         out = super()._apply(fn, *args, **kwargs)
         for n, orig in keep.items():

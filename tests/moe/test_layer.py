@@ -191,7 +191,7 @@ def test_specs(mcore_single):
 
 @pytest.mark.gpu
 def test_deepseek_moe_cuda_bf16_takes_grouped_mm_path(mcore_single):
-    """The whole layer on CUDA in bf16 (torch._grouped_mm experts, float32 router) against itself in float32 on the
+    """The whole layer on CUDA in bf16 (torch._grouped_mm experts, float32 routing math) against itself in float32 on the
     same bf16-rounded input: same routing (the router is float32 in both), bf16 expert math within ~2e-2."""
     from megatron_dsv3.moe import experts as experts_mod
     torch.manual_seed(5)
@@ -203,7 +203,7 @@ def test_deepseek_moe_cuda_bf16_takes_grouped_mm_path(mcore_single):
     out32, _ = ours(x.float())
     idx32, _ = ours.router(x.float())
     ours.bfloat16()
-    assert ours.router.weight.dtype == torch.float32 and ours.experts.weight1.dtype == torch.bfloat16
+    assert ours.router.expert_bias.dtype == torch.float32 and ours.experts.weight1.dtype == torch.bfloat16
     assert experts_mod.can_use_grouped_mm(x.reshape(-1, h), ours.experts.weight1, ours.experts.weight2)
     xb = x.clone().requires_grad_(True)
     out16, _ = ours(xb)

@@ -222,11 +222,15 @@ def test_aux_loss_gradient_reaches_router_through_gates(kind):
     assert router._aux_calls == 1
 
 
-def test_router_stays_float32_under_bf16_cast():
+def test_router_bias_stays_float32_under_bf16_cast_and_scores_are_float32():
     router = Router(_tiny_config(), _moe())
     router.expert_bias.fill_(1e-3 + 1e-6)
     router.bfloat16()
-    assert router.weight.dtype == torch.float32 and router.expert_bias.dtype == torch.float32
+    # the weight follows the model dtype (one dtype for megatron's distributed-optimizer checkpoints);
+    # the bias keeps float32 so that +-gamma steps survive, and the gates are computed in float32
+    assert router.weight.dtype == torch.bfloat16 and router.expert_bias.dtype == torch.float32
+    _, gates = router(torch.randn(3, 2, router.weight.shape[1], dtype=torch.bfloat16))
+    assert gates.dtype == torch.float32
     assert float(router.expert_bias[0]) == pytest.approx(1e-3 + 1e-6, rel=1e-6)
     assert set(router.state_dict()) == {"weight", "expert_bias"}
 

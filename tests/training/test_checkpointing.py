@@ -88,10 +88,6 @@ def test_kill_during_save_keeps_previous_checkpoint(mcore_single, tiny_data, tmp
     assert not os.path.exists(tmp)
 
 
-@pytest.mark.xfail(reason="moe/router.py keeps Router.weight in float32 inside a bf16 model; megatron-core's "
-                          "DistributedOptimizer checkpoint formats support one parameter dtype (dp_reshardable asserts, "
-                          "fully_reshardable and fully_sharded_model_space fail too). Storing the weight in params_dtype "
-                          "(compute stays fp32, the optimizer holds the fp32 master) makes this pass.", strict=False)
 def test_bf16_save_and_resume(mcore_single, tiny_data, tmp_path):
     prefix, cache = tiny_data
     ck = str(tmp_path / "ckpt")

@@ -192,13 +192,15 @@ def test_specs(mcore_single):
 @pytest.mark.gpu
 def test_deepseek_moe_cuda_bf16_takes_grouped_mm_path(mcore_single):
     """The whole layer on CUDA in bf16 (torch._grouped_mm experts, float32 routing math) against itself in float32 on the
-    same bf16-rounded input: same routing (the router is float32 in both), bf16 expert math within ~2e-2."""
+    same bf16-rounded input and router weight: same routing (gating math is float32 in both), bf16 expert math within ~2e-2."""
     from megatron_dsv3.moe import experts as experts_mod
     torch.manual_seed(5)
     h, s, b = 64, 16, 4
     cfg = DSV3Config.from_preset("tiny", hidden_size=h, moe=dict(num_experts=16, top_k=4, n_group=4, topk_group=2,
                                                                  expert_ffn_hidden_size=32))
     ours = _build_ours(cfg).cuda()
+    with torch.no_grad():  # the router weight becomes bf16 below: give the float32 run the same values
+        ours.router.weight.copy_(ours.router.weight.bfloat16().float())
     x = torch.randn(s, b, h, device="cuda").bfloat16()
     out32, _ = ours(x.float())
     idx32, _ = ours.router(x.float())

@@ -474,7 +474,7 @@ def run(args, model_builder: Optional[Callable] = None) -> Trainer:
     if t.is_writer:
         if t.eval_history:
             first, last = t.eval_history[0]["loss"], t.eval_history[-1]["loss"]
-            print(f"validation loss {first:.4f} -> {last:.4f} ({first - last:+.4f})", flush=True)
+            print(f"validation loss {first:.4f} -> {last:.4f} (change {last - first:+.4f})", flush=True)
         if sample is not None:
             print(f"sample (greedy, {args.generate_tokens} tokens max):\n{sample}", flush=True)
         print(summary, flush=True)

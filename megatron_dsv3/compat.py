@@ -5,10 +5,12 @@ package imports version-dependent megatron-core names directly.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import multiprocessing as mp
 import inspect
-from typing import Optional
+
 
 import torch
 import torch.nn.functional as F
@@ -114,3 +116,23 @@ def accepts_kwarg(fn, name: str) -> bool:
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+@contextlib.contextmanager
+def dist_checkpoint_writer_processes():
+    """Around `dist_checkpointing.save`: its writer starts child processes, which Python forbids in daemonic
+    processes (other test spawners' ranks): lift the flag for the call. On CPU also give it a fork-started
+    results queue instead of its spawn-started Manager (a fresh interpreter: 5-15 s on a small host); without
+    CUDA in the process fork is safe. The children are joined before save returns.
+    Touches megatron-core's private `filesystem_async._results_queue` (0.16-0.19)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    cfg = mp.current_process()._config
+    daemon = cfg.get("daemon")
+    cfg["daemon"] = False
+    if getattr(filesystem_async, "_results_queue", 0) is None and not torch.cuda.is_available():
+        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+    try:
+        yield
+    finally:
+        if daemon is not None:
+            cfg["daemon"] = daemon

@@ -251,7 +251,7 @@ class DSV3Config:
         moe, par = self.moe, self.parallel
         _check(moe.first_k_dense_replace <= self.num_layers,
                f"MoEConfig.first_k_dense_replace ({moe.first_k_dense_replace}) must be <= num_layers ({self.num_layers})")
-        tp, pp, ep = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size
+        tp, ep = par.tensor_model_parallel_size, par.expert_model_parallel_size
         _check(self.num_attention_heads % tp == 0,
                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
                f"ParallelConfig.tensor_model_parallel_size ({tp})")

@@ -25,7 +25,6 @@ Design:
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from megatron_dsv3.compat import dist_checkpoint_writer_processes
 from megatron_dsv3.checkpoint import mapping as M
 from megatron_dsv3.checkpoint.fp8 import quantize_blockwise
 from megatron_dsv3.checkpoint.safetensors_io import (SCALE_SUFFIX, CheckpointError, HFCheckpoint,
@@ -422,7 +422,7 @@ def save_mcore(model, directory: str, cfg) -> None:
             json.dump(cfg.to_dict(), f, indent=2)
     dist.barrier()
     sd = {"model": model_sharded_state_dict(model), "checkpoint_version": 3.0, "iteration": 0}
-    with _allow_child_processes():
+    with dist_checkpoint_writer_processes():
         dist_checkpointing.save(sd, release)
 
 
@@ -445,27 +445,6 @@ def model_sharded_state_dict(model) -> dict:
         for i, layer in enumerate(mtp.layers):
             sd.update(layer.sharded_state_dict(prefix=f"mtp.layers.{i}.", metadata=meta))
     return sd
-
-
-@contextlib.contextmanager
-def _allow_child_processes():
-    """dist_checkpointing's writer forks worker processes (and a spawn Manager for their results); Python
-    forbids children in a daemonic process, which is what megatron_dsv3.testing.run_distributed's ranks are.
-    The workers are joined before save returns, so lifting the flag for the call is safe."""
-    import multiprocessing as mp
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-    cfg = mp.current_process()._config
-    daemon = cfg.get("daemon")
-    cfg["daemon"] = False
-    if getattr(filesystem_async, "_results_queue", 0) is None and not torch.cuda.is_available():
-        # its results queue lives in a Manager started with "spawn" (a fresh interpreter: 5-15 s on a small
-        # CPU host); without CUDA in this process "fork" is safe and instant
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
-    try:
-        yield
-    finally:
-        if daemon is not None:
-            cfg["daemon"] = daemon
 
 
 def resolve_mcore_dir(directory: str) -> str:

@@ -19,8 +19,6 @@ State saved:
 """
 from __future__ import annotations
 
-import contextlib
-import multiprocessing as mp
 import os
 import random
 import shutil
@@ -30,6 +28,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megatron_dsv3.compat import dist_checkpoint_writer_processes
 
 LATEST = "latest"
 # test hook: sleep this many seconds after the shards are written and before the rename (to kill a save)
@@ -139,24 +139,6 @@ def _model_sharded_state_dict(chunk, md):
     return model_sharded_state_dict(model)
 
 
-@contextlib.contextmanager
-def _writer_processes():
-    """dist_checkpointing's writer starts child processes: allow them in daemonic ranks (test spawners), and
-    on CPU give it a fork-started results queue instead of a spawn-started Manager (a fresh interpreter,
-    5-15 s on a small host). The children are joined before save returns."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-    cfg = mp.current_process()._config
-    daemon = cfg.get("daemon")
-    cfg["daemon"] = False
-    if getattr(filesystem_async, "_results_queue", 0) is None and not torch.cuda.is_available():
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
-    try:
-        yield
-    finally:
-        if daemon is not None:
-            cfg["daemon"] = daemon
-
-
 def _sharded_state_dict(chunks, optimizer, train_state, *, is_loading: bool, with_optim: bool, with_rng: bool,
                         fully_reshardable: bool) -> dict:
     md = _metadata(fully_reshardable)
@@ -196,7 +178,7 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module], op
     sd = _sharded_state_dict(chunks, optimizer, dict(train_state, iteration=iteration, has_optimizer=with_optim),
                              is_loading=False, with_optim=with_optim, with_rng=True,
                              fully_reshardable=fully_reshardable)
-    with _writer_processes():
+    with dist_checkpoint_writer_processes():
         dist_checkpointing.save(sd, tmp)
     _barrier()
     if os.environ.get(_PAUSE_ENV):

@@ -25,6 +25,7 @@ Design:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from megatron_dsv3.checkpoint import mapping as M
 from megatron_dsv3.checkpoint.fp8 import quantize_blockwise
 from megatron_dsv3.checkpoint.safetensors_io import (SCALE_SUFFIX, CheckpointError, HFCheckpoint,
                                                      ShardedSafetensorsWriter, check_output_dir, commit_dir,
-                                                     temp_dir_beside, write_index)
+                                                     output_dir, temp_dir_beside, write_index)
 
 RELEASE = "release"
 CONFIG_FILE = "dsv3_config.json"
@@ -367,6 +368,23 @@ def _shared_temp_dir(out: str) -> str:
     return obj[0]
 
 
+@contextlib.contextmanager
+def _output_dir_on_all_ranks(out: str, overwrite: bool):
+    """safetensors_io.output_dir for a conversion run by several ranks: one temporary directory shared by
+    all, renamed onto `out` by rank 0 when the body succeeds (then every rank waits for it), removed on failure."""
+    tmp = _shared_temp_dir(out)
+    try:
+        yield tmp
+        if _is_rank0():
+            commit_dir(tmp, out, overwrite)
+    except BaseException:
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if _launched():
+        torch.distributed.barrier()
+
+
 def _all_gather(obj) -> list:
     import torch.distributed as dist
     if dist.get_world_size() == 1:
@@ -510,8 +528,7 @@ def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, p
     if drop_mtp:
         cfg = cfg.replace(mtp={"num_layers": 0})
     _check_full_checkpoint(ckpt, cfg, allow_unused)
-    tmp = _shared_temp_dir(out)
-    try:
+    with _output_dir_on_all_ranks(out, overwrite) as tmp:
         results = _run(_hf_to_mcore_rank, tp, pp, ep, hf_path=os.path.abspath(hf_path), out=tmp,
                        cfg_dict=cfg.to_dict(), show_progress=show_progress)[0]
         unused = set.intersection(*[set(r["unused"]) for r in results]) - set(M.mtp_shared_copies(ckpt.config))
@@ -521,14 +538,6 @@ def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, p
         if unused and not allow_unused:
             raise CheckpointError(f"{hf_path}: {len(unused)} checkpoint tensor(s) map to nothing in the model, "
                                   f"e.g. {sorted(unused)[:3]}")
-        if _is_rank0():
-            commit_dir(tmp, out, overwrite)
-    except BaseException:
-        if _is_rank0():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if _launched():
-        torch.distributed.barrier()
     return {"out": out, "world_size": len(results), "layout": (tp, pp, ep),
             "tensors_per_rank": [r["loaded"] for r in results], "numel_per_rank": [r["numel"] for r in results],
             "hf_tensors": len(ckpt.keys())}
@@ -595,8 +604,7 @@ def mcore_to_hf(mcore_path: str, out: str, dtype: str = "bf16", tp: int = 1, pp:
     check_output_dir(out, overwrite)
     src = read_mcore_config(mcore_path)
     cfg = reading_config(src, tp, pp, ep, "float32" if dtype == "fp32" else src.params_dtype)
-    tmp = _shared_temp_dir(out)
-    try:
+    with _output_dir_on_all_ranks(out, overwrite) as tmp:
         parts = _run(_mcore_to_hf_rank, tp, pp, ep, mcore_path=os.path.abspath(mcore_path), out=tmp,
                      cfg_dict=cfg.to_dict(), dtype=dtype, max_shard_bytes=max_shard_bytes,
                      show_progress=show_progress)[0]
@@ -604,13 +612,6 @@ def mcore_to_hf(mcore_path: str, out: str, dtype: str = "bf16", tp: int = 1, pp:
             write_index(tmp, parts)
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(hf_config_dict(cfg, dtype), f, indent=2)
-            commit_dir(tmp, out, overwrite)
-    except BaseException:
-        if _is_rank0():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if _launched():
-        torch.distributed.barrier()
     return {"out": out, "tensors": sum(len(p[1]) for p in parts), "files": len(parts),
             "bytes": sum(p[2] for p in parts), "dtype": dtype}
 
@@ -632,17 +633,13 @@ def hf_to_hf(hf_path: str, out: str, dtype: str = "bf16", overwrite: bool = Fals
     if show_progress:
         from tqdm import tqdm
         bar = tqdm(total=len(names), desc="re-writing HF tensors", unit="tensor")
-    tmp = temp_dir_beside(out)
     try:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-        write_hf_tensors(writer, ((n, ckpt.get(n)) for n in names), cfg, dtype, progress=bar)
-        weight_map = writer.finish()
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config_dict(cfg, dtype), f, indent=2)
-        commit_dir(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with output_dir(out, overwrite) as tmp:
+            writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
+            write_hf_tensors(writer, ((n, ckpt.get(n)) for n in names), cfg, dtype, progress=bar)
+            weight_map = writer.finish()
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(hf_config_dict(cfg, dtype), f, indent=2)
     finally:
         if bar is not None:
             bar.close()

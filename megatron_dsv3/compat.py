@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import multiprocessing as mp
 import inspect
@@ -97,6 +98,10 @@ def make_transformer_config(cfg, **overrides):
         moe_layer_freq=[0] * moe.first_k_dense_replace + [1] * (cfg.num_layers - moe.first_k_dense_replace),
         mtp_num_layers=cfg.mtp.num_layers or None,
     )
+    if not cfg.scaled_output_init:
+        # paper section 4.2: every weight N(0, init_method_std), the output projections (linear_proj, dense and
+        # shared linear_fc2, experts' weight2) too; megatron-core would divide their std by sqrt(2 * num_layers)
+        kw["output_layer_init_method"] = functools.partial(torch.nn.init.normal_, mean=0.0, std=cfg.init_method_std)
     if par.sequence_parallel and par.tensor_model_parallel_size > 1:
         kw["sequence_parallel"] = True
     if not torch.cuda.is_available():

@@ -248,7 +248,8 @@ class DSV3Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     max_position_embeddings: int = 4096
     norm_eps: float = 1e-6
-    init_method_std: float = 0.006      # paper section 4.2
+    init_method_std: float = 0.006      # paper section 4.2: every learnable weight ~ N(0, 0.006)
+    scaled_output_init: bool = False    # megatron's 1/sqrt(2*num_layers) std for output projections (not the paper's)
     params_dtype: str = "float32"       # "float32" | "bfloat16" | "float16" | "float64"
     make_vocab_size_divisible_by: int = 128
     seq_length: int = 4096              # training sequence length

@@ -200,3 +200,64 @@ def test_deepseek_v2_group_limited_greedy_round_trips():
     c = DSV3Config.from_hf(d)
     assert (c.moe.n_group, c.moe.topk_group, c.moe.group_score_topk, c.moe.expert_bias) == (8, 3, 1, False)
     assert c.to_hf() == d
+
+
+def _without(*keys):
+    return lambda d: [d.pop(k) for k in keys]
+
+
+def _set(**kv):
+    return lambda d: d.update(kv)
+
+
+def _rope(**kv):
+    return lambda d: d["rope_scaling"].update(kv)
+
+
+HF_BAD = [
+    # (edit of the published V3 config.json, the whole message): the keys as the file spells them, one line
+    (_without("n_routed_experts", "kv_lora_rank"), "missing required key(s): kv_lora_rank, n_routed_experts"),
+    (lambda d: d["rope_scaling"].pop("factor"), "missing required key(s): rope_scaling.factor"),
+    (_set(hidden_size="256"), "hidden_size must be an integer, got '256'"),
+    (_set(q_lora_rank=1536.5), "q_lora_rank must be an integer or null, got 1536.5"),
+    (_set(rms_norm_eps="1e-6"), "rms_norm_eps must be a number, got '1e-6'"),
+    (_set(norm_topk_prob="true"), "norm_topk_prob must be true or false, got 'true'"),
+    (_rope(original_max_position_embeddings="4k"), "rope_scaling.original_max_position_embeddings must be an integer, got '4k'"),
+    (_set(torch_dtype="int8"), "torch_dtype must be one of bfloat16, float16, float32, float64, got 'int8'"),
+    (_set(dtype="float32"), "dtype ('float32') and torch_dtype ('bfloat16') disagree"),
+    # values our configs refuse, named by their config.json keys
+    (_set(num_experts_per_tok=300), "num_experts_per_tok (300) must be <= n_routed_experts (256)"),
+    (_set(n_group=7), "n_routed_experts (256) must be divisible by n_group (7)"),
+    (_set(topk_group=9), "topk_group (9) must be <= n_group (8)"),
+    (_set(first_k_dense_replace=99), "first_k_dense_replace (99) must be <= num_hidden_layers (61)"),
+    (_set(qk_rope_head_dim=63), "qk_rope_head_dim must be even (rope rotates pairs), got 63"),
+    (_set(hidden_size=-1), "hidden_size must be > 0, got -1"),
+    (_set(num_nextn_predict_layers=-1), "num_nextn_predict_layers must be >= 0, got -1"),
+    (_rope(factor=0.5), "rope_scaling.factor must be >= 1 (it scales the context), got 0.5"),
+    (_set(moe_intermediate_size=0), "moe_intermediate_size must be > 0, got 0"),
+]
+
+
+@pytest.mark.parametrize("edit, message", HF_BAD, ids=[m[:40] for _, m in HF_BAD])
+def test_bad_hf_config_names_the_json_keys(edit, message):
+    d = _hf("deepseek-v3.json")
+    edit(d)
+    with pytest.raises(ValueError) as e:      # never KeyError / TypeError
+        DSV3Config.from_hf(d)
+    assert str(e.value) == "config.json: " + message
+
+
+def test_hf_config_dtype():
+    """params_dtype from config.json: torch_dtype, or dtype as transformers 5 writes it; bfloat16 when neither."""
+    d = _hf("deepseek-v3.json")
+    assert DSV3Config.from_hf(d).params_dtype == "bfloat16"
+    for key, value in (("torch_dtype", "float32"), ("dtype", "float32"), ("dtype", "float16")):
+        e = {k: v for k, v in d.items() if k != "torch_dtype"}
+        e[key] = value
+        c = DSV3Config.from_hf(e)
+        assert c.params_dtype == value and c.to_hf() == e, key   # written back under the file's own key
+    none = {k: v for k, v in d.items() if k != "torch_dtype"}
+    assert DSV3Config.from_hf(none).params_dtype == "bfloat16"
+    # without a source file to_hf writes the build dtype, so a config survives the trip through config.json
+    tiny = DSV3Config.from_preset("tiny")
+    assert tiny.to_hf()["torch_dtype"] == "float32" and DSV3Config.from_hf(tiny.to_hf()).params_dtype == "float32"

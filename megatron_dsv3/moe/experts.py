@@ -66,10 +66,14 @@ def padded_swiglu(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, 
 class GroupedExperts(MegatronModule):
     """E_local SwiGLU experts (weights as in the module docstring); forward(x_sorted [N, h], counts [E_local])."""
 
-    def __init__(self, config, num_local_experts: int, ffn_hidden_size: int, ep_rank: int = 0, ep_size: int = 1):
+    def __init__(self, config, num_local_experts: int, ffn_hidden_size: int, ep_rank: int = 0, ep_size: int = 1,
+                 pg_collection=None):
         super().__init__(config=config)
         self.num_local_experts, self.ffn_hidden_size = num_local_experts, ffn_hidden_size
         self.ep_rank, self.ep_size = ep_rank, ep_size
+        # the ranks holding the same experts (expert-tensor- and expert-data-parallel): the checkpoint's replica_id
+        self.expt_tp_group = getattr(pg_collection, "expt_tp", None)
+        self.expt_dp_group = getattr(pg_collection, "expt_dp", None)
         h, f, E = config.hidden_size, ffn_hidden_size, num_local_experts
         device = "cpu" if config.use_cpu_initialization else None
         dtype = config.params_dtype
@@ -107,12 +111,24 @@ class GroupedExperts(MegatronModule):
             return grouped_swiglu(x, counts, self.weight1, self.weight2)
         return padded_swiglu(x, counts, self.weight1, self.weight2)
 
+    @staticmethod
+    def _group_rank(group, name: str) -> int:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return 0
+        if group is None:
+            if torch.distributed.get_world_size() == 1:
+                return 0
+            raise ValueError(f"GroupedExperts.sharded_state_dict needs the {name} process group to mark replicas: "
+                             f"build it (DeepSeekMoE) with a pg_collection that has {name}")
+        return torch.distributed.get_rank(group)
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        """Distributed checkpointing: both weights are sharded on dim 0 over EP (global expert index)."""
-        from megatron.core import parallel_state as ps
+        """Distributed checkpointing: both weights are sharded on dim 0 over EP (global expert index); the copies
+        on the expert-tensor- and expert-data-parallel ranks (groups of the pg_collection) are replicas."""
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-        replica_id = (0, ps.get_expert_tensor_parallel_rank(), ps.get_expert_data_parallel_rank())
+        replica_id = (0, self._group_rank(self.expt_tp_group, "expt_tp"),
+                      self._group_rank(self.expt_dp_group, "expt_dp"))
         out = {}
         for name in ("weight1", "weight2"):
             t = getattr(self, name)

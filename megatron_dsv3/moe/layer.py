@@ -32,7 +32,7 @@ from megatron_dsv3.config import MoEConfig
 from megatron_dsv3.moe.dispatch import dispatch_combine
 from megatron_dsv3.moe.router import placement_groups
 
-__all__ = ["DeepSeekMoE", "DeepSeekMoESubmodules"]
+__all__ = ["DeepSeekMoE", "DeepSeekMoESubmodules", "resolve_ranks_per_node"]
 
 
 @dataclass
@@ -50,8 +50,31 @@ def _rank(group) -> int:
     return torch.distributed.get_rank(group) if group is not None and torch.distributed.is_initialized() else 0
 
 
+def resolve_ranks_per_node(ranks_per_node: Optional[int] = None, environ=None) -> int:
+    """Ranks per node for node-limited routing by placement: the explicit value, else LOCAL_WORLD_SIZE when the
+    launcher (torchrun) set it. Never a guess: the world size would silently put every rank on one node."""
+    if ranks_per_node is None:
+        env = (os.environ if environ is None else environ).get("LOCAL_WORLD_SIZE")
+        if not env:
+            raise ValueError("MoEConfig.node_limited_by_placement needs the number of ranks per node: pass "
+                             "ranks_per_node to DeepSeekMoE (spec params), or launch with torchrun, which sets "
+                             "LOCAL_WORLD_SIZE")
+        try:
+            ranks_per_node = int(env)
+        except ValueError:
+            raise ValueError(f"LOCAL_WORLD_SIZE must be an integer (ranks per node), got {env!r}") from None
+    if int(ranks_per_node) < 1:
+        raise ValueError(f"ranks_per_node must be >= 1, got {ranks_per_node}")
+    return int(ranks_per_node)
+
+
 class DeepSeekMoE(MegatronModule):
-    """forward(hidden_states [s, b, h]) -> (out [s, b, h], None). Submodule names: router, experts, shared_experts."""
+    """forward(hidden_states [s, b, h]) -> (out [s, b, h], None). Submodule names: router, experts, shared_experts.
+
+    Process groups all come from `pg_collection` (megatron-core's parallel_state groups when None): tp, ep, cp /
+    tp_cp (balance loss), tp_dp_cp (the router's balance group for the bias update), expt_tp / expt_dp (the experts'
+    checkpoint replicas). `ranks_per_node`: for MoEConfig.node_limited_by_placement (see resolve_ranks_per_node).
+    """
 
     def __init__(self, config, submodules: DeepSeekMoESubmodules, moe: MoEConfig, layer_number: Optional[int] = None,
                  pg_collection=None, ranks_per_node: Optional[int] = None, **kwargs):
@@ -69,13 +92,13 @@ class DeepSeekMoE(MegatronModule):
 
         expert_order, n_group = None, None
         if moe.node_limited_by_placement and ep > 1:
-            ranks_per_node = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", torch.distributed.get_world_size()))
             groups = placement_groups(torch.distributed.get_process_group_ranks(self.ep_group), moe.num_experts,
-                                      ranks_per_node)
+                                      resolve_ranks_per_node(ranks_per_node))
             n_group = int(groups.max()) + 1     # nodes the EP group spans; topk_group >= n_group: no limit
             expert_order = torch.argsort(groups, stable=True)
+        # the load counts of the bias update are summed over the stage's TP x DP x CP ranks (router.py)
         self.router = build_module(submodules.router, config=config, moe=moe, expert_order=expert_order,
-                                   n_group=n_group)
+                                   n_group=n_group, balance_group=getattr(pgs, "tp_dp_cp", None))
         if self.tp_split:
             self.router.gate_grad_group = self.tp_group
         cp_group = getattr(pgs, "cp", None)
@@ -84,7 +107,7 @@ class DeepSeekMoE(MegatronModule):
         self.experts = build_module(submodules.experts, config=config,
                                     num_local_experts=moe.num_experts // ep,
                                     ffn_hidden_size=moe.expert_ffn_hidden_size, ep_rank=_rank(self.ep_group),
-                                    ep_size=ep)
+                                    ep_size=ep, pg_collection=pgs)
         self.shared_experts = None
         if submodules.shared_experts is not None and moe.num_shared_experts > 0:
             width = moe.num_shared_experts * moe.expert_ffn_hidden_size

@@ -12,7 +12,8 @@ published reference uses 2); the token may only use its `topk_group` best groups
 
 Auxiliary-loss-free balancing (section 2.1.2): after each global batch, b_i += gamma * sign(mean load - load_i),
 with the loads summed over every rank that saw tokens of this pipeline stage, so the bias stays identical
-everywhere (`update_expert_bias`, `apply_expert_bias_update`).
+everywhere (`update_expert_bias`, `apply_expert_bias_update`). That group (tensor x data x context parallel of the
+stage: megatron-core's `tp_dp_cp`) is each Router's `balance_group`, given by the layer from its pg_collection.
 
 Complementary sequence-wise balance loss (eqs. 17-20), attached to the graph by `AuxLossScaler` so no plumbing
 through forward is needed; its value per layer is recorded for logging.
@@ -211,7 +212,7 @@ class Router(MegatronModule):
     """
 
     def __init__(self, config, moe: MoEConfig, expert_order: Optional[torch.Tensor] = None,
-                 n_group: Optional[int] = None):
+                 n_group: Optional[int] = None, balance_group=None):
         super().__init__(config=config)
         self.moe = moe
         self.layer_number: Optional[int] = None
@@ -236,6 +237,9 @@ class Router(MegatronModule):
         # over this group because each TP rank combines only its share of the tokens
         self.gate_grad_group = None
         self.seq_group = None  # ranks holding parts of the same sequences (SP/CP), for the balance loss
+        # every rank that routes different tokens to the same experts: the stage's tensor x data x context parallel
+        # group (pg_collection.tp_dp_cp). apply_expert_bias_update sums the load counts over it; None: not known
+        self.balance_group = balance_group
         self._aux_sum: Optional[torch.Tensor] = None
         self._aux_calls = 0
 
@@ -301,24 +305,41 @@ def routers_of(model_chunks) -> List[Tuple[str, Router]]:
     return out
 
 
-def _default_group():
-    """All ranks of this pipeline stage: tensor x data (incl. expert) x context parallel."""
-    try:
-        from megatron.core import parallel_state as ps
-        if ps.model_parallel_is_initialized():
-            return ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
-    except (ImportError, AssertionError):
-        pass
-    return None
+def _distributed_world() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _reduce_groups(routers, group) -> List[Tuple[object, List[int]]]:
+    """[(group, indices of the routers reduced over it)] in order of first appearance (the same on every rank of
+    a stage: they hold the same modules). `group` given: every router uses it."""
+    if group is not None:
+        return [(group, list(range(len(routers))))]
+    if _distributed_world() > 1:
+        missing = [name for name, r in routers if r.balance_group is None]
+        if missing:
+            raise ValueError(
+                f"apply_expert_bias_update: no process group to sum the expert loads over for router(s) "
+                f"{', '.join(repr(n) for n in missing[:3])}{' ...' if len(missing) > 3 else ''}: build DeepSeekMoE "
+                f"with a pg_collection that has tp_dp_cp (the pipeline stage's tensor x data x context parallel "
+                f"group, as ProcessGroupCollection.use_mpu_process_groups() gives), or pass group=")
+    out: Dict[int, Tuple[object, List[int]]] = {}
+    for i, (_, r) in enumerate(routers):
+        out.setdefault(id(r.balance_group), (r.balance_group, []))[1].append(i)
+    return list(out.values())
 
 
 @torch.no_grad()
 def apply_expert_bias_update(model_chunks, rate: float, group=None) -> Dict[str, dict]:
     """The once-per-global-batch hook (call after the optimizer step, or as an optimizer pre-step hook).
 
-    Sums every router's `tokens_per_expert` (and recorded balance losses) over `group` with ONE all-reduce
-    (default: every rank of this pipeline stage, megatron's tensor-and-data-parallel group with context
-    parallel), updates each router's expert_bias with `update_expert_bias` (identically on every rank),
+    Sums every router's `tokens_per_expert` (and recorded balance losses) over its `balance_group` (the pipeline
+    stage's tensor x data x context parallel group, pg_collection.tp_dp_cp of the model's layers) with one
+    all-reduce per distinct group (one in all for a model built with one pg_collection); an explicit `group`
+    is used for every router instead. Under torch.distributed with more than one rank, a router without a
+    group (and no `group`) is a ValueError: never WORLD, which would mix the pipeline stages' counts.
+    It updates each router's expert_bias with `update_expert_bias` (identically on every rank),
     resets the counts, and returns per-router metrics:
         {name: {"layer_number", "tokens_per_expert" [E] float64, "max_vio", "bias_min", "bias_max",
                 "bias_spread", "aux_loss" (mean over micro-batches and ranks, or None)}}
@@ -338,24 +359,28 @@ def apply_expert_bias_update(model_chunks, rate: float, group=None) -> Dict[str,
     routers = routers_of(model_chunks)
     if not routers:
         return {}
-    group = _default_group() if group is None else group
+    plan = _reduce_groups(routers, group)                          # raises before any collective
     device = routers[0][1].tokens_per_expert.device
-    parts = []
-    for _, r in routers:
-        aux = r._aux_sum.to(torch.float64).reshape(1) if r._aux_sum is not None else torch.zeros(1, dtype=torch.float64, device=device)
-        parts += [r.tokens_per_expert.to(torch.float64), aux,
-                  torch.tensor([float(r._aux_calls)], dtype=torch.float64, device=device)]
-    flat = torch.cat([p.to(device) for p in parts])                # float64: exact integer counts up to 2^53
-    world = 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size(group)
-        if world > 1:
-            torch.distributed.all_reduce(flat, group=group)
-    metrics, off = {}, 0
-    for name, r in routers:
+    flat: List[Optional[torch.Tensor]] = [None] * len(routers)  # per router: [E + 2] float64
+    for g, members in plan:
+        parts = []
+        for i in members:
+            r = routers[i][1]
+            aux = (r._aux_sum.to(torch.float64).reshape(1) if r._aux_sum is not None
+                   else torch.zeros(1, dtype=torch.float64, device=device))
+            parts += [r.tokens_per_expert.to(torch.float64), aux.to(device),
+                      torch.tensor([float(r._aux_calls)], dtype=torch.float64, device=device)]
+        buf = torch.cat([p.to(device) for p in parts])             # float64: exact integer counts up to 2^53
+        if g is not None and _distributed_world() > 1 and torch.distributed.get_world_size(g) > 1:
+            torch.distributed.all_reduce(buf, group=g)
+        off = 0
+        for i in members:
+            E = routers[i][1].moe.num_experts
+            flat[i], off = buf[off:off + E + 2], off + E + 2
+    metrics = {}
+    for (name, r), reduced in zip(routers, flat):
         E = r.moe.num_experts
-        counts, aux_sum, calls = flat[off:off + E], flat[off + E], flat[off + E + 1]
-        off += E + 2
+        counts, aux_sum, calls = reduced[:E], reduced[E], reduced[E + 1]
         if r.expert_bias is not None and rate != 0:
             r.expert_bias.copy_(update_expert_bias(r.expert_bias, counts, rate))
         r.tokens_per_expert.zero_()

@@ -233,3 +233,97 @@ def test_moe_distributed(tmp_path):
     _check_parity(part_sp)
     for a, b in ((part_sp[0], part_sp[1]), (part_sp[2], part_sp[3])):
         assert torch.equal(a["counts"] + b["counts"], a["counts_ref"])
+
+
+def _stage_groups(rank, ckpt=None):
+    """World 4, parallel_state DP=4 (its tensor-and-data-parallel group is WORLD), but the layers are built with a
+    pg_collection of PP=2 x EP=2: stages {0, 1} and {2, 3}. Everything must follow the pg_collection."""
+    import os
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron_dsv3.moe.router import apply_expert_bias_update
+
+    stages = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    pps = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    singles = [dist.new_group([r]) for r in range(4)]
+    stage, me = stages[rank // 2], singles[rank]
+    pgs = ProcessGroupCollection(tp=me, pp=pps[rank % 2], cp=me, tp_cp=me, ep=stage, expt_tp=me, expt_dp=me,
+                                 dp=stage, dp_cp=stage, tp_dp_cp=stage)
+    out = {}
+
+    def step(layer, seed):
+        skew = torch.zeros(H)
+        skew[: 4 * (rank + 1)] = 1.0 + rank                  # every rank sees a different skew,
+        skew *= 1 if rank < 2 else -1                        # the stages opposite ones (other experts overloaded)
+        torch.manual_seed(seed)
+        for _ in range(2):                                   # two micro-batches, then the global-batch hook
+            layer(torch.randn(8, 2, H) + skew)
+        return layer.router.tokens_per_expert.clone()
+
+    torch.manual_seed(0)
+    layer = _build(_cfg(ep=2), pgs)
+    out["counts"] = step(layer, 10 + rank)
+    out["metrics"] = apply_expert_bias_update([layer], rate=1e-3)["router"]["tokens_per_expert"]
+    out["bias"] = layer.router.expert_bias.clone()
+    # an explicit group wins over the routers' own
+    out["counts2"] = step(layer, 20 + rank)
+    out["metrics2"] = apply_expert_bias_update([layer], rate=0.0, group=dist.group.WORLD)["router"]["tokens_per_expert"]
+    # the experts' checkpoint replicas follow pg_collection's expert-tensor/data-parallel ranks
+    out["replica"] = layer.experts.sharded_state_dict(prefix="mlp.experts.")["mlp.experts.weight1"].replica_id
+
+    # a router whose layer's pg_collection has no tp_dp_cp: a clear error, no collective, then group= works
+    torch.manual_seed(0)
+    unknown = _build(_cfg(), ProcessGroupCollection(tp=me, ep=me, cp=me))
+    out["counts3"] = step(unknown, 30 + rank)
+    try:
+        apply_expert_bias_update([unknown], rate=1e-3)
+        out["no_group_error"] = None
+    except ValueError as e:
+        out["no_group_error"] = str(e)
+    out["metrics3"] = apply_expert_bias_update([unknown], rate=1e-3, group=stage)["router"]["tokens_per_expert"]
+
+    # node-limited routing by placement: ranks per node given, or LOCAL_WORLD_SIZE from the launcher, else an error
+    cfg = _cfg(ep=2, node_limited_by_placement=True, n_group=2, topk_group=1)
+    os.environ.pop("LOCAL_WORLD_SIZE", None)
+    try:
+        _build(cfg, pgs)
+        out["placement_error"] = None
+    except ValueError as e:
+        out["placement_error"] = str(e)
+    os.environ["LOCAL_WORLD_SIZE"] = "1"
+    out["n_group_env"] = _build(cfg, pgs).router.n_group
+    del os.environ["LOCAL_WORLD_SIZE"]
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron_dsv3.specs import get_moe_spec
+    out["n_group_arg"] = build_module(get_moe_spec(cfg), config=cfg.to_transformer_config(), pg_collection=pgs,
+                                      ranks_per_node=2).router.n_group
+    return out
+
+
+def test_groups_come_from_pg_collection():
+    """Bias update, expert checkpoint replicas and node placement take their groups from the layer's pg_collection
+    (PP=2 x EP=2 on 4 ranks), never from parallel_state or WORLD; unknown groups are clear errors."""
+    from megatron_dsv3.moe.router import update_expert_bias
+
+    res = run_distributed(_stage_groups, 4)
+    counts = torch.stack([r["counts"] for r in res])
+    assert len({tuple(c.tolist()) for c in counts}) == 4     # every rank's load differs
+    world = counts.sum(0)
+    for s, ranks in enumerate(([0, 1], [2, 3])):
+        stage = counts[ranks].sum(0)
+        expected = update_expert_bias(torch.zeros(E), stage, 1e-3)
+        # the case separates the groups: WORLD's sum (the other stage's counts mixed in) moves the bias otherwise
+        assert not torch.equal(expected, update_expert_bias(torch.zeros(E), world, 1e-3)), s
+        for r in ranks:
+            assert torch.equal(res[r]["metrics"], stage.double())
+            assert torch.equal(res[r]["bias"], expected)
+            assert torch.equal(res[r]["metrics3"], torch.stack([res[q]["counts3"] for q in ranks]).sum(0).double())
+    world2 = torch.stack([r["counts2"] for r in res]).sum(0).double()
+    for r in res:
+        assert torch.equal(r["metrics2"], world2)
+        assert r["replica"] == (0, 0, 0)                     # expt_dp of size 1 (parallel_state's has 4 ranks)
+        err = r["no_group_error"]
+        assert err is not None and "tp_dp_cp" in err and "group=" in err, err
+        err = r["placement_error"]
+        assert err is not None and "ranks_per_node" in err and "LOCAL_WORLD_SIZE" in err, err
+        assert r["n_group_env"] == 2                          # one rank per node: the stage's 2 EP ranks, 2 nodes
+        assert r["n_group_arg"] == 1                          # both EP ranks of the stage on one node

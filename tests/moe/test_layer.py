@@ -178,9 +178,9 @@ def test_specs(mcore_single):
                       "experts.weight2": (E, f, h), "shared_experts.linear_fc1.weight": (2 * f, h),
                       "shared_experts.linear_fc2.weight": (h, f)}
     assert m.router.weight.dtype == torch.float32
-    # megatron's init: std init_method_std for weight1, the scaled output init for weight2
-    assert abs(float(m.experts.weight1.detach().std()) - cfg.init_method_std) < 0.1 * cfg.init_method_std
-    assert float(m.experts.weight2.detach().std()) < float(m.experts.weight1.detach().std())
+    # the paper's init (section 4.2, the default: scaled_output_init=False): weight1 and weight2 ~ N(0, init_method_std)
+    for w in (m.experts.weight1, m.experts.weight2):
+        assert abs(float(w.detach().std()) - cfg.init_method_std) < 0.1 * cfg.init_method_std
     no_shared = build_module(get_moe_spec(cfg.replace(moe={"num_shared_experts": 0})), config=tc)
     assert no_shared.shared_experts is None
     from megatron_dsv3.compat import HAVE_TE
@@ -213,3 +213,17 @@ def test_deepseek_moe_cuda_bf16_takes_grouped_mm_path(mcore_single):
     assert out16.dtype == torch.bfloat16 and _rel(out16, out32) < 2e-2
     out16.float().square().sum().backward()
     assert ours.experts.weight1.grad is not None and torch.isfinite(ours.experts.weight1.grad.float()).all()
+
+
+def test_ranks_per_node_is_explicit_or_from_the_launcher():
+    """Node-limited routing by placement never guesses the node size (the world size put every rank on one node,
+    silently switching the node limit off): the argument, else torchrun's LOCAL_WORLD_SIZE, else a ValueError."""
+    from megatron_dsv3.moe.layer import resolve_ranks_per_node
+    assert resolve_ranks_per_node(4, environ={"LOCAL_WORLD_SIZE": "8"}) == 4
+    assert resolve_ranks_per_node(None, environ={"LOCAL_WORLD_SIZE": "8"}) == 8
+    with pytest.raises(ValueError, match="ranks_per_node.*LOCAL_WORLD_SIZE"):
+        resolve_ranks_per_node(None, environ={})
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE must be an integer"):
+        resolve_ranks_per_node(None, environ={"LOCAL_WORLD_SIZE": "eight"})
+    with pytest.raises(ValueError, match=">= 1"):
+        resolve_ranks_per_node(0, environ={})

@@ -141,3 +141,33 @@ def dist_checkpoint_writer_processes():
     finally:
         if daemon is not None:
             cfg["daemon"] = daemon
+
+
+@contextlib.contextmanager
+def torch_adam_step_hidden(optimizer):
+    """Around `DistributedOptimizer.load_state_dict` of a 'fully_reshardable' state (megatron-core 0.16.1, torch's
+    Adam, i.e. without Transformer Engine / apex): `load_parameter_state_from_fully_reshardable` skips the saved
+    "step" entries but `_set_main_param_and_optimizer_states` then copies every key of the parameter's state,
+    "step" included (KeyError 'step'). While this instance's setter runs, the "step" tensors are out of the torch
+    optimizer's state; they are put back after; the caller restores the saved count (_restore_adam_step)."""
+    hidden, patched = [], []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if inner is None or setter is None:
+            continue
+
+        def without_step(*a, _setter=setter, _inner=inner, **k):
+            for st in _inner.state.values():   # the load re-created them before the parameter states: once is enough
+                if "step" in st:
+                    hidden.append((st, st.pop("step")))
+            return _setter(*a, **k)
+        opt._set_main_param_and_optimizer_states = without_step
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+        for st, step in hidden:
+            st.setdefault("step", step)

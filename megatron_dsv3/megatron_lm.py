@@ -13,13 +13,13 @@ Three ways in, none of which needs a patched Megatron-LM:
    the plain (pre_process, post_process, vp_stage) signature of older Megatron-LM scripts.
 3. pretrain_gpt.py itself, after patches/core_v0.16.1/0001-pretrain_gpt-dsv3-builder.patch (a convenience).
 
-Hooks (installed by `extra_args_provider`, i.e. as soon as Megatron-LM parses its arguments):
-* `finalize_model_grads` in megatron.training.training is wrapped (train() reads that module global when it
-  sets config.finalize_model_grads_func; it runs once per global batch, after all micro-batches, and never in
-  evaluation). After megatron's gradient reduction it calls `after_global_batch`: the expert-bias update
-  (apply_expert_bias_update with gamma at the tokens seen), the MTP lambda for the next batch, and the
-  TensorBoard scalars (MTP loss per depth, per-layer MaxVio, bias spread, balance loss) on the writer rank.
-  The bias moves before optimizer.step() instead of after: the bias is no parameter, so this is the same.
+Hooks (installed by `extra_args_provider`, i.e. as soon as Megatron-LM parses its arguments, before
+setup_model_and_optimizer):
+* `get_megatron_optimizer` in megatron.training.training is wrapped so that the optimizer it returns runs
+  `after_global_batch` right after each `optimizer.step()` (once per global batch, never in evaluation) with the
+  step's `update_successful`: our after-step routine (training/hooks.py: the expert-bias update, skipped when the
+  optimizer skipped its step; the MTP lambda of the next batch), and the TensorBoard scalars (MTP loss per depth,
+  per-layer MaxVio, bias spread, balance loss) on the writer rank — the same routine our trainer runs.
 * The model's TransformerConfig gets moe_router_enable_expert_bias=False: megatron's own bias update would
   otherwise find our routers' `expert_bias` buffers and update them a second time.
 
@@ -41,7 +41,6 @@ from typing import Optional
 import torch
 
 from megatron_dsv3.config import PRESETS, DSV3Config
-from megatron_dsv3.training.arguments import parse_schedule
 
 MEGATRON_LM_RELEASE = "core_v0.16.1"
 MEGATRON_LM_COMMIT = "55ac7082517c3878ae653c07c09c534b8aed49f6"
@@ -79,9 +78,10 @@ def _get(args, name, default=None):
 
 def config_from_megatron_args(args) -> DSV3Config:
     """DSV3Config from Megatron-LM's parsed args: feature configs from --dsv3-*, sizes and parallelism from
-    Megatron-LM's own flags (the ones Megatron-LM itself reads for data, schedules and checkpoints)."""
+    Megatron-LM's own flags (the ones Megatron-LM itself reads for data, schedules and checkpoints), through the
+    trainer's bridge (training/arguments.py)."""
     import json
-    from megatron_dsv3.config import YaRNConfig
+    from megatron_dsv3.training.arguments import apply_model_flags, model_flag_values, parallel_from_args
     if _get(args, "dsv3_config"):
         with open(args.dsv3_config) as f:
             cfg = DSV3Config.from_dict(json.load(f))
@@ -89,66 +89,26 @@ def config_from_megatron_args(args) -> DSV3Config:
         cfg = DSV3Config.from_hf(args.dsv3_hf_config)
     else:
         cfg = DSV3Config.from_preset(_get(args, "dsv3_preset") or "dsv3-671b")
-    top = {}
-    for ours, theirs in (("num_layers", "num_layers"), ("hidden_size", "hidden_size"),
-                         ("num_attention_heads", "num_attention_heads"), ("seq_length", "seq_length"),
-                         ("max_position_embeddings", "max_position_embeddings")):
-        v = _get(args, theirs)
-        if v is not None:
-            top[ours] = v
+    values = model_flag_values(args, prefix="dsv3_")
     vocab = _get(args, "padded_vocab_size") or _get(args, "vocab_size")
-    if vocab:
-        top["vocab_size"] = vocab
-        top["make_vocab_size_divisible_by"] = 1          # Megatron-LM padded it already
-    if _get(args, "dsv3_init_method_std") is not None:
-        top["init_method_std"] = args.dsv3_init_method_std
+    values["vocab_size"] = vocab or None
+    lw = values["mtp_loss_weight"]
+    if lw is None and _get(args, "mtp_loss_scaling_factor") is not None and _get(args, "mtp_num_layers"):
+        values["mtp_loss_weight"] = f"0:{float(args.mtp_loss_scaling_factor)}"
+    values["bf16"] = None
+    cfg = apply_model_flags(cfg, values, keep_dtype=True)
     dtype = _get(args, "params_dtype")
     if dtype is None:
         dtype = torch.bfloat16 if _get(args, "bf16") else torch.float16 if _get(args, "fp16") else torch.float32
-    top["params_dtype"] = str(dtype).replace("torch.", "")
-
-    mla = {}
-    if cfg.mla.yarn is not None:
-        y = dict(cfg.mla.yarn.__dict__)
-        if (_get(args, "rotary_scaling_factor") or 1.0) != 1.0:
-            y["factor"] = args.rotary_scaling_factor
-        for flag, field in (("dsv3_yarn_original_max_position_embeddings", "original_max_position_embeddings"),
-                            ("dsv3_yarn_beta_fast", "beta_fast"), ("dsv3_yarn_beta_slow", "beta_slow")):
-            if _get(args, flag) is not None:
-                y[field] = _get(args, flag)
-        mla["yarn"] = YaRNConfig(**y)
-    if _get(args, "dsv3_recompute_mla_up_proj"):
-        mla["recompute_up_proj"] = True
-    moe = {}
-    rate = parse_schedule(_get(args, "dsv3_bias_update_rate"))
-    if rate is not None:
-        moe["bias_update_rate"] = rate
-    if _get(args, "dsv3_seq_aux_loss_coeff") is not None:
-        moe["seq_aux_loss_coeff"] = args.dsv3_seq_aux_loss_coeff
+    top = {"params_dtype": str(dtype).replace("torch.", "")}
+    if vocab:
+        top["make_vocab_size_divisible_by"] = 1          # Megatron-LM padded it already
     n_exp = _get(args, "num_experts")
     if n_exp is not None and n_exp != cfg.moe.num_experts:
         raise ValueError(f"--num-experts {n_exp} differs from the model's {cfg.moe.num_experts} (--dsv3-preset "
                          f"{_get(args, 'dsv3_preset')}); pass the model's count or leave it out")
-    mtp = {}
-    if _get(args, "mtp_num_layers") is not None:
-        mtp["num_layers"] = args.mtp_num_layers
-    lw = parse_schedule(_get(args, "dsv3_mtp_loss_weight"))
-    if lw is None and _get(args, "mtp_loss_scaling_factor") is not None and _get(args, "mtp_num_layers"):
-        lw = ((0, float(args.mtp_loss_scaling_factor)),)
-    if lw is not None:
-        mtp["loss_weight"] = lw
-    par = dict(
-        tensor_model_parallel_size=_get(args, "tensor_model_parallel_size", 1),
-        pipeline_model_parallel_size=_get(args, "pipeline_model_parallel_size", 1),
-        expert_model_parallel_size=_get(args, "expert_model_parallel_size", 1),
-        expert_tensor_parallel_size=_get(args, "expert_tensor_parallel_size") or 1,
-        context_parallel_size=_get(args, "context_parallel_size", 1),
-        virtual_pipeline_model_parallel_size=_get(args, "virtual_pipeline_model_parallel_size"),
-        sequence_parallel=bool(_get(args, "sequence_parallel", False)),
-        num_layers_in_first_pipeline_stage=_get(args, "decoder_first_pipeline_num_layers"),
-        num_layers_in_last_pipeline_stage=_get(args, "decoder_last_pipeline_num_layers"),
-    )
-    cfg = cfg.replace(**top, mla=mla, moe=moe, mtp=mtp, parallel=par)
+    par = parallel_from_args(args)
+    cfg = cfg.replace(**top, parallel=par)
     if cfg.mtp.num_layers and par["pipeline_model_parallel_size"] > 1 and _get(args, "mtp_num_layers") is None:
         raise ValueError("MTP with pipeline parallelism under Megatron-LM needs --mtp-num-layers "
                          f"{cfg.mtp.num_layers}: without it Megatron-LM's get_batch gives the last stage no tokens")
@@ -193,21 +153,22 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
 
 # ---- hooks ------------------------------------------------------------------------------------------------------
 def after_global_batch(model_chunks, args, config: Optional[DSV3Config] = None, writer=None,
-                       iteration: Optional[int] = None) -> dict:
-    """Once per global batch (after the gradients are reduced): expert-bias update, the MTP lambda of the next
-    batch, and the scalars. Returns {"routers": per-router metrics, "mtp": {depth: loss}}."""
+                       iteration: Optional[int] = None, update_successful: bool = True) -> dict:
+    """Once per global batch, after optimizer.step(): our after-step routine (training/hooks.py: the expert-bias
+    update, skipped with the step; the MTP lambda of the next batch) and the scalars on Megatron-LM's writer.
+    Returns {"routers": per-router metrics, "mtp": {depth: loss}}."""
     from megatron.core import parallel_state as ps
 
-    from megatron_dsv3.moe.router import apply_expert_bias_update
-    from megatron_dsv3.mtp.loss import mtp_loss_report, set_mtp_loss_weight
+    from megatron_dsv3.mtp.loss import mtp_loss_report
+    from megatron_dsv3.training.hooks import after_optimizer_step
 
     cfg = config or _CONFIG or config_from_megatron_args(args)
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     samples = _get(args, "consumed_train_samples", 0) or 0
     gbs = _get(args, "global_batch_size", 0) or 0
-    tokens = (samples + gbs) * cfg.seq_length          # Megatron-LM counts this batch after train_step returns
-    routers = apply_expert_bias_update(chunks, cfg.moe.bias_rate_at(tokens))
-    set_mtp_loss_weight(chunks, cfg.mtp.loss_weight_at(tokens))
+    # Megatron-LM counts this batch's samples after train_step returns
+    before, after = samples * cfg.seq_length, (samples + gbs) * cfg.seq_length
+    routers = after_optimizer_step(chunks, cfg, before, after, update_successful)
     group = ps.get_data_parallel_group(with_context_parallel=True) if ps.model_parallel_is_initialized() else None
     mtp = mtp_loss_report(chunks, reset=True, group=group)
     if writer is not None and iteration is not None:
@@ -219,14 +180,18 @@ def after_global_batch(model_chunks, args, config: Optional[DSV3Config] = None, 
         for m in routers.values():
             writer.add_scalar(f"moe/max_vio/layer{m['layer_number']}", m["max_vio"], iteration)
             writer.add_scalar(f"moe/bias_spread/layer{m['layer_number']}", m["bias_spread"], iteration)
-        writer.add_scalar("expert bias update rate", cfg.moe.bias_rate_at(tokens), iteration)
-        writer.add_scalar("mtp lambda", cfg.mtp.loss_weight_at(tokens), iteration)
+        writer.add_scalar("expert bias update rate", cfg.moe.bias_rate_at(before), iteration)
+        writer.add_scalar("mtp lambda", cfg.mtp.loss_weight_at(after), iteration)
     return {"routers": routers, "mtp": mtp}
 
 
-def _finalize_with_dsv3(orig):
-    def finalize_model_grads(model, *args, **kwargs):
-        out = orig(model, *args, **kwargs)
+def _step_with_dsv3(optimizer, model_chunks):
+    """Wrap this optimizer instance's step(): after it, after_global_batch with its update_successful."""
+    orig = optimizer.step
+
+    def step(*a, **k):
+        out = orig(*a, **k)
+        update_successful = bool(out[0]) if isinstance(out, tuple) else True
         margs = get_args()
         it = (_get(margs, "curr_iteration", 0) or 0) + 1
         writer = None
@@ -236,14 +201,24 @@ def _finalize_with_dsv3(orig):
                 writer = get_tensorboard_writer()
             except ImportError:
                 writer = None
-        after_global_batch(model, margs, writer=writer, iteration=it)
+        after_global_batch(model_chunks, margs, writer=writer, iteration=it, update_successful=update_successful)
         return out
-    finalize_model_grads.__wrapped__ = orig
-    return finalize_model_grads
+    step.__wrapped__ = orig
+    optimizer.step = step
+    return optimizer
+
+
+def _optimizer_factory_with_dsv3(orig):
+    """megatron.training.training.get_megatron_optimizer, whose optimizers run our after-step routine."""
+    def get_megatron_optimizer(config, model_chunks, *args, **kwargs):
+        return _step_with_dsv3(orig(config, model_chunks, *args, **kwargs), model_chunks)
+    get_megatron_optimizer.__wrapped__ = orig
+    return get_megatron_optimizer
 
 
 def install_hooks() -> bool:
-    """Wrap megatron.training.training.finalize_model_grads (idempotent). False when Megatron-LM is absent."""
+    """Wrap megatron.training.training.get_megatron_optimizer (setup_model_and_optimizer calls it by that module
+    global; idempotent). False when Megatron-LM is absent."""
     global _HOOKED
     if _HOOKED:
         return True
@@ -251,7 +226,7 @@ def install_hooks() -> bool:
         import megatron.training.training as T
     except ImportError:
         return False
-    T.finalize_model_grads = _finalize_with_dsv3(T.finalize_model_grads)
+    T.get_megatron_optimizer = _optimizer_factory_with_dsv3(T.get_megatron_optimizer)
     _HOOKED = True
     return True
 

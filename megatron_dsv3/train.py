@@ -22,6 +22,22 @@ def quiet_megatron() -> None:
     logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
 
 
+# User mistakes (a flag, a path, a file's contents): one `error: ...` line and exit status 2. Everything else is a
+# bug and keeps its traceback. --debug / MEGATRON_DSV3_DEBUG=1 shows tracebacks for user mistakes too.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               FileExistsError)
+
+
+def _debug(argv) -> bool:
+    return "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("MEGATRON_DSV3_DEBUG") == "1"
+
+
+def error_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    rank, world = os.environ.get("RANK"), int(os.environ.get("WORLD_SIZE", "1"))
+    return f"error: {text}" if world == 1 or rank is None else f"[rank {rank}] error: {text}"
+
+
 def main(argv=None) -> int:
     if "torch" not in sys.modules:
         # megatron-core's MoE helpers are torch.compile-wrapped; compiling costs more than it saves on CPU
@@ -29,12 +45,17 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     quiet_megatron()
-    from megatron_dsv3.training.arguments import parse_args
-    from megatron_dsv3.training.loop import run
-    args = parse_args(argv)
     import torch.distributed as dist
     try:
+        from megatron_dsv3.training.arguments import parse_args
+        from megatron_dsv3.training.loop import run
+        args = parse_args(argv)
         run(args)
+    except USER_ERRORS as e:
+        if _debug(argv):
+            raise
+        print(error_line(e), file=sys.stderr, flush=True)
+        return 2
     finally:
         if dist.is_initialized():
             from megatron.core import parallel_state as ps

@@ -1,19 +1,26 @@
-"""Command-line flags of the trainer (Megatron-LM's names where Megatron-LM has the flag) and the
-bridge flags -> DSV3Config.
+"""Command-line flags of the trainer (Megatron-LM's names where Megatron-LM has the flag) and THE bridge
+flags -> DSV3Config, used by the trainer and by the Megatron-LM integration (megatron_lm.py) alike.
 
 Two groups:
 * `add_model_args`: what selects and overrides the model (`--preset`, sizes, MTP/MoE/YaRN settings).
 * `add_training_args`: parallelism, batch, schedule, data, checkpoints, logging. Megatron-LM defines
   these itself; `megatron_dsv3.megatron_lm.extra_args_provider` adds only the `--dsv3-*` flags.
 
-Every flag defaults to None where the preset or `TRAIN_DEFAULTS` supplies the value, so that what
-the user typed wins over the preset and the preset over the generic default.
+Where the model comes from (`model_config_from_args`), first match wins:
+  1. the checkpoint `--load` names (its dsv3_config.json: the trainer's, the converter's output);
+  2. `--load-hf DIR`'s config.json (MTP depth from the tensors present, seq-length bounded by
+     max_position_embeddings, the dtype config.json names);
+  3. `--model-config` / `--hf-config` / `--preset` (default tiny).
+Model flags the user typed then apply; on a loaded model a flag that would change its architecture is a
+one-line error naming the flag and both values. Every flag defaults to None where the model or
+`TRAIN_DEFAULTS` supplies the value, so that what the user typed wins.
 """
 from __future__ import annotations
 
 import argparse
 import json
-from typing import Optional, Sequence, Tuple
+import os
+from typing import List, Optional, Sequence, Tuple
 
 from megatron_dsv3.config import PRESETS, DSV3Config, YaRNConfig
 
@@ -36,18 +43,22 @@ def parse_schedule(text: Optional[str]) -> Optional[Tuple[Tuple[float, float], .
     if text is None:
         return None
     parts = [p for p in str(text).split(",") if p.strip()]
-    if len(parts) == 1 and ":" not in parts[0]:
-        return ((0, float(parts[0])),)
-    out = []
-    for p in parts:
-        t, v = p.split(":")
-        out.append((float(t), float(v)))
+    try:
+        if len(parts) == 1 and ":" not in parts[0]:
+            return ((0, float(parts[0])),)
+        out = []
+        for p in parts:
+            t, v = p.split(":")
+            out.append((float(t), float(v)))
+    except ValueError:
+        raise ValueError(f"schedule {text!r}: expected 'tokens:value,tokens:value,...' or one number") from None
     return tuple(out)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("model (megatron_dsv3)")
-    g.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="model preset (default: the --load/--load-hf checkpoint's model, else tiny)")
     g.add_argument("--model-config", default=None, help="DSV3Config as JSON (DSV3Config.to_dict()); overrides --preset")
     g.add_argument("--hf-config", default=None, help="a Hugging Face config.json (or its directory); overrides --preset")
     g.add_argument("--num-layers", type=int, default=None)
@@ -77,7 +88,8 @@ def add_model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="megatron-core full-layer activation recomputation (long context)")
     g.add_argument("--recompute-method", default="uniform", choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=1)
-    g.add_argument("--fp8", action="store_true", help="FP8 mixed precision (paper section 3.3), when available")
+    g.add_argument("--fp8", action="store_true", help="FP8 mixed precision (paper section 3.3): not available yet, "
+                                                      "refused with a message")
     g.add_argument("--bf16", action="store_true", default=None, help="bf16 params (default on GPU)")
     g.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 params (default on CPU)")
     g.add_argument("--transformer-impl", default="local", choices=["local", "te"], help="module backend")
@@ -88,7 +100,8 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None)
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", dest="virtual_pipeline_model_parallel_size", type=int,
+                   default=None, help="interleaved 1F1B: model chunks per pipeline rank")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
@@ -150,6 +163,8 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
     g.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: by device)")
     g.add_argument("--exit-interval", type=int, default=None, help="stop (without the final save) after this step")
+    g.add_argument("--debug", action="store_true",
+                   help="show Python tracebacks for user errors too (also: MEGATRON_DSV3_DEBUG=1)")
     return p
 
 
@@ -161,85 +176,263 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Flags -> args with `args.model_config_resolved` (the DSV3Config to build) and `args.notes` (lines the
+    trainer prints). Raises ValueError (one line, naming the flag) for user mistakes, before anything heavy."""
     args = build_parser().parse_args(argv)
-    return fill_defaults(args)
-
-
-def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    d = TRAIN_DEFAULTS.get(args.preset, TRAIN_DEFAULTS["*"])
-    for k, v in {**TRAIN_DEFAULTS["*"], **d}.items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    if args.train_iters is None:
-        raise SystemExit(f"--train-iters is required with --preset {args.preset}")
-    if args.global_batch_size is None:
-        raise SystemExit(f"--global-batch-size is required with --preset {args.preset}")
+    args.notes = []
+    on_gpu = _on_gpu(args)
+    cfg = model_config_from_args(args, on_gpu=on_gpu)
+    fill_defaults(args, cfg.name)
+    check_args(args, cfg)
+    args.model_config_resolved = cfg
     return args
 
 
-def config_from_args(args: argparse.Namespace, on_gpu: bool = False) -> DSV3Config:
-    """Preset (or --model-config / --hf-config), then every model flag the user gave."""
-    if getattr(args, "model_config", None):
-        with open(args.model_config) as f:
-            cfg = DSV3Config.from_dict(json.load(f))
-    elif getattr(args, "hf_config", None):
-        cfg = DSV3Config.from_hf(args.hf_config)
-    else:
-        cfg = DSV3Config.from_preset(args.preset)
-    top = {}
-    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings",
-                 "vocab_size", "init_method_std"):
+def _on_gpu(args) -> bool:
+    import torch
+    return torch.cuda.is_available() and not getattr(args, "cpu", False)
+
+
+def fill_defaults(args: argparse.Namespace, model_name: Optional[str] = None) -> argparse.Namespace:
+    name = model_name or getattr(args, "preset", None) or "tiny"
+    d = TRAIN_DEFAULTS.get(name, TRAIN_DEFAULTS["*"])
+    for k, v in {**TRAIN_DEFAULTS["*"], **d}.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    for flag in ("train_iters", "global_batch_size"):
+        if getattr(args, flag) is None:
+            raise ValueError(f"--{flag.replace('_', '-')} is required for model {name!r} (only --preset tiny has "
+                             f"training defaults)")
+    return args
+
+
+def check_world(args: argparse.Namespace, cfg: DSV3Config, world: int) -> int:
+    """The layout against the number of processes; returns the data-parallel size. Before any model is built."""
+    par = cfg.parallel
+    model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
+    if world % model_parallel:
+        raise ValueError(f"{world} process(es) cannot hold --tensor-model-parallel-size x "
+                         f"--pipeline-model-parallel-size x --context-parallel-size = {model_parallel}")
+    dp = world // model_parallel
+    if (dp * par.tensor_model_parallel_size) % par.expert_model_parallel_size:
+        raise ValueError(f"--expert-model-parallel-size {par.expert_model_parallel_size} must divide data-parallel "
+                         f"x tensor-parallel size ({dp} x {par.tensor_model_parallel_size})")
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+                         f"{args.micro_batch_size} x data-parallel size {dp}")
+    return dp
+
+
+def check_args(args: argparse.Namespace, cfg: DSV3Config) -> None:
+    """The cheap checks, before any process group, model or dataset exists."""
+    from megatron_dsv3.training.data import parse_blend
+    for flag in ("micro_batch_size", "global_batch_size", "train_iters"):
+        v = getattr(args, flag)
+        if v is not None and (v < 0 or (v == 0 and flag != "train_iters")):
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {v}")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:    # launched (torchrun, srun): the world is known now
+        check_world(args, cfg, int(os.environ["WORLD_SIZE"]))
+    blend = parse_blend(args.data_path)
+    for prefix in (blend[0] if blend else []):
+        missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+        if missing:
+            raise ValueError(f"--data-path {prefix}: {missing[0]} does not exist (give the prefix "
+                             f"tools/preprocess_data.py printed, without .bin/.idx)")
+    if args.tokenizer not in (None, "", "byte") and not os.path.exists(args.tokenizer):
+        raise ValueError(f"--tokenizer {args.tokenizer}: no such file or directory ('byte' for the built-in one)")
+    for flag in ("save", "tensorboard_dir", "data_cache_path"):
         v = getattr(args, flag, None)
-        if v is not None:
-            top[flag] = v
+        if v and os.path.exists(v) and not os.path.isdir(v):
+            raise ValueError(f"--{flag.replace('_', '-')} {v}: exists and is not a directory")
+
+
+# ---- the model: where it comes from ---------------------------------------------------------------------------
+# Fields that make a model what it is (a loaded checkpoint's value must not change), with the flag that sets them.
+ARCHITECTURE = (
+    ("num_layers", "--num-layers"), ("hidden_size", "--hidden-size"),
+    ("num_attention_heads", "--num-attention-heads"), ("vocab_size", "--vocab-size"), ("norm_eps", None),
+    ("mla.q_lora_rank", None), ("mla.kv_lora_rank", None), ("mla.qk_nope_head_dim", None),
+    ("mla.qk_rope_head_dim", None), ("mla.v_head_dim", None), ("mla.rope_theta", None),
+    ("mla.rope_interleave", None),
+    ("moe.num_experts", None), ("moe.num_shared_experts", None), ("moe.top_k", None),
+    ("moe.expert_ffn_hidden_size", None), ("moe.dense_ffn_hidden_size", None),
+    ("moe.first_k_dense_replace", None), ("moe.n_group", None), ("moe.topk_group", None),
+    ("moe.group_score_topk", None), ("moe.routed_scaling_factor", None), ("moe.score_function", None),
+    ("moe.norm_topk_prob", None), ("moe.expert_bias", None), ("mtp.num_layers", "--mtp-num-layers"),
+)
+
+
+def _field(cfg, path: str):
+    for p in path.split("."):
+        cfg = getattr(cfg, p)
+    return cfg
+
+
+def model_differences(a: DSV3Config, b: DSV3Config) -> List[Tuple[str, Optional[str], object, object]]:
+    """(field, flag, a's value, b's value) for every architecture field where a and b differ."""
+    return [(f, flag, _field(a, f), _field(b, f)) for f, flag in ARCHITECTURE if _field(a, f) != _field(b, f)]
+
+
+def _refuse_differences(diffs, source: str, other: str) -> None:
+    if diffs:
+        parts = [f"{flag or f} {theirs} (checkpoint: {ours})" for f, flag, ours, theirs in diffs]
+        raise ValueError(f"{other} disagrees with the model of {source}: {'; '.join(parts)}; leave the model "
+                         f"flags out to use the checkpoint's model")
+
+
+def hf_model_config(path: str, notes: Optional[list] = None) -> DSV3Config:
+    """The model of a Hugging Face checkpoint directory: its config.json (dtype included), MTP only when its
+    tensors are there, training seq-length bounded by max_position_embeddings."""
+    from megatron_dsv3.checkpoint.safetensors_io import HFCheckpoint
+    ckpt = HFCheckpoint(path)                 # validates config.json, index and shards: a clear error if not
+    cfg = ckpt.config
+    if cfg.mtp.num_layers and not any(k.startswith(f"model.layers.{cfg.num_layers}.") for k in ckpt.keys()):
+        if notes is not None:
+            notes.append(f"--load-hf {path}: config.json has num_nextn_predict_layers={cfg.mtp.num_layers} but the "
+                         f"checkpoint holds no MTP layer (transformers' save_pretrained drops it): MTP is off")
+        cfg = cfg.replace(mtp={"num_layers": 0})
+    return cfg.replace(seq_length=min(cfg.seq_length, cfg.max_position_embeddings))
+
+
+def _chosen_model(args) -> Tuple[Optional[DSV3Config], Optional[str]]:
+    """The model the user named with --model-config / --hf-config / --preset (None if none)."""
+    if getattr(args, "model_config", None):
+        try:
+            with open(args.model_config) as f:
+                return DSV3Config.from_dict(json.load(f)), f"--model-config {args.model_config}"
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"--model-config {args.model_config}: {e}") from None
+    if getattr(args, "hf_config", None):
+        return DSV3Config.from_hf(args.hf_config), f"--hf-config {args.hf_config}"
+    if getattr(args, "preset", None):
+        return DSV3Config.from_preset(args.preset), f"--preset {args.preset}"
+    return None, None
+
+
+def model_config_from_args(args: argparse.Namespace, on_gpu: bool = False) -> DSV3Config:
+    """The model to build: a checkpoint's, --load-hf's, or the named one; then the user's flags (module doc)."""
+    from megatron_dsv3.training import checkpointing
+    notes = getattr(args, "notes", None)
+    if notes is None:
+        notes = args.notes = []
+    base, source = None, None
+    found = checkpointing.find_checkpoint(args.load) if getattr(args, "load", None) else None
+    if getattr(args, "load", None) and found is None:
+        notes.append(f"--load {args.load} does not exist: starting from scratch")
+    if found is not None and found.config is not None:
+        base, source = DSV3Config.from_dict(found.config), f"--load {args.load}"
+        if getattr(args, "load_hf", None) and found.kind == "trainer":
+            notes.append(f"--load-hf {args.load_hf} not used: resuming from --load {args.load}")
+    elif getattr(args, "load_hf", None):
+        base, source = hf_model_config(args.load_hf, notes), f"--load-hf {args.load_hf}"
+    chosen, chosen_name = _chosen_model(args)
+    if base is None:
+        base = chosen if chosen is not None else DSV3Config.from_preset("tiny")
+    elif chosen is not None:
+        _refuse_differences(model_differences(base, chosen), source, chosen_name)
+    cfg = apply_model_flags(base, model_flag_values(args), on_gpu=on_gpu, keep_dtype=source is not None)
+    if source is not None:
+        _refuse_differences(model_differences(base, cfg), source, "the model flags")
+    return cfg.replace(parallel=parallel_from_args(args))
+
+
+# ---- flags -> config, shared with the Megatron-LM integration ---------------------------------------------------
+# ParallelConfig field <- args attribute (the trainer's flags and Megatron-LM's parsed args use the same names)
+PARALLEL_ARGS = (
+    ("tensor_model_parallel_size", "tensor_model_parallel_size"),
+    ("pipeline_model_parallel_size", "pipeline_model_parallel_size"),
+    ("expert_model_parallel_size", "expert_model_parallel_size"),
+    ("expert_tensor_parallel_size", "expert_tensor_parallel_size"),
+    ("context_parallel_size", "context_parallel_size"),
+    ("virtual_pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size"),
+    ("sequence_parallel", "sequence_parallel"),
+    ("num_layers_in_first_pipeline_stage", "decoder_first_pipeline_num_layers"),
+    ("num_layers_in_last_pipeline_stage", "decoder_last_pipeline_num_layers"),
+)
+_PARALLEL_DEFAULTS = {"sequence_parallel": False, "virtual_pipeline_model_parallel_size": None,
+                      "num_layers_in_first_pipeline_stage": None, "num_layers_in_last_pipeline_stage": None}
+
+
+def parallel_from_args(args) -> dict:
+    """ParallelConfig fields from parsed args (ours or Megatron-LM's)."""
+    out = {}
+    for field, attr in PARALLEL_ARGS:
+        v = getattr(args, attr, None)
+        out[field] = _PARALLEL_DEFAULTS.get(field, 1) if v is None else v
+    out["sequence_parallel"] = bool(out["sequence_parallel"])
+    if out["virtual_pipeline_model_parallel_size"]:
+        out["pipeline_schedule"] = "interleaved"
+    return out
+
+
+def parallel_state_sizes(par: dict) -> dict:
+    """megatron-core initialize_model_parallel's keyword arguments for ParallelConfig fields."""
+    return {k: par[k] for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                "virtual_pipeline_model_parallel_size", "context_parallel_size",
+                                "expert_model_parallel_size", "expert_tensor_parallel_size")}
+
+
+def model_flag_values(args, prefix: str = "") -> dict:
+    """The model flags the user gave (None = not given), read from our names or, with prefix 'dsv3_', from
+    Megatron-LM's --dsv3-* flags; sizes use Megatron-LM's own names in both."""
+    g = lambda name: getattr(args, name, None)   # noqa: E731
+    p = lambda name: getattr(args, prefix + name, None)   # noqa: E731
+    return {
+        "num_layers": g("num_layers"), "hidden_size": g("hidden_size"),
+        "num_attention_heads": g("num_attention_heads"), "seq_length": g("seq_length"),
+        "max_position_embeddings": g("max_position_embeddings"), "vocab_size": g("vocab_size"),
+        "init_method_std": p("init_method_std") if prefix else g("init_method_std"),
+        "bf16": g("bf16"), "recompute_mla_up_proj": bool(p("recompute_mla_up_proj")), "no_yarn": bool(g("no_yarn")),
+        # Megatron-LM's --rotary-scaling-factor defaults to 1.0 (= not given)
+        "yarn": {"factor": g("rotary_scaling_factor") if not prefix or g("rotary_scaling_factor") != 1.0 else None,
+                 "original_max_position_embeddings": p("yarn_original_max_position_embeddings") if prefix
+                 else g("original_max_position_embeddings"),
+                 "beta_fast": p("yarn_beta_fast") if prefix else g("beta_fast"),
+                 "beta_slow": p("yarn_beta_slow") if prefix else g("beta_slow"),
+                 # Megatron-LM derives --mscale/--mscale-all-dim flags with its own defaults: ours come from the model
+                 "mscale": None if prefix else g("mscale"), "mscale_all_dim": None if prefix else g("mscale_all_dim")},
+        "bias_update_rate": p("bias_update_rate"), "seq_aux_loss_coeff": p("seq_aux_loss_coeff"),
+        "mtp_num_layers": g("mtp_num_layers"), "mtp_loss_weight": p("mtp_loss_weight"), "fp8": bool(g("fp8")),
+    }
+
+
+def apply_model_flags(cfg: DSV3Config, v: dict, on_gpu: bool = False, keep_dtype: bool = False) -> DSV3Config:
+    """cfg with the given flag values (model_flag_values) applied. params_dtype: --bf16/--fp32 when given, else
+    the loaded model's (keep_dtype), else bf16 on GPU and fp32 on CPU."""
+    top = {k: v[k] for k in ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                             "max_position_embeddings", "vocab_size", "init_method_std") if v.get(k) is not None}
     if top.get("seq_length") and top["seq_length"] > cfg.max_position_embeddings and "max_position_embeddings" not in top:
         top["max_position_embeddings"] = top["seq_length"]
-    bf16 = getattr(args, "bf16", None)
-    if bf16 is None:
-        bf16 = on_gpu
-    top["params_dtype"] = "bfloat16" if bf16 else "float32"
-
+    if v.get("bf16") is not None:
+        top["params_dtype"] = "bfloat16" if v["bf16"] else "float32"
+    elif not keep_dtype:
+        top["params_dtype"] = "bfloat16" if on_gpu else "float32"
     mla = {}
-    if getattr(args, "recompute_mla_up_proj", False):
+    if v.get("recompute_mla_up_proj"):
         mla["recompute_up_proj"] = True
-    if getattr(args, "no_yarn", False):
+    yarn = {k: x for k, x in (v.get("yarn") or {}).items() if x is not None}
+    if v.get("no_yarn"):
         mla["yarn"] = None
-    else:
-        yarn = {}
-        for flag, field in (("rotary_scaling_factor", "factor"),
-                            ("original_max_position_embeddings", "original_max_position_embeddings"),
-                            ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"), ("mscale", "mscale"),
-                            ("mscale_all_dim", "mscale_all_dim")):
-            v = getattr(args, flag, None)
-            if v is not None:
-                yarn[field] = v
-        if yarn:
-            base = cfg.mla.yarn or YaRNConfig()
-            mla["yarn"] = YaRNConfig(**{**base.__dict__, **yarn})
+    elif yarn:
+        base = cfg.mla.yarn or YaRNConfig()
+        mla["yarn"] = YaRNConfig(**{**base.__dict__, **yarn})
     moe = {}
-    rate = parse_schedule(getattr(args, "bias_update_rate", None))
+    rate = parse_schedule(v.get("bias_update_rate"))
     if rate is not None:
         moe["bias_update_rate"] = rate
-    if getattr(args, "seq_aux_loss_coeff", None) is not None:
-        moe["seq_aux_loss_coeff"] = args.seq_aux_loss_coeff
+    if v.get("seq_aux_loss_coeff") is not None:
+        moe["seq_aux_loss_coeff"] = v["seq_aux_loss_coeff"]
     mtp = {}
-    if getattr(args, "mtp_num_layers", None) is not None:
-        mtp["num_layers"] = args.mtp_num_layers
-    lw = parse_schedule(getattr(args, "mtp_loss_weight", None))
+    if v.get("mtp_num_layers") is not None:
+        mtp["num_layers"] = v["mtp_num_layers"]
+    lw = parse_schedule(v.get("mtp_loss_weight"))
     if lw is not None:
         mtp["loss_weight"] = lw
-    par = dict(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        virtual_pipeline_model_parallel_size=args.num_virtual_stages_per_pipeline_rank,
-        sequence_parallel=bool(args.sequence_parallel),
-        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
-        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
-    )
-    if args.num_virtual_stages_per_pipeline_rank:
-        par["pipeline_schedule"] = "interleaved"
-    fp8 = {"enabled": True} if getattr(args, "fp8", False) else {}
-    return cfg.replace(**top, mla=mla, moe=moe, mtp=mtp, parallel=par, fp8=fp8)
+    fp8 = {"enabled": True} if v.get("fp8") else {}
+    return cfg.replace(**top, mla=mla, moe=moe, mtp=mtp, fp8=fp8)
+
+
+def config_from_args(args: argparse.Namespace, on_gpu: bool = False) -> DSV3Config:
+    """The model config parse_args resolved (or resolve it now, for args built another way)."""
+    cfg = getattr(args, "model_config_resolved", None)
+    return cfg if cfg is not None else model_config_from_args(args, on_gpu=on_gpu)

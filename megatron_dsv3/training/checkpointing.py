@@ -2,7 +2,13 @@
 
 Layout of `--save DIR`:
     DIR/iter_0000100/        a complete dist_checkpointing directory (model, optimizer, RNG, train state)
+    DIR/iter_0000100/dsv3_config.json   the model's DSV3Config (read before anything is built)
     DIR/latest               "100": written last, by rename, so it always names a complete checkpoint
+
+`find_checkpoint(DIR)` also recognises the converter's (and Megatron-LM's) layout,
+DIR/latest_checkpointed_iteration.txt + DIR/release (or DIR/iter_*), and a bare dist checkpoint directory:
+those hold model weights only, which `load_checkpoint` loads as a fine-tuning start (iteration 0, fresh
+optimizer and RNG).
 
 A save writes into DIR/.tmp_iter_0000100, then (rank 0, after every rank finished writing) renames it to
 DIR/iter_0000100 and replaces `latest` (write to a temp file, fsync, os.replace). A crash at any point
@@ -15,23 +21,29 @@ State saved:
                     default, 'fully_reshardable' with fully_reshardable=True)
     rng_state       one ShardedObject per (pp, tp, dp) rank: python, numpy, torch, CUDA and megatron's
                     RNG-tracker states
-    train_state     iteration, consumed samples/tokens (the data position), schedule step, the config
+    train_state     iteration, consumed samples/tokens (the data position), the config, the layout it was
+                    saved at (the optimizer state is saved 'fully_reshardable' by default, so it reloads at
+                    any TP/PP/EP/DP; the RNG states belong to the saving layout and are skipped elsewhere)
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_dsv3.compat import dist_checkpoint_writer_processes
+from megatron_dsv3.compat import dist_checkpoint_writer_processes, torch_adam_step_hidden
 
 LATEST = "latest"
+CONFIG_FILE = "dsv3_config.json"          # the converter writes the same name (checkpoint/convert.py)
+MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 # test hook: sleep this many seconds after the shards are written and before the rename (to kill a save)
 _PAUSE_ENV = "MEGATRON_DSV3_SAVE_PAUSE_S"
 
@@ -51,6 +63,67 @@ def read_latest(root: str) -> Optional[int]:
     if not os.path.isdir(checkpoint_dir(root, it)):
         raise FileNotFoundError(f"{path} names iteration {it} but {checkpoint_dir(root, it)} is missing")
     return it
+
+
+class CheckpointNotFound(ValueError):
+    """A user-named directory that exists but holds no checkpoint (a ValueError: the trainer's one-line error)."""
+
+
+@dataclass(frozen=True)
+class Found:
+    """A checkpoint `--load` names."""
+    kind: str                 # "trainer": ours (model, optimizer, RNG, train state) | "weights": model only
+    path: str                 # the dist_checkpointing directory itself
+    iteration: int
+    config: Optional[dict]    # DSV3Config.to_dict() of the model, None when the checkpoint does not say
+
+    def describe(self) -> str:
+        what = "trainer checkpoint" if self.kind == "trainer" else "model weights (converter / Megatron-LM layout)"
+        return f"{what} {self.path} (iteration {self.iteration})"
+
+
+def _read_config(*dirs: str) -> Optional[dict]:
+    for d in dirs:
+        p = os.path.join(d, CONFIG_FILE)
+        if os.path.isfile(p):
+            with open(p) as f:
+                return json.load(f)
+    return None
+
+
+def find_checkpoint(root: str) -> Optional[Found]:
+    """What `root` holds: None when the directory does not exist (a fresh start); CheckpointNotFound when it
+    exists but holds no checkpoint. Cheap: reads tracker files and dsv3_config.json, imports nothing heavy."""
+    if not os.path.exists(root):
+        return None
+    if not os.path.isdir(root):
+        raise CheckpointNotFound(f"--load {root}: not a directory")
+    it = read_latest(root)
+    if it is not None:
+        path = checkpoint_dir(root, it)
+        return Found("trainer", path, it, _read_config(path) or _config_from_common(path))
+    tracker = os.path.join(root, MEGATRON_TRACKER)
+    if os.path.isfile(tracker):
+        text = open(tracker).read().strip()
+        path = os.path.join(root, "release" if text == "release" else f"iter_{int(text):07d}")
+        if not os.path.isfile(os.path.join(path, "metadata.json")):
+            raise CheckpointNotFound(f"--load {root}: {MEGATRON_TRACKER} names {text!r} but {path} holds no "
+                                     f"dist checkpoint (no metadata.json)")
+        return Found("weights", path, 0 if text == "release" else int(text), _read_config(root, path))
+    if os.path.isfile(os.path.join(root, "metadata.json")):
+        return Found("weights", root, 0, _read_config(root, os.path.dirname(root)))
+    raise CheckpointNotFound(f"--load {root}: the directory holds no checkpoint (no '{LATEST}' or "
+                             f"'{MEGATRON_TRACKER}' file, no dist checkpoint); leave out --load to start from scratch")
+
+
+def _config_from_common(path: str) -> Optional[dict]:
+    """Checkpoints saved before dsv3_config.json existed keep the config in the common state dict."""
+    from megatron.core import dist_checkpointing
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except Exception as e:  # noqa: BLE001  (any read failure: say which file)
+        raise CheckpointNotFound(f"--load: cannot read {path} ({type(e).__name__}: {e})") from e
+    return (common.get("train_state") or {}).get("config")
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -92,12 +165,9 @@ def _unwrap(chunk):
     return chunk
 
 
-OPTIM_FORMAT = os.environ.get("MEGATRON_DSV3_OPTIM_FORMAT")   # debugging override of the format chosen below
-
-
 def _metadata(fully_reshardable: bool) -> dict:
     from megatron.core import parallel_state as ps
-    fmt = OPTIM_FORMAT or ("fully_reshardable" if fully_reshardable else "dp_reshardable")
+    fmt = "fully_reshardable" if fully_reshardable else "dp_reshardable"
     return {"distrib_optim_sharding_type": fmt,
             "singleton_local_shards": False, "chained_optim_avoid_prefix": True,
             "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
@@ -160,9 +230,20 @@ def _has_state(optimizer) -> bool:
                if getattr(o, "optimizer", None) is not None)
 
 
+def current_layout() -> dict:
+    """The parallel layout of this process's parallel_state (what RNG states and optimizer buckets depend on)."""
+    from megatron.core import parallel_state as ps
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "ep": ps.get_expert_model_parallel_world_size(),
+            "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+            "dp": ps.get_data_parallel_world_size(with_context_parallel=True)}
+
+
 def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module], optimizer, train_state: dict,
-                    fully_reshardable: bool = False) -> str:
-    """Collective: every rank calls it. Returns the final directory."""
+                    fully_reshardable: bool = True) -> str:
+    """Collective: every rank calls it. Returns the final directory. fully_reshardable=False saves the
+    distributed optimizer's state in megatron's faster 'dp_reshardable' form, which reloads only at the same
+    TP/PP/EP (load_checkpoint says so)."""
     from megatron.core import dist_checkpointing
 
     final, tmp = checkpoint_dir(root, iteration), os.path.join(root, f".tmp_iter_{iteration:07d}")
@@ -175,7 +256,10 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module], op
     _barrier()
     # a fresh optimizer (no step taken yet) has no state to save; megatron cannot describe it either
     with_optim = optimizer is not None and _has_state(optimizer)
-    sd = _sharded_state_dict(chunks, optimizer, dict(train_state, iteration=iteration, has_optimizer=with_optim),
+    fmt = "fully_reshardable" if fully_reshardable else "dp_reshardable"
+    train_state = dict(train_state, iteration=iteration, has_optimizer=with_optim, layout=current_layout(),
+                       optimizer_format=fmt)
+    sd = _sharded_state_dict(chunks, optimizer, train_state,
                              is_loading=False, with_optim=with_optim, with_rng=True,
                              fully_reshardable=fully_reshardable)
     with dist_checkpoint_writer_processes():
@@ -184,6 +268,9 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module], op
     if os.environ.get(_PAUSE_ENV):
         time.sleep(float(os.environ[_PAUSE_ENV]))
     if _rank() == 0:
+        if train_state.get("config") is not None:
+            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                json.dump(train_state["config"], f, indent=1)
         if os.path.isdir(final):               # re-saving the same iteration: replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -246,29 +333,70 @@ def _restore_adam_step(optimizer, loaded_optimizer_sd) -> None:
 
 
 def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load_optim: bool = True,
-                    load_rng: bool = True, fully_reshardable: bool = False, iteration: Optional[int] = None) -> Optional[dict]:
-    """Collective. Loads `latest` (or `iteration`) into the chunks (and optimizer); restores RNG states.
-    Returns the saved train_state, or None when `root` holds no complete checkpoint."""
-    from megatron.core import dist_checkpointing
+                    load_rng: bool = True, iteration: Optional[int] = None, log=print) -> Optional[dict]:
+    """Collective. Loads what `root` holds (find_checkpoint; `iteration` picks another of the trainer's) into the
+    chunks, and for the trainer's own checkpoints the optimizer and RNG states too. Returns the saved train_state
+    (plus "kind"), or None when `root` does not exist.
 
-    it = read_latest(root) if iteration is None else iteration
-    if it is None:
+    At another layout than the saving one: the model and a 'fully_reshardable' optimizer state reshard; the RNG
+    states (one per saving rank) are not restored, which `log` says; a 'dp_reshardable' optimizer state at another
+    TP/PP/EP is refused with a message naming --no-load-optim."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    found = find_checkpoint(root)
+    if found is None:
         return None
-    path = checkpoint_dir(root, it)
-    common = dist_checkpointing.load_common_state_dict(path)
-    load_optim = load_optim and (common.get("train_state") or {}).get("has_optimizer", True)
+    path = found.path if iteration is None else checkpoint_dir(root, iteration)
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except (CheckpointingException, OSError, RuntimeError, EOFError) as e:
+        raise CheckpointNotFound(f"--load {root}: cannot read {path} ({type(e).__name__}: {e})") from e
+    saved = dict(common.get("train_state") or {})
+    if found.kind == "weights":
+        load_optim = load_rng = False
+    load_optim = load_optim and saved.get("has_optimizer", True)
+    here = current_layout()
+    there = saved.get("layout")
+    fmt = saved.get("optimizer_format", "dp_reshardable")
+    moved = there is not None and there != here
+    if load_optim and moved and fmt != "fully_reshardable" and _distributed(optimizer) and \
+            any(there.get(k) != here[k] for k in ("tp", "pp", "ep", "vpp")):
+        raise CheckpointNotFound(
+            f"--load {root}: the optimizer state was saved in megatron's 'dp_reshardable' form at "
+            f"{_fmt_layout(there)}, which reloads only at the same TP/PP/EP (this run: {_fmt_layout(here)}); "
+            f"resume at that layout, or pass --no-load-optim to start the optimizer afresh")
+    if load_rng and moved:
+        log(f"RNG states not restored: saved at {_fmt_layout(there)}, running at {_fmt_layout(here)} (the data "
+            f"order does not depend on them)")
+        load_rng = False
     if load_optim and optimizer is not None:
         _materialize_optimizer_state(optimizer)
-    sd = _sharded_state_dict(chunks, optimizer, None, is_loading=True, with_optim=load_optim, with_rng=load_rng, fully_reshardable=fully_reshardable)
-    loaded = dist_checkpointing.load(sd, path)
+    sd = _sharded_state_dict(chunks, optimizer, None, is_loading=True, with_optim=load_optim, with_rng=load_rng,
+                             fully_reshardable=fmt == "fully_reshardable")
+    try:
+        loaded = dist_checkpointing.load(sd, path)
+    except CheckpointingException as e:
+        raise CheckpointNotFound(f"--load {root}: {path} does not fit this model "
+                                 f"({str(e).splitlines()[0][:300]})") from e
     for i, c in enumerate(chunks):
         _unwrap(c).load_state_dict(loaded[f"model{i}"], strict=True)
     if load_optim and optimizer is not None:
-        with torch.no_grad():   # fp32 params: the optimizer's shards are views of the parameters
+        with torch.no_grad(), torch_adam_step_hidden(optimizer):   # fp32 params: the shards are views of them
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_step(optimizer, loaded["optimizer"])
     if load_rng and loaded.get("rng_state") is not None:
         _set_rng_state(loaded["rng_state"])
-    state = dict(common.get("train_state") or loaded.get("train_state") or {})
-    state.setdefault("iteration", it)
+    state = dict(saved or loaded.get("train_state") or {})
+    state.setdefault("iteration", found.iteration if iteration is None else iteration)
+    state.setdefault("consumed_samples", 0)
+    state.update(kind=found.kind, path=path, optimizer_loaded=bool(load_optim and optimizer is not None))
     return state
+
+
+def _distributed(optimizer) -> bool:
+    return any(type(o).__name__ == "DistributedOptimizer" for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _fmt_layout(l: dict) -> str:
+    return " ".join(f"{k.upper()}{l.get(k)}" for k in ("tp", "pp", "ep", "vpp", "dp"))

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dsv3.training import checkpointing
-from megatron_dsv3.training.arguments import config_from_args
+from megatron_dsv3.training.arguments import check_world, config_from_args, parallel_state_sizes
 from megatron_dsv3.training.data import build_datasets, default_blend, micro_batches, parse_blend
 from megatron_dsv3.training.logger import TrainLogger, device_peak_tflops, flops_per_token
 from megatron_dsv3.training.schedules import BatchRamp, LRSchedule, num_microbatches
@@ -34,8 +34,9 @@ from megatron_dsv3.training.tokenizer import build_tokenizer
 
 
 # ---- process groups ------------------------------------------------------------------------------------------
-def init_distributed(args) -> torch.device:
-    """Default process group + megatron-core parallel_state (reused when the caller made them already)."""
+def init_distributed(args, cfg) -> torch.device:
+    """Default process group + megatron-core parallel_state at cfg.parallel's sizes (reused when the caller made
+    them already)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -57,18 +58,16 @@ def init_distributed(args) -> torch.device:
             from megatron_dsv3.testing import free_port
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                     timeout=timeout)
-    sizes = dict(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                 pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                 virtual_pipeline_model_parallel_size=args.num_virtual_stages_per_pipeline_rank,
-                 context_parallel_size=args.context_parallel_size,
-                 expert_model_parallel_size=args.expert_model_parallel_size,
-                 expert_tensor_parallel_size=args.expert_tensor_parallel_size)
+    import dataclasses
+    sizes = parallel_state_sizes(dataclasses.asdict(cfg.parallel))
+    check_world(args, cfg, dist.get_world_size())
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(**sizes)
     else:
         have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
                 ps.get_expert_model_parallel_world_size())
-        want = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size)
+        want = (sizes["tensor_model_parallel_size"], sizes["pipeline_model_parallel_size"],
+                sizes["expert_model_parallel_size"])
         if have != want:
             raise ValueError(f"parallel_state is initialised with (TP, PP, EP) = {have}, the flags ask for {want}")
     # Megatron-LM's seeding: one stream per pipeline stage; tensor-parallel streams inside the tracker
@@ -113,12 +112,16 @@ def forward_step(data_iterator, model):
 class Trainer:
     def __init__(self, args, model_builder: Optional[Callable] = None):
         self.args = args
-        self.device = init_distributed(args)
+        self.cfg = config_from_args(args)
+        self.device = init_distributed(args, self.cfg)
         from megatron.core import parallel_state as ps
         self.ps = ps
-        self.cfg = config_from_args(args, on_gpu=self.device.type == "cuda")
         self.rank = dist.get_rank()
         self.is_writer = self.rank == dist.get_world_size() - 1     # last stage holds the loss
+        for note in getattr(args, "notes", ()):
+            self._log0(note)
+        self._saved = set()                    # iterations whose state (this run's) is saved under --save
+        self._check_save_dir()
         self.dp = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
         self.tokenizer = build_tokenizer(args.tokenizer)
@@ -199,27 +202,56 @@ class Trainer:
             a.data_cache_path)
 
     def _load(self):
+        """--load (a trainer checkpoint: resume; model weights of the converter / Megatron-LM: start from them),
+        else --load-hf, else random weights. A missing --load directory starts fresh (parse_args said so)."""
         a = self.args
         state = None
-        if a.load and checkpointing.read_latest(a.load) is not None:
+        if a.load:
             state = checkpointing.load_checkpoint(
                 a.load, self.chunks, self.optimizer, load_optim=not (a.no_load_optim or a.finetune),
-                load_rng=not (a.no_load_rng or a.finetune))
-            if not a.finetune:
-                self.iteration = state["iteration"]
-                self.consumed_samples = state["consumed_samples"]
-            self._log0(f"loaded {a.load} at iteration {state['iteration']} "
-                       f"(consumed samples {state['consumed_samples']})")
-        elif a.load and not a.load_hf:
-            self._log0(f"no checkpoint at {a.load} (no 'latest' file): starting from scratch")
+                load_rng=not (a.no_load_rng or a.finetune), log=self._log0)
+        if state is not None and state["kind"] == "trainer" and not a.finetune:
+            self.iteration = state["iteration"]
+            self.consumed_samples = state["consumed_samples"]
+            if a.save and os.path.abspath(a.save) == os.path.abspath(a.load):
+                self._saved.add(self.iteration)      # this state is on disk where --save points
+            self._log0(f"resumed from {state['path']} at iteration {self.iteration} "
+                       f"(consumed samples {self.consumed_samples}"
+                       f"{'' if state['optimizer_loaded'] else '; optimizer state not loaded'})")
+        elif state is not None:
+            self._log0(f"loaded model weights from {state['path']} ({'--finetune: ' if a.finetune else ''}"
+                       f"starting at iteration 0 with a fresh optimizer)")
         if state is None and a.load_hf:
             from megatron_dsv3.checkpoint import load_hf
             for c in self.chunks:
-                load_hf(c.module, a.load_hf, show_progress=self.is_writer)
+                load_hf(c.module, a.load_hf, show_progress=self.is_writer and a.progress_bar)
             self._log0(f"loaded Hugging Face weights from {a.load_hf}")
-        if (state is not None and (a.no_load_optim or a.finetune)) or (state is None and a.load_hf):
+        if state is not None and not state["optimizer_loaded"] or (state is None and a.load_hf):
             # weights changed under the optimizer: its fp32 main copies must follow
             self.optimizer.reload_model_params()
+
+    def _check_save_dir(self):
+        """--save must not hold another model's checkpoints (they would be mistaken for this run's); one of this
+        model that this run did not load from is replaced as the run saves, which is said here."""
+        a = self.args
+        if not a.save:
+            return
+        try:
+            found = checkpointing.find_checkpoint(a.save)
+        except checkpointing.CheckpointNotFound:
+            return                              # a directory without checkpoints: nothing to confuse
+        if found is None or (a.load and os.path.abspath(a.load) == os.path.abspath(a.save)):
+            return
+        from megatron_dsv3.config import DSV3Config
+        from megatron_dsv3.training.arguments import model_differences
+        if found.config is not None:
+            diffs = model_differences(DSV3Config.from_dict(found.config), self.cfg)
+            if diffs:
+                what = "; ".join(f"{f} {theirs} here, {ours} there" for f, _, ours, theirs in diffs[:4])
+                raise ValueError(f"--save {a.save} holds checkpoints of another model ({what}); choose another "
+                                 f"--save directory")
+        self._log0(f"note: --save {a.save} already holds {found.describe()} of this model, not loaded (no --load "
+                   f"{a.save}); this run's saves replace same-numbered ones and 'latest'")
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _log0(self, msg):
@@ -276,15 +308,15 @@ class Trainer:
 
     # ---- one global batch ----------------------------------------------------------------------------------
     def train_step(self) -> dict:
-        from megatron_dsv3.moe.router import apply_expert_bias_update
         from megatron_dsv3.mtp.loss import set_mtp_loss_weight
+        from megatron_dsv3.training.hooks import after_optimizer_step
 
         a, cfg = self.args, self.cfg
         gbs = self.ramp.batch_size_at(self.consumed_samples)
         lr = self.lr_schedule.lr_at(self.iteration, a.train_iters)
         self._set_lr(lr)
         lam = cfg.mtp.loss_weight_at(self.tokens_seen)
-        set_mtp_loss_weight(self.chunks, lam)
+        set_mtp_loss_weight(self.chunks, lam)       # also set by after_optimizer_step; a resumed run starts here
         gamma = cfg.moe.bias_rate_at(self.tokens_seen)
 
         for c in self.chunks:
@@ -293,8 +325,10 @@ class Trainer:
         self.optimizer.zero_grad()
         losses = self._run(self.train_ds, self.consumed_samples, gbs, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
-        # aux-loss-free balancing: once per global batch, after all micro-batches were counted
-        router_metrics = apply_expert_bias_update(self.chunks, gamma)
+        # aux-loss-free balancing (skipped with a skipped step) and the next batch's MTP lambda
+        tokens_before = self.tokens_seen
+        router_metrics = after_optimizer_step(self.chunks, cfg, tokens_before, tokens_before + gbs * cfg.seq_length, ok)
+        gamma = gamma if ok else 0.0
         for name, m in router_metrics.items():
             s = self.load_stats.setdefault(name, {"layer": m["layer_number"], "counts": 0})
             s["counts"] = s["counts"] + m["tokens_per_expert"].double()
@@ -335,6 +369,7 @@ class Trainer:
             a.save, self.iteration, self.chunks, self.optimizer,
             {"consumed_samples": self.consumed_samples, "tokens": self.tokens_seen, "config": self.cfg.to_dict(),
              "tokenizer": dict(self.tokenizer.unique_identifiers)})
+        self._saved.add(self.iteration)
         self._log0(f"saved checkpoint {checkpointing.checkpoint_dir(a.save, self.iteration)}")
 
     # ---- the run -------------------------------------------------------------------------------------------
@@ -405,7 +440,9 @@ class Trainer:
             if a.save and a.save_interval and it % a.save_interval == 0 and it < a.train_iters:
                 self.save()
         if a.save and a.save_final and self.iteration == a.train_iters:
-            if checkpointing.read_latest(a.save) != self.iteration:
+            if self.iteration in self._saved:
+                log.print(f"checkpoint of iteration {self.iteration} already in {a.save}: not saved again")
+            else:
                 self.save()
         log.close()
         return {"history": self.history, "eval": self.eval_history}

@@ -106,19 +106,38 @@ def test_model_provider_contract_and_hook(mcore_single):
     assert model.mtp.loss_weight == pytest.approx(0.3)      # lambda at 128 tokens seen
     assert "mtp loss depth 1" in writer.scalars and any(k.startswith("moe/max_vio/") for k in writer.scalars)
 
+    # a step the optimizer skipped (inf/NaN gradients): the counts are dropped, the bias does not move
+    model(tokens, pos, None, labels=labels, loss_mask=loss_mask).sum().backward()
+    before = {n: r.expert_bias.clone() for n, r in routers_of(model)}
+    assert all(int(r.tokens_per_expert.sum()) > 0 for _, r in routers_of(model))
+    res = megatron_lm.after_global_batch([model], args, update_successful=False)
+    for n, r in routers_of(model):
+        assert torch.equal(r.expert_bias, before[n]) and int(r.tokens_per_expert.sum()) == 0
+        assert res["routers"][n]["bias_rate"] == 0.0
 
-def test_finalize_hook_wraps_once():
-    calls = []
-    wrapped = megatron_lm._finalize_with_dsv3(lambda model, *a, **k: calls.append(("orig", a, k)))
-    assert wrapped.__wrapped__ is not None
+
+def test_optimizer_hook_runs_after_each_step_with_its_success():
+    """The wrapped get_megatron_optimizer's optimizer calls after_global_batch after step(), with the step's
+    update_successful (a skipped step must not move the bias)."""
+    class Opt:
+        def __init__(self):
+            self.results = [(True, 1.0, 0), (False, float("inf"), 0)]
+
+        def step(self):
+            return self.results.pop(0)
+
+    made = []
+    factory = megatron_lm._optimizer_factory_with_dsv3(lambda config, chunks, **kw: made.append(chunks) or Opt())
     seen = []
     orig_after = megatron_lm.after_global_batch
-    megatron_lm.after_global_batch = lambda model, args, **kw: seen.append(kw["iteration"])
+    megatron_lm.after_global_batch = lambda model, args, **kw: seen.append((model, kw["iteration"],
+                                                                            kw["update_successful"]))
     megatron_lm.set_args(_megatron_args(curr_iteration=4, log_interval=10))
     try:
-        wrapped(["chunk"], num_tokens=None, pg_collection=None, force_all_reduce=False)
+        opt = factory("cfg", ["chunk"])
+        assert opt.step() == (True, 1.0, 0)
+        assert opt.step()[0] is False
     finally:
         megatron_lm.after_global_batch = orig_after
         megatron_lm.set_args(None)
-    assert calls == [("orig", (), {"num_tokens": None, "pg_collection": None, "force_all_reduce": False})]
-    assert seen == [5]
+    assert made == [["chunk"]] and seen == [(["chunk"], 5, True), (["chunk"], 5, False)]

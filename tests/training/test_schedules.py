@@ -5,7 +5,7 @@ import math
 import pytest
 
 from megatron_dsv3.config import DSV3Config
-from megatron_dsv3.training.arguments import config_from_args, parse_args, parse_schedule
+from megatron_dsv3.training.arguments import config_from_args, model_config_from_args, parse_args, parse_schedule
 from megatron_dsv3.training.memory import estimate_memory, stage_parameters
 from megatron_dsv3.training.schedules import BatchRamp, LRSchedule, num_microbatches, paper_schedule, steps_for_tokens
 
@@ -59,7 +59,7 @@ def test_flags_to_config():
     y = cfg.mla.yarn
     assert (y.factor, y.beta_fast, y.beta_slow, y.original_max_position_embeddings) == (40, 32, 1, 4096)
     assert cfg.pipeline_layers() == (1, 3) and cfg.params_dtype == "float32"
-    assert config_from_args(a, on_gpu=True).params_dtype == "bfloat16"
+    assert model_config_from_args(a, on_gpu=True).params_dtype == "bfloat16"
     assert config_from_args(parse_args(["--no-yarn"])).mla.yarn is None
     assert parse_schedule("0.5") == ((0, 0.5),)
 

@@ -13,8 +13,14 @@ embedding.word_embeddings.weight on the last stage too; checkpoints store it onc
 
 Forward follows GPTModel: logits [b, s, V/tp] (V/tp: parallel_output; all of V with gather) without labels,
 the per-token main loss [b, s] with labels. With labels and MTP on, the MTP loss lambda/D sum_k L^k rides
-along in backward (mtp/module.py). Decoder positions are 0..s-1 (megatron's TransformerLayer does not pass
-position_ids to attention; MLA computes its rope from the sequence length).
+along in backward (mtp/module.py).
+
+Positions: position_ids [b, s] (packed documents, Megatron-LM's --reset-position-ids) become rope angles once
+per forward (mla/rope.py RotaryEmbedding.angles, [s, b, 1, d_h^R/2] float32) and reach every MLA layer, the MTP
+layers' too, as megatron-core's `rotary_pos_emb` (the argument TransformerBlock forwards on every path,
+full-layer recompute included). Each pipeline stage computes them from the position_ids it is given; without
+position_ids the positions are 0..s-1. MTP depth k at position i attends with position i's angles, as the main
+model (and megatron-core's MTP, which rolls position_ids only for learned position embeddings).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_dsv3.compat import get_process_group_collection
 from megatron_dsv3.config import DSV3Config
+from megatron_dsv3.mla.rope import RotaryEmbedding
 from megatron_dsv3.specs import check_backend, get_decoder_block_spec, get_mtp_block_spec
 
 __all__ = ["DSV3Model", "build_model"]
@@ -51,9 +58,7 @@ class DSV3Model(LanguageModule):
     def __init__(self, config: DSV3Config, pre_process: bool = True, post_process: bool = True,
                  backend: str = "local", pg_collection=None, vp_stage: Optional[int] = None,
                  parallel_output: bool = True, transformer_config=None):
-        check_backend(backend)
-        if config.parallel.context_parallel_size > 1:
-            raise NotImplementedError("DSV3Model: context parallelism is not supported (MLA has no CP path yet)")
+        check_backend(backend)   # context parallelism: refused by ParallelConfig
         pg_collection = get_process_group_collection(pg_collection)
         tc = transformer_config if transformer_config is not None else config.to_transformer_config()
         super().__init__(config=tc, pg_collection=pg_collection)
@@ -67,6 +72,7 @@ class DSV3Model(LanguageModule):
         self.max_sequence_length = config.max_position_embeddings
         # MTP sits with the output head (megatron-core's default placement: the last pipeline stage)
         self.mtp_process = post_process and config.mtp.num_layers > 0
+        self.rope = RotaryEmbedding(config.mla)   # position_ids -> rope angles (no parameters)
 
         if self.pre_process or self.mtp_process:
             self.embedding = LanguageModelEmbedding(
@@ -126,12 +132,18 @@ class DSV3Model(LanguageModule):
         """input_ids, labels, loss_mask [b, s] (labels[i] = t_{i+1}); attention_mask: None (causal) or
         megatron's boolean [b|1, 1, s, s], True = masked. Returns per-token loss [b, s] with labels, logits
         [b, s, V/tp] without (all of V with runtime_gather_output=True); on a non-last pipeline stage the
-        hidden states [s', b, h]. position_ids is accepted as GPTModel's and not used (positions 0..s-1).
-        Under pipeline parallelism with MTP the last stage needs input_ids too."""
+        hidden states [s', b, h]. position_ids [b, s]: the rope positions (None: 0..s-1); every pipeline stage
+        needs the same ones. Under pipeline parallelism with MTP the last stage needs input_ids too."""
+        rope_angles = None
+        if position_ids is not None:
+            if input_ids is not None and tuple(position_ids.shape) != tuple(input_ids.shape):
+                raise ValueError(f"DSV3Model: position_ids must have input_ids' shape [b, s] "
+                                 f"{tuple(input_ids.shape)}, got {tuple(position_ids.shape)}")
+            rope_angles = self.rope.angles(position_ids)                              # [s, b, 1, d_h^R/2]
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)   # [s', b, h]
         # non-first stages: the decoder reads the tensor given to set_input_tensor
-        hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=rope_angles,
                               inference_context=inference_context, packed_seq_params=packed_seq_params)
         if not self.post_process:
             return hidden
@@ -144,7 +156,7 @@ class DSV3Model(LanguageModule):
                 hidden, input_ids=input_ids, labels=labels, loss_mask=loss_mask,
                 embedding=lambda ids: self.embedding(input_ids=ids, position_ids=None),
                 output_layer=lambda h: self.output_layer(h, runtime_gather_output=False),
-                loss_fn=self.compute_language_model_loss, attention_mask=attention_mask,
+                loss_fn=self.compute_language_model_loss, attention_mask=attention_mask, rope_angles=rope_angles,
                 per_token_loss=bool(self.config.calculate_per_token_loss))
 
         if labels is None:

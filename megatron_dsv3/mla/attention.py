@@ -23,8 +23,11 @@ has no such reduction; not run here, since that path needs TE.)
 Recompute (V3 section 3.2.2, MLAConfig.recompute_up_proj): the latent norms and up-projections run under a
 non-reentrant activation checkpoint; only their inputs (the down-projected latents) are kept for backward.
 
-Layout: activations [s, b, h]; per-head tensors [s, b, n, d]. Rope and YaRN come from MLAConfig (rope.py);
-megatron-core's rotary_pos_emb/cos/sin arguments are ignored.
+Layout: activations [s, b, h]; per-head tensors [s, b, n, d]. Rope and YaRN come from MLAConfig (rope.py).
+Positions: 0..s-1, or the rope angles [s, b, 1, d_h^R/2] that DSV3Model computes once per forward from
+position_ids and passes as megatron-core's `rotary_pos_emb` (the one rope argument its TransformerBlock forwards
+on every path, full-layer recompute included; rotary_pos_cos/sin are dropped there in 0.16-0.19). The angles
+cover the full sequence: rope is applied after the up-projections (and k^R's gather under sequence parallel).
 """
 from __future__ import annotations
 
@@ -122,8 +125,9 @@ class MLASelfAttention(MegatronModule):
         kv, _ = self.linear_kv_up_proj(self.kv_layernorm(kv_latent))  # [s, b, n*(d_h+d_v)]    eqs. 2, 5
         return q, kv
 
-    def qkv(self, hidden_states: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
-        """hidden [s', b, h] (s' = s/tp under sequence parallel) -> q, k [s, b, n, d_h+d_h^R], v [s, b, n, d_v]."""
+    def qkv(self, hidden_states: torch.Tensor, rope_angles: Optional[torch.Tensor] = None):
+        """hidden [s', b, h] (s' = s/tp under sequence parallel) -> q, k [s, b, n, d_h+d_h^R], v [s, b, n, d_v].
+        rope_angles [s, b|1, 1, d_h^R/2] (RotaryEmbedding.angles); None: positions 0..s-1."""
         mla, n = self.mla, self.num_heads
         d_nope, d_rope, d_v = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
 
@@ -153,7 +157,14 @@ class MLASelfAttention(MegatronModule):
         kv = kv.view(s, b, n, d_nope + d_v)
         k_nope, v = torch.split(kv, [d_nope, d_v], dim=-1)                     # [s, b, n, d_h], [s, b, n, d_v]
 
-        cos, sin = self.rotary.cos_sin(s, q.device, q.dtype, position_ids)     # [s, 1 or b, 1, d_h^R/2]
+        if rope_angles is None:
+            cos, sin = self.rotary.cos_sin(s, q.device, q.dtype)              # [s, 1, 1, d_h^R/2]
+        else:
+            if rope_angles.dim() != 4 or rope_angles.shape[0] != s or rope_angles.shape[1] not in (1, b) \
+                    or rope_angles.shape[2:] != (1, d_rope // 2):
+                raise ValueError(f"MLASelfAttention: rope angles (rotary_pos_emb) must be [s={s}, b={b} or 1, 1, "
+                                 f"qk_rope_head_dim/2={d_rope // 2}], got {tuple(rope_angles.shape)}")
+            cos, sin = self.rotary.cos_sin_from_angles(rope_angles, q.dtype)   # [s, b|1, 1, d_h^R/2]
         q_rope = self.rotary(q_rope, cos, sin)                                 # eq. 8
         k_rope = self.rotary(k_rope.unsqueeze(2), cos, sin)                    # [s, b, 1, d_h^R]  eq. 3
 
@@ -165,14 +176,22 @@ class MLASelfAttention(MegatronModule):
                 key_value_states=None, inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,
                 rotary_pos_sin=None, attention_bias=None, packed_seq_params=None, sequence_len_offset=None,
                 position_ids: Optional[torch.Tensor] = None, **kwargs):
-        """hidden [s', b, h] -> (out [s', b, h], bias None). Positions 0..s-1 unless position_ids [b, s]."""
+        """hidden [s', b, h] -> (out [s', b, h], bias None). Positions 0..s-1, or as rotary_pos_emb's rope angles
+        [s, b, 1, d_h^R/2] (what the model passes), or position_ids [b, s] (converted here: direct use)."""
+        if rotary_pos_cos is not None or rotary_pos_sin is not None:
+            raise ValueError("MLASelfAttention takes positions as rope angles in rotary_pos_emb "
+                             "(RotaryEmbedding.angles), not rotary_pos_cos/rotary_pos_sin")
+        if position_ids is not None:
+            if rotary_pos_emb is not None:
+                raise ValueError("MLASelfAttention: give position_ids or rotary_pos_emb, not both")
+            rotary_pos_emb = self.rotary.angles(position_ids.to(hidden_states.device))
         if key_value_states is not None:
             raise ValueError("MLASelfAttention is self-attention: key_value_states must be None")
         if inference_context is not None:
             raise NotImplementedError("MLASelfAttention: megatron-core inference contexts are not supported")
         if packed_seq_params is not None:
             raise NotImplementedError("MLASelfAttention: packed sequences are not supported yet")
-        query, key, value = self.qkv(hidden_states, position_ids)
+        query, key, value = self.qkv(hidden_states, rotary_pos_emb)
         # [s, b, n, d] x3 -> [s, b, n*d_v]                                       eq. 10
         out = self.core_attention(query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
                                   attention_bias=attention_bias, packed_seq_params=packed_seq_params)

@@ -18,7 +18,9 @@ The interleaved rotation returns its result de-interleaved, [rotated evens | rot
 q^R and k^R always go through the same permutation, so q^R . k^R is unchanged and no copy back is needed.
 
 Angles are computed in float32 (positions x inverse frequencies), as both references do, then cos/sin are
-cast to the activation dtype. Tables are cached per (seq_len, device, dtype); the device comes from the input.
+cast to the activation dtype. Tables for positions 0..s-1 are cached per (seq_len, device, dtype); the device
+comes from the input. Other positions (packed documents, --reset-position-ids) come as `angles(position_ids)`,
+computed once per model forward (model.py) and passed to every layer.
 """
 from __future__ import annotations
 
@@ -83,17 +85,26 @@ class RotaryEmbedding:
     def _tables(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         # positions [...] -> angles [..., d/2], float32 as the references
         angles = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
-        cos = (angles.cos() * self.attention_factor).to(dtype)
-        sin = (angles.sin() * self.attention_factor).to(dtype)
-        return cos, sin
+        return self.cos_sin_from_angles(angles, dtype)
+
+    def angles(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """position_ids [b, s] -> angles [s, b, 1, d/2] (float32: positions x theta_i). What DSV3Model computes
+        once per forward and hands every MLA layer as megatron-core's `rotary_pos_emb`."""
+        if position_ids.dim() != 2:
+            raise ValueError(f"position_ids must be [batch, seq], got shape {tuple(position_ids.shape)}")
+        pos = position_ids.transpose(0, 1).to(torch.float32)                       # [s, b]
+        return (pos[..., None] * self.inv_freq.to(position_ids.device))[:, :, None, :]
+
+    def cos_sin_from_angles(self, angles: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """angles [..., d/2] float32 -> cos, sin [..., d/2] in `dtype`, with YaRN's attention factor."""
+        return (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
 
     def cos_sin(self, seq_len: int, device: torch.device, dtype: torch.dtype,
                 position_ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [s, 1, 1, d/2] (positions 0..s-1) or [s, b, 1, d/2] (position_ids [b, s]),
         broadcastable against [s, b, heads, d/2]."""
         if position_ids is not None:
-            cos, sin = self._tables(position_ids.to(device).transpose(0, 1), dtype)  # [s, b, d/2]
-            return cos[:, :, None, :], sin[:, :, None, :]
+            return self.cos_sin_from_angles(self.angles(position_ids.to(device)), dtype)  # [s, b, 1, d/2]
         key = (seq_len, torch.device(device), dtype)
         if key not in self._cache:
             if len(self._cache) >= 8:

@@ -94,14 +94,16 @@ class MTPModule(MegatronModule):
         return self.transformer_layer
 
     def forward(self, hidden_states: torch.Tensor, embeddings: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None,
+                rope_angles: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """rope_angles [s, b, 1, d_h^R/2]: the main model's (position i), None for 0..s-1."""
         # eq. 21: [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1}_i)]          [s', b, 2h]
         x = torch.cat((self.enorm(embeddings), self.hnorm(hidden_states)), dim=-1)
         x, _ = self.eh_proj(x)                                            # [s, b, h/tp]  (SP: gathered over s)
         x = gather_from_tensor_model_parallel_region(x, group=self.tp_group)  # [s, b, h]
         if self.sequence_parallel:
             x = scatter_to_sequence_parallel_region(x, group=self.tp_group)   # [s/tp, b, h]
-        out, _ = self.transformer_layer(x, attention_mask=attention_mask)    # eq. 22
+        out, _ = self.transformer_layer(x, attention_mask=attention_mask, rotary_pos_emb=rope_angles)  # eq. 22
         return out
 
 
@@ -129,10 +131,11 @@ class MTPBlock(MegatronModule):
     def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
                 loss_mask: Optional[torch.Tensor], embedding: Callable, output_layer: Callable,
                 loss_fn: Callable, attention_mask: Optional[torch.Tensor] = None,
-                per_token_loss: bool = False) -> torch.Tensor:
+                rope_angles: Optional[torch.Tensor] = None, per_token_loss: bool = False) -> torch.Tensor:
         """hidden_states: h^0 [s', b, h]; input_ids, labels, loss_mask: [b, s] (labels[i] = t_{i+1}).
         embedding(input_ids [b, s]) -> [s', b, h]; output_layer(h [s', b, h]) -> logits [s, b, V/tp];
-        loss_fn(labels [b, s], logits) -> per-token loss [b, s].
+        loss_fn(labels [b, s], logits) -> per-token loss [b, s]. rope_angles: the main model's (every depth
+        attends with position i's rope at position i, as the main model), None for 0..s-1.
         Returns h^0 with lambda/D * sum_k L^k attached for backward (per_token_loss: the sums, not means,
         for megatron's calculate_per_token_loss)."""
         if loss_mask is None:
@@ -145,7 +148,7 @@ class MTPBlock(MegatronModule):
         for layer in self.layers:
             # depth k: the input at position i is t_{i+k}, the target t_{i+k+1}; the last k positions have none
             ids, tgt, mask = roll_left(ids), roll_left(tgt), roll_left(mask)
-            h_k = layer(h_prev, embedding(ids), attention_mask)                   # [s', b, h]   eqs. 21-22
+            h_k = layer(h_prev, embedding(ids), attention_mask, rope_angles)      # [s', b, h]   eqs. 21-22
             logits, _ = output_layer(layer.final_layernorm(h_k))                  # [s, b, V/tp] eq. 23
             loss_sum = (loss_fn(tgt, logits) * mask).sum()                        # eq. 24 (times T_k)
             n = mask.sum()

@@ -84,7 +84,7 @@ def test_layouts_against_complex_rotation():
         def dot(m, n):
             a, b = m * inv, n * inv
             return apply_rope(q, a.cos(), a.sin(), inter) @ apply_rope(k, b.cos(), b.sin(), inter)
-        assert dot(7, 3) == pytest.approx(dot(104, 100), rel=1e-12)
+        assert dot(7, 3).item() == pytest.approx(dot(104, 100).item(), rel=1e-12)   # floats: approx on 0-d tensors breaks under pytest 9.2
 
 
 def test_cos_sin_cache_and_position_ids():
@@ -100,5 +100,9 @@ def test_cos_sin_cache_and_position_ids():
     assert pcos.shape == (3, 2, 1, 4)
     full_cos, _ = rot.cos_sin(8, torch.device("cpu"), torch.float32)
     assert torch.equal(pcos[:, 1], full_cos[5:8, 0])
+    # the angles the model hands every layer: [s, b, 1, d/2] = position x theta_i, float32
+    ang = rot.angles(pos)
+    assert ang.shape == (3, 2, 1, 4) and ang.dtype == torch.float32
+    assert torch.equal(ang[:, :, 0], pos.T[..., None].float() * inverse_frequencies(8, mla.rope_theta, YARNS[2]))
     # cos^2 + sin^2 = attention_factor^2
     assert torch.allclose(pcos ** 2 + psin ** 2, torch.full_like(pcos, rope_attention_factor(YARNS[2]) ** 2))

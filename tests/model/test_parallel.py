@@ -1,6 +1,6 @@
 """PP=2 (uneven 1+3 layers, megatron-core's 1F1B), PP=2 x VPP=2 (interleaved 1F1B), TP=2 (with and without
 sequence parallel) and EP=2 give the loss, MTP loss and gradients of PP=1, for the tiny preset (4 layers) with MTP
-on (and the MoE balance loss on).
+on (and the MoE balance loss on), with packed-document position_ids (each stage computes the rope from them).
 
 Every run is one training step the way a trainer does it: megatron-core DDP around the model,
 get_forward_backward_func() over 4 micro-batches, finalize_model_grads (DP all-reduce and the first/last stage
@@ -40,7 +40,11 @@ def _batches(seed=7):
     for _ in range(MICRO_BATCHES):
         ids = torch.randint(0, 384, (B, S + 1), generator=g)
         mask = (torch.rand(B, S, generator=g) > 0.1).float()
-        out.append({"tokens": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(), "loss_mask": mask})
+        # packed documents (--reset-position-ids): every stage must apply the same positions
+        cut = int(torch.randint(4, S - 4, (1,), generator=g))
+        pos = torch.cat((torch.arange(cut), torch.arange(S - cut)))[None].expand(B, S).contiguous()
+        out.append({"tokens": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(), "loss_mask": mask,
+                    "position_ids": pos})
     return out
 
 
@@ -52,7 +56,7 @@ def _loss_func(loss_mask, per_token_loss):
 
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
-    out = model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+    out = model(batch["tokens"], batch["position_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"])
     return out, functools.partial(_loss_func, batch["loss_mask"])
 
 

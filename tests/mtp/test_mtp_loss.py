@@ -65,15 +65,20 @@ def _with_globals(layer_state):
     return dict(layer_state, **{"model.embed_tokens.weight": dummy, "model.norm.weight": dummy, "lm_head.weight": dummy})
 
 
-def paper_losses(hf, mtp: PaperMTP, ids, labels, mask, lam):
-    """(L_main, [L^1..L^D], total = L_main + lam/D sum_k L^k). labels[i] = t_{i+1}; mask [b, s] in {0, 1}."""
+def paper_losses(hf, mtp: PaperMTP, ids, labels, mask, lam, pos=None, mtp_pos=None):
+    """(L_main, [L^1..L^D], total = L_main + lam/D sum_k L^k). labels[i] = t_{i+1}; mask [b, s] in {0, 1}.
+    pos [b, s]: rope positions (None: 0..s-1), one causal mask per row; TRM_k at position i uses position i's
+    rope (mtp_pos, default pos: only the guard below gives it other positions)."""
     b, s = ids.shape
     D = len(mtp.M)
-    h0 = hf.model(input_ids=ids).last_hidden_state                   # main model output (after its final norm)
+    if pos is None:
+        pos = torch.arange(s)[None].expand(b, s)
+    mtp_pos = pos if mtp_pos is None else mtp_pos
+    # an all-ones attention_mask keeps HF's mask causal (it may infer document masks from reset positions)
+    h0 = hf.model(input_ids=ids, position_ids=pos, attention_mask=torch.ones_like(ids)).last_hidden_state
     ce = F.cross_entropy(hf.lm_head(h0).flatten(0, 1), labels.flatten(), reduction="none").view(b, s)
     main = (ce * mask).sum() / mask.sum()
-    pos = torch.arange(s)[None].expand(b, s)
-    cos, sin = hf.model.rotary_emb(h0, pos)
+    cos, sin = hf.model.rotary_emb(h0, mtp_pos)
     neg = torch.finfo(torch.float64).min
     losses, h_prev = [], h0
     for k in range(1, D + 1):
@@ -92,8 +97,14 @@ def paper_losses(hf, mtp: PaperMTP, ids, labels, mask, lam):
     return main, losses, main + lam / D * sum(losses)                 # eq. 25
 
 
-@pytest.mark.parametrize("D", [1, 2])
-def test_mtp_matches_paper_reference(mcore_single, D):
+def _packed(s):
+    """position_ids [2, s] of packed documents: positions restart at each document (--reset-position-ids)."""
+    return torch.stack([torch.cat((torch.arange(12), torch.arange(s - 12))),
+                        torch.cat((torch.arange(5), torch.arange(s - 5)))])
+
+
+@pytest.mark.parametrize("D, packed", [(1, False), (2, False), (2, True)])
+def test_mtp_matches_paper_reference(mcore_single, D, packed):
     cfg = small_config("yarn").replace(params_dtype="float64", mtp={"num_layers": D, "loss_weight": ((0, 0.3),)},
                                        moe={"seq_aux_loss_coeff": 0.0})
     lam, b, s = 0.25, 2, 20
@@ -113,12 +124,18 @@ def test_mtp_matches_paper_reference(mcore_single, D):
     labels = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
     mask = (torch.rand(b, s, generator=g) > 0.2).double()
 
-    main_ref, depth_ref, total_ref = paper_losses(hf, ref_mtp, ids, labels, mask, lam)
+    pos = _packed(s) if packed else None
+    main_ref, depth_ref, total_ref = paper_losses(hf, ref_mtp, ids, labels, mask, lam, pos)
     total_ref.backward()
+    if packed:   # guard: MTP layers attending at positions 0..s-1 would be caught by the 1e-6 comparison below
+        with torch.no_grad():
+            _, depth_wrong, _ = paper_losses(hf, ref_mtp, ids, labels, mask, lam, pos,
+                                             mtp_pos=torch.arange(s)[None].expand(b, s))
+        assert all(abs(w.item() - r.item()) > 1e-4 * r.item() for w, r in zip(depth_wrong, depth_ref))
 
     set_mtp_loss_weight(ours, lam)
     set_mtp_backward_scale(1.0)
-    per_token = ours(ids, labels=labels, loss_mask=mask)             # [b, s], main loss only
+    per_token = ours(ids, position_ids=pos, labels=labels, loss_mask=mask)   # [b, s], main loss only
     main = (per_token * mask).sum() / mask.sum()
     main.backward()                                                   # + lam/D sum_k L^k via the auto-scaler
     depth = mtp_loss_report(ours)
@@ -139,7 +156,7 @@ def test_mtp_matches_paper_reference(mcore_single, D):
 
     # the shared embedding and head really receive gradient from both losses: ours minus the main-only part
     hf.zero_grad()
-    main_ref2, _, _ = paper_losses(hf, ref_mtp, ids, labels, mask, lam)
+    main_ref2, _, _ = paper_losses(hf, ref_mtp, ids, labels, mask, lam, pos)
     main_ref2.backward()
     for ours_name, hf_name in (("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
                                ("output_layer.weight", "lm_head.weight")):

@@ -52,7 +52,9 @@ def padded_swiglu(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, 
     N, h = x.shape
     E = weight1.shape[0]
     if N == 0:
-        return x.new_zeros(0, weight2.shape[-1]) + 0 * (weight1.sum() + weight2.sum())  # keep the graph for DDP
+        # keep the graph: DDP wants the weights' (zero) gradients, and the dispatch all-to-all's backward is a
+        # collective that must run on every EP rank, also on one that received no token ([0, h] from x)
+        return 0 * x + 0 * (weight1.sum() + weight2.sum())
     C = int(counts.max()) if max_count is None else max_count
     expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=N)        # [N]
     starts = torch.cumsum(counts, dim=0) - counts                                                       # [E]

@@ -327,3 +327,41 @@ def test_groups_come_from_pg_collection():
         assert err is not None and "ranks_per_node" in err and "LOCAL_WORLD_SIZE" in err, err
         assert r["n_group_env"] == 2                          # one rank per node: the stage's 2 EP ranks, 2 nodes
         assert r["n_group_arg"] == 1                          # both EP ranks of the stage on one node
+
+
+def _no_tokens_for_one_rank(rank):
+    """EP=2: every token of both ranks picks experts of EP rank 1, so rank 0's experts receive nothing. The
+    backward must still run both all-to-alls on both ranks (they are collectives) and give EP=1's gradients."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron_dsv3.moe.dispatch import dispatch_combine
+    from megatron_dsv3.moe.experts import padded_swiglu
+
+    E, h, f, T, k = 4, 8, 6, 5, 2
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(E, h, 2 * f, generator=g, dtype=torch.float64), torch.randn(E, f, h, generator=g, dtype=torch.float64)
+    xs = [torch.randn(T, h, generator=g, dtype=torch.float64) for _ in range(2)]
+    idx = torch.tensor([[2, 3]] * T)                       # experts 2 and 3 live on EP rank 1
+    gates = torch.full((T, k), 0.5, dtype=torch.float32)
+    # EP=1 reference of this rank's tokens (all experts here)
+    # EP=1 reference over both ranks' tokens (the experts' gradients sum over every sender)
+    x_ref, w1_ref, w2_ref = (t.clone().requires_grad_() for t in (torch.cat(xs), w1, w2))
+    dispatch_combine(x_ref, torch.cat([idx, idx]), torch.cat([gates, gates]),
+                     lambda x, c: padded_swiglu(x, c, w1_ref, w2_ref), E).sum().backward()
+    # EP=2: this rank holds experts [2*rank, 2*rank+2)
+    x = xs[rank].clone().requires_grad_()
+    lw1 = w1[2 * rank:2 * rank + 2].clone().requires_grad_()
+    lw2 = w2[2 * rank:2 * rank + 2].clone().requires_grad_()
+    out = dispatch_combine(x, idx, gates, lambda x_, c: padded_swiglu(x_, c, lw1, lw2), E,
+                           ep_group=ps.get_expert_model_parallel_group())
+    out.sum().backward()
+    dist.barrier()
+    return {"x": (x.grad - x_ref.grad[rank * T:(rank + 1) * T]).abs().max().item(),
+            "w1": (lw1.grad - w1_ref.grad[2 * rank:2 * rank + 2]).abs().max().item()}
+
+
+def test_backward_when_an_ep_rank_receives_no_token():
+    # before the fix, rank 0 skipped one backward all-to-all and the ranks' collectives went out of step
+    results = run_distributed(_no_tokens_for_one_rank, 2, ep=2, timeout=120)
+    for r in results:
+        assert r["x"] < 1e-12 and r["w1"] < 1e-12, r

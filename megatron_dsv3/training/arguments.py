@@ -276,8 +276,8 @@ def model_differences(a: DSV3Config, b: DSV3Config) -> List[Tuple[str, Optional[
 def _refuse_differences(diffs, source: str, other: str) -> None:
     if diffs:
         parts = [f"{flag or f} {theirs} (checkpoint: {ours})" for f, flag, ours, theirs in diffs]
-        raise ValueError(f"{other} disagrees with the model of {source}: {'; '.join(parts)}; leave the model "
-                         f"flags out to use the checkpoint's model")
+        raise ValueError(f"{source} holds another model than {other}: {'; '.join(parts)}; leave them out "
+                         f"to use the checkpoint's model")
 
 
 def hf_model_config(path: str, notes: Optional[list] = None) -> DSV3Config:
@@ -329,10 +329,10 @@ def model_config_from_args(args: argparse.Namespace, on_gpu: bool = False) -> DS
     if base is None:
         base = chosen if chosen is not None else DSV3Config.from_preset("tiny")
     elif chosen is not None:
-        _refuse_differences(model_differences(base, chosen), source, chosen_name)
+        _refuse_differences(model_differences(base, chosen), source, chosen_name + " says")
     cfg = apply_model_flags(base, model_flag_values(args), on_gpu=on_gpu, keep_dtype=source is not None)
     if source is not None:
-        _refuse_differences(model_differences(base, cfg), source, "the model flags")
+        _refuse_differences(model_differences(base, cfg), source, "the model flags say")
     return cfg.replace(parallel=parallel_from_args(args))
 
 

@@ -55,7 +55,7 @@ def init_distributed(args, cfg) -> torch.device:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:       # torchrun / srun
             dist.init_process_group(backend, timeout=timeout)
         else:                                                          # plain `python`: a world of one
-            from megatron_dsv3.testing import free_port
+            from megatron_dsv3.launch import free_port
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                                     timeout=timeout)
     import dataclasses

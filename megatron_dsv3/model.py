@@ -80,12 +80,12 @@ class DSV3Model(LanguageModule):
                 position_embedding_type="none", tp_group=pg_collection.tp)
 
         self.decoder = TransformerBlock(
-            config=tc, spec=get_decoder_block_spec(config, backend, vp_stage=vp_stage,
+            config=tc, spec=get_decoder_block_spec(config, backend, vp_stage=vp_stage, pg_collection=pg_collection,
                                                    pp_rank=_pg_rank(pg_collection.pp)),
             pre_process=pre_process, post_process=post_process, pg_collection=pg_collection, vp_stage=vp_stage)
 
         if self.mtp_process:
-            self.mtp = build_module(get_mtp_block_spec(config, backend), config=tc, pg_collection=pg_collection,
+            self.mtp = build_module(get_mtp_block_spec(config, backend, pg_collection), config=tc, pg_collection=pg_collection,
                                     vp_stage=vp_stage)
 
         if self.post_process:

@@ -78,11 +78,13 @@ def get_dense_mlp_spec(config, backend: str = "local"):
                       submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))
 
 
-def get_moe_spec(config, backend: str = "local"):
+def get_moe_spec(config, backend: str = "local", pg_collection=None):
     """DeepSeekMoE spec: router + routed experts + shared experts (issue: MoE). `config` is a DSV3Config.
 
     Router and GroupedExperts are ours in both backends; the shared experts are megatron-core's MLP
-    (TE linears with backend "te") of width num_shared_experts * expert_ffn_hidden_size.
+    (TE linears with backend "te") of width num_shared_experts * expert_ffn_hidden_size. pg_collection: the
+    model's process groups (megatron-core's TransformerLayer does not hand them to an MLP class it does not
+    know, so the spec carries them: the balance group of the bias update, EP dispatch, expert replicas).
     """
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -95,11 +97,14 @@ def get_moe_spec(config, backend: str = "local"):
     shared = None
     if config.moe.num_shared_experts > 0:
         shared = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))
-    return ModuleSpec(module=DeepSeekMoE, params={"moe": config.moe},
+    params = {"moe": config.moe}
+    if pg_collection is not None:
+        params["pg_collection"] = pg_collection
+    return ModuleSpec(module=DeepSeekMoE, params=params,
                       submodules=DeepSeekMoESubmodules(router=Router, experts=GroupedExperts, shared_experts=shared))
 
 
-def get_layer_spec(config, moe_layer: bool, backend: str = "local"):
+def get_layer_spec(config, moe_layer: bool, backend: str = "local", pg_collection=None):
     """One transformer layer: RMSNorm -> MLA -> residual -> RMSNorm -> MLP|MoE -> residual (issue: model).
 
     megatron-core's TransformerLayer with our RMSNorm (both backends: same parameter names, and it allows
@@ -112,7 +117,7 @@ def get_layer_spec(config, moe_layer: bool, backend: str = "local"):
     from megatron_dsv3.norm import RMSNorm
 
     check_backend(backend)
-    mlp = get_moe_spec(config, backend) if moe_layer else get_dense_mlp_spec(config, backend)
+    mlp = get_moe_spec(config, backend, pg_collection) if moe_layer else get_dense_mlp_spec(config, backend)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -122,7 +127,8 @@ def get_layer_spec(config, moe_layer: bool, backend: str = "local"):
     )
 
 
-def get_decoder_block_spec(config, backend: str = "local", vp_stage=None, pp_rank=None, all_layers: bool = False):
+def get_decoder_block_spec(config, backend: str = "local", vp_stage=None, pp_rank=None, all_layers: bool = False,
+                           pg_collection=None):
     """Per-layer specs for megatron-core's TransformerBlock (issue: model): the first
     MoEConfig.first_k_dense_replace layers dense, the rest DeepSeekMoE, then the final RMSNorm.
 
@@ -136,7 +142,7 @@ def get_decoder_block_spec(config, backend: str = "local", vp_stage=None, pp_ran
     from megatron_dsv3.norm import RMSNorm
 
     check_backend(backend)
-    dense, moe = get_layer_spec(config, False, backend), get_layer_spec(config, True, backend)
+    dense, moe = get_layer_spec(config, False, backend), get_layer_spec(config, True, backend, pg_collection)
     specs = [moe if config.is_moe_layer(i) else dense for i in range(config.num_layers)]
     if not all_layers and config.parallel.pipeline_model_parallel_size > 1:
         tc = config.to_transformer_config()
@@ -148,7 +154,7 @@ def get_decoder_block_spec(config, backend: str = "local", vp_stage=None, pp_ran
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
 
 
-def get_mtp_block_spec(config, backend: str = "local"):
+def get_mtp_block_spec(config, backend: str = "local", pg_collection=None):
     """The D MTP modules (issue: model; V3 section 2.2): per depth, RMSNorms on the embedding and the hidden
     state, the projection M_k (column-parallel, gathered), one MLA + DeepSeekMoE layer, a final RMSNorm.
     None when MTPConfig.num_layers is 0."""
@@ -165,7 +171,7 @@ def get_mtp_block_spec(config, backend: str = "local"):
     else:
         from megatron.core.tensor_parallel import ColumnParallelLinear as column
     module = ModuleSpec(module=MTPModule, submodules=MTPModuleSubmodules(
-        enorm=RMSNorm, hnorm=RMSNorm, eh_proj=column, transformer_layer=get_layer_spec(config, True, backend),
+        enorm=RMSNorm, hnorm=RMSNorm, eh_proj=column, transformer_layer=get_layer_spec(config, True, backend, pg_collection),
         final_layernorm=RMSNorm))
     return ModuleSpec(module=MTPBlock, params={"mtp": config.mtp},
                       submodules=MTPBlockSubmodules(layer_specs=[module] * config.mtp.num_layers))

@@ -63,3 +63,22 @@ def test_build_model_rejects_groups_unlike_the_config(mcore_single):
     cfg = DSV3Config.from_preset("tiny").replace(parallel={"tensor_model_parallel_size": 2})
     with pytest.raises(ValueError, match="tensor_model_parallel_size"):
         build_model(cfg)   # parallel_state here is TP=1
+
+
+def test_moe_layers_get_the_models_process_groups(mcore_single):
+    """megatron-core's TransformerLayer does not pass pg_collection to DeepSeekMoE: the spec carries the model's, so
+    the bias update's balance group, the EP group and the experts' replica groups are the model's (not
+    parallel_state's): checked by identity with a collection of our own."""
+    import dataclasses
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron_dsv3.model import build_model
+    from megatron_dsv3.moe.router import routers_of
+    mpu = ProcessGroupCollection.use_mpu_process_groups()
+    ours = ProcessGroupCollection(**{f.name: getattr(mpu, f.name) for f in dataclasses.fields(mpu)
+                                     if hasattr(mpu, f.name)})
+    ours.tp_dp_cp = ours.dp          # a distinct object standing for "the model's balance group"
+    model = build_model(DSV3Config.from_preset("tiny"), pg_collection=ours)
+    layers = [m for m in model.modules() if isinstance(m, DeepSeekMoE)]
+    assert len(layers) == 3                              # 2 decoder MoE layers + the MTP layer's
+    assert all(r.balance_group is ours.tp_dp_cp for _, r in routers_of(model))
+    assert all(m.experts.expt_dp_group is ours.expt_dp for m in layers)

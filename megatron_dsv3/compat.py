@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import multiprocessing as mp
 import inspect
+import os
 
 
 import torch
@@ -123,22 +124,51 @@ def accepts_kwarg(fn, name: str) -> bool:
         return False
 
 
+_writer_parent = None         # pid of the process inside dist_checkpoint_writer_processes (its forks die with it)
+_fork_hook_installed = False
+
+
+def _writer_child_after_fork() -> None:
+    if _writer_parent is not None:
+        from megatron_dsv3.launch import die_with_parent
+        die_with_parent(_writer_parent)
+
+
 @contextlib.contextmanager
 def dist_checkpoint_writer_processes():
-    """Around `dist_checkpointing.save`: its writer starts child processes, which Python forbids in daemonic
-    processes (other test spawners' ranks): lift the flag for the call. On CPU also give it a fork-started
-    results queue instead of its spawn-started Manager (a fresh interpreter: 5-15 s on a small host); without
-    CUDA in the process fork is safe. The children are joined before save returns.
-    Touches megatron-core's private `filesystem_async._results_queue` (0.16-0.19)."""
+    """Around a synchronous `dist_checkpointing.save` (the converter's and the trainer's): its writer forks
+    one worker per file bucket, which Python forbids in daemonic processes (other spawners' ranks): lift the
+    flag for the call.
+
+    megatron-core 0.16-0.19 collect the workers' results through a module-level `multiprocessing.Manager()`
+    queue (filesystem_async._get_write_results_queue): a server process that is started once and never
+    stopped, so a trainer killed by SIGKILL leaves it running (re-parented to init, ~300-400 MB when forked
+    from a trainer), and spawning it costs 5-15 s on a small host. In a synchronous save the queue is written
+    and read by this same process, so a plain in-process `queue.Queue` does the job with no helper process:
+    it is put in place for the call and the previous value restored. The forked workers are joined before
+    save returns; while the call runs every process forked from this one dies with it (PR_SET_PDEATHSIG), so
+    a kill mid-save leaves none behind either. Touches megatron-core's private `_results_queue`."""
+    global _writer_parent, _fork_hook_installed
+    import queue
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     cfg = mp.current_process()._config
     daemon = cfg.get("daemon")
     cfg["daemon"] = False
-    if getattr(filesystem_async, "_results_queue", 0) is None and not torch.cuda.is_available():
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+    has_queue = hasattr(filesystem_async, "_results_queue")
+    before = getattr(filesystem_async, "_results_queue", None)
+    if has_queue:
+        filesystem_async._results_queue = queue.Queue()
+    if not _fork_hook_installed:
+        os.register_at_fork(after_in_child=_writer_child_after_fork)
+        _fork_hook_installed = True
+    outer = _writer_parent
+    _writer_parent = os.getpid()
     try:
         yield
     finally:
+        _writer_parent = outer
+        if has_queue:
+            filesystem_async._results_queue = before
         if daemon is not None:
             cfg["daemon"] = daemon
 

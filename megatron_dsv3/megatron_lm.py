@@ -109,6 +109,11 @@ def config_from_megatron_args(args) -> DSV3Config:
                          f"{_get(args, 'dsv3_preset')}); pass the model's count or leave it out")
     par = parallel_from_args(args)
     cfg = cfg.replace(**top, parallel=par)
+    if _get(args, "reset_position_ids") and par["pipeline_model_parallel_size"] > 2:
+        # Megatron-LM's get_batch gives middle pipeline stages no position_ids: their MLA would use 0..s-1
+        raise ValueError("--reset-position-ids with --pipeline-model-parallel-size > 2: Megatron-LM gives middle "
+                         "pipeline stages no position_ids, so their rope would ignore the document resets; use "
+                         "pipeline size <= 2 or leave out --reset-position-ids")
     if cfg.mtp.num_layers and par["pipeline_model_parallel_size"] > 1 and _get(args, "mtp_num_layers") is None:
         raise ValueError("MTP with pipeline parallelism under Megatron-LM needs --mtp-num-layers "
                          f"{cfg.mtp.num_layers}: without it Megatron-LM's get_batch gives the last stage no tokens")

@@ -343,6 +343,7 @@ def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load
     TP/PP/EP is refused with a message naming --no-load-optim."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
 
     found = find_checkpoint(root)
     if found is None:
@@ -378,7 +379,11 @@ def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load
         loaded = dist_checkpointing.load(sd, path)
     except CheckpointingException as e:
         raise CheckpointNotFound(f"--load {root}: {path} does not fit this model "
-                                 f"({str(e).splitlines()[0][:300]})") from e
+                                 f"({(str(e).splitlines() or [''])[0][:300]})") from e
+    except (Exception, TorchCheckpointException) as e:  # noqa: BLE001  a damaged shard: torch's CheckpointException
+        # (a BaseException) wrapping EOFError / UnpicklingError, ...
+        raise CheckpointNotFound(f"--load {root}: cannot read {path}, a file of it is damaged "
+                                 f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from e
     for i, c in enumerate(chunks):
         _unwrap(c).load_state_dict(loaded[f"model{i}"], strict=True)
     if load_optim and optimizer is not None:

@@ -144,3 +144,33 @@ def test_model_flags_disagreeing_with_the_checkpoint(tiny_data, tmp_path):
     # the checkpoint's model without any model flag: resumes
     _, out, _ = train("--load", ck, "--train-iters", "2", *base)
     assert "resumed from" in out and "at iteration 1" in out, out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data-path", "/nonexistent/corpus"], "error: --data-path /nonexistent/corpus: /nonexistent/corpus.bin does not exist"),
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], "error: --global-batch-size 6 is not divisible by"),
+    (["--fp8"], "FP8 training"),
+    (["--bias-update-rate", "fast"], "error: schedule 'fast': expected"),
+    (["--tokenizer", "/nonexistent/tok.json"], "error: --tokenizer /nonexistent/tok.json: no such file"),
+    (["--hf-config", "/nonexistent/config.json"], "error: "),
+])
+def test_user_mistakes_are_one_line(flags, message, tiny_data):
+    prefix, cache = tiny_data
+    rc, out, err = train("--preset", "tiny", "--train-iters", "1", "--data-path", prefix, "--data-cache-path", cache,
+                         *flags, ok=False)
+    assert rc == 2 and err.strip().count("\n") == 0 and err.startswith("error: "), err
+    assert message in err and "Traceback" not in out + err, err
+
+
+def test_corrupt_checkpoint_is_one_line(tiny_data, tmp_path):
+    ck = tmp_path / "ckpt"
+    base = ["--preset", "tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "4",
+            *_data(tiny_data)]
+    train(*base, "--train-iters", "1", "--save", str(ck))
+    for f in (ck / "iter_0000001").glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])
+    rc, out, err = train(*base, "--train-iters", "2", "--load", str(ck), ok=False)
+    assert rc == 2 and err.strip().count("\n") == 0 and err.startswith(f"error: --load {ck}"), err
+    # --debug: the traceback for a bug report
+    rc, out, err = train(*base, "--train-iters", "2", "--load", str(ck), "--debug", ok=False)
+    assert rc != 0 and "Traceback" in err

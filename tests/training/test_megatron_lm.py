@@ -68,6 +68,12 @@ def test_config_from_megatron_args():
     with pytest.raises(ValueError, match="--mtp-num-layers"):
         megatron_lm.config_from_megatron_args(_megatron_args(pipeline_model_parallel_size=2,
                                                              decoder_first_pipeline_num_layers=2))
+    with pytest.raises(ValueError, match="--reset-position-ids"):
+        megatron_lm.config_from_megatron_args(_megatron_args(pipeline_model_parallel_size=3, mtp_num_layers=1,
+                                                             reset_position_ids=True))
+    assert megatron_lm.config_from_megatron_args(_megatron_args(reset_position_ids=True)).num_layers == 3
+    with pytest.raises(ValueError, match="FP8 training"):        # Megatron-LM's --fp8-format: refused, not ignored
+        megatron_lm.config_from_megatron_args(_megatron_args(fp8="e4m3"))
     big = megatron_lm.config_from_megatron_args(_megatron_args(
         dsv3_preset="dsv3-671b", num_layers=61, hidden_size=7168, num_attention_heads=128, seq_length=4096,
         max_position_embeddings=163840, padded_vocab_size=129280, num_experts=256, mtp_num_layers=1,

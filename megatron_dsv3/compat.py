@@ -179,7 +179,7 @@ def torch_adam_step_hidden(optimizer):
     Adam, i.e. without Transformer Engine / apex): `load_parameter_state_from_fully_reshardable` skips the saved
     "step" entries but `_set_main_param_and_optimizer_states` then copies every key of the parameter's state,
     "step" included (KeyError 'step'). While this instance's setter runs, the "step" tensors are out of the torch
-    optimizer's state; they are put back after; the caller restores the saved count (_restore_adam_step)."""
+    optimizer's state; they are put back after; the caller restores the saved count (restore_torch_adam_step)."""
     hidden, patched = [], []
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
@@ -201,3 +201,64 @@ def torch_adam_step_hidden(optimizer):
             del opt._set_main_param_and_optimizer_states
         for st, step in hidden:
             st.setdefault("step", step)
+
+
+@torch.no_grad()
+def materialize_torch_adam_state(optimizer) -> None:
+    """megatron-core 0.16.1-0.19 with torch's Adam (no Transformer Engine / apex), before loading an optimizer state:
+    give a fresh torch Adam its state tensors (and `step`) so that megatron's sharded_state_dict can describe
+    what to load: without Transformer Engine / apex, DistributedOptimizer.state_dict() reads `step` from the
+    torch optimizer's state, which a fresh optimizer does not have yet. One step with zero gradients and lr 0
+    changes no parameter; the loaded state replaces all of it."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or len(inner.state) > 0:
+            continue
+        lrs = [g["lr"] for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"] = 0.0
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+        for g, lr in zip(inner.param_groups, lrs):
+            g["lr"] = lr
+
+
+def _saved_steps(tree) -> set:
+    """The Adam step counts stored in the optimizer's param_groups of a loaded state dict."""
+    out = set()
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == "param_groups" and isinstance(v, list):
+                out |= {g["step"] for g in v if isinstance(g, dict) and g.get("step") is not None}
+            else:
+                out |= _saved_steps(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            out |= _saved_steps(v)
+    return out
+
+
+@torch.no_grad()
+def restore_torch_adam_step(optimizer, loaded_optimizer_sd) -> None:
+    """megatron-core 0.16.1-0.19 with torch's AdamW (no TE / apex): the loads ('dp_reshardable',
+    'fully_reshardable') copy the moments but leave each parameter's `step` at what the optimizer had before. Put back the saved count
+    (Adam's bias correction depends on it; without this a resumed run differs from the second step on)."""
+    steps = _saved_steps(loaded_optimizer_sd)
+    if len(steps) != 1:
+        return
+    step = float(steps.pop())
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for st in (inner.state.values() if inner is not None else ()):
+            if "step" in st:
+                st["step"] = torch.tensor(step, dtype=torch.float32, device=st["step"].device)
+
+
+def load_optimizer_state(optimizer, loaded_optimizer_sd) -> None:
+    """megatron's optimizer.load_state_dict with the torch-Adam workarounds above (the caller ran
+    materialize_torch_adam_state before building the sharded state dict it loaded)."""
+    with torch.no_grad(), torch_adam_step_hidden(optimizer):   # fp32 params: the shards are views of them
+        optimizer.load_state_dict(loaded_optimizer_sd)
+    restore_torch_adam_step(optimizer, loaded_optimizer_sd)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_dsv3.compat import dist_checkpoint_writer_processes, torch_adam_step_hidden
+from megatron_dsv3.compat import dist_checkpoint_writer_processes, load_optimizer_state, materialize_torch_adam_state
 
 LATEST = "latest"
 CONFIG_FILE = "dsv3_config.json"          # the converter writes the same name (checkpoint/convert.py)
@@ -280,58 +280,6 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module], op
     return final
 
 
-@torch.no_grad()
-def _materialize_optimizer_state(optimizer) -> None:
-    """Give a fresh torch Adam its state tensors (and `step`) so that megatron's sharded_state_dict can describe
-    what to load: without Transformer Engine / apex, DistributedOptimizer.state_dict() reads `step` from the
-    torch optimizer's state, which a fresh optimizer does not have yet. One step with zero gradients and lr 0
-    changes no parameter; the loaded state replaces all of it."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if inner is None or len(inner.state) > 0:
-            continue
-        lrs = [g["lr"] for g in inner.param_groups]
-        for g in inner.param_groups:
-            g["lr"] = 0.0
-            for p in g["params"]:
-                p.grad = torch.zeros_like(p)
-        inner.step()
-        inner.zero_grad(set_to_none=True)
-        for g, lr in zip(inner.param_groups, lrs):
-            g["lr"] = lr
-
-
-def _saved_steps(tree) -> set:
-    """The Adam step counts stored in the optimizer's param_groups of a loaded state dict."""
-    out = set()
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            if k == "param_groups" and isinstance(v, list):
-                out |= {g["step"] for g in v if isinstance(g, dict) and g.get("step") is not None}
-            else:
-                out |= _saved_steps(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            out |= _saved_steps(v)
-    return out
-
-
-@torch.no_grad()
-def _restore_adam_step(optimizer, loaded_optimizer_sd) -> None:
-    """megatron-core 0.16 with torch's AdamW (no TE / apex): the 'dp_reshardable' load copies the moments but
-    leaves each parameter's `step` at what the optimizer had before the load. Put back the saved count
-    (Adam's bias correction depends on it; without this a resumed run differs from the second step on)."""
-    steps = _saved_steps(loaded_optimizer_sd)
-    if len(steps) != 1:
-        return
-    step = float(steps.pop())
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for st in (inner.state.values() if inner is not None else ()):
-            if "step" in st:
-                st["step"] = torch.tensor(step, dtype=torch.float32, device=st["step"].device)
-
-
 def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load_optim: bool = True,
                     load_rng: bool = True, iteration: Optional[int] = None, log=print) -> Optional[dict]:
     """Collective. Loads what `root` holds (find_checkpoint; `iteration` picks another of the trainer's) into the
@@ -372,7 +320,7 @@ def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load
             f"order does not depend on them)")
         load_rng = False
     if load_optim and optimizer is not None:
-        _materialize_optimizer_state(optimizer)
+        materialize_torch_adam_state(optimizer)
     sd = _sharded_state_dict(chunks, optimizer, None, is_loading=True, with_optim=load_optim, with_rng=load_rng,
                              fully_reshardable=fmt == "fully_reshardable")
     try:
@@ -387,9 +335,7 @@ def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load
     for i, c in enumerate(chunks):
         _unwrap(c).load_state_dict(loaded[f"model{i}"], strict=True)
     if load_optim and optimizer is not None:
-        with torch.no_grad(), torch_adam_step_hidden(optimizer):   # fp32 params: the shards are views of them
-            optimizer.load_state_dict(loaded["optimizer"])
-        _restore_adam_step(optimizer, loaded["optimizer"])
+        load_optimizer_state(optimizer, loaded["optimizer"])
     if load_rng and loaded.get("rng_state") is not None:
         _set_rng_state(loaded["rng_state"])
     state = dict(saved or loaded.get("train_state") or {})

@@ -182,7 +182,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.notes = []
     on_gpu = _on_gpu(args)
     cfg = model_config_from_args(args, on_gpu=on_gpu)
+    given_rate = args.bias_update_rate
     fill_defaults(args, cfg.name)
+    if given_rate is None and args.bias_update_rate is not None and args.model_source is None:
+        # a preset's training default (tiny: gamma 0.01); a loaded model keeps the gamma it was trained with
+        cfg = cfg.replace(moe={"bias_update_rate": parse_schedule(args.bias_update_rate)})
     check_args(args, cfg)
     args.model_config_resolved = cfg
     return args
@@ -330,6 +334,7 @@ def model_config_from_args(args: argparse.Namespace, on_gpu: bool = False) -> DS
         base = chosen if chosen is not None else DSV3Config.from_preset("tiny")
     elif chosen is not None:
         _refuse_differences(model_differences(base, chosen), source, chosen_name + " says")
+    args.model_source = source
     cfg = apply_model_flags(base, model_flag_values(args), on_gpu=on_gpu, keep_dtype=source is not None)
     if source is not None:
         _refuse_differences(model_differences(base, cfg), source, "the model flags say")

@@ -78,3 +78,10 @@ def test_memory_estimate_counts_every_parameter_once():
     est = estimate_memory(cfg, micro_batch_size=1, data_parallel_size=128, moment_bytes=2)
     assert 1.5 < est["params_billion"] < 1.8 and est["weights"] == pytest.approx(est["params_billion"] * 1e9 * 2 / 2 ** 30)
     assert math.isfinite(est["total"]) and est["activations"] > est["weights"]
+
+
+def test_preset_training_defaults_reach_the_model():
+    """--preset tiny's training default gamma (0.01, TRAIN_DEFAULTS) is the model's bias rate; a flag wins."""
+    assert config_from_args(parse_args(["--preset", "tiny"])).moe.bias_update_rate == ((0, 0.01),)
+    assert config_from_args(parse_args([])).moe.bias_update_rate == ((0, 0.01),)
+    assert config_from_args(parse_args(["--bias-update-rate", "0:0.002"])).moe.bias_update_rate == ((0, 0.002),)

@@ -9,6 +9,8 @@
 file itself uses that tokenizer. --split-sentences uses nltk Punkt, trained on the input when no
 pretrained Punkt data is installed. `--input default` writes the quick start's corpus (Python
 standard-library docstrings, see megatron_dsv3/training/corpus.py) and tokenizes it.
+Bad input (a line that is not JSON, a missing --json-key, a non-string value) ends with one
+`error: FILE:LINE: ...` line and exit status 2, and leaves no partial .bin/.idx behind.
 """
 import argparse
 import os
@@ -21,13 +23,25 @@ def main(argv=None):
     p.add_argument("--input", nargs="+", required=True, help=".jsonl or text files (or 'default')")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer.json / directory holding one")
-    p.add_argument("--json-key", default="text")
+    p.add_argument("--json-key", "--json-keys", dest="json_key", default="text",
+                   help="the jsonl key holding each document's text (default: text)")
     p.add_argument("--split-sentences", action="store_true")
     p.add_argument("--no-append-eod", dest="append_eod", action="store_false")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also MEGATRON_DSV3_DEBUG=1)")
     a = p.parse_args(argv)
+    try:
+        _run(a)
+    except (ValueError, OSError) as e:   # bad input: one line naming the file (and line); nothing left behind
+        if a.debug or os.environ.get("MEGATRON_DSV3_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
+
+def _run(a) -> dict:
     from megatron_dsv3.training.corpus import build_docstring_corpus
     from megatron_dsv3.training.preprocess import preprocess
     from megatron_dsv3.training.tokenizer import build_tokenizer
@@ -48,4 +62,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    main()
+    sys.exit(main())

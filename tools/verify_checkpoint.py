@@ -5,7 +5,8 @@
 
 OURS is a megatron-core dist checkpoint written by convert_checkpoint.py hf-to-mcore, or an HF directory
 (e.g. one written by mcore-to-hf) loaded through load_hf. Both sides run in float32 on this host
-(TP=PP=EP=1); an FP8 HF_DIR is compared after dequantisation. Exit status 1 when a threshold is exceeded.
+(TP=PP=EP=1); an FP8 HF_DIR is compared after dequantisation. Exit status 1 when a threshold is exceeded,
+2 with one `error: ...` line for bad input (--debug or MEGATRON_DSV3_DEBUG=1: the traceback).
 """
 import argparse
 import json
@@ -25,9 +26,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-abs", type=float, default=None, help="fail above this max |logit difference|")
     p.add_argument("--max-kl", type=float, default=None, help="fail above this mean KL(p_hf || p_ours)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also MEGATRON_DSV3_DEBUG=1)")
     a = p.parse_args(argv)
     from megatron_dsv3.checkpoint.verify import verify
-    r = verify(a.hf_dir, a.ours, a.prompts, a.seq, a.seed)
+    try:
+        r = verify(a.hf_dir, a.ours, a.prompts, a.seq, a.seed)
+    except (ValueError, OSError) as e:     # bad input (CheckpointError is a ValueError): one line
+        if a.debug or os.environ.get("MEGATRON_DSV3_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{a.prompts} prompts x {a.seq} random tokens: max |dlogit| {r['max_abs']:.3e} "
           f"(logits up to {r['ref_max_abs']:.3g}, relative {r['max_rel']:.3e}), mean KL {r['kl']:.3e}")
     print(json.dumps(r))

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -333,21 +334,49 @@ def world_size_for(tp: int, pp: int, ep: int) -> int:
     return pp * (tp * ep // math.gcd(tp, ep))
 
 
+def max_local_ranks() -> int:
+    """Most processes a conversion starts on this host by itself (more: use torchrun over several hosts)."""
+    return max(8, os.cpu_count() or 1)
+
+
+def workers_layout(cfg, workers: int) -> Tuple[int, int, int]:
+    """(TP, PP, EP) that spreads a model over `workers` processes: experts first (EP = the largest divisor of
+    the expert count that divides `workers`), then pipeline stages. Only memory per process and speed
+    depend on it: the dist checkpoint written is the same for every layout."""
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    ep = math.gcd(workers, cfg.moe.num_experts) if cfg.moe.num_experts else 1
+    pp = workers // ep
+    if pp > cfg.num_layers:
+        raise ValueError(f"--workers {workers}: the model has {cfg.moe.num_experts} experts and {cfg.num_layers} "
+                         f"layers, so at most {ep * cfg.num_layers} workers in a layout that divides it "
+                         f"(experts x pipeline stages); choose a multiple of a divisor of the expert count")
+    try:
+        target_config(cfg, 1, pp, ep, cfg.params_dtype)
+    except ValueError as e:
+        raise ValueError(f"--workers {workers} (as {pp} pipeline stage(s) x {ep} expert ranks) does not divide "
+                         f"the model: {e}") from e
+    return 1, pp, ep
+
+
 def _run(fn, tp: int, pp: int, ep: int, **kwargs):
     """fn(rank, **kwargs) on every rank of the layout: in this process when torch.distributed is already
-    up (torchrun) or the layout is 1x1x1, else on spawned gloo ranks."""
+    up (torchrun) or the layout is 1x1x1, else on gloo ranks started here (at most max_local_ranks())."""
     import torch.distributed as dist
-    from megatron_dsv3 import testing
+    from megatron_dsv3 import launch
     if dist.is_available() and dist.is_initialized():
         from megatron.core import parallel_state as ps
         if not ps.model_parallel_is_initialized():
-            testing.init_parallel_state(tp, pp, ep)
+            launch.init_parallel_state(tp, pp, ep)
         return [fn(dist.get_rank(), **kwargs)]
     world = world_size_for(tp, pp, ep)
     if world == 1:
-        with testing.single_process(tp, pp, ep):
+        with launch.single_process(tp, pp, ep):
             return [fn(0, **kwargs)]
-    return testing.run_distributed(fn, world, tp=tp, pp=pp, ep=ep, timeout=kwargs.pop("timeout", 3600), **kwargs)
+    if world > max_local_ranks():
+        raise ValueError(f"a conversion at TPxPPxEP={tp}x{pp}x{ep} would start {world} processes on this host "
+                         f"(at most {max_local_ranks()}); the output is layout-free: use fewer workers")
+    return launch.run_ranks(fn, world, tp=tp, pp=pp, ep=ep, timeout=kwargs.pop("timeout", 3600), **kwargs)
 
 
 def _launched() -> bool:
@@ -445,24 +474,10 @@ def save_mcore(model, directory: str, cfg) -> None:
 
 
 def model_sharded_state_dict(model) -> dict:
-    """model.sharded_state_dict(), with the MTP modules' tensors sharded correctly.
-
-    megatron-core's default recursion (MegatronModule.sharded_state_dict) treats a plain nn.ModuleList
-    child as replicated tensors: an MTP block holding its modules in one (without its own
-    sharded_state_dict) would save each rank's TP/EP part as if it were the whole tensor. Until the MTP
-    block defines its own, its modules' entries are re-derived here one module at a time."""
-    from megatron.core.transformer.module import MegatronModule
-    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
-    sd = model.sharded_state_dict()
-    mtp = getattr(model, "mtp", None)
-    if mtp is not None and isinstance(getattr(mtp, "layers", None), torch.nn.ModuleList) \
-            and type(mtp).sharded_state_dict is MegatronModule.sharded_state_dict:
-        meta = ensure_metadata_has_dp_cp_group(None)
-        for k in [k for k in sd if k.startswith("mtp.layers.")]:
-            del sd[k]
-        for i, layer in enumerate(mtp.layers):
-            sd.update(layer.sharded_state_dict(prefix=f"mtp.layers.{i}.", metadata=meta))
-    return sd
+    """The model's sharded state dict as saved and loaded here. MTPBlock defines its own sharded_state_dict
+    (megatron-core's default recursion would save a plain ModuleList's TP/EP parts as whole tensors), so
+    this is megatron-core's own method; kept as the one name the trainer's checkpointing calls."""
+    return model.sharded_state_dict()
 
 
 def resolve_mcore_dir(directory: str) -> str:
@@ -481,13 +496,61 @@ def resolve_mcore_dir(directory: str) -> str:
     return d
 
 
+def check_dist_checkpoint(d: str) -> None:
+    """Cheap integrity check of a dist checkpoint directory before megatron-core reads it, so that a damaged
+    file is named: metadata.json parses, torch's .metadata unpickles, every .distcp file it lists exists
+    and is long enough for the bytes it is said to hold."""
+    meta = os.path.join(d, "metadata.json")
+    try:
+        with open(meta) as f:
+            json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{meta}: not valid JSON (truncated or corrupt?): {e}") from e
+    from torch.distributed.checkpoint import FileSystemReader
+    md_file = os.path.join(d, ".metadata")
+    if not os.path.exists(md_file):
+        raise CheckpointError(f"{md_file}: missing (not a complete torch_dist checkpoint)")
+    try:
+        md = FileSystemReader(d).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"{md_file}: cannot read (truncated or corrupt?): {e}") from e
+    common = os.path.join(d, "common.pt")
+    if os.path.exists(common) and not zipfile.is_zipfile(common):      # torch.save writes a zip archive
+        raise CheckpointError(f"{common}: not a torch.save file (truncated or corrupt?)")
+    need: Dict[str, int] = {}
+    for info in (getattr(md, "storage_data", None) or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for fname, n in sorted(need.items()):
+        path = os.path.join(d, fname)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: missing (listed in {md_file})")
+        size = os.path.getsize(path)
+        if size < n:
+            raise CheckpointError(f"{path}: truncated ({size} bytes; {md_file} places data up to byte {n})")
+
+
+def _read_dist(what: str, d: str, fn):
+    """fn() reading the dist checkpoint in `d`; damage megatron-core/torch report in their own words
+    (EOFError, AssertionError, CheckpointException, UnpicklingError...) becomes one CheckpointError."""
+    check_dist_checkpoint(d)
+    try:
+        return fn()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise CheckpointError(f"{d}: cannot read the {what} of the dist checkpoint (a corrupt file?): "
+                              f"{type(e).__name__}: {msg[-1] if msg else ''}") from e
+
+
 def load_mcore(model, directory: str) -> None:
     """Load the model's tensors from a dist checkpoint (see resolve_mcore_dir) at the model's layout.
     The "model"/"model0" nesting of a state dict is not part of the stored keys, so training checkpoints
     (with optimizer state, which is not read) load the same way."""
     from megatron.core import dist_checkpointing
     model = unwrap(model)
-    loaded = dist_checkpointing.load({"model": model_sharded_state_dict(model)}, resolve_mcore_dir(directory))
+    d = resolve_mcore_dir(directory)
+    loaded = _read_dist("tensors", d, lambda: dist_checkpointing.load({"model": model_sharded_state_dict(model)}, d))
     model.load_state_dict(loaded["model"], strict=True)
 
 
@@ -497,9 +560,13 @@ def read_mcore_config(directory: str):
     from megatron_dsv3.config import DSV3Config
     p = os.path.join(directory, CONFIG_FILE)
     if os.path.exists(p):
-        with open(p) as f:
-            return DSV3Config.from_dict(json.load(f))
-    common = dist_checkpointing.load_common_state_dict(resolve_mcore_dir(directory))
+        try:
+            with open(p) as f:
+                return DSV3Config.from_dict(json.load(f))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{p}: not a DSV3Config written by the converter: {e}") from e
+    d = resolve_mcore_dir(directory)
+    common = _read_dist("common state (common.pt)", d, lambda: dist_checkpointing.load_common_state_dict(d))
     cfg = (common.get("train_state") or {}).get("config")
     if cfg is None:
         raise CheckpointError(f"{directory}: no {CONFIG_FILE} and no train_state.config in the checkpoint; "
@@ -517,13 +584,35 @@ def _hf_to_mcore_rank(rank: int, hf_path: str, out: str, cfg_dict: dict, show_pr
     return _all_gather({"rank": rank, "numel": n, "loaded": len(info["loaded"]), "unused": info["unused"]})
 
 
-def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, params_dtype: str = "bfloat16",
+def source_params_dtype(ckpt: HFCheckpoint) -> str:
+    """The parameter dtype an HF checkpoint holds: config.json's `torch_dtype` (or `dtype`, as transformers 5
+    writes it); FP8 checkpoints and configs that name none: bfloat16 (as transformers' torch_dtype="auto")."""
+    if ckpt.fp8:
+        return "bfloat16"
+    name = ckpt.hf_config.get("torch_dtype") or ckpt.hf_config.get("dtype") or "bfloat16"
+    name = str(name).replace("torch.", "")
+    if name not in ("bfloat16", "float32", "float16"):
+        raise CheckpointError(f"{os.path.join(ckpt.path, 'config.json')}: torch_dtype {name!r} is not one of "
+                              f"bfloat16, float32, float16; pass --dtype")
+    return name
+
+
+def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, params_dtype: Optional[str] = None,
                 overwrite: bool = False, allow_unused: bool = False, show_progress: bool = False,
-                drop_mtp: bool = False) -> dict:
-    """Convert an HF checkpoint into a megatron-core dist checkpoint at layout TP x PP x EP.
-    drop_mtp: build the model without MTP (for checkpoints whose files lack the MTP layer)."""
+                drop_mtp: bool = False, workers: Optional[int] = None) -> dict:
+    """Convert an HF checkpoint into a megatron-core dist checkpoint (layout-free: it loads at any TP/PP/EP).
+
+    The work runs in one process unless `workers` (a layout chosen by workers_layout) or an explicit work
+    layout TP x PP x EP spreads it; under torchrun the ranks of the job do it. params_dtype None: the
+    checkpoint's own (source_params_dtype). drop_mtp: build the model without MTP (for checkpoints whose
+    files lack the MTP layer)."""
     check_output_dir(out, overwrite)
     ckpt = HFCheckpoint(hf_path)          # validates config.json, index, shards before any work
+    params_dtype = params_dtype or source_params_dtype(ckpt)
+    if workers is None and _launched():
+        workers = torch.distributed.get_world_size()
+    if workers is not None:
+        tp, pp, ep = workers_layout(ckpt.config, workers)
     cfg = target_config(ckpt.config, tp, pp, ep, params_dtype)
     if drop_mtp:
         cfg = cfg.replace(mtp={"num_layers": 0})
@@ -538,7 +627,7 @@ def hf_to_mcore(hf_path: str, out: str, tp: int = 1, pp: int = 1, ep: int = 1, p
         if unused and not allow_unused:
             raise CheckpointError(f"{hf_path}: {len(unused)} checkpoint tensor(s) map to nothing in the model, "
                                   f"e.g. {sorted(unused)[:3]}")
-    return {"out": out, "world_size": len(results), "layout": (tp, pp, ep),
+    return {"out": out, "world_size": len(results), "layout": (tp, pp, ep), "params_dtype": params_dtype,
             "tensors_per_rank": [r["loaded"] for r in results], "numel_per_rank": [r["numel"] for r in results],
             "hf_tensors": len(ckpt.keys())}
 
@@ -596,13 +685,23 @@ def _mcore_to_hf_rank(rank: int, mcore_path: str, out: str, cfg_dict: dict, dtyp
     return [p for ps in _all_gather(writer.close()) for p in ps]
 
 
-def mcore_to_hf(mcore_path: str, out: str, dtype: str = "bf16", tp: int = 1, pp: int = 1, ep: int = 1,
-                overwrite: bool = False, max_shard_bytes: int = 5 * 2 ** 30, show_progress: bool = False) -> dict:
-    """Convert a dist checkpoint written by hf_to_mcore (or training) into HF safetensors + config.json."""
-    if dtype not in EXPORT_DTYPES:
+EXPORT_OF_PARAMS = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16", "float64": "fp32"}
+
+
+def mcore_to_hf(mcore_path: str, out: str, dtype: Optional[str] = None, tp: int = 1, pp: int = 1, ep: int = 1,
+                overwrite: bool = False, max_shard_bytes: int = 5 * 2 ** 30, show_progress: bool = False,
+                workers: Optional[int] = None) -> dict:
+    """Convert a dist checkpoint written by hf_to_mcore (or training) into HF safetensors + config.json.
+    dtype None: the checkpoint's params_dtype. One process unless `workers` or a work layout TP x PP x EP."""
+    if dtype is not None and dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     check_output_dir(out, overwrite)
     src = read_mcore_config(mcore_path)
+    dtype = dtype or EXPORT_OF_PARAMS[src.params_dtype]
+    if workers is None and _launched():
+        workers = torch.distributed.get_world_size()
+    if workers is not None:
+        tp, pp, ep = workers_layout(src, workers)
     cfg = reading_config(src, tp, pp, ep, "float32" if dtype == "fp32" else src.params_dtype)
     with _output_dir_on_all_ranks(out, overwrite) as tmp:
         parts = _run(_mcore_to_hf_rank, tp, pp, ep, mcore_path=os.path.abspath(mcore_path), out=tmp,
@@ -613,18 +712,19 @@ def mcore_to_hf(mcore_path: str, out: str, dtype: str = "bf16", tp: int = 1, pp:
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(hf_config_dict(cfg, dtype), f, indent=2)
     return {"out": out, "tensors": sum(len(p[1]) for p in parts), "files": len(parts),
-            "bytes": sum(p[2] for p in parts), "dtype": dtype}
+            "bytes": sum(p[2] for p in parts), "dtype": dtype, "world_size": world_size_for(tp, pp, ep)}
 
 
 # ---------------------------------------------------------------------------------------------------
 # HF -> HF (re-shard / re-quantise), no model: the pure streaming path
 # ---------------------------------------------------------------------------------------------------
-def hf_to_hf(hf_path: str, out: str, dtype: str = "bf16", overwrite: bool = False,
+def hf_to_hf(hf_path: str, out: str, dtype: Optional[str] = None, overwrite: bool = False,
              max_shard_bytes: int = 5 * 2 ** 30, show_progress: bool = False) -> dict:
     """Rewrite an HF checkpoint in another dtype (e.g. FP8 -> BF16 for engines without FP8, or BF16 -> FP8
-    with published-style scales) and shard size, one tensor at a time."""
+    with published-style scales) and shard size, one tensor at a time. dtype None: the source's."""
     check_output_dir(out, overwrite)
     ckpt = HFCheckpoint(hf_path)
+    dtype = dtype or ("fp8" if ckpt.fp8 else EXPORT_OF_PARAMS[source_params_dtype(ckpt)])
     cfg = ckpt.config
     _check_full_checkpoint(ckpt, cfg)
     shapes = M.expected_hf_shapes(cfg)

@@ -59,10 +59,15 @@ class HFCheckpoint:
         if not os.path.exists(cfg_file):
             raise CheckpointError(f"{self.path}: no config.json")
         with open(cfg_file) as f:
-            self.hf_config = json.load(f)
+            try:
+                self.hf_config = json.load(f)
+            except ValueError as e:
+                raise CheckpointError(f"{cfg_file}: not valid JSON: {e}") from e
+        if not isinstance(self.hf_config, dict):
+            raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(self.hf_config).__name__}")
         try:
             self.config = DSV3Config.from_hf(self.hf_config)
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{cfg_file}: not a DeepSeek-V2/V3 config: {e}") from e
         q = self.hf_config.get("quantization_config") or {}
         self.fp8 = q.get("quant_method") == "fp8"
@@ -78,7 +83,7 @@ class HFCheckpoint:
             with open(index) as f:
                 try:
                     return dict(json.load(f)["weight_map"])
-                except (json.JSONDecodeError, KeyError) as e:
+                except (ValueError, KeyError, TypeError) as e:
                     raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
         single = os.path.join(self.path, SINGLE)
         if os.path.exists(single):
@@ -304,7 +309,15 @@ def temp_dir_beside(target: str) -> str:
     target = os.path.abspath(target)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())      # mkdtemp makes 0700; the directory it becomes follows the umask
+    return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def commit_dir(tmp: str, target: str, overwrite: bool) -> None:

@@ -35,7 +35,7 @@ def hf_reference_model(hf_dir: str, workdir: str):
 
 def our_model(path: str, config=None):
     """build_model (TP=PP=EP=1, float32) loaded from an HF directory or a dist checkpoint. Needs
-    megatron-core's parallel_state initialised (megatron_dsv3.testing.single_process)."""
+    megatron-core's parallel_state initialised (megatron_dsv3.launch.single_process)."""
     from megatron_dsv3.checkpoint.convert import _build_model, load_hf, load_mcore, read_mcore_config, reading_config
     from megatron_dsv3.checkpoint.safetensors_io import HFCheckpoint
     if is_mcore_dir(path):
@@ -71,7 +71,7 @@ def compare_logits(hf_model, model, vocab_size: int, prompts: int = 4, seq: int 
 
 def verify(hf_dir: str, ours: str, prompts: int = 4, seq: int = 32, seed: int = 0) -> Dict[str, float]:
     """Load both sides (ours: an HF directory or a dist checkpoint) and compare their logits."""
-    from megatron_dsv3.testing import single_process
+    from megatron_dsv3.launch import single_process
     with tempfile.TemporaryDirectory() as work:
         ref = hf_reference_model(hf_dir, work)
         with single_process():

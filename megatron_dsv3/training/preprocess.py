@@ -20,23 +20,46 @@ PUNKT_TRAIN_CHARS = 20_000_000     # Punkt learns abbreviations well from a few 
 
 
 def iter_documents(path: str, json_key: str = "text") -> Iterator[str]:
+    """The documents of one input file. Bad input raises ValueError naming the file and line."""
     if path.endswith(".jsonl") or path.endswith(".json"):
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    yield json.loads(line)[json_key]
+            lineno = 0
+            try:
+                for lineno, line in enumerate(f, 1):
+                    line = line.strip()
+                    if line:
+                        yield _document(json.loads(line), json_key, path, lineno)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON object per line ({e.msg}, column {e.colno})") from e
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason})") from e
     else:
         with open(path, encoding="utf-8") as f:
             buf: List[str] = []
-            for line in f:
-                if line.strip():
-                    buf.append(line)
-                elif buf:
-                    yield "".join(buf).strip()
-                    buf = []
+            lineno = 0
+            try:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        buf.append(line)
+                    elif buf:
+                        yield "".join(buf).strip()
+                        buf = []
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason})") from e
             if buf:
                 yield "".join(buf).strip()
+
+
+def _document(obj, key: str, path: str, lineno: int) -> str:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object with a {key!r} string, got a "
+                         f"{type(obj).__name__}")
+    if key not in obj:
+        raise ValueError(f"{path}:{lineno}: no {key!r} key (the line has {sorted(obj)[:5]}); "
+                         f"choose the key with --json-key")
+    if not isinstance(obj[key], str):
+        raise ValueError(f"{path}:{lineno}: {key!r} is a {type(obj[key]).__name__}, not a string")
+    return obj[key]
 
 
 def sentence_splitter(paths: Sequence[str], json_key: str = "text", language: str = "english"):
@@ -80,8 +103,10 @@ class _Encoder:
 _worker_encoder: Optional[_Encoder] = None
 
 
-def _init_worker(encoder):
+def _init_worker(encoder, parent_pid):
     global _worker_encoder
+    from megatron_dsv3.launch import die_with_parent
+    die_with_parent(parent_pid)       # a killed preprocess takes its pool with it
     _worker_encoder = encoder
 
 
@@ -96,6 +121,9 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, *, json_key
     Returns {"prefix", "documents", "tokens", "bytes"}."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
+    for p in inputs:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{p}: no such input file")
     splitter = sentence_splitter(inputs, json_key) if split_sentences else None
     level = "sentence" if split_sentences else "document"
     prefix = f"{output_prefix}_{json_key}_{level}"
@@ -110,7 +138,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, *, json_key
         for p in inputs:
             yield from iter_documents(p, json_key)
 
-    pool = mp.get_context("fork").Pool(workers, _init_worker, (encoder,)) if workers > 1 else None
+    pool = mp.get_context("fork").Pool(workers, _init_worker, (encoder, os.getpid())) if workers > 1 else None
     results = pool.imap(_encode, texts(), chunksize) if pool else map(encoder, texts())
     if progress:
         from tqdm import tqdm
@@ -123,11 +151,21 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, *, json_key
             builder.add_document(np.concatenate([np.asarray(x, dtype=np.int64) for x in ids]), [len(x) for x in ids])
             docs += 1
             tokens += sum(len(x) for x in ids)
-    finally:
         if pool:
             pool.close()
+        builder.finalize(tmp + ".idx")
+    except BaseException:             # nothing half-written is left behind
+        if pool:
+            pool.terminate()
+        if not builder.data_file.closed:
+            builder.data_file.close()
+        for f in (tmp + ".bin", tmp + ".idx"):
+            if os.path.exists(f):
+                os.remove(f)
+        raise
+    finally:
+        if pool:
             pool.join()
-    builder.finalize(tmp + ".idx")
     # rename last: a prefix that exists is complete
     os.replace(tmp + ".bin", prefix + ".bin")
     os.replace(tmp + ".idx", prefix + ".idx")

@@ -1,9 +1,10 @@
 """Tiny Hugging Face DeepSeek-V3 checkpoints, made as the published ones are.
 
-A random `transformers` DeepseekV3ForCausalLM is saved with save_pretrained (per-expert keys), every
-tensor is randomised (norms and the router bias too, so nothing is trivially 1 or 0), and the MTP layer
-HF does not build (`model.layers.{L}.*`: enorm, hnorm, eh_proj, shared_head.norm, a MoE block, and the
-copies embed_tokens / shared_head.head) is added. BF16: every tensor in bfloat16 except the router bias
+A random `transformers` DeepseekV3ForCausalLM is saved with save_pretrained (per-expert keys) for the
+shapes; the tensors are the published checkpoint's names (written out below, independently of the mapping
+table), every one randomised (norms and the router bias too, so nothing is trivially 1 or 0), including the
+MTP layer HF does not build (`model.layers.{L}.*`: enorm, hnorm, eh_proj, shared_head.norm, a MoE block, and
+the copies embed_tokens / shared_head.head). BF16: every tensor in bfloat16 except the router bias
 (float32, as published). FP8: the linear weights of attention and MLPs quantised to e4m3 with 128x128
 block scales amax/448, and quantization_config in config.json.
 
@@ -30,64 +31,117 @@ HF_KW = dict(vocab_size=251, hidden_size=160, intermediate_size=320, moe_interme
                            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
 
 
+# The published DeepSeek-V3 checkpoint's tensor names (model.safetensors.index.json of deepseek-ai/DeepSeek-V3),
+# written out here from its README_WEIGHTS.md and transformers' DeepseekV3 modeling code, NOT from the mapping
+# table under test: a wrong row of the table then fails `random_hf_tensors` instead of round-tripping cleanly.
+# (The real index could not be fetched on this machine; the names below are those of its weight_map.)
+ATTN = ["self_attn.q_a_proj.weight", "self_attn.q_a_layernorm.weight", "self_attn.q_b_proj.weight",
+        "self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_a_layernorm.weight", "self_attn.kv_b_proj.weight",
+        "self_attn.o_proj.weight"]
+NORMS = ["input_layernorm.weight", "post_attention_layernorm.weight"]
+DENSE_MLP = ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+ROUTER = ["mlp.gate.weight", "mlp.gate.e_score_correction_bias"]
+SHARED = ["mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight",
+          "mlp.shared_experts.down_proj.weight"]
+MTP_OWN = ["enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight"]
+MTP_COPIES = ["embed_tokens.weight", "shared_head.head.weight"]      # equal to model.embed_tokens / lm_head
+# FP8 (e4m3 + weight_scale_inv, 128x128 blocks): exactly the 2-D linear weights of attention and MLPs
+FP8_SUFFIXES = ("q_a_proj.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight", "kv_b_proj.weight",
+                "o_proj.weight", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+
+
+def _experts(e):
+    return [f"mlp.experts.{e}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+
+
+def published_names(num_layers, first_k_dense, num_experts, mtp_layers):
+    """Every tensor name of a published-style DeepSeek-V3 checkpoint (scales excluded)."""
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    for i in range(num_layers + mtp_layers):
+        pre = f"model.layers.{i}."
+        moe = i >= first_k_dense
+        names += [pre + n for n in ATTN + NORMS]
+        if moe:
+            names += [pre + n for n in ROUTER + SHARED]
+            names += [pre + n for e in range(num_experts) for n in _experts(e)]
+        else:
+            names += [pre + n for n in DENSE_MLP]
+        if i >= num_layers:                             # an MTP layer: a full decoder layer + its own + copies
+            names += [pre + n for n in MTP_OWN + MTP_COPIES]
+    return names
+
+
+def published_fp8_names(names):
+    """The names the published FP8 checkpoint quantises (not norms, router, embeddings, heads, eh_proj)."""
+    return {n for n in names if n.endswith(FP8_SUFFIXES)}
+
+
 def random_hf_tensors(tmp, seed=0, layers=2):
-    """{HF file name: float32 tensor} of a random tiny DeepSeek-V3 incl. its MTP layer, and config.json."""
+    """{HF name: float32 tensor} of a random tiny DeepSeek-V3 incl. its MTP layer, config.json, DSV3Config.
+    Names: published_names; shapes: transformers' own save_pretrained (the MTP layer: those of the last
+    decoder layer, plus its own projections); the table (mapping.py) must agree with both."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
     from safetensors import safe_open
     torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**dict(HF_KW, num_hidden_layers=layers)))
+    kw = dict(HF_KW, num_hidden_layers=layers)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**kw))
     src = os.path.join(tmp, "save_pretrained")
     model.save_pretrained(src)
     with open(os.path.join(src, "config.json")) as f:
         config = json.load(f)
-    tensors = {}
     with safe_open(os.path.join(src, "model.safetensors"), "pt") as f:
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k).float()
+        hf_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    h, V, L = kw["hidden_size"], kw["vocab_size"], layers
+    names = published_names(L, kw["first_k_dense_replace"], kw["n_routed_experts"], kw["num_nextn_predict_layers"])
+    own = {"enorm.weight": (h,), "hnorm.weight": (h,), "shared_head.norm.weight": (h,), "eh_proj.weight": (h, 2 * h),
+           "embed_tokens.weight": (V, h), "shared_head.head.weight": (V, h)}
+
+    def shape(name):
+        if name in hf_shapes:
+            return hf_shapes[name]
+        rest = name.split(".", 3)[3]                                       # model.layers.{L}.<rest>
+        return own[rest] if rest in own else hf_shapes[f"model.layers.{L - 1}.{rest}"]
+
     from megatron_dsv3.config import DSV3Config
     cfg = DSV3Config.from_hf(config)
+    table = M.expected_hf_shapes(cfg)
+    assert set(names) == set(table), f"the mapping table differs from the published names: {set(names) ^ set(table)}"
+    assert {n: shape(n) for n in names} == {n: tuple(s) for n, s in table.items()}
     g = torch.Generator().manual_seed(seed + 1)
-    for name, shape in M.expected_hf_shapes(cfg).items():
-        if name in M.mtp_shared_copies(cfg):
+    tensors = {}
+    for name in names:
+        if name.endswith(tuple(MTP_COPIES)) and f".{L}." in name:
             continue
         if name.endswith("norm.weight"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        elif name.endswith("e_score_correction_bias"):
-            t = 0.05 * torch.randn(shape, generator=g)
+            tensors[name] = 1.0 + 0.1 * torch.randn(shape(name), generator=g)
         else:
-            t = 0.05 * torch.randn(shape, generator=g)
-        if name in tensors:
-            assert tuple(tensors[name].shape) == tuple(shape), name
-        tensors[name] = t
-    for copy, main in M.mtp_shared_copies(cfg).items():
-        tensors[copy] = tensors[main]
-    assert set(tensors) == set(M.expected_hf_shapes(cfg)), set(tensors) ^ set(M.expected_hf_shapes(cfg))
+            tensors[name] = 0.05 * torch.randn(shape(name), generator=g)
+    for k in range(kw["num_nextn_predict_layers"]):                     # the MTP layer's copies
+        tensors[f"model.layers.{L + k}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"]
+        tensors[f"model.layers.{L + k}.shared_head.head.weight"] = tensors["lm_head.weight"]
     return tensors, config, cfg
 
 
-def write_hf(path, tensors, config, fp8=False, max_shard_bytes=400_000):
-    """Write as published: BF16 (bias F32), or FP8 blocks for the quantised rows; 2+ shards with an index."""
-    cfg_fp8 = set()
+def write_hf(path, tensors, config, fp8=False, max_shard_bytes=400_000, dtype=torch.bfloat16):
+    """Write as published: BF16 (bias F32), or FP8 blocks for the quantised names; 2+ shards with an index.
+    dtype float32: a float32 checkpoint (config.json torch_dtype "float32")."""
+    quantised = published_fp8_names(tensors) if fp8 else set()
     if fp8:
-        from megatron_dsv3.config import DSV3Config
-        cfg = DSV3Config.from_hf(config)
-        for r in M.model_tensors(cfg):
-            if r.entry.fp8:
-                ex = range(cfg.moe.num_experts) if r.entry.split in (M.EXPERT_FC1, M.EXPERT_FC2) else None
-                cfg_fp8.update(r.hf_names(ex))
         config = dict(config, quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3",
                                                    "quant_method": "fp8", "weight_block_size": [128, 128]})
-    config = dict(config, dtype="bfloat16")
+    name = str(dtype).replace("torch.", "")
+    config = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}
+    config = dict(config, dtype=name) if dtype == torch.bfloat16 else dict(config, torch_dtype=name)
     os.makedirs(path, exist_ok=True)
     w = ShardedSafetensorsWriter(path, max_shard_bytes)
     for name in sorted(tensors):
         t = tensors[name]
-        if name in cfg_fp8:
+        if name in quantised:
             q, s = quantize_blockwise(t)
             w.add(name, q)
             w.add(name + "_scale_inv", s)
         else:
-            w.add(name, t.float() if name.endswith("e_score_correction_bias") else t.to(torch.bfloat16))
+            w.add(name, t.float() if name.endswith("e_score_correction_bias") else t.to(dtype))
     w.finish()
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)

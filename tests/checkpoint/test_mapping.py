@@ -30,6 +30,20 @@ def test_table_names_the_published_v3_tensors():
         assert n not in fp8
 
 
+def test_table_equals_the_published_v3_names_and_fp8_set():
+    """Anchored to the published names written out independently (conftest.published_names): every name,
+    and exactly the FP8-quantised ones, at the full 61 + 1 MTP layers x 256 experts."""
+    from tests.checkpoint.conftest import published_fp8_names, published_names
+    cfg = DSV3Config.from_hf(V3_CONFIG)
+    names = published_names(61, 3, 256, 1)
+    assert len(names) == len(set(names))
+    assert set(M.expected_hf_shapes(cfg)) == set(names)
+    fp8 = {n for r in M.model_tensors(cfg) if r.entry.fp8 for n in r.hf_names(range(256))}
+    assert fp8 == published_fp8_names(names)
+    assert "model.layers.61.eh_proj.weight" not in fp8 and "model.layers.61.shared_head.head.weight" not in fp8
+    assert "model.layers.61.mlp.shared_experts.down_proj.weight" in fp8
+
+
 def test_v2_lite_uses_q_proj_and_no_bias():
     cfg = DSV3Config.from_hf("tests/fixtures/hf_configs/deepseek-v2-lite.json")
     shapes = M.expected_hf_shapes(cfg)

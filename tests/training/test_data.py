@@ -68,6 +68,47 @@ def test_preprocess_jsonl_and_text_with_workers(tmp_path, mcore_single):
     assert sds.document_indices[-1] == len(sds)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_preprocess_bad_input_names_file_and_line_and_leaves_nothing(tmp_path, workers):
+    good = json.dumps({"text": "a fine document " * 20}) + "\n"
+    cases = {"not-json": (good + good + '{"text": "cut off\n', r"bad.jsonl:3: not a JSON object per line"),
+             "no-key": (good + json.dumps({"body": "x"}) + "\n", r"bad.jsonl:2: no 'text' key .*--json-key"),
+             "not-str": (good + good + good + json.dumps({"text": 7}) + "\n", r"bad.jsonl:4: 'text' is a int"),
+             "array": ("[1, 2]\n", r"bad.jsonl:1: expected a JSON object")}
+    for name, (content, message) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "bad.jsonl").write_text(content)
+        with pytest.raises(ValueError, match=message):
+            preprocess([str(d / "bad.jsonl")], str(d / "out" / "my"), ByteTokenizer(), workers=workers,
+                       progress=False)
+        left = [str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()]
+        assert left == ["bad.jsonl"], (name, left)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl: no such input file"):
+        preprocess([str(tmp_path / "missing.jsonl")], str(tmp_path / "m" / "my"), ByteTokenizer(), progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+def test_preprocess_tool_prints_one_error_line(tmp_path, capsys):
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("preprocess_data", os.path.join(root, "tools", "preprocess_data.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"content": "x"}) + "\n")
+    args = ["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "o" / "c"), "--workers", "1"]
+    assert tool.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]                                       # above it: the progress bar only
+    assert "Traceback" not in err and err.count("error: ") == 1 and last.startswith("error: "), err
+    assert "c.jsonl:2: no 'text' key" in last
+    assert tool.main(args + ["--json-keys", "content"]) == 2          # Megatron-LM's spelling; line 1 lacks it
+    assert "c.jsonl:1: no 'content' key" in capsys.readouterr().err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "c.jsonl"]
+    with pytest.raises(ValueError):
+        tool.main(args + ["--debug"])
+
+
 def test_gpt_dataset_over_preprocessed(tiny_data, mcore_single):
     from megatron_dsv3.training.data import build_datasets, micro_batches, parse_blend
     prefix, cache = tiny_data

@@ -6,10 +6,15 @@
 # Prepare data with: python tools/preprocess_data.py --input corpus.jsonl --output-prefix /data/my \
 #                        --tokenizer /models/DeepSeek-V2-Lite --workers 32
 set -euo pipefail
-# DRY_RUN=1: print the resolved configuration and the memory estimate, do not launch
-: "${DATA:?set DATA to an indexed-dataset prefix (tools/preprocess_data.py)}"
-: "${TOKENIZER:?set TOKENIZER to a directory holding tokenizer.json}"
+# DRY_RUN=1: print the resolved configuration and the per-GPU memory estimate (against GPU, default H100),
+# then stop; needs no DATA or TOKENIZER
+if [ -z "${DRY_RUN:-}" ]; then
+  : "${DATA:?set DATA to an indexed-dataset prefix (tools/preprocess_data.py)}"
+  : "${TOKENIZER:?set TOKENIZER to a directory holding tokenizer.json}"
+fi
+DATA="${DATA:-unset-DATA}" TOKENIZER="${TOKENIZER:-unset-TOKENIZER}"
 NGPU="${NGPU:-8}"
+GPU="${GPU:-H100}"
 CKPT="${CKPT:-checkpoints/dsv2-lite}"
 FLAGS=(
   --preset dsv2-lite --bf16
@@ -23,7 +28,7 @@ FLAGS=(
   ${LOAD_HF:+--load-hf "$LOAD_HF"}
   "$@"
 )
-python -m megatron_dsv3.training.memory "${FLAGS[@]}" --world-size "$NGPU"
+python -m megatron_dsv3.training.memory "${FLAGS[@]}" --world-size "$NGPU" --gpu "$GPU"
 [ -n "${DRY_RUN:-}" ] && { echo "DRY_RUN: not launching"; exit 0; }
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 exec torchrun --standalone --nproc_per_node "$NGPU" -m megatron_dsv3.train "${FLAGS[@]}"

@@ -33,9 +33,15 @@
 #   CUDA_DEVICE_MAX_CONNECTIONS=1   megatron-core's comm/compute overlap ordering
 #   NCCL_DEBUG=WARN (INFO once to see the chosen transports)
 set -euo pipefail
-# DRY_RUN=1: print the resolved configuration and the memory estimate, do not launch
-: "${DATA:?set DATA to indexed-dataset prefixes, optionally weighted}"
-: "${TOKENIZER:?set TOKENIZER to the DeepSeek-V3 tokenizer directory}"
+# DRY_RUN=1: print the resolved configuration and the per-GPU memory estimate (against GPU, default H800),
+# then stop; needs no DATA, TOKENIZER or Slurm variables (256 nodes assumed outside a job)
+if [ -z "${DRY_RUN:-}" ]; then
+  : "${DATA:?set DATA to indexed-dataset prefixes, optionally weighted}"
+  : "${TOKENIZER:?set TOKENIZER to the DeepSeek-V3 tokenizer directory}"
+fi
+DATA="${DATA:-unset-DATA}" TOKENIZER="${TOKENIZER:-unset-TOKENIZER}"
+NODES="${SLURM_JOB_NUM_NODES:-256}"
+GPU="${GPU:-H800}"
 CKPT="${CKPT:-/checkpoints/dsv3-671b}"
 
 export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}" NCCL_IB_RETRY_CNT="${NCCL_IB_RETRY_CNT:-7}"
@@ -65,11 +71,11 @@ FLAGS=(
   --log-interval 1 --tensorboard-dir "$CKPT/tensorboard" --overlap-grad-reduce
   "$@"
 )
-python -m megatron_dsv3.training.memory "${FLAGS[@]}" --world-size $((SLURM_JOB_NUM_NODES * 8)) --moment-bytes 2
+python -m megatron_dsv3.training.memory "${FLAGS[@]}" --world-size $((NODES * 8)) --moment-bytes 2 --gpu "$GPU"
 echo "schedule: $ITERS steps, hold $HOLD, decay $DECAY, tail $TAIL, ramp-up $RAMP"
 
 [ -n "${DRY_RUN:-}" ] && { echo "DRY_RUN: not launching"; exit 0; }
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
-srun --kill-on-bad-exit=1 torchrun --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node 8 \
+srun --kill-on-bad-exit=1 torchrun --nnodes "$NODES" --nproc_per_node 8 \
   --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:29500" \
   -m megatron_dsv3.train "${FLAGS[@]}"

@@ -135,12 +135,42 @@ def describe(cfg, micro_batch_size: int, data_parallel_size: int, **kw) -> str:
     return "\n".join(lines)
 
 
+# Memory a process can allocate on each GPU (GiB, torch.cuda.get_device_properties().total_memory):
+# an "80 GB" card holds 79.1 GiB.
+GPU_MEMORY_GIB = {"H800": 79.1, "H100": 79.1, "A100": 79.1, "A800": 79.1, "H20": 94.9, "H200": 139.8,
+                  "B200": 178.4, "A100-40GB": 39.4, "L40S": 44.4}
+
+
+def fit_report(cfg, micro_batch_size: int, data_parallel_size: int, gpu: str, **kw) -> str:
+    """One line when the estimate fits `gpu`; else a WARNING naming the overshoot and what would make it fit
+    (estimated where this model can: BF16 Adam moments, full recomputation, more pipeline stages; FP8 is
+    not modelled here)."""
+    if gpu.upper() not in {k.upper() for k in GPU_MEMORY_GIB}:
+        raise ValueError(f"--gpu {gpu!r}: unknown GPU; one of {', '.join(GPU_MEMORY_GIB)}")
+    cap = {k.upper(): v for k, v in GPU_MEMORY_GIB.items()}[gpu.upper()]
+    est = estimate_memory(cfg, micro_batch_size, data_parallel_size, **kw)["total"]
+    if est <= cap:
+        return f"fits {gpu} ({_fmt(est)} of {_fmt(cap)}, {_fmt(cap - est)} left for buffers and the CUDA context)"
+    options = []
+    if kw.get("moment_bytes", 4) > 2:
+        alt = estimate_memory(cfg, micro_batch_size, data_parallel_size, **dict(kw, moment_bytes=2))["total"]
+        options.append(f"BF16 Adam moments as the paper (--moment-bytes 2; needs TE's FusedAdam): {_fmt(alt)}")
+    if not kw.get("recompute_full"):
+        alt = estimate_memory(cfg, micro_batch_size, data_parallel_size, **dict(kw, recompute_full=True))["total"]
+        options.append(f"full recomputation (--recompute-granularity full): {_fmt(alt)}")
+    options.append("FP8 weights and activations as the paper trained (--fp8, being built in its own issue; "
+                   "not counted here)")
+    return (f"WARNING: the estimate {_fmt(est)} exceeds the {gpu}'s {_fmt(cap)}: this layout does not fit as "
+            f"configured. What would: " + "; ".join(options) + ".")
+
+
 def main(argv=None) -> int:
     """python -m megatron_dsv3.training.memory <the trainer's flags>: prints the resolved layout and the estimate."""
     from megatron_dsv3.training.arguments import build_parser, config_from_args
     p = build_parser()
     p.add_argument("--world-size", type=int, default=None, help="GPUs in the job (default: TP*PP)")
     p.add_argument("--moment-bytes", type=int, default=4, help="bytes per Adam moment (paper: 2, BF16)")
+    p.add_argument("--gpu", default=None, help=f"compare with this GPU's memory: {', '.join(GPU_MEMORY_GIB)}")
     args, _ = p.parse_known_args(argv)
     if args.bf16 is None:
         args.bf16 = True
@@ -148,8 +178,10 @@ def main(argv=None) -> int:
     par = cfg.parallel
     world = args.world_size or par.tensor_model_parallel_size * par.pipeline_model_parallel_size
     dp = world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size)
-    print(describe(cfg, args.micro_batch_size or 1, dp, moment_bytes=args.moment_bytes,
-                   recompute_full=args.recompute_granularity == "full"))
+    kw = dict(moment_bytes=args.moment_bytes, recompute_full=args.recompute_granularity == "full")
+    print(describe(cfg, args.micro_batch_size or 1, dp, **kw))
+    if args.gpu:
+        print(fit_report(cfg, args.micro_batch_size or 1, dp, args.gpu, **kw))
     return 0
 
 

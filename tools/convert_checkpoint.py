@@ -57,14 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks (also MEGATRON_DSV3_DEBUG=1)")
     sub = p.add_subparsers(dest="cmd", required=True)
+    what = {"hf-to-mcore": "HF checkpoint -> megatron-core dist checkpoint (torch_dist). The output is layout-free: "
+                           "it loads at any TP/PP/EP, so no target layout is given. One process unless --workers.",
+            "mcore-to-hf": "megatron-core dist checkpoint (ours, the trainer's, Megatron-LM's torch_dist) -> HF "
+                           "safetensors + index + config.json. One process unless --workers.",
+            "hf-to-hf": "HF -> HF: re-shard and/or (de)quantise, one tensor at a time, no model."}
     for name in ("hf-to-mcore", "mcore-to-hf", "hf-to-hf"):
-        s = sub.add_parser(name)
+        s = sub.add_parser(name, description=what[name], help=what[name].split(".")[0])
         s.add_argument("src")
         s.add_argument("out")
         s.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks (also MEGATRON_DSV3_DEBUG=1)")
         if name != "hf-to-hf":
+            for flag in ("--tp", "--pp", "--ep"):       # earlier releases' flags: refused with the reason
+                s.add_argument(flag, dest="layout_" + flag[2:], default=None, help=argparse.SUPPRESS)
             s.add_argument("--workers", type=_positive, default=None,
                            help="local processes sharing the work and memory (default 1; under torchrun: its "
                                 "ranks). Does not change the output: the dist checkpoint is layout-free")
@@ -94,6 +101,11 @@ def main(argv=None) -> int:
 
 
 def _convert(a) -> int:
+    given = [f"--{k[7:]}" for k in ("layout_tp", "layout_pp", "layout_ep") if getattr(a, k, None) is not None]
+    if given:
+        raise ValueError(f"{'/'.join(given)}: there is no target layout to give: the dist checkpoint is layout-free "
+                         f"(it loads at any TP/PP/EP); drop {' '.join(given)}, and use --workers N to spread the "
+                         f"conversion over N processes")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:      # under torchrun: every rank runs the conversion
         import torch.distributed as dist
         from datetime import timedelta

@@ -52,11 +52,9 @@ def test_convert_and_verify_cli(hf_tiny, tmp_path, capsys):
 def test_no_target_layout_flags_and_workers_are_bounded(hf_tiny, tmp_path, capsys, monkeypatch):
     """README's `--pp 16 --ep 64` started 1,024 local processes; the output never depended on it."""
     convert = _tool("convert_checkpoint")
-    for flag in ("--tp", "--pp", "--ep"):
-        with pytest.raises(SystemExit) as e:
-            convert.main(["hf-to-mcore", hf_tiny["bf16"], str(tmp_path / "x"), flag, "2"])
-        assert e.value.code == 2
-        assert f"unrecognized arguments: {flag} 2" in capsys.readouterr().err
+    for cmd in ("hf-to-mcore", "mcore-to-hf"):
+        assert convert.main([cmd, hf_tiny["bf16"], str(tmp_path / "x"), "--pp", "16", "--ep", "64"]) == 2
+        _one_error_line(capsys, "--pp/--ep: there is no target layout", "layout-free", "--workers N")
     with pytest.raises(SystemExit):
         convert.main(["hf-to-mcore", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
@@ -153,3 +151,14 @@ def test_bad_input_is_one_line_status_2_nothing_written(hf_tiny, fp32_round_trip
     monkeypatch.setenv("MEGATRON_DSV3_DEBUG", "1")
     with pytest.raises(CheckpointError):
         convert.main(["hf-to-mcore", missing, out])
+
+
+def test_workers_spread_the_work_and_give_the_same_export(fp32_round_trip, tmp_path, capsys):
+    from megatron_dsv3.checkpoint.safetensors_io import HFCheckpoint
+    convert = _tool("convert_checkpoint")
+    two = str(tmp_path / "two")
+    assert convert.main(["mcore-to-hf", fp32_round_trip["mc"], two, "--workers", "2"]) == 0   # EP=2: 2 processes
+    assert "in 2 process(es)" in capsys.readouterr().out
+    a, b = HFCheckpoint(fp32_round_trip["back"]), HFCheckpoint(two)
+    assert sorted(a.keys()) == sorted(b.keys())
+    assert all(torch.equal(a.raw(k), b.raw(k)) for k in a.keys())

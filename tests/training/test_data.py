@@ -133,3 +133,50 @@ def test_docstring_corpus(tmp_path, monkeypatch):
     out = corpus.build_docstring_corpus(str(tmp_path / "c.jsonl"))
     lines = [json.loads(l)["text"] for l in open(tmp_path / "c.jsonl")]
     assert out["documents"] == 2 == len(lines) and all(len(t) >= corpus.MIN_DOC_CHARS for t in lines)
+
+
+PREPROCESS_VICTIM = r"""
+import sys, time
+from megatron_dsv3.training.preprocess import preprocess
+from megatron_dsv3.training.tokenizer import ByteTokenizer
+
+class SlowTokenizer(ByteTokenizer):
+    def tokenize(self, text):
+        time.sleep(300)
+        return super().tokenize(text)
+
+preprocess([sys.argv[1]], sys.argv[2], SlowTokenizer(), workers=2, chunksize=1, progress=False)
+"""
+
+
+def test_sigkilled_preprocess_leaves_no_pool_worker(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    import psutil
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(8)))
+    proc = subprocess.Popen([sys.executable, "-c", PREPROCESS_VICTIM, str(src), str(tmp_path / "o")])
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            workers = [c.pid for c in psutil.Process(proc.pid).children()]
+            time.sleep(0.2)
+        assert len(workers) == 2, "the pool did not start"
+        time.sleep(1.0)                                        # the workers are inside tokenize()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in workers) \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in workers if psutil.pid_exists(p)
+                    and psutil.Process(p).status() != psutil.STATUS_ZOMBIE], "pool workers outlived preprocess"
+    finally:
+        for p in workers:
+            if psutil.pid_exists(p):
+                os.kill(p, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()

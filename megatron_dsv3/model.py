@@ -24,6 +24,7 @@ model (and megatron-core's MTP, which rolls position_ids only for learned positi
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
@@ -194,12 +195,57 @@ def _check_groups(config: DSV3Config, pg) -> None:
                              f"{size} ranks (initialise megatron-core's parallel_state with the config's sizes)")
 
 
+def _model_device(device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _allocation_only(tc, device: torch.device):
+    """A copy of the TransformerConfig with which megatron-core's parts only allocate, on `device`: without
+    use_cpu_initialization they allocate on torch.cuda.current_device() (megatron_dsv3.mcore_cpu maps that to
+    the CPU on a CPU-only torch), so the flag follows the device."""
+    if device.type == "cuda" and torch.cuda.current_device() != device.index:
+        raise ValueError(f"build_model(device={device}): megatron-core allocates on torch.cuda.current_device() "
+                         f"(cuda:{torch.cuda.current_device()}); call torch.cuda.set_device({device}) first")
+    tc = copy.copy(tc)
+    tc.perform_initialization = False
+    tc.use_cpu_initialization = device.type == "cpu"
+    return tc
+
+
+def _mark_tensor_parallel_weights(model) -> None:
+    """megatron-core (0.16.1) sets `tensor_model_parallel` / `partition_dim` / `partition_stride` on the weights of
+    its tensor-parallel layers inside their random init, so with perform_initialization=False they stay unset (the
+    gradient-norm clipping counts a weight without them once per TP group, as a duplicate): set them as that
+    init would (stride 1: megatron's default, the only one these layers are built with)."""
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                                      set_tensor_model_parallel_attributes)
+    for m in model.modules():
+        dim = 0 if isinstance(m, (ColumnParallelLinear, VocabParallelEmbedding)) else \
+            1 if isinstance(m, RowParallelLinear) else None
+        w = getattr(m, "weight", None)
+        if dim is not None and isinstance(w, torch.nn.Parameter) and not hasattr(w, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(w, is_parallel=True, dim=dim, stride=1)
+
+
 def build_model(config: DSV3Config, pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
                 backend: str = "local", pg_collection=None, vp_stage: Optional[int] = None,
+                device=None, init: bool = True, seed: Optional[int] = None, transformer_config=None,
                 **kwargs) -> DSV3Model:
     """One model chunk for this rank. pre/post_process default to whether this rank (and vp_stage) is the
     first/last pipeline stage of pg_collection.pp (megatron-core's parallel_state groups by default).
-    Usable as megatron's model_provider: build_model(cfg, pre_process=..., post_process=..., vp_stage=...)."""
+    Usable as megatron's model_provider: build_model(cfg, pre_process=..., post_process=..., vp_stage=...).
+
+    Every tensor is allocated on `device` (default: the current CUDA device, else the CPU) and initialised
+    there by megatron_dsv3.init.init_weights (the paper's init, the same values whatever the parallel layout)
+    from `seed` (default: torch.initial_seed(), the seed torch.manual_seed last set; pass the run's seed where
+    the torch seed is offset per rank, as Megatron-LM's seeding does per pipeline stage). init=False leaves
+    the tensors uninitialised (for a caller that loads every one, as the converter does). megatron-core's own
+    init never runs: transformer_config (default config.to_transformer_config()) is copied with
+    perform_initialization=False and use_cpu_initialization set by the device."""
     pg = get_process_group_collection(pg_collection)
     _check_groups(config, pg)
     vp_size = config.parallel.virtual_pipeline_model_parallel_size
@@ -207,5 +253,16 @@ def build_model(config: DSV3Config, pre_process: Optional[bool] = None, post_pro
         pre_process = is_pp_first_stage(pg.pp) and is_vp_first_stage(vp_stage, vp_size)
     if post_process is None:
         post_process = is_pp_last_stage(pg.pp) and is_vp_last_stage(vp_stage, vp_size)
-    return DSV3Model(config, pre_process=pre_process, post_process=post_process, backend=backend,
-                     pg_collection=pg, vp_stage=vp_stage, **kwargs)
+    device = _model_device(device)
+    tc = transformer_config if transformer_config is not None else config.to_transformer_config()
+    with torch.device(device):   # our modules allocate on the default device, megatron-core's as _allocation_only
+        model = DSV3Model(config, pre_process=pre_process, post_process=post_process, backend=backend,
+                          pg_collection=pg, vp_stage=vp_stage, transformer_config=_allocation_only(tc, device),
+                          **kwargs)
+    _mark_tensor_parallel_weights(model)
+    if init:
+        from megatron_dsv3.init import init_weights
+        dp_cp = getattr(pg, "dp_cp", None)
+        init_weights(model, config, torch.initial_seed() if seed is None else seed,
+                     metadata={"dp_cp_group": dp_cp} if dp_cp is not None else None)
+    return model

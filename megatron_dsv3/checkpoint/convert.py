@@ -428,10 +428,10 @@ def _build_model(cfg):
     from megatron_dsv3.mcore_cpu import apply_cpu_shim
     from megatron_dsv3.model import build_model
     apply_cpu_shim()
-    # no random init: every tensor is overwritten by a strict load (load_hf / load_mcore)
+    # on the host (the converter streams tensors through host memory), no random init: every tensor is
+    # overwritten by a strict load (load_hf / load_mcore)
     return build_model(cfg, pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
-                       post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
-                       transformer_config=cfg.to_transformer_config(perform_initialization=False))
+                       post_process=ps.is_pipeline_last_stage(ignore_virtual=True), device="cpu", init=False)
 
 
 def reading_config(cfg, tp: int = 1, pp: int = 1, ep: int = 1, params_dtype: Optional[str] = None):

@@ -84,13 +84,15 @@ def _chunk_flags(vp_stage, vp_size):
     return pre, post
 
 
-def _default_builder(cfg, pre_process, post_process, vp_stage=None, backend="local", recompute=None):
+def _default_builder(cfg, pre_process, post_process, vp_stage=None, backend="local", recompute=None, device=None,
+                     seed=None):
     from megatron_dsv3.model import build_model
     kw = {}
     if recompute:   # megatron-core's full-layer recomputation, set on the model's TransformerConfig
         kw["transformer_config"] = cfg.to_transformer_config(**recompute)
+    # built and initialised on the trainer's device, from --seed (the torch seed is offset per pipeline stage)
     return build_model(cfg, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, backend=backend,
-                       **kw)
+                       device=device, seed=seed, **kw)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -144,7 +146,7 @@ class Trainer:
             recompute = dict(recompute_granularity=args.recompute_granularity,
                              recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers)
         self._build_model(model_builder or partial(_default_builder, backend=args.transformer_impl,
-                                                   recompute=recompute))
+                                                   recompute=recompute, device=self.device, seed=args.seed))
         self._build_optimizer()
         self._build_data()
         self._load()
@@ -160,7 +162,7 @@ class Trainer:
             vp_stage = i if vp else None
             pre, post = _chunk_flags(vp_stage, vp)
             m = builder(self.cfg, pre_process=pre, post_process=post, vp_stage=vp_stage)
-            chunks.append(m.to(self.device))
+            chunks.append(m.to(self.device))   # the default builder builds there; a custom one may not
         self.model_config = tc = chunks[0].config
         # our routers update their bias in apply_expert_bias_update; megatron-core's finalize_model_grads
         # would try its own update for modules with an `expert_bias` attribute (DeepSeekMoE has one)

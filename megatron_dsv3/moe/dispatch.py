@@ -1,76 +1,219 @@
-"""Expert-parallel token dispatch: permute by expert -> all-to-all -> local experts -> all-to-all back -> combine.
+"""Expert-parallel token dispatch as seams: plan -> dispatch -> experts -> combine (DeepSeek-V3 sections 2.1.2, 3.2.1).
 
-No token dropping: every (token, chosen expert) pair is computed. Global expert g lives on EP rank g // E_local.
-Tokens sorted by global expert are already grouped by destination rank, so one all_to_all_single (with split
-sizes exchanged first) sends them; the receiver re-sorts its tokens from (source rank, local expert) order to
-(local expert, source rank) order for the grouped expert computation, and undoes that before sending back.
-Device-agnostic (gloo on CPU, NCCL on GPU); the split sizes cost one small host sync per layer.
+    plan  = plan_dispatch(topk_idx, E, ep_group)   sort order, per-expert counts, all-to-all split sizes: the ONE
+                                                   host sync of a layer, taken right after routing
+    x_in  = dispatch(x, plan)                      permute [T, h] into one row per (token, choice) sorted by global
+                                                   expert, all-to-all -> this rank's rows [N, h] by (local expert, src)
+    y     = experts(x_in, plan.local_counts)       the expert GEMMs (GroupedExperts.expert_mlp: the FP8 hook)
+    out   = combine(y, plan, gates)                all-to-all back, unpermute, sum_k g_{t,k} y_{t,k} -> [T, h]
+
+`dispatch` and `combine` with async_op=True return a `Pending` whose wait() gives the tensor: the all-to-all runs
+while the caller computes something else (the shared expert here; another micro-batch's chunk under DualPipe,
+Figure 4). Their backward is asynchronous too: the reverse all-to-all starts when the gradient of wait()'s output
+arrives and is waited for only when the gradient of the input is needed, so autograd runs whatever else is ready
+in between. Nothing is dropped: every (token, chosen expert) pair is computed. Global expert g lives on EP rank
+g // E_local. Device-agnostic: gloo on CPU (async work on gloo's threads), NCCL on GPU (its own stream).
+
+Memory (why the combine is one autograd Function): the unpermuted expert outputs are weighted and summed in one
+op that saves only the expert output rows (activation dtype) and the gates, accumulating in float32 per token;
+no [T, k, h] float32 copy exists, and the permuted input copy of EP = 1 is not kept by the combine.
 """
 from __future__ import annotations
 
-from typing import List
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_to_all", "dispatch_combine"]
+__all__ = ["DispatchPlan", "Pending", "plan_dispatch", "dispatch", "combine", "all_to_all", "dispatch_combine",
+           "combine_reference"]
 
 
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with split sizes; its gradient is the reverse all-to-all."""
+def _ep_size(group) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+# ---- the plan: everything the two all-to-alls and the (un)permutation need, computed once -----------------------
+@dataclass
+class DispatchPlan:
+    T: int                         # tokens of this rank
+    k: int                         # choices per token
+    num_experts: int               # E (global)
+    ep: int                        # EP size
+    group: object                  # EP process group (None: EP = 1)
+    order: torch.Tensor            # [T*k] rows of topk_idx.view(-1) sorted by global expert (stable)
+    token_of_row: torch.Tensor     # [T*k] token of each sorted row (order // k)
+    send_splits: List[int]         # rows sent to each EP rank (host)
+    recv_splits: List[int]         # rows received from each EP rank (host)
+    local_counts: torch.Tensor     # [E_local] rows per local expert after the dispatch
+    regroup: Optional[torch.Tensor]  # [N] (src rank, local expert) order -> (local expert, src rank); None at EP = 1
+
+    @property
+    def num_local_rows(self) -> int:
+        return int(sum(self.recv_splits)) if self.ep > 1 else self.T * self.k
+
+
+def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, ep_group=None) -> DispatchPlan:
+    """topk_idx [T, k] (global expert ids) -> DispatchPlan. Under EP the per-expert counts are exchanged with one
+    small all-to-all and the split sizes fetched to the host here (the layer's only sync)."""
+    T, k = topk_idx.shape
+    ep = _ep_size(ep_group)
+    E_local = num_experts // ep
+    flat = topk_idx.reshape(-1)                                                       # [T*k]
+    order = torch.argsort(flat, stable=True)                                          # [T*k]
+    counts = torch.bincount(flat, minlength=num_experts)                              # [E]
+    if ep == 1:
+        return DispatchPlan(T, k, num_experts, 1, None, order, order // k, [T * k], [T * k], counts, None)
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=ep_group)                       # [ep * E_local]
+    recv_counts = recv_counts.view(ep, E_local)
+    splits = torch.stack([counts.view(ep, E_local).sum(1), recv_counts.sum(1)]).tolist()   # one host sync
+    local_expert = torch.arange(E_local, device=flat.device).repeat(ep)               # (src, expert) blocks
+    n = int(sum(splits[1]))
+    rows_expert = torch.repeat_interleave(local_expert, recv_counts.reshape(-1), output_size=n)
+    regroup = torch.argsort(rows_expert, stable=True)                                 # [N]
+    return DispatchPlan(T, k, num_experts, ep, ep_group, order, order // k, splits[0], splits[1],
+                        recv_counts.sum(0), regroup)
+
+
+# ---- asynchronous, differentiable all-to-all ---------------------------------------------------------------------
+class _Comm:
+    """State shared by the start and wait nodes of one all-to-all (forward and backward)."""
+
+    def __init__(self, out_splits: List[int], in_splits: List[int], group):
+        self.out_splits, self.in_splits, self.group = out_splits, in_splits, group
+        self.work = None          # forward all-to-all in flight
+        self.send = None          # its input, kept alive until it completes
+        self.bwork = None         # backward (reverse) all-to-all in flight
+        self.bgrad = None         # its output: the gradient of the start node's input
+        self.bsend = None         # kept alive until bwork completes
+
+
+class _Start(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: _Comm) -> torch.Tensor:
+        out = x.new_empty((sum(comm.out_splits),) + tuple(x.shape[1:]))
+        comm.send = x.contiguous()
+        comm.work = dist.all_to_all_single(out, comm.send, comm.out_splits, comm.in_splits, group=comm.group,
+                                           async_op=True)
+        ctx.comm = comm
+        return out
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: List[int], in_splits: List[int], group) -> torch.Tensor:
-        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    def backward(ctx, _unused_grad):
+        comm = ctx.comm
+        comm.bwork.wait()
+        grad, comm.bgrad, comm.bsend, comm.bwork = comm.bgrad, None, None, None
+        return grad, None
+
+
+class _Wait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, comm: _Comm) -> torch.Tensor:
+        comm.work.wait()
+        comm.work = comm.send = None
+        ctx.comm = comm
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _AllToAll.apply(grad.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group), None, None, None
+        comm = ctx.comm
+        comm.bsend = grad.contiguous()
+        comm.bgrad = grad.new_empty((sum(comm.in_splits),) + tuple(grad.shape[1:]))
+        comm.bwork = dist.all_to_all_single(comm.bgrad, comm.bsend, comm.in_splits, comm.out_splits,
+                                            group=comm.group, async_op=True)
+        return grad, None       # a placeholder for _Start, which returns the real gradient after bwork
 
 
-def all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group) -> torch.Tensor:
-    """Send x[rows of in_splits[r]] to rank r; receive out_splits[r] rows from rank r (differentiable)."""
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+class Pending:
+    """An operation in flight; wait() returns its (differentiable) result, once."""
+
+    def __init__(self, tensor: torch.Tensor, comm: Optional[_Comm] = None, then=None):
+        self._tensor, self._comm, self._then = tensor, comm, then
+
+    def wait(self) -> torch.Tensor:
+        if self._tensor is None:
+            raise RuntimeError("Pending.wait() called twice")
+        t = _Wait.apply(self._tensor, self._comm) if self._comm is not None else self._tensor
+        self._tensor = None
+        return self._then(t) if self._then is not None else t
+
+
+def all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group, async_op: bool = False):
+    """Send x[rows of in_splits[r]] to rank r, receive out_splits[r] rows from rank r (differentiable)."""
+    comm = _Comm(list(out_splits), list(in_splits), group)
+    p = Pending(_Start.apply(x, comm), comm)
+    return p if async_op else p.wait()
+
+
+# ---- the two seams -----------------------------------------------------------------------------------------------
+def dispatch(x: torch.Tensor, plan: DispatchPlan, async_op: bool = False):
+    """x [T, h] -> this rank's expert input rows [N, h], sorted by local expert (then source rank)."""
+    x_sorted = x.index_select(0, plan.token_of_row)                                  # [T*k, h] by global expert
+    if plan.ep == 1:
+        return Pending(x_sorted) if async_op else x_sorted
+    regroup = plan.regroup
+    p = all_to_all(x_sorted, plan.recv_splits, plan.send_splits, plan.group, async_op=True)
+    p._then = lambda t: t.index_select(0, regroup)                                   # (src, e) -> (e, src)
+    return p if async_op else p.wait()
+
+
+def combine(y: torch.Tensor, plan: DispatchPlan, gates: torch.Tensor, async_op: bool = False):
+    """Expert outputs y [N, h] (dispatch's row order) -> sum_k gates[t, k] * y_{t,k}: [T, h] in y's dtype."""
+    if plan.ep > 1:
+        back = torch.empty_like(y).index_copy(0, plan.regroup, y)                   # (e, src) -> (src, e)
+        p = all_to_all(back, plan.send_splits, plan.recv_splits, plan.group, async_op=True)
+        p._then = lambda t: _Combine.apply(t, gates, plan.order, plan.token_of_row, plan.T)
+        return p if async_op else p.wait()
+    out = _Combine.apply(y, gates, plan.order, plan.token_of_row, plan.T)
+    return Pending(out) if async_op else out
+
+
+_CHUNK_ROWS = 4096   # rows per float32 product in the combine: bounds its transient to 4096 x h float32
+
+
+class _Combine(torch.autograd.Function):
+    """out[t] = sum_k gates[t, k] * y_sorted[row(t, k)] with float32 products and accumulation (in chunks of rows);
+    saves y_sorted (activation dtype) and the gates only."""
+
+    @staticmethod
+    def forward(ctx, y_sorted, gates, order, token_of_row, T):
+        acc_dtype = torch.promote_types(y_sorted.dtype, torch.float32)                # float32, float64 stays
+        g_row = gates.reshape(-1).index_select(0, order).to(acc_dtype)                # [T*k] gate of each row
+        acc = torch.zeros(T, y_sorted.shape[1], dtype=acc_dtype, device=y_sorted.device)
+        for a in range(0, y_sorted.shape[0], _CHUNK_ROWS):
+            b = a + _CHUNK_ROWS
+            acc.index_add_(0, token_of_row[a:b], y_sorted[a:b].to(acc_dtype) * g_row[a:b, None])
+        ctx.save_for_backward(y_sorted, g_row, order, token_of_row)
+        ctx.gates_shape, ctx.gates_dtype = gates.shape, gates.dtype
+        return acc.to(y_sorted.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y_sorted, g_row, order, token_of_row = ctx.saved_tensors
+        grad_y = torch.empty_like(y_sorted)
+        grad_g_row = torch.empty_like(g_row)
+        for a in range(0, y_sorted.shape[0], _CHUNK_ROWS):
+            b = a + _CHUNK_ROWS
+            g_out = grad_out.index_select(0, token_of_row[a:b]).to(g_row.dtype)     # [rows, h]
+            grad_y[a:b] = g_out * g_row[a:b, None]
+            grad_g_row[a:b] = (g_out * y_sorted[a:b].to(g_row.dtype)).sum(1)
+        grad_gates = torch.empty_like(grad_g_row).index_copy_(0, order, grad_g_row)
+        return grad_y, grad_gates.view(ctx.gates_shape).to(ctx.gates_dtype), None, None, None
+
+
+def combine_reference(y_sorted: torch.Tensor, gates: torch.Tensor, order: torch.Tensor, T: int) -> torch.Tensor:
+    """Plain torch: unpermute to [T, k, h], weight in float32, sum over k."""
+    k = gates.shape[1]
+    y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted).view(T, k, -1)     # [T, k, h]
+    acc_dtype = torch.promote_types(y_sorted.dtype, torch.float32)
+    return (y.to(acc_dtype) * gates.to(acc_dtype).unsqueeze(-1)).sum(dim=1).to(y_sorted.dtype)
 
 
 def dispatch_combine(x: torch.Tensor, topk_idx: torch.Tensor, gates: torch.Tensor, experts, num_experts: int,
                      ep_group=None) -> torch.Tensor:
-    """sum_k gates[t, k] * expert_{topk_idx[t, k]}(x[t]) for x [T, h], topk_idx [T, k], gates [T, k] float32.
-
-    `experts(x_sorted [N, h], counts [E_local])` computes this rank's E_local = num_experts / ep experts.
-    """
-    T, h = x.shape
-    k = topk_idx.shape[1]
-    ep = dist.get_world_size(ep_group) if ep_group is not None and dist.is_initialized() else 1
-    E_local = num_experts // ep
-
-    # permute: one row per (token, choice), sorted by global expert (stable: token order within an expert)
-    flat_expert = topk_idx.reshape(-1)                                                   # [T*k]
-    order = torch.argsort(flat_expert, stable=True)                                      # [T*k]
-    x_sorted = x[order // k]                                                             # [T*k, h]
-    counts = torch.bincount(flat_expert, minlength=num_experts)                          # [E] per global expert
-
-    if ep == 1:
-        y_sorted = experts(x_sorted, counts)
-    else:
-        # how many rows each source rank sends to each of my local experts: [ep, E_local]
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=ep_group)
-        recv_counts = recv_counts.view(ep, E_local)
-        send_splits = counts.view(ep, E_local).sum(dim=1).tolist()
-        recv_splits = recv_counts.sum(dim=1).tolist()
-        x_recv = all_to_all(x_sorted, recv_splits, send_splits, ep_group)               # [N, h] (src, expert)
-        # (source rank, local expert) -> (local expert, source rank)
-        local_expert = torch.repeat_interleave(
-            torch.arange(E_local, device=x.device).repeat(ep), recv_counts.reshape(-1), output_size=x_recv.shape[0])
-        regroup = torch.argsort(local_expert, stable=True)
-        y_local = experts(x_recv[regroup], recv_counts.sum(dim=0))                      # [N, h]
-        y_recv = torch.empty_like(y_local).index_copy(0, regroup, y_local)            # back to (src, expert)
-        y_sorted = all_to_all(y_recv, send_splits, recv_splits, ep_group)               # [T*k, h]
-
-    # unpermute and combine: gate multiplication in float32, then the activation dtype
-    y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted).view(T, k, h)          # [T, k, h]
-    return (y.float() * gates.unsqueeze(-1)).sum(dim=1).to(x.dtype)                      # [T, h]
+    """sum_k gates[t, k] * expert_{topk_idx[t, k]}(x[t]) for x [T, h], topk_idx [T, k], gates [T, k] float32: the
+    four seams in a row. `experts(x_rows [N, h], counts [E_local])` computes this rank's experts."""
+    plan = plan_dispatch(topk_idx, num_experts, ep_group)
+    return combine(experts(dispatch(x, plan), plan.local_counts), plan, gates)

@@ -4,7 +4,8 @@
 
 megatron-core's TransformerLayer adds the residual u_t. The N_s shared experts are one megatron-core MLP of width
 N_s * expert_ffn_hidden_size (tensor-parallel like the dense MLP); the routed experts are our GroupedExperts,
-split over the expert-parallel group (ETP = 1), reached through dispatch.dispatch_combine. No token dropping.
+split over the expert-parallel group (ETP = 1), reached through the seams of dispatch.py (route -> plan ->
+dispatch -> experts -> combine, methods of this class). No token dropping.
 
 Tensor parallelism without sequence parallelism: every TP rank holds all tokens. Each rank routes all of them
 (identical routing, identical balance loss), but sends only its 1/tp share of the tokens to the experts; the
@@ -29,7 +30,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_dsv3.compat import get_process_group_collection
 from megatron_dsv3.config import MoEConfig
-from megatron_dsv3.moe.dispatch import dispatch_combine
+from megatron_dsv3.moe.dispatch import DispatchPlan, combine, dispatch, plan_dispatch
 from megatron_dsv3.moe.router import placement_groups
 
 __all__ = ["DeepSeekMoE", "DeepSeekMoESubmodules", "resolve_ranks_per_node"]
@@ -124,32 +125,72 @@ class DeepSeekMoE(MegatronModule):
         self.layer_number = layer_number
         self.router.layer_number = layer_number
 
-    def forward(self, hidden_states: torch.Tensor, padding_mask=None, **kwargs):
-        """hidden_states [s, b, h] -> (routed + shared output [s, b, h], None). padding_mask is not used:
-        padded positions are routed like any token (DeepSeek-V3 packs documents, no padding)."""
+    # ---- the seams (route -> plan -> dispatch -> experts -> combine; shared experts beside) -------------------------
+    # Each step takes and returns plain tensors (or a Pending with async_op=True), so a schedule can interleave the
+    # steps of two micro-batches (DualPipe, Figure 4) and a precision can replace the expert GEMMs
+    # (GroupedExperts.expert_mlp). forward() runs them in order, the shared experts while the dispatch is in flight.
+    def route(self, hidden_states: torch.Tensor):
+        """[s, b, h] -> (x [T', h], topk_idx [T', k], gates [T', k] float32): the rows this rank sends to the
+        experts (under TP without SP its 1/tp share of the tokens, module docstring); counted for the bias update."""
         s, b, h = hidden_states.shape
         topk_idx, gates = self.router(hidden_states)                       # [T, k] int64, [T, k] fp32
         x = hidden_states.reshape(s * b, h)                                 # [T, h]
         if self.tp_split:
-            from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
-                                                                reduce_from_tensor_model_parallel_region)
-            tp, r, T = _size(self.tp_group), _rank(self.tp_group), s * b
-            lo, hi = T * r // tp, T * (r + 1) // tp
-            x_share = copy_to_tensor_model_parallel_region(x, group=self.tp_group)[lo:hi]
-            idx_share, gates_share = topk_idx[lo:hi], gates[lo:hi]
-        else:
-            x_share, idx_share, gates_share = x, topk_idx, gates
+            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+            lo, hi = self._tp_share(s * b)
+            x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)[lo:hi]
+            topk_idx, gates = topk_idx[lo:hi], gates[lo:hi]
         if self.training and torch.is_grad_enabled():
             # grad-enabled only: under activation recompute the first (no-grad) pass is not counted twice
-            self.router.record_tokens(idx_share)
-        routed = dispatch_combine(x_share, idx_share, gates_share, self.experts, self.moe.num_experts,
-                                  self.ep_group)                            # [T_share, h]
+            self.router.record_tokens(topk_idx)
+        return x, topk_idx, gates
+
+    def plan(self, topk_idx: torch.Tensor) -> DispatchPlan:
+        """Dispatch metadata for these choices (the layer's one host sync under EP: the split sizes)."""
+        return plan_dispatch(topk_idx, self.moe.num_experts, self.ep_group)
+
+    def dispatch(self, x: torch.Tensor, plan: DispatchPlan, async_op: bool = False):
+        """[T', h] -> this rank's expert input rows [N, h] (a Pending with async_op)."""
+        return dispatch(x, plan, async_op=async_op)
+
+    def compute_experts(self, x_rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """[N, h] -> [N, h]: the routed experts of this rank (GroupedExperts.expert_mlp)."""
+        return self.experts(x_rows, plan.local_counts)
+
+    def combine(self, y_rows: torch.Tensor, plan: DispatchPlan, gates: torch.Tensor, async_op: bool = False):
+        """[N, h] -> sum_k g_{t,k} FFN_{t,k}(u_t) for this rank's rows [T', h] (a Pending with async_op)."""
+        return combine(y_rows, plan, gates, async_op=async_op)
+
+    def shared(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
+        """[s, b, h] -> the shared experts' output [s, b, h] (None without shared experts)."""
+        if self.shared_experts is None:
+            return None
+        out, bias = self.shared_experts(hidden_states)
+        return out if bias is None else out + bias
+
+    def finish(self, routed: torch.Tensor, shared: Optional[torch.Tensor], shape) -> torch.Tensor:
+        """Routed rows [T', h] (+ shared [s, b, h]) -> the layer output [s, b, h] (TP split: summed over TP)."""
+        s, b, h = shape
         if self.tp_split:
+            from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+            lo, hi = self._tp_share(s * b)
             full = routed.new_zeros(s * b, h)
             full = torch.cat([full[:lo], routed, full[hi:]], dim=0)
             routed = reduce_from_tensor_model_parallel_region(full, group=self.tp_group)
         out = routed.view(s, b, h)
-        if self.shared_experts is not None:
-            shared, shared_bias = self.shared_experts(hidden_states)
-            out = out + (shared if shared_bias is None else shared + shared_bias)
-        return out, None
+        return out if shared is None else out + shared
+
+    def _tp_share(self, T: int):
+        tp, r = _size(self.tp_group), _rank(self.tp_group)
+        return T * r // tp, T * (r + 1) // tp
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask=None, **kwargs):
+        """hidden_states [s, b, h] -> (routed + shared output [s, b, h], None). padding_mask is not used:
+        padded positions are routed like any token (DeepSeek-V3 packs documents, no padding)."""
+        x, topk_idx, gates = self.route(hidden_states)
+        plan = self.plan(topk_idx)
+        sent = self.dispatch(x, plan, async_op=True)
+        shared = self.shared(hidden_states)                # computed while the dispatch all-to-all is in flight
+        y = self.compute_experts(sent.wait(), plan)
+        routed = self.combine(y, plan, gates)
+        return self.finish(routed, shared, hidden_states.shape), None

@@ -109,9 +109,15 @@ class GroupedExperts(MegatronModule):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [N, h] sorted by local expert, counts [E_local] -> [N, h]."""
-        if can_use_grouped_mm(x, self.weight1, self.weight2):
-            return grouped_swiglu(x, counts, self.weight1, self.weight2)
-        return padded_swiglu(x, counts, self.weight1, self.weight2)
+        return self.expert_mlp(x, counts, self.weight1, self.weight2)
+
+    def expert_mlp(self, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor,
+                   weight2: torch.Tensor) -> torch.Tensor:
+        """THE expert GEMM hook: SwiGLU(x @ weight1[e]) @ weight2[e] per expert block. A subclass replaces this one
+        method to change the GEMMs' precision (the FP8 experts) and nothing else."""
+        if can_use_grouped_mm(x, weight1, weight2):
+            return grouped_swiglu(x, counts, weight1, weight2)
+        return padded_swiglu(x, counts, weight1, weight2)
 
     @staticmethod
     def _group_rank(group, name: str) -> int:

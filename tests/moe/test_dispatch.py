@@ -137,3 +137,25 @@ def test_steps_equal_fused_forward_ep2():
 def test_two_micro_batches_in_flight_any_order():
     for r in run_distributed(_two_in_flight, 2, ep=2, timeout=120):
         assert all(r.values()), r
+
+
+def test_expert_gemm_hook_is_the_one_method_a_precision_overrides(mcore_single):
+    """A GroupedExperts subclass overriding expert_mlp alone changes the routed experts' GEMMs (here: computes them
+    in float64 and records the call), and nothing else of the layer."""
+    from megatron_dsv3.moe.experts import GroupedExperts, padded_swiglu
+    from tests.moe.test_distributed import _build, _cfg
+    calls = []
+
+    class Float64Experts(GroupedExperts):
+        def expert_mlp(self, x, counts, weight1, weight2):
+            calls.append(tuple(x.shape))
+            return padded_swiglu(x.double(), counts, weight1.double(), weight2.double()).to(x.dtype)
+
+    torch.manual_seed(0)
+    layer = _build(_cfg())
+    x = torch.randn(4, 2, 32)
+    want, _ = layer(x)
+    layer.experts.__class__ = Float64Experts
+    got, _ = layer(x)
+    assert calls == [(4 * 2 * 3, 32)]                       # T * k rows, hidden 32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

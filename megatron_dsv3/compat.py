@@ -77,6 +77,8 @@ def make_transformer_config(cfg, **overrides):
         num_layers_in_first_pipeline_stage=par.num_layers_in_first_pipeline_stage,
         num_layers_in_last_pipeline_stage=par.num_layers_in_last_pipeline_stage,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        # for a module built directly from this config (tests, benches): megatron-core's own init, on the host.
+        # build_model replaces both on its copy (allocation only, on the model's device, then megatron_dsv3.init)
         use_cpu_initialization=True, perform_initialization=True,
         # MLA
         multi_latent_attention=True, q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank,

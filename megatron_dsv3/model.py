@@ -196,11 +196,10 @@ def _check_groups(config: DSV3Config, pg) -> None:
 
 
 def _model_device(device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _allocation_only(tc, device: torch.device):
@@ -260,6 +259,9 @@ def build_model(config: DSV3Config, pre_process: Optional[bool] = None, post_pro
                           pg_collection=pg, vp_stage=vp_stage, transformer_config=_allocation_only(tc, device),
                           **kwargs)
     _mark_tensor_parallel_weights(model)
+    # megatron-core's LanguageModule moves the last stage's embedding copy (MTP, PP > 1) to CUDA whatever the
+    # allocation device: bring it back before drawing (CPU and CUDA generators draw different numbers)
+    model.to(device)
     if init:
         from megatron_dsv3.init import init_weights
         dp_cp = getattr(pg, "dp_cp", None)

@@ -79,7 +79,7 @@ def _fill_normal(sh, std: float, seed: int, rows: int) -> None:
     if b > rows:                                         # padding rows (vocab): zero
         view[max(a, rows) - a:] = 0
     end = min(b, rows)
-    for c in range(a // R, (end - 1) // R + 1 if end > a else a // R):
+    for c in range(a // R, (end - 1) // R + 1 if end > a else 0):   # the chunks that overlap rows [a, end)
         lo, hi = c * R, min((c + 1) * R, rows)
         g = torch.Generator(device=view.device).manual_seed(_chunk_seed(seed, sh.key, c))
         block = torch.empty((hi - lo,) + G[1:], dtype=torch.float32, device=view.device).normal_(0.0, std, generator=g)
@@ -121,10 +121,10 @@ def init_weights(model, config, seed: int, metadata: Optional[dict] = None) -> N
     a sharded_state_dict) as in the module docstring. config: the DSV3Config. metadata: sharded_state_dict's
     (the data-parallel group, when megatron-core's parallel_state does not have it). Raises if a parameter or
     persistent buffer is not reached (nothing is left uninitialised)."""
-    owners = {}
-    for name, t in _persistent_tensors(model).items():
-        owners.setdefault(t.untyped_storage().data_ptr(), []).append(name)
     tensors = _persistent_tensors(model)
+    owners = {}   # storage -> the parameter or buffer whose views the sharded state dict holds
+    for name, t in tensors.items():
+        owners.setdefault(t.untyped_storage().data_ptr(), []).append(name)
     written = {name: 0 for name in tensors}
     for sh in _sharded_tensors(model, metadata):
         if sh.flattened_range is not None:

@@ -14,9 +14,10 @@ arrives and is waited for only when the gradient of the input is needed, so auto
 in between. Nothing is dropped: every (token, chosen expert) pair is computed. Global expert g lives on EP rank
 g // E_local. Device-agnostic: gloo on CPU (async work on gloo's threads), NCCL on GPU (its own stream).
 
-Memory (why the combine is one autograd Function): the unpermuted expert outputs are weighted and summed in one
-op that saves only the expert output rows (activation dtype) and the gates, accumulating in float32 per token;
-no [T, k, h] float32 copy exists, and the permuted input copy of EP = 1 is not kept by the combine.
+Memory and speed (why the permutation and the combine are autograd Functions over kernels.py): the unpermuted
+expert outputs are weighted and summed in one pass that saves only the expert output rows (activation dtype), the
+gates and the inverse permutation, accumulating in float32 per token; the permutation's backward sums each token's
+k row gradients the same way. No [T, k, h] float32 copy exists and no gradient is accumulated with atomics.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+
+from megatron_dsv3.moe.kernels import scatter_rows, sum_rows
 
 __all__ = ["DispatchPlan", "Pending", "plan_dispatch", "dispatch", "combine", "all_to_all", "dispatch_combine",
            "combine_reference"]
@@ -44,6 +47,7 @@ class DispatchPlan:
     group: object                  # EP process group (None: EP = 1)
     order: torch.Tensor            # [T*k] rows of topk_idx.view(-1) sorted by global expert (stable)
     token_of_row: torch.Tensor     # [T*k] token of each sorted row (order // k)
+    pos: torch.Tensor              # [T*k] sorted row of choice (t, j) at t*k + j: the inverse of order
     send_splits: List[int]         # rows sent to each EP rank (host)
     recv_splits: List[int]         # rows received from each EP rank (host)
     local_counts: torch.Tensor     # [E_local] rows per local expert after the dispatch
@@ -63,8 +67,9 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, ep_group=None) -> Di
     flat = topk_idx.reshape(-1)                                                       # [T*k]
     order = torch.argsort(flat, stable=True)                                          # [T*k]
     counts = torch.bincount(flat, minlength=num_experts)                              # [E]
+    pos = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
     if ep == 1:
-        return DispatchPlan(T, k, num_experts, 1, None, order, order // k, [T * k], [T * k], counts, None)
+        return DispatchPlan(T, k, num_experts, 1, None, order, order // k, pos, [T * k], [T * k], counts, None)
     recv_counts = torch.empty_like(counts)
     dist.all_to_all_single(recv_counts, counts, group=ep_group)                       # [ep * E_local]
     recv_counts = recv_counts.view(ep, E_local)
@@ -73,7 +78,7 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, ep_group=None) -> Di
     n = int(sum(splits[1]))
     rows_expert = torch.repeat_interleave(local_expert, recv_counts.reshape(-1), output_size=n)
     regroup = torch.argsort(rows_expert, stable=True)                                 # [N]
-    return DispatchPlan(T, k, num_experts, ep, ep_group, order, order // k, splits[0], splits[1],
+    return DispatchPlan(T, k, num_experts, ep, ep_group, order, order // k, pos, splits[0], splits[1],
                         recv_counts.sum(0), regroup)
 
 
@@ -150,7 +155,7 @@ def all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], gro
 # ---- the two seams -----------------------------------------------------------------------------------------------
 def dispatch(x: torch.Tensor, plan: DispatchPlan, async_op: bool = False):
     """x [T, h] -> this rank's expert input rows [N, h], sorted by local expert (then source rank)."""
-    x_sorted = x.index_select(0, plan.token_of_row)                                  # [T*k, h] by global expert
+    x_sorted = _Permute.apply(x, plan.token_of_row, plan.pos)                         # [T*k, h] by global expert
     if plan.ep == 1:
         return Pending(x_sorted) if async_op else x_sorted
     regroup = plan.regroup
@@ -164,43 +169,42 @@ def combine(y: torch.Tensor, plan: DispatchPlan, gates: torch.Tensor, async_op: 
     if plan.ep > 1:
         back = torch.empty_like(y).index_copy(0, plan.regroup, y)                   # (e, src) -> (src, e)
         p = all_to_all(back, plan.send_splits, plan.recv_splits, plan.group, async_op=True)
-        p._then = lambda t: _Combine.apply(t, gates, plan.order, plan.token_of_row, plan.T)
+        p._then = lambda t: _Combine.apply(t, gates, plan.pos)
         return p if async_op else p.wait()
-    out = _Combine.apply(y, gates, plan.order, plan.token_of_row, plan.T)
+    out = _Combine.apply(y, gates, plan.pos)
     return Pending(out) if async_op else out
 
 
-_CHUNK_ROWS = 4096   # rows per float32 product in the combine: bounds its transient to 4096 x h float32
+class _Permute(torch.autograd.Function):
+    """x [T, h] -> x[token_of_row] [T*k, h]; backward: each token's k row gradients summed in float32 (kernels.sum_rows:
+    no atomics into a bf16 gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, token_of_row, pos):
+        ctx.save_for_backward(pos)
+        ctx.T = x.shape[0]
+        return x.index_select(0, token_of_row)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (pos,) = ctx.saved_tensors
+        return sum_rows(grad, pos, ctx.T), None, None
 
 
 class _Combine(torch.autograd.Function):
-    """out[t] = sum_k gates[t, k] * y_sorted[row(t, k)] with float32 products and accumulation (in chunks of rows);
-    saves y_sorted (activation dtype) and the gates only."""
+    """out[t] = sum_j gates[t, j] * y_sorted[pos[t*k + j]] with float32 products and sums (kernels.sum_rows); saves
+    y_sorted (activation dtype), the gates and pos only."""
 
     @staticmethod
-    def forward(ctx, y_sorted, gates, order, token_of_row, T):
-        acc_dtype = torch.promote_types(y_sorted.dtype, torch.float32)                # float32, float64 stays
-        g_row = gates.reshape(-1).index_select(0, order).to(acc_dtype)                # [T*k] gate of each row
-        acc = torch.zeros(T, y_sorted.shape[1], dtype=acc_dtype, device=y_sorted.device)
-        for a in range(0, y_sorted.shape[0], _CHUNK_ROWS):
-            b = a + _CHUNK_ROWS
-            acc.index_add_(0, token_of_row[a:b], y_sorted[a:b].to(acc_dtype) * g_row[a:b, None])
-        ctx.save_for_backward(y_sorted, g_row, order, token_of_row)
-        ctx.gates_shape, ctx.gates_dtype = gates.shape, gates.dtype
-        return acc.to(y_sorted.dtype)
+    def forward(ctx, y_sorted, gates, pos):
+        ctx.save_for_backward(y_sorted, gates, pos)
+        return sum_rows(y_sorted, pos, gates.shape[0], gates)
 
     @staticmethod
     def backward(ctx, grad_out):
-        y_sorted, g_row, order, token_of_row = ctx.saved_tensors
-        grad_y = torch.empty_like(y_sorted)
-        grad_g_row = torch.empty_like(g_row)
-        for a in range(0, y_sorted.shape[0], _CHUNK_ROWS):
-            b = a + _CHUNK_ROWS
-            g_out = grad_out.index_select(0, token_of_row[a:b]).to(g_row.dtype)     # [rows, h]
-            grad_y[a:b] = g_out * g_row[a:b, None]
-            grad_g_row[a:b] = (g_out * y_sorted[a:b].to(g_row.dtype)).sum(1)
-        grad_gates = torch.empty_like(grad_g_row).index_copy_(0, order, grad_g_row)
-        return grad_y, grad_gates.view(ctx.gates_shape).to(ctx.gates_dtype), None, None, None
+        y_sorted, gates, pos = ctx.saved_tensors
+        grad_y, grad_gates = scatter_rows(grad_out, y_sorted, pos, gates)
+        return grad_y, grad_gates.to(gates.dtype), None
 
 
 def combine_reference(y_sorted: torch.Tensor, gates: torch.Tensor, order: torch.Tensor, T: int) -> torch.Tensor:

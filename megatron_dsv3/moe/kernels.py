@@ -1,0 +1,123 @@
+"""Triton kernels of the MoE permutation, beside their plain-torch references (dispatch.py uses whichever fits).
+
+Both directions of the token <-> expert-row permutation reduce to two row operations, where `pos` [T*k] gives, for
+choice (t, j) (flat index t*k + j), its row in the expert-sorted order (the inverse of DispatchPlan.order):
+
+    sum_rows(src [R, h], pos, w [T, k] | None) -> out [T, h]      out[t] = sum_j w[t, j] * src[pos[t*k + j]]
+        the combine's forward (w = gates) and the dispatch permutation's backward (w = None: a plain sum)
+    scatter_rows(dout [T, h], pos, w) -> (dsrc [R, h], dw [T, k])  dsrc[pos[t*k + j]] = w[t, j] * dout[t];
+                                                                   dw[t, j] = <dout[t], src[pos[t*k + j]]>
+        the combine's backward
+
+Each output row is written by exactly one program, with float32 accumulation in registers: no atomics, no float32
+copy of [T, k, h] in memory (the references below materialise what the kernels avoid; tests compare them).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:  # CPU machines: the torch references are used
+    HAVE_TRITON = False
+
+
+# ---- plain-torch references --------------------------------------------------------------------------------------
+def sum_rows_reference(src: torch.Tensor, pos: torch.Tensor, T: int, w: Optional[torch.Tensor] = None,
+                       chunk: int = 4096) -> torch.Tensor:
+    """out[t] = sum_j w[t, j] * src[pos[t*k + j]], float32 (float64 stays) products and sums, in chunks of tokens."""
+    k = pos.numel() // T
+    acc_dtype = torch.promote_types(src.dtype, torch.float32)
+    out = torch.empty(T, src.shape[1], dtype=src.dtype, device=src.device)
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        rows = src.index_select(0, pos[a * k:b * k]).view(b - a, k, -1).to(acc_dtype)    # [t, k, h]
+        if w is not None:
+            rows = rows * w[a:b].to(acc_dtype).unsqueeze(-1)
+        out[a:b] = rows.sum(1).to(src.dtype)
+    return out
+
+
+def scatter_rows_reference(dout: torch.Tensor, src: torch.Tensor, pos: torch.Tensor, w: torch.Tensor,
+                           chunk: int = 4096) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dsrc [R, h], dw [T, k]) of out = sum_rows(src, pos, w)."""
+    T, k = w.shape
+    acc_dtype = torch.promote_types(src.dtype, torch.float32)
+    dsrc = torch.empty_like(src)
+    dw = torch.empty(T, k, dtype=acc_dtype, device=src.device)
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        p = pos[a * k:b * k]
+        d = dout[a:b].to(acc_dtype).unsqueeze(1)                                           # [t, 1, h]
+        dsrc[p] = (d * w[a:b].to(acc_dtype).unsqueeze(-1)).reshape(-1, src.shape[1]).to(src.dtype)
+        dw[a:b] = (d * src.index_select(0, p).view(b - a, k, -1).to(acc_dtype)).sum(-1)
+    return dsrc, dw
+
+
+# ---- Triton --------------------------------------------------------------------------------------------------------
+if HAVE_TRITON:
+    @triton.jit
+    def _sum_rows_kernel(src_ptr, pos_ptr, w_ptr, out_ptr, H, K: tl.constexpr, HAS_W: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        t = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < H
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(K):
+            r = tl.load(pos_ptr + t * K + j).to(tl.int64)
+            v = tl.load(src_ptr + r * H + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_W:
+                v = v * tl.load(w_ptr + t * K + j).to(tl.float32)
+            acc += v
+        tl.store(out_ptr + t.to(tl.int64) * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _scatter_rows_kernel(dout_ptr, src_ptr, pos_ptr, w_ptr, dsrc_ptr, dw_ptr, H, K: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        for j in tl.static_range(K):
+            r = tl.load(pos_ptr + t * K + j).to(tl.int64)
+            g = tl.load(w_ptr + t * K + j).to(tl.float32)
+            dot = tl.zeros([BLOCK], dtype=tl.float32)
+            for h0 in range(0, H, BLOCK):
+                offs = h0 + tl.arange(0, BLOCK)
+                mask = offs < H
+                d = tl.load(dout_ptr + t * H + offs, mask=mask, other=0.0).to(tl.float32)
+                v = tl.load(src_ptr + r * H + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(dsrc_ptr + r * H + offs, (g * d).to(dsrc_ptr.dtype.element_ty), mask=mask)
+                dot += d * v
+            tl.store(dw_ptr + t * K + j, tl.sum(dot, axis=0))
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    return HAVE_TRITON and all(t.is_cuda for t in tensors) and tensors[0].dtype != torch.float64
+
+
+def sum_rows(src: torch.Tensor, pos: torch.Tensor, T: int, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if not use_triton(src, pos):
+        return sum_rows_reference(src, pos, T, w)
+    src, pos = src.contiguous(), pos.contiguous()
+    H, K = src.shape[1], pos.numel() // T
+    out = torch.empty(T, H, dtype=src.dtype, device=src.device)
+    if T:
+        BLOCK = 1024
+        _sum_rows_kernel[(T, triton.cdiv(H, BLOCK))](src, pos, w.contiguous() if w is not None else pos, out, H,
+                                                     K=K, HAS_W=w is not None, BLOCK=BLOCK)
+    return out
+
+
+def scatter_rows(dout: torch.Tensor, src: torch.Tensor, pos: torch.Tensor,
+                 w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not use_triton(dout, src, pos):
+        return scatter_rows_reference(dout, src, pos, w)
+    T, K = w.shape
+    dsrc = torch.empty_like(src)
+    dw = torch.empty(T, K, dtype=torch.float32, device=src.device)
+    if T:
+        _scatter_rows_kernel[(T,)](dout.contiguous(), src.contiguous(), pos.contiguous(), w.contiguous(), dsrc, dw,
+                                   src.shape[1], K=K, BLOCK=1024)
+    return dsrc, dw

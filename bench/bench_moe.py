@@ -122,7 +122,7 @@ def main(argv=None):
                 info = {k: res[k] for k in ("device", "torch")}
                 runs[name].append(res)
             print(name, r, runs[name][-1].get("ms", runs[name][-1].get("error")), flush=True)
-    lines = [f"# DeepSeekMoE alone, forward+backward ({datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC)", "",
+    lines = [f"# DeepSeekMoE alone, forward+backward ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)", "",
              f"{info.get('device', '?')}, torch {info.get('torch', '?')}; hidden {a.hidden}, {a.experts} experts top-8 "
              f"(8 groups top-4), 1 shared, expert FFN {a.ffn}, tokens {a.seq} x {a.mb}, bf16; {a.rounds} fresh "
              f"processes per variant, alternating; median of {a.iters} steps each", "",

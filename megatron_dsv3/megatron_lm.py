@@ -129,8 +129,10 @@ def dsv3_builder(args, pre_process, post_process, vp_stage=None, config=None, pg
     cfg = config_from_megatron_args(args)
     impl = _get(args, "transformer_impl", "local")
     backend = "te" if impl == "transformer_engine" else "local"
+    # the init is a function of (seed, global name) only: the same on every stage whatever Megatron-LM's per-stage
+    # torch seed offset (init.py)
     model = build_model(cfg, pre_process=pre_process, post_process=post_process, backend=backend,
-                        pg_collection=pg_collection, vp_stage=vp_stage)
+                        pg_collection=pg_collection, vp_stage=vp_stage, seed=_get(args, "seed", 1234))
     model.config.moe_router_enable_expert_bias = False    # our routers update their bias in after_global_batch
     _CONFIG = cfg
     return model

@@ -219,15 +219,19 @@ def _mark_tensor_parallel_weights(model) -> None:
     """megatron-core (0.16.1) sets `tensor_model_parallel` / `partition_dim` / `partition_stride` on the weights of
     its tensor-parallel layers inside their random init, so with perform_initialization=False they stay unset (the
     gradient-norm clipping counts a weight without them once per TP group, as a duplicate): set them as that
-    init would (stride 1: megatron's default, the only one these layers are built with)."""
+    init would: stride 1, except megatron's MLP builds a gated (GLU) linear_fc1 with stride 2 ([gate_r; up_r] per
+    TP rank); megatron-core 0.19 sets them itself."""
     from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                                       set_tensor_model_parallel_attributes)
+    from megatron.core.transformer.mlp import MLP
+    glu_fc1 = {id(m.linear_fc1.weight) for m in model.modules() if isinstance(m, MLP)
+               and m.config.gated_linear_unit and isinstance(getattr(m.linear_fc1, "weight", None), torch.nn.Parameter)}
     for m in model.modules():
         dim = 0 if isinstance(m, (ColumnParallelLinear, VocabParallelEmbedding)) else \
             1 if isinstance(m, RowParallelLinear) else None
         w = getattr(m, "weight", None)
         if dim is not None and isinstance(w, torch.nn.Parameter) and not hasattr(w, "tensor_model_parallel"):
-            set_tensor_model_parallel_attributes(w, is_parallel=True, dim=dim, stride=1)
+            set_tensor_model_parallel_attributes(w, is_parallel=True, dim=dim, stride=2 if id(w) in glu_fc1 else 1)
 
 
 def build_model(config: DSV3Config, pre_process: Optional[bool] = None, post_process: Optional[bool] = None,

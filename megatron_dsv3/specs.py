@@ -98,8 +98,8 @@ def get_moe_spec(config, backend: str = "local", pg_collection=None):
     if config.moe.num_shared_experts > 0:
         shared = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))
     params = {"moe": config.moe}
-    if pg_collection is not None:
-        params["pg_collection"] = pg_collection
+    if pg_collection is not None:      # megatron-core 0.19's TransformerLayer passes its own as pg_collection
+        params["model_pg_collection"] = pg_collection
     return ModuleSpec(module=DeepSeekMoE, params=params,
                       submodules=DeepSeekMoESubmodules(router=Router, experts=GroupedExperts, shared_experts=shared))
 

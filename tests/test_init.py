@@ -93,18 +93,18 @@ def test_uninitialised_tensors_are_refused(mcore_single):
 
 
 def test_tensor_parallel_weights_are_marked(mcore_single):
-    """megatron-core sets tensor_model_parallel / partition_dim inside the random init build_model skips: set anyway
-    (gradient-norm clipping reads them)."""
-    model = build_model(DSV3Config.from_preset("tiny"), seed=0)
-    want = {"embedding.word_embeddings.weight": 0, "output_layer.weight": 0, "mtp.layers.0.eh_proj.weight": 0,
-            "decoder.layers.1.self_attention.linear_q_up_proj.weight": 0, "decoder.layers.0.mlp.linear_fc1.weight": 0,
-            "decoder.layers.1.self_attention.linear_proj.weight": 1, "decoder.layers.0.mlp.linear_fc2.weight": 1}
-    params = dict(model.named_parameters())
-    for name, dim in want.items():
-        p = params[name]
-        assert (p.tensor_model_parallel, p.partition_dim, p.partition_stride) == (True, dim, 1), name
-    assert not getattr(params["decoder.layers.1.self_attention.linear_q_down_proj.weight"], "tensor_model_parallel",
-                       False)
+    """megatron-core sets tensor_model_parallel / partition_dim / partition_stride inside the random init that
+    build_model skips (0.16.1; 0.19 sets them itself, stride 2 on GLU weights): every weight carries what megatron's
+    own init gives it (gradient-norm clipping reads them)."""
+    from megatron_dsv3.model import DSV3Model
+    cfg = DSV3Config.from_preset("tiny")
+    ours = dict(build_model(cfg, seed=0, device="cpu").named_parameters())
+    theirs = dict(DSV3Model(cfg).named_parameters())          # megatron's own CPU init
+    attrs = ("tensor_model_parallel", "partition_dim", "partition_stride")
+    marked = [n for n, p in theirs.items() if getattr(p, "tensor_model_parallel", False)]
+    assert "output_layer.weight" in marked and "decoder.layers.0.mlp.linear_fc2.weight" in marked
+    for name, p in theirs.items():
+        assert tuple(getattr(ours[name], a, None) for a in attrs) == tuple(getattr(p, a, None) for a in attrs), name
 
 
 # ---- the same weights at every layout ---------------------------------------------------------------------------
@@ -148,6 +148,7 @@ def _shards_at_layouts(rank):
     return out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU (gloo) test; run with CUDA_VISIBLE_DEVICES=")
 def test_the_same_weights_at_every_layout(mcore_single, monkeypatch):
     """Each rank's shard, at TP=2 + SP, PP=2 (1+3 layers), PP=2 x VPP=2 and EP=2, is bit-identical to the same
     place of the TP=PP=EP=1 model (the sharded state dict's global offsets), and together the ranks cover every

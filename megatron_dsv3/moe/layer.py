@@ -78,10 +78,12 @@ class DeepSeekMoE(MegatronModule):
     """
 
     def __init__(self, config, submodules: DeepSeekMoESubmodules, moe: MoEConfig, layer_number: Optional[int] = None,
-                 pg_collection=None, ranks_per_node: Optional[int] = None, **kwargs):
+                 pg_collection=None, ranks_per_node: Optional[int] = None, model_pg_collection=None, **kwargs):
         super().__init__(config=config)
         self.moe = moe
-        pgs = get_process_group_collection(pg_collection)
+        # pg_collection: what megatron-core's TransformerLayer passes (0.19: the block's; 0.16: nothing);
+        # model_pg_collection: the model's, carried by our spec (the same groups where both are given)
+        pgs = get_process_group_collection(pg_collection if pg_collection is not None else model_pg_collection)
         self.tp_group, self.ep_group = pgs.tp, pgs.ep
         tp, ep = _size(self.tp_group), _size(self.ep_group)
         if moe.num_experts % ep:

@@ -10,7 +10,7 @@ from megatron_dsv3.model import build_model
 def test_parameter_counts_match_built_model(mcore_single):
     cfg = DSV3Config.from_preset("tiny").replace(mtp={"num_layers": 2})
     assert cfg.padded_vocab_size == cfg.vocab_size
-    model = build_model(cfg)
+    model = build_model(cfg, device="cpu")
     counts = cfg.parameter_counts()
     numel = {n: p.numel() for n, p in model.named_parameters()}
     assert sum(numel.values()) == counts["total_with_mtp"]
@@ -18,7 +18,7 @@ def test_parameter_counts_match_built_model(mcore_single):
 
 
 def _count(cfg, b=2, s=16):
-    model = build_model(cfg)
+    model = build_model(cfg, device="cpu")
     ids = torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as fc:
         model(ids, labels=ids).sum().backward()

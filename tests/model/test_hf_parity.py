@@ -13,7 +13,7 @@ def test_logits_match_hf(mcore_single, name, seq):
     if cfg.mla.yarn is not None:   # the oracle really runs YaRN, beyond its original context
         assert hf.config.rope_parameters["rope_type"] == "yarn"
         assert seq > cfg.mla.yarn.original_max_position_embeddings
-    ours = build_model(cfg).eval()
+    ours = build_model(cfg, device="cpu").eval()
     load_full(ours, hf_to_ours(hf.state_dict(), cfg.num_layers))
 
     ids = torch.randint(0, cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(1))
@@ -45,7 +45,7 @@ def test_float32_checkpoint_builds_float32(mcore_single, tmp_path):
     assert written.get("dtype", written.get("torch_dtype")) == "float32"
     ours_cfg = DSV3Config.from_hf(tmp_path)                  # no dtype override
     assert ours_cfg.params_dtype == "float32"
-    ours = build_model(ours_cfg).eval()
+    ours = build_model(ours_cfg, device="cpu").eval()
     assert ours.output_layer.weight.dtype == torch.float32
     load_full(ours, hf_to_ours(hf.state_dict(), cfg.num_layers))
     ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
@@ -72,7 +72,7 @@ def _parity(cfg, ids, pos, mask_kind, lengths=None):
     """(ours, HF) logits [b, s, V] with the same positions. "documents": the packed documents each run through HF
     alone (positions 0..n-1), concatenated; "causal": HF given the position_ids and one causal mask per row."""
     hf = hf_model(cfg)
-    ours = build_model(cfg).eval()
+    ours = build_model(cfg, device="cpu").eval()
     load_full(ours, hf_to_ours(hf.state_dict(), cfg.num_layers))
     with torch.no_grad():
         if mask_kind == "documents":   # packed documents: --reset-position-ids --reset-attention-mask
@@ -121,7 +121,7 @@ def test_positions_reach_layers_under_full_recompute(mcore_single):
     cfg = small_config("yarn")
     hf = hf_model(cfg)
     tc = cfg.to_transformer_config(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    ours = build_model(cfg, transformer_config=tc).train()
+    ours = build_model(cfg, transformer_config=tc, device="cpu").train()
     load_full(ours, hf_to_ours(hf.state_dict(), cfg.num_layers))
     pos = _packed_positions([[10, 6], [4, 12]])
     ids = torch.randint(0, cfg.vocab_size, pos.shape, generator=torch.Generator().manual_seed(6))

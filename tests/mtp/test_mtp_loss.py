@@ -110,7 +110,7 @@ def test_mtp_matches_paper_reference(mcore_single, D, packed):
     lam, b, s = 0.25, 2, 20
     hf = hf_model(cfg).double()
     ref_mtp = PaperMTP(hf, D)
-    ours = build_model(cfg)
+    ours = build_model(cfg, device="cpu")
     state = hf_to_ours(hf.state_dict(), cfg.num_layers)
     state.update({k: v.detach().clone() for k, v in ref_mtp.ours_state().items()})
     own = ours.state_dict()

@@ -16,7 +16,7 @@ def _progressions(g, b, s, vocab):
 
 def test_mtp_switches_change_only_the_mtp_part(mcore_single):
     cfg = DSV3Config.from_preset("tiny").replace(moe={"seq_aux_loss_coeff": 0.0})
-    model = build_model(cfg)
+    model = build_model(cfg, device="cpu")
     set_mtp_backward_scale(1.0)
     ids, labels = _progressions(torch.Generator().manual_seed(0), 2, 24, cfg.vocab_size)
 
@@ -61,7 +61,7 @@ def test_tiny_training_mtp_loss_decreases(mcore_single):
 
 def _train(steps):
     cfg = DSV3Config.from_preset("tiny").replace(num_layers=2, seq_length=24)
-    model = build_model(cfg)
+    model = build_model(cfg, device="cpu")
     set_mtp_backward_scale(1.0)
     set_mtp_loss_weight(model, cfg.mtp.loss_weight_at(0))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

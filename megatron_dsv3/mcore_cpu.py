@@ -76,10 +76,12 @@ class _FakeStream:
     def query(self): return True
 
 
-def apply_cpu_shim(factory: bool = True, tensor_type: bool = True) -> bool:
-    """Patch torch.cuda / megatron-core for CPU. Returns False (and does nothing) when CUDA exists."""
+def apply_cpu_shim(factory: bool = True, tensor_type: bool = True, force: bool = False) -> bool:
+    """Patch torch.cuda / megatron-core for CPU. Returns False (and does nothing) when CUDA exists, unless `force`
+    (a process that runs on the CPU on a GPU host, the trainer's --cpu: megatron-core's DDP buffers and the like
+    would otherwise land on the GPU)."""
     global _applied, _mode
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not force:
         return False
     if factory and _mode is None:
         _mode = _CudaToCpuMode(tensor_type)

@@ -47,7 +47,7 @@ def init_distributed(args, cfg) -> torch.device:
     else:
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")   # megatron's torch.compile costs 20 s cold on CPU
         from megatron_dsv3.mcore_cpu import apply_cpu_shim
-        apply_cpu_shim()
+        apply_cpu_shim(force=True)      # also --cpu on a GPU host
         device = torch.device("cpu")
     if not dist.is_initialized():
         timeout = timedelta(minutes=args.distributed_timeout_minutes)

@@ -20,7 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _env():
-    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", PYTHONPATH=REPO)
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1",
+               PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MEGATRON_DSV3_DEBUG"):
         env.pop(k, None)
     return env

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_dsv3.moe.kernels import swiglu
+
 __all__ = ["GroupedExperts", "grouped_swiglu", "padded_swiglu", "experts_loop_reference", "can_use_grouped_mm"]
 
 
@@ -41,8 +43,8 @@ def can_use_grouped_mm(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Te
 def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor) -> torch.Tensor:
     """torch._grouped_mm path: x [N, h] sorted by expert, counts [E_local] (on x's device) -> [N, h]."""
     offs = torch.cumsum(counts, dim=0).to(torch.int32)                                 # group end offsets
-    gate, up = torch._grouped_mm(x, weight1, offs=offs).chunk(2, dim=-1)              # [N, f] each
-    return torch._grouped_mm((F.silu(gate) * up).contiguous(), weight2, offs=offs)    # [N, h]
+    h1 = torch._grouped_mm(x, weight1, offs=offs)                                      # [N, 2f] = [gate | up]
+    return torch._grouped_mm(swiglu(h1), weight2, offs=offs)                           # [N, h]
 
 
 def padded_swiglu(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,

@@ -11,6 +11,10 @@ choice (t, j) (flat index t*k + j), its row in the expert-sorted order (the inve
 
 Each output row is written by exactly one program, with float32 accumulation in registers: no atomics, no float32
 copy of [T, k, h] in memory (the references below materialise what the kernels avoid; tests compare them).
+
+And the experts' SwiGLU on the first GEMM's output h1 = [gate | up] [N, 2f] (DeepSeek-V3's FFN):
+
+    swiglu(h1) -> silu(gate) * up [N, f]; its backward recomputes silu from h1 (saved: h1 only, the GEMM's output)
 """
 from __future__ import annotations
 
@@ -121,3 +125,63 @@ def scatter_rows(dout: torch.Tensor, src: torch.Tensor, pos: torch.Tensor,
         _scatter_rows_kernel[(T,)](dout.contiguous(), src.contiguous(), pos.contiguous(), w.contiguous(), dsrc, dw,
                                    src.shape[1], K=K, BLOCK=1024)
     return dsrc, dw
+
+
+# ---- SwiGLU on [gate | up] ---------------------------------------------------------------------------------------
+def swiglu_reference(h1: torch.Tensor) -> torch.Tensor:
+    """[N, 2f] -> silu(h1[:, :f]) * h1[:, f:] [N, f] (plain torch; autograd gives its backward)."""
+    gate, up = h1.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+if HAVE_TRITON:
+    @triton.jit
+    def _swiglu_fwd_kernel(h1_ptr, out_ptr, F, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < F
+        g = tl.load(h1_ptr + row * 2 * F + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h1_ptr + row * 2 * F + F + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * F + offs, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(h1_ptr, dout_ptr, dh1_ptr, F, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < F
+        g = tl.load(h1_ptr + row * 2 * F + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h1_ptr + row * 2 * F + F + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(dout_ptr + row * F + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        dg = d * u * s * (1.0 + g * (1.0 - s))          # d silu(g) / dg = s (1 + g (1 - s))
+        du = d * g * s
+        tl.store(dh1_ptr + row * 2 * F + offs, dg.to(dh1_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh1_ptr + row * 2 * F + F + offs, du.to(dh1_ptr.dtype.element_ty), mask=mask)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h1):
+        ctx.save_for_backward(h1)
+        N, F2 = h1.shape
+        out = torch.empty(N, F2 // 2, dtype=h1.dtype, device=h1.device)
+        if N:
+            _swiglu_fwd_kernel[(N, triton.cdiv(F2 // 2, 1024))](h1, out, F2 // 2, BLOCK=1024)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        (h1,) = ctx.saved_tensors
+        N, F2 = h1.shape
+        dh1 = torch.empty_like(h1)
+        if N:
+            _swiglu_bwd_kernel[(N, triton.cdiv(F2 // 2, 1024))](h1, dout.contiguous(), dh1, F2 // 2, BLOCK=1024)
+        return dh1
+
+
+def swiglu(h1: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of h1 = [gate | up] [N, 2f]: one Triton pass each way on CUDA, the reference elsewhere."""
+    if not use_triton(h1) or not h1.is_contiguous():
+        return swiglu_reference(h1)
+    return _SwiGLU.apply(h1)
+

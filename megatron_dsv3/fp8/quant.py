@@ -19,8 +19,8 @@ Edge cases, decided once for every tiling:
 - a nonzero amax so small that amax / 448 underflows float32 (amax < ~6e-43) gets the smallest subnormal scale
   2^-149, never 0, so x / scale stays finite (and <= 448).
 - `pow2_scales=True`: scale rounded UP to a power of two, the smallest 2^e with amax <= 448 * 2^e (computed
-  exactly, not through log2). Multiplying by a power of two is exact, so x / scale only rounds once (in the
-  e4m3 cast) and never exceeds 448; the price is up to one binade of range (max |q| in (224, 448]).
+  exactly, not through log2). Dividing by a power of two is exact, so x only rounds once (in the
+  e4m3 cast) and never exceeds 448; the price is up to one binade of range (max |q| in [224, 448]).
 - inf / NaN inputs propagate, they do not raise: a group holding a NaN gets a NaN scale and NaN everywhere; a group
   holding +-inf gets an inf scale (its finite values quantise to 0, the infs to NaN) and so dequantises to NaN
   everywhere. Other groups are unaffected. Raising would need a host sync per call inside the training step, and

@@ -1,4 +1,5 @@
 """FP8 128x128 block quantisation as published (megatron_dsv3/checkpoint/fp8.py)."""
+import pytest
 import torch
 
 from megatron_dsv3.checkpoint.fp8 import E4M3_MAX, dequantize_blockwise, quantize_blockwise, scale_shape
@@ -60,3 +61,24 @@ def test_zero_block_gets_unit_scale():
     q, s = quantize_blockwise(w)
     assert s[0, 0] == 1.0 and s[1, 0] == 3.0 / E4M3_MAX
     assert torch.equal(dequantize_blockwise(q, s), w)
+
+
+def test_quantize_blockwise_is_the_package_quantiser_banded():
+    """One quantiser (STYLE 13): the converter's output is megatron_dsv3.fp8.quantize_blocks', whatever the band."""
+    from megatron_dsv3.fp8 import quantize_blocks
+    torch.manual_seed(3)
+    w = torch.randn(700, 300).bfloat16()
+    q0, s0 = quantize_blocks(w)
+    for rows_per_step in (128, 256, 1024):
+        q, s = quantize_blockwise(w, rows_per_step=rows_per_step)
+        assert torch.equal(s, s0) and torch.equal(q.view(torch.uint8), q0.view(torch.uint8))
+
+
+def test_non_finite_weight_is_refused():
+    w = torch.randn(300, 130)
+    w[260, 3] = float("nan")
+    with pytest.raises(ValueError, match="inf or NaN"):
+        quantize_blockwise(w)
+    w[260, 3] = float("inf")
+    with pytest.raises(ValueError, match="inf or NaN"):
+        quantize_blockwise(w)

@@ -162,7 +162,7 @@ def model_config(cfg):
     return cfg.replace(num_layers=2, moe={"first_k_dense_replace": 1}, mtp={"num_layers": 0})
 
 
-def mcore_moe_transformer_config(cfg, grouped_gemm: bool):
+def mcore_moe_transformer_config(cfg, grouped_gemm: bool, fusion: bool = False):
     """megatron-core MoE fields for the same DeepSeekMoE: sigmoid router with expert bias, group-limited top-k,
     top-k scaling, shared expert, sequence-wise aux loss, alltoall dispatcher (EP=1), fp32 router.
     Fields a megatron-core release lacks are dropped by make_transformer_config."""
@@ -180,16 +180,16 @@ def mcore_moe_transformer_config(cfg, grouped_gemm: bool):
         moe_router_pre_softmax=False, moe_router_dtype="fp32",
         moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=moe.seq_aux_loss_coeff,
         moe_token_dispatcher_type="alltoall", moe_grouped_gemm=grouped_gemm,
-        moe_permute_fusion=False, moe_router_fusion=False)
+        moe_permute_fusion=fusion, moe_router_fusion=fusion)
 
 
-def build_mcore_moe_layer(cfg, grouped_gemm: bool, pg_collection, spec: str = "local"):
+def build_mcore_moe_layer(cfg, grouped_gemm: bool, pg_collection, spec: str = "local", fusion: bool = False):
     """megatron-core's MoELayer as its GPT layer spec builds it (0.16: a ModuleSpec; 0.19: a partial).
     spec "local": get_gpt_layer_local_spec; "te": get_gpt_layer_with_transformer_engine_spec (needs TE)."""
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-    tc = mcore_moe_transformer_config(cfg, grouped_gemm)
+    tc = mcore_moe_transformer_config(cfg, grouped_gemm, fusion)
     spec_fn = (gpt_layer_specs.get_gpt_layer_local_spec if spec == "local"
                else gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec)
     kwargs = {"normalization": "RMSNorm"} if spec == "local" else {}

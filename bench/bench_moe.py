@@ -43,7 +43,17 @@ def child(a) -> dict:
                  expert_ffn_hidden_size=a.ffn), hidden_size=a.hidden)
     with single_process(backend="nccl" if cuda else "gloo"):
         torch.manual_seed(0)
-        layer = build_module(get_moe_spec(cfg), config=cfg.to_transformer_config()).to(dev)
+        if a.impl == "ours":
+            layer = build_module(get_moe_spec(cfg), config=cfg.to_transformer_config()).to(dev)
+        else:   # megatron-core's own MoELayer at the same sizes (bench_layers.py builds it as its GPT spec does)
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from bench_layers import build_mcore_moe_layer
+            from megatron.core.process_groups_config import ProcessGroupCollection
+            spec = a.impl.split("-", 1)[1]                 # mcore-local | mcore-te
+            # grouped GEMM: TE's (the local spec's GroupedMLP needs the separate grouped_gemm package)
+            layer = build_mcore_moe_layer(cfg, spec == "te", ProcessGroupCollection.use_mpu_process_groups(), spec,
+                                          fusion=spec == "te").to(dev)
+        layer.train()
         x = torch.randn(a.seq, a.mb, a.hidden, device=dev, dtype=cfg.torch_dtype) * 0.5
         x.requires_grad_(True)
         go = torch.randn_like(x)
@@ -84,7 +94,8 @@ def child(a) -> dict:
     flops = 3 * 2 * T * (h * a.experts + k * 3 * h * f + 3 * h * f)     # router + routed + 1 shared
     return {"ms": statistics.median(times), "all_ms": times, "peak_gib": peak, "kept_gib": kept / 2 ** 30,
             "tflops": flops / (statistics.median(times) * 1e-3) / 1e12,
-            "device": torch.cuda.get_device_name(0) if cuda else "CPU", "torch": torch.__version__}
+            "device": torch.cuda.get_device_name(0) if cuda else "CPU", "torch": torch.__version__,
+            "experts_class": type(getattr(layer, "experts", None)).__name__}
 
 
 def main(argv=None):
@@ -98,19 +109,24 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--ffn", type=int, default=2048)
+    p.add_argument("--peer", action="append", default=[], choices=["local", "te"],
+                   help="also time megatron-core's MoELayer (its GPT layer spec: local, or TE with grouped GEMM and "
+                        "permute fusion), each in its own processes, alternating with ours")
     p.add_argument("--out", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         print("RESULT " + json.dumps(child(a)), flush=True)
         return
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    srcs = [s.split("=", 1) for s in (a.src or [f"ours={here}"])]
-    runs = {name: [] for name, _ in srcs}
+    srcs = [s.split("=", 1) + ["ours"] for s in (a.src or [f"ours={here}"])]
+    srcs += [[f"megatron-core MoELayer ({p} spec)", srcs[0][1], f"mcore-{p}"] for p in a.peer]
+    runs = {name: [] for name, _, _ in srcs}
     info = {}
     for r in range(a.rounds):
-        for name, path in (srcs if r % 2 == 0 else srcs[::-1]):      # alternate the order each round
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", path, "--warmup", str(a.warmup),
+        for name, path, impl in (srcs if r % 2 == 0 else srcs[::-1]):      # alternate the order each round
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", path, "--impl", impl, "--warmup", str(a.warmup),
                    "--iters", str(a.iters), "--seq", str(a.seq), "--mb", str(a.mb), "--hidden", str(a.hidden),
                    "--experts", str(a.experts), "--ffn", str(a.ffn)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -126,17 +142,18 @@ def main(argv=None):
              f"{info.get('device', '?')}, torch {info.get('torch', '?')}; hidden {a.hidden}, {a.experts} experts top-8 "
              f"(8 groups top-4), 1 shared, expert FFN {a.ffn}, tokens {a.seq} x {a.mb}, bf16; {a.rounds} fresh "
              f"processes per variant, alternating; median of {a.iters} steps each", "",
-             "| variant | ms per round | median ms | model TFLOP/s | of 779 | peak GiB | kept for backward GiB |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | experts module | ms per round | median ms | model TFLOP/s | of 779 | peak GiB | "
+             "kept for backward GiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, rs in runs.items():
         ok = [x for x in rs if "ms" in x]
         if not ok:
-            lines.append(f"| {name} | error: {rs[-1].get('error')} | | | | | |")
+            lines.append(f"| {name} | | error: {rs[-1].get('error')} | | | | | |")
             continue
         ms = statistics.median(x["ms"] for x in ok)
         tf = statistics.median(x["tflops"] for x in ok)
         per_round = ", ".join("%.2f" % x["ms"] for x in ok)
-        lines.append(f"| {name} | {per_round} | {ms:.2f} | {tf:.0f} | "
+        lines.append(f"| {name} | {ok[0].get('experts_class', '?')} | {per_round} | {ms:.2f} | {tf:.0f} | "
                      f"{100 * tf / MATMUL_TFLOPS:.0f}% | {max(x['peak_gib'] for x in ok):.2f} | "
                      f"{max(x['kept_gib'] for x in ok):.2f} |")
     text = "\n".join(lines) + "\n"

@@ -142,6 +142,12 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--split", default="98,2,0", help="train,valid,test proportions")
     g.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer.json / directory holding one")
     g.add_argument("--data-cache-path", default=None)
+    from megatron_dsv3.training.fim import probability
+    g.add_argument("--fim-rate", type=probability, default=0.0,
+                   help="fraction of documents in fill-in-middle form <|fim_begin|>pre<|fim_hole|>suf<|fim_end|>"
+                        "middle<eos>, per document before packing (paper: 0.1; default 0: off)")
+    g.add_argument("--fim-spm-rate", type=probability, default=0.0,
+                   help="fraction of the FIM documents in suffix-prefix-middle order (default 0: all PSM)")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None)

@@ -31,16 +31,22 @@ def parse_blend(paths: Optional[Sequence[str]]):
 
 
 def build_datasets(blend, tokenizer, seq_length: int, seed: int, split: str, num_samples: List[int],
-                   cache_dir: Optional[str] = None):
-    """(train, valid, test) GPTDatasets (None where a split is empty). Collective: call on every rank."""
+                   cache_dir: Optional[str] = None, fim_rate: float = 0.0, fim_spm_rate: float = 0.0):
+    """(train, valid, test) GPTDatasets (None where a split is empty). Collective: call on every rank.
+    fim_rate > 0: documents in fill-in-middle form at that rate, before packing (training/fim.py)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    cfg = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=blend, split=split, tokenizer=tokenizer,
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
-        path_to_cache=cache_dir, mmap_bin_files=True)
-    return BlendedMegatronDatasetBuilder(GPTDataset, num_samples, lambda: True, cfg).build()
+    kw = dict(random_seed=seed, sequence_length=seq_length, blend=blend, split=split, tokenizer=tokenizer,
+              reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+              path_to_cache=cache_dir, mmap_bin_files=True)
+    if fim_rate > 0:
+        from megatron_dsv3.training.fim import FIMGPTDataset, FIMGPTDatasetConfig
+        tokenizer.fim_ids()                      # a tokenizer without FIM tokens: say so before any index is built
+        cls, cfg = FIMGPTDataset, FIMGPTDatasetConfig(**kw, fim_rate=fim_rate, fim_spm_rate=fim_spm_rate)
+    else:
+        cls, cfg = GPTDataset, GPTDatasetConfig(**kw)
+    return BlendedMegatronDatasetBuilder(cls, num_samples, lambda: True, cfg).build()
 
 
 def micro_batches(dataset, consumed: int, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,

@@ -201,7 +201,7 @@ class Trainer:
         valid_samples = a.eval_iters * a.global_batch_size if a.eval_iters else 0   # the same set each time
         self.train_ds, self.valid_ds, _ = build_datasets(
             blend, self.tokenizer, self.cfg.seq_length, a.seed, a.split, [train_samples, valid_samples, 0],
-            a.data_cache_path)
+            a.data_cache_path, fim_rate=getattr(a, "fim_rate", 0.0), fim_spm_rate=getattr(a, "fim_spm_rate", 0.0))
 
     def _load(self):
         """--load (a trainer checkpoint: resume; model weights of the converter / Megatron-LM: start from them),

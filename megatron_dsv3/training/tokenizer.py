@@ -1,10 +1,13 @@
 """Tokenizers with the small surface megatron-core's GPT dataset needs: .eod, .pad, .vocab_size,
 .unique_identifiers, plus tokenize/detokenize for preprocessing and sampling.
 
-* `ByteTokenizer`: UTF-8 bytes (ids 0..255) and three specials; needs no file and no download, so the
-  quick start works anywhere. Its 259 ids fit the `tiny` preset's vocabulary of 384.
+* `ByteTokenizer`: UTF-8 bytes (ids 0..255) and six specials; needs no file and no download, so the
+  quick start works anywhere. Its 262 ids fit the `tiny` preset's vocabulary of 384.
 * `HFTokenizer`: a Hugging Face `tokenizer.json` from a local directory or file (DeepSeek-V3's own),
   through the `tokenizers` package that ships with `transformers`.
+
+Both carry the fill-in-middle tokens (`fim_begin`, `fim_hole`, `fim_end`; None where a tokenizer.json has
+none) that training/fim.py writes; `fim_ids()` returns them or says why --fim-rate cannot use this tokenizer.
 """
 from __future__ import annotations
 
@@ -14,15 +17,24 @@ from collections import OrderedDict
 from typing import List, Sequence
 
 
+# DeepSeek-V3's tokenizer.json spells them with fullwidth bars and U+2581; other tokenizers with ASCII
+FIM_TOKENS = {"fim_begin": ("<｜fim▁begin｜>", "<|fim_begin|>"), "fim_hole": ("<｜fim▁hole｜>", "<|fim_hole|>"),
+              "fim_end": ("<｜fim▁end｜>", "<|fim_end|>")}
+
+
 class ByteTokenizer:
-    """Bytes 0..255, then <eod>=256, <pad>=257, <bos>=258."""
+    """Bytes 0..255, then <eod>=256, <pad>=257, <bos>=258, <|fim_begin|>=259, <|fim_hole|>=260, <|fim_end|>=261."""
 
     def __init__(self):
         self.eod = 256
         self.pad = 257
         self.bos = 258
-        self.vocab_size = 259
+        self.fim_begin, self.fim_hole, self.fim_end = 259, 260, 261
+        self.vocab_size = 262
         self.unique_identifiers = OrderedDict([("class", "ByteTokenizer"), ("vocab_size", self.vocab_size)])
+
+    def fim_ids(self):
+        return self.fim_begin, self.fim_hole, self.fim_end
 
     def tokenize(self, text: str) -> List[int]:
         return list(text.encode("utf-8"))
@@ -65,8 +77,20 @@ class HFTokenizer:
             self.pad = self.vocab_size
         bos = _name(cfg.get("bos_token"))
         self.bos = self._tok.token_to_id(bos) if bos else None
+        self.file = file
+        for attr, spellings in FIM_TOKENS.items():
+            setattr(self, attr, next((self._tok.token_to_id(t) for t in spellings
+                                      if self._tok.token_to_id(t) is not None), None))
         self.unique_identifiers = OrderedDict([("class", "HFTokenizer"), ("path", os.path.abspath(file)),
                                                ("vocab_size", self.vocab_size)])
+
+    def fim_ids(self):
+        missing = [spellings[0] for attr, spellings in FIM_TOKENS.items() if getattr(self, attr) is None]
+        if missing:
+            raise ValueError(f"--fim-rate needs the fill-in-middle tokens of the tokenizer, and {self.file} lacks "
+                             f"{' '.join(missing)} (also accepted: {' '.join(FIM_TOKENS[a][1] for a in FIM_TOKENS)}); "
+                             f"use DeepSeek-V3's tokenizer.json, or --fim-rate 0")
+        return self.fim_begin, self.fim_hole, self.fim_end
 
     def tokenize(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -17,7 +17,7 @@ def test_byte_tokenizer_round_trip():
     tok = build_tokenizer("byte")
     ids = tok.tokenize("héllo wörld ✓")
     assert max(ids) < 256 and tok.detokenize(ids + [tok.eod, tok.pad]) == "héllo wörld ✓"
-    assert tok.vocab_size == 259 and {tok.eod, tok.pad, tok.bos} == {256, 257, 258}
+    assert tok.vocab_size == 262 and {tok.eod, tok.pad, tok.bos} == {256, 257, 258}   # + 3 FIM ids (test_fim.py)
 
 
 def test_hf_tokenizer_json(tmp_path):

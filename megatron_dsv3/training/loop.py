@@ -202,6 +202,9 @@ class Trainer:
         self.train_ds, self.valid_ds, _ = build_datasets(
             blend, self.tokenizer, self.cfg.seq_length, a.seed, a.split, [train_samples, valid_samples, 0],
             a.data_cache_path, fim_rate=getattr(a, "fim_rate", 0.0), fim_spm_rate=getattr(a, "fim_spm_rate", 0.0))
+        if getattr(a, "fim_rate", 0.0):
+            self._log0(f"fill-in-middle: {a.fim_rate:g} of the documents, {a.fim_spm_rate:g} of those in SPM order, "
+                       f"before packing")
 
     def _load(self):
         """--load (a trainer checkpoint: resume; model weights of the converter / Megatron-LM: start from them),

@@ -244,14 +244,15 @@ def test_flags():
         p.parse_args(["--fim-rate", "1.5"])
 
 
-def test_trainer_two_steps_with_fim(tiny_data, mcore_single, tmp_path):
+def test_trainer_two_steps_with_fim(tiny_data, mcore_single, tmp_path, capsys):
     from megatron_dsv3.training.arguments import parse_args
     from megatron_dsv3.training.data import micro_batches
     from megatron_dsv3.training.loop import Trainer
     from tests.training.conftest import trainer_argv
     prefix, _ = tiny_data
     t = Trainer(parse_args(trainer_argv(prefix, str(tmp_path), "--fim-rate", "0.5", "--fim-spm-rate", "0.5", iters=2)))
-    assert type(t.train_ds).__name__ == "FIMGPTDataset"
+    assert type(t.train_ds).__name__ == "FIMGPTDataset" and type(t.valid_ds).__name__ == "FIMGPTDataset"
+    assert "fill-in-middle: 0.5 of the documents, 0.5 of those in SPM order" in capsys.readouterr().out
     seen = np.concatenate([b["tokens"].numpy().ravel() for g in (0, 8)
                            for b in micro_batches(t.train_ds, g, 8, 2, 0, 1, "cpu")])
     assert np.isin(TOK.fim_ids(), seen).all()                        # the two steps' batches hold FIM documents

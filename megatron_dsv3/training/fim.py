@@ -15,13 +15,15 @@ Design:
   plain GPTDataset, bit-identical to no FIM at all.
 * Stateless draws: whether document d is FIM, SPM and its two split points are a hash of (seed, d), not a
   stream that depends on the order samples are read (Megatron-LM's np_rng does). Any rank, worker, resume
-  or epoch sees the same transform of a document; another seed gives other draws.
+  or epoch sees the same transform of a document; another seed gives other draws. d is the document's
+  number in its .idx, so in a blend of several datasets the n-th documents of each share their draws.
 * Token-level split. The indexed data holds token ids, and the packing needs each FIM document's length
   (n + 3) before any sample is read; a character-level split re-tokenizes, which changes the length and
   needs the tokenizer at sample time. With the byte tokenizer a token is a byte, ~a character. With a BPE
   tokenizer the hole never falls inside a token (DeepSeek-Coder's character split teaches that too).
 * The two split points are uniform over the n+1 boundaries of the document's n tokens before its EOD (the
-  EOD stays last); either part may be empty.
+  EOD stays last); any of prefix, middle, suffix may be empty. Validation documents get FIM like training.
+* Whole documents only: a dataset preprocessed with --split-sentences (one sequence per sentence) is refused.
 * Recoverable: `restore` turns a FIM document back into the original (prefix + middle + suffix + EOD).
   A document whose own text holds the FIM token ids (a tokenizer.json that parses them out of raw text)
   cannot be parsed back unambiguously; the byte tokenizer cannot produce them from text.

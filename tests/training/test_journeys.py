@@ -54,7 +54,7 @@ def _tensors(d):
 @pytest.fixture(scope="module")
 def hf_ckpt(tmp_path_factory):
     """A random tiny DeepSeek-V3 as published (BF16, router bias F32, MTP layer) whose vocabulary holds the byte
-    tokenizer's 259 ids."""
+    tokenizer's 262 ids."""
     from tests.checkpoint import conftest as C
     root = tmp_path_factory.mktemp("hf_journey")
     kw = dict(C.HF_KW)

@@ -2,7 +2,7 @@
 """Convert DeepSeek-V2/V3 checkpoints between Hugging Face (BF16 or FP8) and megatron-core.
 
   hf-to-mcore HF_DIR OUT [--dtype bf16|fp32|fp16] [--workers N]   dist checkpoint (torch_dist)
-  mcore-to-hf MCORE_DIR OUT [--dtype bf16|fp8|fp32|fp16] [--workers N]  HF safetensors + index + config.json
+  mcore-to-hf MCORE_DIR OUT [--dtype bf16|fp8|fp32|fp16] [--workers N] [--ema]  HF safetensors + index + config.json
   hf-to-hf    HF_DIR OUT [--dtype bf16|fp8|fp32|fp16]                re-shard / (de)quantise, no model
 
 The megatron-core dist checkpoint is layout-free: it stores global tensors and megatron-core reshards it
@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="fp8: e4m3 + 128x128 weight_scale_inv as the published checkpoints "
                                 "(default: the source's dtype)")
             s.add_argument("--max-shard-size", type=_size, default=5 * 2 ** 30, help="e.g. 5G (default)")
+            if name == "mcore-to-hf":
+                s.add_argument("--ema", action="store_true",
+                               help="write the EMA of the parameters (a trainer checkpoint saved with --ema-decay) "
+                                    "instead of the weights")
     return p
 
 
@@ -123,8 +127,8 @@ def _convert(a) -> int:
                f"tensors in {info['world_size']} process(es)")
     elif a.cmd == "mcore-to-hf":
         info = C.mcore_to_hf(a.src, a.out, a.dtype, workers=a.workers, overwrite=a.overwrite,
-                             max_shard_bytes=a.max_shard_size, show_progress=True)
-        _print(f"wrote {info['tensors']} tensors ({info['bytes'] / 1e9:.3f} GB, {info['dtype']}) in "
+                             max_shard_bytes=a.max_shard_size, show_progress=True, ema=a.ema)
+        _print(f"wrote {info['tensors']}{' EMA' if a.ema else ''} tensors ({info['bytes'] / 1e9:.3f} GB, {info['dtype']}) in "
                f"{info['files']} safetensors file(s) + index + config.json to {a.out} in {info['world_size']} "
                f"process(es)")
     else:

@@ -554,6 +554,30 @@ def load_mcore(model, directory: str) -> None:
     model.load_state_dict(loaded["model"], strict=True)
 
 
+def has_ema(directory: str) -> bool:
+    """Whether a trainer checkpoint holds the EMA of the parameters (saved with --ema-decay)."""
+    from megatron.core import dist_checkpointing
+    d = resolve_mcore_dir(directory)
+    common = _read_dist("common state (common.pt)", d, lambda: dist_checkpointing.load_common_state_dict(d))
+    return bool((common.get("train_state") or {}).get("has_ema"))
+
+
+@torch.no_grad()
+def load_mcore_ema(model, directory: str) -> None:
+    """Overwrite the model's parameters with the EMA a trainer checkpoint holds (training/ema.py: the model's
+    sharded tensors under `ema.<key>`), at the model's layout. Buffers (expert bias) stay as load_mcore set them."""
+    from megatron.core import dist_checkpointing
+    from megatron_dsv3.training.ema import ema_sharded_state_dict
+    model = unwrap(model)
+    d = resolve_mcore_dir(directory)
+    params = dict(model.named_parameters())
+    target = {n: torch.empty(p.shape, dtype=torch.float32) for n, p in params.items()}
+    loaded = _read_dist("EMA tensors", d, lambda: dist_checkpointing.load(
+        {"ema0": ema_sharded_state_dict(model, target)}, d))
+    for n, p in params.items():
+        p.copy_(loaded["ema0"][n])
+
+
 def read_mcore_config(directory: str):
     """The DSV3Config of a dist checkpoint: dsv3_config.json (hf_to_mcore) or the trainer's train_state."""
     from megatron.core import dist_checkpointing
@@ -669,11 +693,13 @@ def _check_full_checkpoint(ckpt: HFCheckpoint, cfg, allow_unused: bool = False) 
 # Megatron dist checkpoint -> HF
 # ---------------------------------------------------------------------------------------------------
 def _mcore_to_hf_rank(rank: int, mcore_path: str, out: str, cfg_dict: dict, dtype: str,
-                      max_shard_bytes: int, show_progress: bool) -> list:
+                      max_shard_bytes: int, show_progress: bool, ema: bool = False) -> list:
     from megatron_dsv3.config import DSV3Config
     cfg = DSV3Config.from_dict(cfg_dict)
     model = _build_model(cfg)
     load_mcore(model, mcore_path)
+    if ema:
+        load_mcore_ema(model, mcore_path)
     writer = ShardedSafetensorsWriter(out, max_shard_bytes, prefix=f"part-r{rank:05d}")
     bar = None
     if show_progress and rank == 0:
@@ -690,13 +716,17 @@ EXPORT_OF_PARAMS = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16", "f
 
 def mcore_to_hf(mcore_path: str, out: str, dtype: Optional[str] = None, tp: int = 1, pp: int = 1, ep: int = 1,
                 overwrite: bool = False, max_shard_bytes: int = 5 * 2 ** 30, show_progress: bool = False,
-                workers: Optional[int] = None) -> dict:
+                workers: Optional[int] = None, ema: bool = False) -> dict:
     """Convert a dist checkpoint written by hf_to_mcore (or training) into HF safetensors + config.json.
-    dtype None: the checkpoint's params_dtype. One process unless `workers` or a work layout TP x PP x EP."""
+    dtype None: the checkpoint's params_dtype. One process unless `workers` or a work layout TP x PP x EP.
+    ema: write the EMA of the parameters a trainer checkpoint saved with --ema-decay instead of the weights."""
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype must be one of {sorted(EXPORT_DTYPES)}, got {dtype!r}")
     check_output_dir(out, overwrite)
     src = read_mcore_config(mcore_path)
+    if ema and not has_ema(mcore_path):
+        raise CheckpointError(f"{mcore_path}: the checkpoint holds no EMA of the parameters (train with "
+                              f"--ema-decay to save one); leave out --ema to export the weights")
     dtype = dtype or EXPORT_OF_PARAMS[src.params_dtype]
     if workers is None and _launched():
         workers = torch.distributed.get_world_size()
@@ -706,13 +736,13 @@ def mcore_to_hf(mcore_path: str, out: str, dtype: Optional[str] = None, tp: int 
     with _output_dir_on_all_ranks(out, overwrite) as tmp:
         parts = _run(_mcore_to_hf_rank, tp, pp, ep, mcore_path=os.path.abspath(mcore_path), out=tmp,
                      cfg_dict=cfg.to_dict(), dtype=dtype, max_shard_bytes=max_shard_bytes,
-                     show_progress=show_progress)[0]
+                     show_progress=show_progress, ema=ema)[0]
         if _is_rank0():
             write_index(tmp, parts)
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(hf_config_dict(cfg, dtype), f, indent=2)
     return {"out": out, "tensors": sum(len(p[1]) for p in parts), "files": len(parts),
-            "bytes": sum(p[2] for p in parts), "dtype": dtype, "world_size": world_size_for(tp, pp, ep)}
+            "bytes": sum(p[2] for p in parts), "dtype": dtype, "world_size": world_size_for(tp, pp, ep), "ema": ema}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -171,6 +171,12 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int, default=None, help="stop (without the final save) after this step")
     g.add_argument("--debug", action="store_true",
                    help="show Python tracebacks for user errors too (also: MEGATRON_DSV3_DEBUG=1)")
+
+    g = p.add_argument_group("EMA of the parameters (paper section 3.2.3)")
+    g.add_argument("--ema-decay", type=float, default=None,
+                   help="keep ema = d * ema + (1 - d) * params in host memory after every step, asynchronously; "
+                        "saved with the checkpoints (default: off)")
+    g.add_argument("--eval-ema", action="store_true", help="evaluate with the EMA weights (needs --ema-decay)")
     return p
 
 
@@ -250,6 +256,14 @@ def check_args(args: argparse.Namespace, cfg: DSV3Config) -> None:
                              f"tools/preprocess_data.py printed, without .bin/.idx)")
     if args.tokenizer not in (None, "", "byte") and not os.path.exists(args.tokenizer):
         raise ValueError(f"--tokenizer {args.tokenizer}: no such file or directory ('byte' for the built-in one)")
+    ema = getattr(args, "ema_decay", None)
+    if ema is not None and not 0.0 < ema < 1.0:
+        raise ValueError(f"--ema-decay must be in (0, 1) (e.g. 0.999), got {ema:g}")
+    if getattr(args, "eval_ema", False) and ema is None:
+        raise ValueError("--eval-ema evaluates with the EMA weights: give --ema-decay too")
+    if ema is not None and getattr(args, "overlap_param_gather", False):
+        raise ValueError("--ema-decay with --overlap-param-gather: the parameters are gathered only in the next "
+                         "forward pass, after the EMA's snapshot; leave out --overlap-param-gather")
     for flag in ("save", "tensorboard_dir", "data_cache_path"):
         v = getattr(args, flag, None)
         if v and os.path.exists(v) and not os.path.isdir(v):

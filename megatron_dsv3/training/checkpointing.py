@@ -19,6 +19,8 @@ State saved:
     model{i}        each model chunk's sharded_state_dict (resharding TP/PP/EP/DP on load)
     optimizer       the megatron optimizer's sharded state (distributed optimizer: 'dp_reshardable' by
                     default, 'fully_reshardable' with fully_reshardable=True)
+    ema             with --ema-decay: the EMA of the parameters (training/ema.py), the model's sharded tensors
+                    re-keyed `ema.<key>` (reshards like the model); train_state["has_ema"] says it is there
     rng_state       one ShardedObject per (pp, tp, dp) rank: python, numpy, torch, CUDA and megatron's
                     RNG-tracker states
     train_state     iteration, consumed samples/tokens (the data position), the config, the layout it was
@@ -240,7 +242,7 @@ def current_layout() -> dict:
 
 
 def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module], optimizer, train_state: dict,
-                    fully_reshardable: bool = True) -> str:
+                    fully_reshardable: bool = True, ema=None) -> str:
     """Collective: every rank calls it. Returns the final directory. fully_reshardable=False saves the
     distributed optimizer's state in megatron's faster 'dp_reshardable' form, which reloads only at the same
     TP/PP/EP (load_checkpoint says so)."""
@@ -258,10 +260,12 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module], op
     with_optim = optimizer is not None and _has_state(optimizer)
     fmt = "fully_reshardable" if fully_reshardable else "dp_reshardable"
     train_state = dict(train_state, iteration=iteration, has_optimizer=with_optim, layout=current_layout(),
-                       optimizer_format=fmt)
+                       optimizer_format=fmt, has_ema=ema is not None)
     sd = _sharded_state_dict(chunks, optimizer, train_state,
                              is_loading=False, with_optim=with_optim, with_rng=True,
                              fully_reshardable=fully_reshardable)
+    if ema is not None:
+        sd["ema"] = ema.sharded_state_dict()      # waits for a pending update
     with dist_checkpoint_writer_processes():
         dist_checkpointing.save(sd, tmp)
     _barrier()
@@ -281,14 +285,15 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module], op
 
 
 def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load_optim: bool = True,
-                    load_rng: bool = True, iteration: Optional[int] = None, log=print) -> Optional[dict]:
+                    load_rng: bool = True, iteration: Optional[int] = None, log=print, ema=None) -> Optional[dict]:
     """Collective. Loads what `root` holds (find_checkpoint; `iteration` picks another of the trainer's) into the
     chunks, and for the trainer's own checkpoints the optimizer and RNG states too. Returns the saved train_state
     (plus "kind"), or None when `root` does not exist.
 
     At another layout than the saving one: the model and a 'fully_reshardable' optimizer state reshard; the RNG
     states (one per saving rank) are not restored, which `log` says; a 'dp_reshardable' optimizer state at another
-    TP/PP/EP is refused with a message naming --no-load-optim."""
+    TP/PP/EP is refused with a message naming --no-load-optim. `ema` (a ParameterEMA) is loaded when the
+    checkpoint holds one ("ema_loaded" in the result); otherwise the caller restarts it from the weights."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException as TorchCheckpointException
@@ -323,6 +328,9 @@ def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load
         materialize_torch_adam_state(optimizer)
     sd = _sharded_state_dict(chunks, optimizer, None, is_loading=True, with_optim=load_optim, with_rng=load_rng,
                              fully_reshardable=fmt == "fully_reshardable")
+    load_ema = ema is not None and bool(saved.get("has_ema"))
+    if load_ema:
+        sd["ema"] = ema.sharded_state_dict()
     try:
         loaded = dist_checkpointing.load(sd, path)
     except CheckpointingException as e:
@@ -338,10 +346,13 @@ def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load
         load_optimizer_state(optimizer, loaded["optimizer"])
     if load_rng and loaded.get("rng_state") is not None:
         _set_rng_state(loaded["rng_state"])
+    if load_ema:
+        ema.load_state_dict(loaded["ema"])
     state = dict(saved or loaded.get("train_state") or {})
     state.setdefault("iteration", found.iteration if iteration is None else iteration)
     state.setdefault("consumed_samples", 0)
-    state.update(kind=found.kind, path=path, optimizer_loaded=bool(load_optim and optimizer is not None))
+    state.update(kind=found.kind, path=path, optimizer_loaded=bool(load_optim and optimizer is not None),
+                 ema_loaded=load_ema)
     return state
 
 

@@ -149,6 +149,10 @@ class Trainer:
                                                    recompute=recompute, device=self.device, seed=args.seed))
         self._build_optimizer()
         self._build_data()
+        self.ema = None                        # host EMA of the parameters (--ema-decay, training/ema.py)
+        if getattr(args, "ema_decay", None):
+            from megatron_dsv3.training.ema import ParameterEMA
+            self.ema = ParameterEMA(self.chunks, args.ema_decay)
         self._load()
 
     # ---- setup -------------------------------------------------------------------------------------------
@@ -214,7 +218,7 @@ class Trainer:
         if a.load:
             state = checkpointing.load_checkpoint(
                 a.load, self.chunks, self.optimizer, load_optim=not (a.no_load_optim or a.finetune),
-                load_rng=not (a.no_load_rng or a.finetune), log=self._log0)
+                load_rng=not (a.no_load_rng or a.finetune), log=self._log0, ema=self.ema)
         if state is not None and state["kind"] == "trainer" and not a.finetune:
             self.iteration = state["iteration"]
             self.consumed_samples = state["consumed_samples"]
@@ -234,6 +238,14 @@ class Trainer:
         if state is not None and not state["optimizer_loaded"] or (state is None and a.load_hf):
             # weights changed under the optimizer: its fp32 main copies must follow
             self.optimizer.reload_model_params()
+        if self.ema is not None:
+            if state is not None and state["ema_loaded"]:
+                self._log0(f"EMA of the parameters (decay {self.ema.decay:g}) resumed from {state['path']}")
+            else:
+                self.ema.reset_from_params()
+                if state is not None or a.load_hf:
+                    self._log0(f"EMA of the parameters (decay {self.ema.decay:g}): the checkpoint holds none; "
+                               f"starting it from the loaded weights")
 
     def _check_save_dir(self):
         """--save must not hold another model's checkpoints (they would be mistaken for this run's); one of this
@@ -329,10 +341,13 @@ class Trainer:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._run(self.train_ds, self.consumed_samples, gbs, forward_only=False)
+        if self.ema is not None:
+            self.ema.before_optimizer_step()       # the last EMA snapshot is taken before the weights change
         ok, grad_norm, _ = self.optimizer.step()
-        # aux-loss-free balancing (skipped with a skipped step) and the next batch's MTP lambda
+        # aux-loss-free balancing (skipped with a skipped step), the next batch's MTP lambda, the EMA
         tokens_before = self.tokens_seen
-        router_metrics = after_optimizer_step(self.chunks, cfg, tokens_before, tokens_before + gbs * cfg.seq_length, ok)
+        router_metrics = after_optimizer_step(self.chunks, cfg, tokens_before, tokens_before + gbs * cfg.seq_length, ok,
+                                              ema=self.ema)
         gamma = gamma if ok else 0.0
         for name, m in router_metrics.items():
             s = self.load_stats.setdefault(name, {"layer": m["layer_number"], "counts": 0})
@@ -350,9 +365,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
+        """Validation loss; with --eval-ema of the EMA weights (swapped in, the training weights put back)."""
         a = self.args
         if not a.eval_iters or self.valid_ds is None:
             return None
+        if getattr(a, "eval_ema", False) and self.ema is not None:
+            with self.ema.swapped_in():
+                return self._evaluate()
+        return self._evaluate()
+
+    def _evaluate(self) -> float:
+        a = self.args
         from megatron_dsv3.mtp.loss import mtp_loss_report
         for c in self.chunks:
             c.eval()
@@ -373,7 +396,7 @@ class Trainer:
         checkpointing.save_checkpoint(
             a.save, self.iteration, self.chunks, self.optimizer,
             {"consumed_samples": self.consumed_samples, "tokens": self.tokens_seen, "config": self.cfg.to_dict(),
-             "tokenizer": dict(self.tokenizer.unique_identifiers)})
+             "tokenizer": dict(self.tokenizer.unique_identifiers)}, ema=self.ema)
         self._saved.add(self.iteration)
         self._log0(f"saved checkpoint {checkpointing.checkpoint_dir(a.save, self.iteration)}")
 

@@ -7,12 +7,14 @@ that it costs no device memory and no step time. Here:
   * `ParameterEMA` holds an fp32 host copy of this rank's parameters (its TP/PP/EP part of every model chunk;
     replicated over data-parallel ranks like the model weights), in pinned memory on CUDA.
   * `update()` (called only from training/hooks.py `after_optimizer_step`, and only when the step happened) takes
-    a snapshot of the parameters and returns; the arithmetic runs in a background thread. On CUDA the snapshot is
-    a device->host copy (non_blocking, on a side stream that waits for the optimizer's stream, into pinned
-    staging buffers) and the thread waits for its event; on CPU the thread makes the copy itself.
-  * The only points that wait: `before_optimizer_step()` (the snapshot must be taken before the next step changes
-    the parameters: on CUDA a stream wait on the copy's event, no host stall; on CPU a wait for the copy, long
-    done after a forward/backward), and `wait()` before the next update, a save, an evaluation with the EMA.
+    a snapshot of the parameters and returns; the arithmetic (two foreach ops) runs in a background thread. On
+    CUDA the snapshot is a device->host copy (non_blocking, on a side stream that waits for the optimizer's
+    stream, into pinned staging buffers) and the thread waits for its event; on CPU it is a memcpy made in
+    update() itself (a copy in the thread would have to be waited for before the next step: measured slower,
+    the thread needs the GIL while the training thread holds it).
+  * The only points that wait: `before_optimizer_step()` (CUDA: the next step may change the parameters only
+    after the snapshot's copy; a stream wait on its event, no host stall), and `wait()` before the next update,
+    a save, an evaluation with the EMA.
   * Checkpoints: `sharded_state_dict(chunks)` is the model's own sharded state dict restricted to parameters,
     each ShardedTensor (or factory) re-keyed `ema.<key>` with the EMA as data: the same global shapes and
     offsets as the model, so the EMA reshards on load at any TP/PP/EP like the weights (layout-free).
@@ -78,8 +80,6 @@ class ParameterEMA:
         self._stage = [torch.empty(p.shape, dtype=p.dtype, pin_memory=pin) for p in flat]
         self._stream = torch.cuda.Stream(device=flat[0].device) if self.cuda else None
         self._copied_event = None               # CUDA: the snapshot's copy done
-        self._copied = threading.Event()        # CPU: the snapshot's copy done
-        self._copied.set()
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self.updates = 0                        # updates applied since the EMA was (re)started or loaded
@@ -99,35 +99,28 @@ class ParameterEMA:
                 self._copied_event = torch.cuda.Event()
                 self._copied_event.record(self._stream)
         else:
-            self._copied.clear()
-        self._thread = threading.Thread(target=self._apply, args=(flat,), name="ema-update", daemon=True)
+            torch._foreach_copy_(self._stage, [p.detach() for p in flat])
+        self._thread = threading.Thread(target=self._apply, name="ema-update", daemon=True)
         self._thread.start()
 
-    def _apply(self, flat) -> None:
+    def _apply(self) -> None:
         try:
             with torch.no_grad():
                 if self.cuda:
                     self._copied_event.synchronize()
-                else:
-                    for s, p in zip(self._stage, flat):
-                        s.copy_(p.detach())
-                    self._copied.set()
-                a = 1.0 - self.decay
-                for e, s in zip((e for es in self.ema for e in es), self._stage):
-                    e.mul_(self.decay).add_(s, alpha=a)
+                ema = [e for es in self.ema for e in es]
+                stage = [s if s.dtype == torch.float32 else s.float() for s in self._stage]
+                torch._foreach_mul_(ema, self.decay)
+                torch._foreach_add_(ema, stage, alpha=1.0 - self.decay)
             self.updates += 1
         except BaseException as e:  # noqa: BLE001  re-raised in the training thread by wait()
             self._error = e
-            self._copied.set()
 
     # ---- synchronisation -----------------------------------------------------------------------------------
     def before_optimizer_step(self) -> None:
         """The next optimizer step may change the parameters only once the snapshot is taken."""
-        if self.cuda:
-            if self._copied_event is not None:
-                torch.cuda.current_stream().wait_event(self._copied_event)   # device-side: no host stall
-        else:
-            self._copied.wait()
+        if self.cuda and self._copied_event is not None:
+            torch.cuda.current_stream().wait_event(self._copied_event)   # device-side: no host stall
         self._raise()
 
     def wait(self) -> None:

@@ -3,6 +3,9 @@
 Stages are Linear-Tanh-Linear MLPs (width 8, float64) with an MSE criterion on the last stage, as DeepSeek's
 examples' `ref_step`: one model, the micro-batches one after the other, `loss.backward()` each.
 
+DualPipeV's gradients are bit-equal too (one copy per stage, W's in micro-batch order, as the reference
+accumulates); a single-process DualPipeV on one rank (the V turns locally, no P2P) checks the engine without spawning.
+
 Tolerances. Losses and outputs: bit-equal (`torch.equal`): each micro-batch goes through the same ops on the same
 slices, and P2P moves bytes. Gradients: 1e-12 absolute (float64 reference, STYLE.md): a stage's gradient is a sum
 over micro-batches whose association differs from the reference's under DualPipe (each copy sums its own direction's
@@ -134,6 +137,8 @@ def test_step_matches_sequential(variant, pp, m):
             for i, want in enumerate(ref_grads[s]):
                 # DualPipe: after ReduceMirrorGrads each copy holds the sum over both directions
                 assert _close(res["grads"][c][i], want), (r, c, s, i, (res["grads"][c][i] - want).abs().max())
+                if variant == "dualpipev":   # one copy, micro-batches accumulated in the reference's order
+                    assert torch.equal(res["grads"][c][i], want), (r, c, s, i)
                 assert _close(res["grads2"][c][i], 2 * want, 2e-12), (r, c, s, i)
                 assert res["eval_grads"][c][i] is None
         if variant == "dualpipe":
@@ -154,3 +159,33 @@ def test_step_matches_sequential(variant, pp, m):
 def test_missing_weight_gradient_is_refused(variant, pp, m):
     results = run_distributed(_rank, pp, variant=variant, n_ranks=pp, m=m, drop_w=True)
     assert any(r is not None and "W never run" in r for r in results), results
+
+
+def test_single_rank_dualpipev_and_per_instance_p2p_settings():
+    """PP = 1: both chunks on one rank, the turn passes activations and gradients locally. P2P shapes/dtype are per
+    instance: the module functions only set defaults copied at construction."""
+    import megatron_dsv3.pipeline.dualpipe as dp
+    from megatron_dsv3.testing import single_process
+    m = 3
+    ref_loss, ref_out, ref_grads = _reference("dualpipev", 1, m)
+    x, lab = _data(m)
+    saved = dict(dp._compat_defaults)
+    with single_process():
+        try:
+            full = _full_model(2)
+            with pytest.raises(ValueError, match="set_p2p_tensor_shapes"):
+                dp.DualPipeV([full[0], full[1]]).step(x, num_chunks=m, criterion=criterion, labels=(lab,))
+            dp.set_p2p_tensor_shapes([(5, 5)])
+            dp.set_p2p_tensor_dtype(torch.float32)
+            other = dp.DualPipeV([copy.deepcopy(full[0]), copy.deepcopy(full[1])])
+            pipe = dp.DualPipeV([full[0], full[1]], p2p_tensor_shapes=[(MBS, WIDTH)], p2p_tensor_dtype=torch.float64)
+            dp.set_p2p_tensor_shapes([(7, 7)])                 # after construction: no effect on either
+            assert pipe._engine.shapes == [(MBS, WIDTH)] and other._engine.shapes == [(5, 5)]
+            assert other._engine.dtype == torch.float32
+            loss, out = pipe.step(x, num_chunks=m, criterion=criterion, labels=(lab,), return_outputs=True)
+        finally:
+            dp._compat_defaults.update(saved)
+    assert torch.equal(loss, ref_loss) and torch.equal(out, ref_out)
+    for c, s in enumerate((0, 1)):
+        for p, want in zip(pipe.module[c].parameters(), ref_grads[s]):
+            assert torch.equal(p.grad, want)

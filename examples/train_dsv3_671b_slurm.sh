@@ -10,7 +10,8 @@
 # PP 16 (61 layers as 3 + 14x4 + 2: the first stage carries the embedding, the last the head and the MTP
 # module), EP 64 across 8 nodes (4 routed experts per GPU), ZeRO-1 data parallel 128 (distributed optimizer),
 # no tensor parallelism. Memory settings from section 3.2.2: recompute RMSNorm + MLA up-projections
-# (--recompute-mla-up-proj); the MTP module and the main head share one pipeline stage (the last);
+# (--recompute-mla-up-proj --recompute-norms, both on in the preset too); the MTP module and the main head
+# share one pipeline stage (the last);
 # Adam moments in BF16 (the estimate below counts them so; megatron-core needs TE's FusedAdam for it).
 # Schedule of section 4.2 (steps computed by megatron_dsv3.training.schedules.paper_schedule):
 # batch 3072 -> 15360 over 469B tokens, LR warmup 2K steps to 2.2e-4, constant to 10T tokens, cosine to
@@ -60,7 +61,7 @@ FLAGS=(
   --preset dsv3-671b --bf16 --no-yarn
   --pipeline-model-parallel-size 16 --decoder-first-pipeline-num-layers 3 --decoder-last-pipeline-num-layers 2
   --expert-model-parallel-size 64 --tensor-model-parallel-size 1
-  --recompute-mla-up-proj
+  --recompute-mla-up-proj --recompute-norms
   --seq-length 4096 --micro-batch-size 1 --global-batch-size 15360 --rampup-batch-size $RAMP
   --train-iters "$ITERS" --lr 2.2e-4 --min-lr 2.2e-5 --lr-warmup-iters 2000 --lr-hold-iters "$HOLD"
   --lr-decay-iters "$DECAY" --lr-decay-style cosine --lr-tail "$TAIL"

@@ -107,6 +107,11 @@ def make_transformer_config(cfg, **overrides):
         kw["output_layer_init_method"] = functools.partial(torch.nn.init.normal_, mean=0.0, std=cfg.init_method_std)
     if par.sequence_parallel and par.tensor_model_parallel_size > 1:
         kw["sequence_parallel"] = True
+    if cfg.recompute_norms:
+        # megatron-core's TransformerLayer discards input_layernorm / pre_mlp_layernorm outputs after their
+        # consumer's forward and recomputes them before its backward (CheckpointWithoutOutput), any consumer class
+        kw.update(recompute_granularity="selective", recompute_modules=["layernorm"])
+        fix_checkpoint_without_output_fp8()
     if not torch.cuda.is_available():
         # gloo delivers megatron's batched isend/irecv pairs out of order under interleaved pipelining
         # (micro-batches swap at PP=2 x VPP=2); single sends are exact
@@ -264,3 +269,22 @@ def load_optimizer_state(optimizer, loaded_optimizer_sd) -> None:
     with torch.no_grad(), torch_adam_step_hidden(optimizer):   # fp32 params: the shards are views of them
         optimizer.load_state_dict(loaded_optimizer_sd)
     restore_torch_adam_step(optimizer, loaded_optimizer_sd)
+
+
+def fix_checkpoint_without_output_fp8() -> None:
+    """megatron-core 0.16.1-0.19.2: `CheckpointWithoutOutput(fp8=False)` sets `self.fp8 = fp8 is not None` (always
+    True), then reads Transformer Engine's FP8GlobalStateManager: a NameError without TE, so the selective
+    "layernorm" recompute cannot run there. Without TE, `fp8` becomes what was passed (FP8 needs TE anyway).
+    Idempotent; a no-op where TE imports."""
+    from megatron.core.tensor_parallel import random as mrandom
+    cls = mrandom.CheckpointWithoutOutput
+    if getattr(mrandom, "HAVE_TE", False) or getattr(cls, "_dsv3_fp8_fixed", False):
+        return
+    orig = cls.__init__
+
+    def __init__(self, fp8=False):
+        orig(self, fp8)
+        self.fp8 = bool(fp8)
+    cls.__init__ = __init__
+    cls._dsv3_fp8_fixed = True
+

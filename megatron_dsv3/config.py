@@ -248,7 +248,10 @@ class DSV3Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     max_position_embeddings: int = 4096
     norm_eps: float = 1e-6
-    init_method_std: float = 0.006      # paper section 4.2: every learnable weight ~ N(0, 0.006)
+    init_method_std: float = 0.006      # paper section 4.2
+    recompute_norms: bool = False       # paper section 3.2.2: the layers' RMSNorm outputs are not kept, recomputed in
+                                        # backward (megatron-core's selective "layernorm" recompute); MLA's latent
+                                        # norms and up-projections: MLAConfig.recompute_up_proj: every learnable weight ~ N(0, 0.006)
     scaled_output_init: bool = False    # megatron's 1/sqrt(2*num_layers) std for output projections (not the paper's)
     params_dtype: str = "float32"       # "float32" | "bfloat16" | "float16" | "float64"
     make_vocab_size_divisible_by: int = 128
@@ -433,7 +436,9 @@ def _dsv3_671b() -> DSV3Config:
         max_position_embeddings=163840, seq_length=4096, norm_eps=1e-6, init_method_std=0.006,
         params_dtype="bfloat16",
         mla=MLAConfig(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                      v_head_dim=128, rope_theta=10000.0, rope_interleave=True, yarn=_V3_YARN),
+                      v_head_dim=128, rope_theta=10000.0, rope_interleave=True, yarn=_V3_YARN,
+                      recompute_up_proj=True),
+        recompute_norms=True,   # section 3.2.2: RMSNorms and MLA up-projections recomputed in backward
         moe=MoEConfig(num_experts=256, num_shared_experts=1, top_k=8, expert_ffn_hidden_size=2048,
                       dense_ffn_hidden_size=18432, first_k_dense_replace=3, n_group=8, topk_group=4,
                       routed_scaling_factor=2.5, score_function="sigmoid", norm_topk_prob=True, expert_bias=True,

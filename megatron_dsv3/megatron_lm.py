@@ -68,6 +68,7 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--dsv3-yarn-beta-fast", type=float, default=None)
     g.add_argument("--dsv3-yarn-beta-slow", type=float, default=None)
     g.add_argument("--dsv3-recompute-mla-up-proj", action="store_true")
+    g.add_argument("--dsv3-recompute-norms", action="store_true", help="recompute RMSNorms in backward (3.2.2)")
     install_hooks()
     return parser
 

@@ -84,6 +84,9 @@ def add_model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--no-yarn", action="store_true", help="plain rope (no YaRN)")
     g.add_argument("--recompute-mla-up-proj", action="store_true",
                    help="recompute RMSNorm + MLA up-projections in backward (paper section 3.2.2)")
+    g.add_argument("--recompute-norms", action="store_true",
+                   help="recompute the layers' RMSNorms in backward instead of keeping their outputs (section 3.2.2; "
+                        "on in the dsv3-671b preset)")
     g.add_argument("--recompute-granularity", default=None, choices=["full"],
                    help="megatron-core full-layer activation recomputation (long context)")
     g.add_argument("--recompute-method", default="uniform", choices=["uniform", "block"])
@@ -407,7 +410,8 @@ def model_flag_values(args, prefix: str = "") -> dict:
         "num_attention_heads": g("num_attention_heads"), "seq_length": g("seq_length"),
         "max_position_embeddings": g("max_position_embeddings"), "vocab_size": g("vocab_size"),
         "init_method_std": p("init_method_std") if prefix else g("init_method_std"),
-        "bf16": g("bf16"), "recompute_mla_up_proj": bool(p("recompute_mla_up_proj")), "no_yarn": bool(g("no_yarn")),
+        "bf16": g("bf16"), "recompute_mla_up_proj": bool(p("recompute_mla_up_proj")),
+        "recompute_norms": bool(p("recompute_norms")), "no_yarn": bool(g("no_yarn")),
         # Megatron-LM's --rotary-scaling-factor defaults to 1.0 (= not given)
         "yarn": {"factor": g("rotary_scaling_factor") if not prefix or g("rotary_scaling_factor") != 1.0 else None,
                  "original_max_position_embeddings": p("yarn_original_max_position_embeddings") if prefix
@@ -428,6 +432,8 @@ def apply_model_flags(cfg: DSV3Config, v: dict, on_gpu: bool = False, keep_dtype
                              "max_position_embeddings", "vocab_size", "init_method_std") if v.get(k) is not None}
     if top.get("seq_length") and top["seq_length"] > cfg.max_position_embeddings and "max_position_embeddings" not in top:
         top["max_position_embeddings"] = top["seq_length"]
+    if v.get("recompute_norms"):
+        top["recompute_norms"] = True
     if v.get("bf16") is not None:
         top["params_dtype"] = "bfloat16" if v["bf16"] else "float32"
     elif not keep_dtype:

@@ -53,10 +53,6 @@ class DispatchPlan:
     local_counts: torch.Tensor     # [E_local] rows per local expert after the dispatch
     regroup: Optional[torch.Tensor]  # [N] (src rank, local expert) order -> (local expert, src rank); None at EP = 1
 
-    @property
-    def num_local_rows(self) -> int:
-        return int(sum(self.recv_splits)) if self.ep > 1 else self.T * self.k
-
 
 def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, ep_group=None) -> DispatchPlan:
     """topk_idx [T, k] (global expert ids) -> DispatchPlan. Under EP the per-expert counts are exchanged with one
@@ -145,10 +141,12 @@ class Pending:
         return self._then(t) if self._then is not None else t
 
 
-def all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group, async_op: bool = False):
-    """Send x[rows of in_splits[r]] to rank r, receive out_splits[r] rows from rank r (differentiable)."""
+def all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group, async_op: bool = False,
+               then=None):
+    """Send x[rows of in_splits[r]] to rank r, receive out_splits[r] rows from rank r (differentiable); `then`
+    is applied to the received tensor by wait()."""
     comm = _Comm(list(out_splits), list(in_splits), group)
-    p = Pending(_Start.apply(x, comm), comm)
+    p = Pending(_Start.apply(x, comm), comm, then)
     return p if async_op else p.wait()
 
 
@@ -159,8 +157,8 @@ def dispatch(x: torch.Tensor, plan: DispatchPlan, async_op: bool = False):
     if plan.ep == 1:
         return Pending(x_sorted) if async_op else x_sorted
     regroup = plan.regroup
-    p = all_to_all(x_sorted, plan.recv_splits, plan.send_splits, plan.group, async_op=True)
-    p._then = lambda t: t.index_select(0, regroup)                                   # (src, e) -> (e, src)
+    p = all_to_all(x_sorted, plan.recv_splits, plan.send_splits, plan.group, async_op=True,
+                   then=lambda t: t.index_select(0, regroup))                        # (src, e) -> (e, src)
     return p if async_op else p.wait()
 
 
@@ -168,8 +166,8 @@ def combine(y: torch.Tensor, plan: DispatchPlan, gates: torch.Tensor, async_op: 
     """Expert outputs y [N, h] (dispatch's row order) -> sum_k gates[t, k] * y_{t,k}: [T, h] in y's dtype."""
     if plan.ep > 1:
         back = torch.empty_like(y).index_copy(0, plan.regroup, y)                   # (e, src) -> (src, e)
-        p = all_to_all(back, plan.send_splits, plan.recv_splits, plan.group, async_op=True)
-        p._then = lambda t: _Combine.apply(t, gates, plan.pos)
+        p = all_to_all(back, plan.send_splits, plan.recv_splits, plan.group, async_op=True,
+                       then=lambda t: _Combine.apply(t, gates, plan.pos))
         return p if async_op else p.wait()
     out = _Combine.apply(y, gates, plan.pos)
     return Pending(out) if async_op else out

@@ -409,7 +409,7 @@ def model_flag_values(args, prefix: str = "") -> dict:
         "num_layers": g("num_layers"), "hidden_size": g("hidden_size"),
         "num_attention_heads": g("num_attention_heads"), "seq_length": g("seq_length"),
         "max_position_embeddings": g("max_position_embeddings"), "vocab_size": g("vocab_size"),
-        "init_method_std": p("init_method_std") if prefix else g("init_method_std"),
+        "init_method_std": p("init_method_std"),
         "bf16": g("bf16"), "recompute_mla_up_proj": bool(p("recompute_mla_up_proj")),
         "recompute_norms": bool(p("recompute_norms")), "no_yarn": bool(g("no_yarn")),
         # Megatron-LM's --rotary-scaling-factor defaults to 1.0 (= not given)

@@ -67,8 +67,9 @@ def read_latest(root: str) -> Optional[int]:
     return it
 
 
-class CheckpointNotFound(ValueError):
-    """A user-named directory that exists but holds no checkpoint (a ValueError: the trainer's one-line error)."""
+class CheckpointUnusable(ValueError):
+    """A user-named checkpoint that cannot be used: a directory without one, a damaged file, another model, an
+    optimizer state that does not reshard (a ValueError: the trainer's one-line error)."""
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,12 @@ def _read_config(*dirs: str) -> Optional[dict]:
 
 
 def find_checkpoint(root: str) -> Optional[Found]:
-    """What `root` holds: None when the directory does not exist (a fresh start); CheckpointNotFound when it
+    """What `root` holds: None when the directory does not exist (a fresh start); CheckpointUnusable when it
     exists but holds no checkpoint. Cheap: reads tracker files and dsv3_config.json, imports nothing heavy."""
     if not os.path.exists(root):
         return None
     if not os.path.isdir(root):
-        raise CheckpointNotFound(f"--load {root}: not a directory")
+        raise CheckpointUnusable(f"--load {root}: not a directory")
     it = read_latest(root)
     if it is not None:
         path = checkpoint_dir(root, it)
@@ -109,12 +110,12 @@ def find_checkpoint(root: str) -> Optional[Found]:
         text = open(tracker).read().strip()
         path = os.path.join(root, "release" if text == "release" else f"iter_{int(text):07d}")
         if not os.path.isfile(os.path.join(path, "metadata.json")):
-            raise CheckpointNotFound(f"--load {root}: {MEGATRON_TRACKER} names {text!r} but {path} holds no "
+            raise CheckpointUnusable(f"--load {root}: {MEGATRON_TRACKER} names {text!r} but {path} holds no "
                                      f"dist checkpoint (no metadata.json)")
         return Found("weights", path, 0 if text == "release" else int(text), _read_config(root, path))
     if os.path.isfile(os.path.join(root, "metadata.json")):
         return Found("weights", root, 0, _read_config(root, os.path.dirname(root)))
-    raise CheckpointNotFound(f"--load {root}: the directory holds no checkpoint (no '{LATEST}' or "
+    raise CheckpointUnusable(f"--load {root}: the directory holds no checkpoint (no '{LATEST}' or "
                              f"'{MEGATRON_TRACKER}' file, no dist checkpoint); leave out --load to start from scratch")
 
 
@@ -124,7 +125,7 @@ def _config_from_common(path: str) -> Optional[dict]:
     try:
         common = dist_checkpointing.load_common_state_dict(path)
     except Exception as e:  # noqa: BLE001  (any read failure: say which file)
-        raise CheckpointNotFound(f"--load: cannot read {path} ({type(e).__name__}: {e})") from e
+        raise CheckpointUnusable(f"--load: cannot read {path} ({type(e).__name__}: {e})") from e
     return (common.get("train_state") or {}).get("config")
 
 
@@ -305,7 +306,7 @@ def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load
     try:
         common = dist_checkpointing.load_common_state_dict(path)
     except (CheckpointingException, OSError, RuntimeError, EOFError) as e:
-        raise CheckpointNotFound(f"--load {root}: cannot read {path} ({type(e).__name__}: {e})") from e
+        raise CheckpointUnusable(f"--load {root}: cannot read {path} ({type(e).__name__}: {e})") from e
     saved = dict(common.get("train_state") or {})
     if found.kind == "weights":
         load_optim = load_rng = False
@@ -316,7 +317,7 @@ def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load
     moved = there is not None and there != here
     if load_optim and moved and fmt != "fully_reshardable" and _distributed(optimizer) and \
             any(there.get(k) != here[k] for k in ("tp", "pp", "ep", "vpp")):
-        raise CheckpointNotFound(
+        raise CheckpointUnusable(
             f"--load {root}: the optimizer state was saved in megatron's 'dp_reshardable' form at "
             f"{_fmt_layout(there)}, which reloads only at the same TP/PP/EP (this run: {_fmt_layout(here)}); "
             f"resume at that layout, or pass --no-load-optim to start the optimizer afresh")
@@ -334,11 +335,11 @@ def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load
     try:
         loaded = dist_checkpointing.load(sd, path)
     except CheckpointingException as e:
-        raise CheckpointNotFound(f"--load {root}: {path} does not fit this model "
+        raise CheckpointUnusable(f"--load {root}: {path} does not fit this model "
                                  f"({(str(e).splitlines() or [''])[0][:300]})") from e
     except (Exception, TorchCheckpointException) as e:  # noqa: BLE001  a damaged shard: torch's CheckpointException
         # (a BaseException) wrapping EOFError / UnpicklingError, ...
-        raise CheckpointNotFound(f"--load {root}: cannot read {path}, a file of it is damaged "
+        raise CheckpointUnusable(f"--load {root}: cannot read {path}, a file of it is damaged "
                                  f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from e
     for i, c in enumerate(chunks):
         _unwrap(c).load_state_dict(loaded[f"model{i}"], strict=True)

@@ -235,7 +235,7 @@ class Trainer:
             for c in self.chunks:
                 load_hf(c.module, a.load_hf, show_progress=self.is_writer and a.progress_bar)
             self._log0(f"loaded Hugging Face weights from {a.load_hf}")
-        if state is not None and not state["optimizer_loaded"] or (state is None and a.load_hf):
+        if (state is not None and not state["optimizer_loaded"]) or (state is None and a.load_hf):
             # weights changed under the optimizer: its fp32 main copies must follow
             self.optimizer.reload_model_params()
         if self.ema is not None:
@@ -255,7 +255,7 @@ class Trainer:
             return
         try:
             found = checkpointing.find_checkpoint(a.save)
-        except checkpointing.CheckpointNotFound:
+        except checkpointing.CheckpointUnusable:
             return                              # a directory without checkpoints: nothing to confuse
         if found is None or (a.load and os.path.abspath(a.load) == os.path.abspath(a.save)):
             return

@@ -6,6 +6,11 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # megatron-core's MoE is torc
 import pytest
 import torch
 
+# Triton kernels run on CPU tensors through Triton's interpreter: set before any @triton.jit is decorated, so the
+# kernel tests (fixture `triton_device`) check the same kernel source on this machine that the GPU compiles.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -31,3 +36,14 @@ def mcore_parallel():
     """A factory: `with mcore_parallel(tp=.., ep=..)` for single-process parallel_state variants."""
     from megatron_dsv3.testing import single_process
     return single_process
+
+
+@pytest.fixture
+def triton_device():
+    """'cuda' where CUDA is; else 'cpu' with Triton's interpreter (TRITON_INTERPRET=1, set above); else skip."""
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.importorskip("triton", reason="Triton is not installed (pip install '.[dev]' brings it)")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET=1 was not in effect when the kernels were defined")
+    return "cpu"

@@ -80,8 +80,10 @@ if HAVE_TRITON:
         tl.store(out_ptr + t.to(tl.int64) * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _scatter_rows_kernel(dout_ptr, src_ptr, pos_ptr, w_ptr, dsrc_ptr, dw_ptr, H, K: tl.constexpr,
-                             BLOCK: tl.constexpr):
+    def _scatter_rows_kernel(dout_ptr, src_ptr, pos_ptr, w_ptr, dsrc_ptr, dw_ptr, H: tl.constexpr,
+                             K: tl.constexpr, BLOCK: tl.constexpr):
+        # H is constexpr (one compile per hidden size): a runtime loop bound also fails in Triton's interpreter
+        # under numpy 2
         t = tl.program_id(0).to(tl.int64)
         for j in tl.static_range(K):
             r = tl.load(pos_ptr + t * K + j).to(tl.int64)
@@ -98,12 +100,18 @@ if HAVE_TRITON:
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
+    """The dispatchers below take the Triton kernels on CUDA only; the `*_triton` functions themselves also run on
+    CPU tensors under TRITON_INTERPRET=1 (the test suite sets it on machines without CUDA, so CI checks them)."""
     return HAVE_TRITON and all(t.is_cuda for t in tensors) and tensors[0].dtype != torch.float64
 
 
 def sum_rows(src: torch.Tensor, pos: torch.Tensor, T: int, w: Optional[torch.Tensor] = None) -> torch.Tensor:
     if not use_triton(src, pos):
         return sum_rows_reference(src, pos, T, w)
+    return sum_rows_triton(src, pos, T, w)
+
+
+def sum_rows_triton(src: torch.Tensor, pos: torch.Tensor, T: int, w: Optional[torch.Tensor] = None) -> torch.Tensor:
     src, pos = src.contiguous(), pos.contiguous()
     H, K = src.shape[1], pos.numel() // T
     out = torch.empty(T, H, dtype=src.dtype, device=src.device)
@@ -118,6 +126,11 @@ def scatter_rows(dout: torch.Tensor, src: torch.Tensor, pos: torch.Tensor,
                  w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if not use_triton(dout, src, pos):
         return scatter_rows_reference(dout, src, pos, w)
+    return scatter_rows_triton(dout, src, pos, w)
+
+
+def scatter_rows_triton(dout: torch.Tensor, src: torch.Tensor, pos: torch.Tensor,
+                        w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     T, K = w.shape
     dsrc = torch.empty_like(src)
     dw = torch.empty(T, K, dtype=torch.float32, device=src.device)
@@ -184,4 +197,9 @@ def swiglu(h1: torch.Tensor) -> torch.Tensor:
     if not use_triton(h1) or not h1.is_contiguous():
         return swiglu_reference(h1)
     return _SwiGLU.apply(h1)
+
+
+def swiglu_triton(h1: torch.Tensor) -> torch.Tensor:
+    """The Triton path on any device (CPU tensors under TRITON_INTERPRET=1); h1 contiguous."""
+    return _SwiGLU.apply(h1.contiguous())
 

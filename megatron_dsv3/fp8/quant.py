@@ -191,3 +191,54 @@ def dequantized_matmul(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb:
     if qa.shape[-1] != qb.shape[-1]:
         raise ValueError(f"contraction dims differ: A {tuple(qa.shape)}, B {tuple(qb.shape)}")
     return dequantize_tiles(qa, sa, tile, torch.float64) @ b.T       # [..., K] @ [K, N] -> [..., N]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the layouts the FP8 GEMMs (gemm.py) consume: both copies of an activation, and the experts' Wgrad operands
+# ---------------------------------------------------------------------------------------------------------------
+def quantize_tiles_and_transpose(x: torch.Tensor, tile: int = TILE, pow2_scales: bool = False
+                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, K], s [M, ceil(K/tile)], qt [K, M], st [K, ceil(M/tile)]): quantize_tiles(x) for Fprop /
+    Dgrad, and quantize_tiles(x.t()) -- the 128x1 column tiles, stored transposed so that the token dim M is the
+    contraction dim of the Wgrad GEMM. (qt, st) is quantize_columns(x) with both outputs transposed."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_tiles_and_transpose needs a 2-D [M, K] input, got shape {tuple(x.shape)}")
+    q, s = quantize_tiles(x, tile, pow2_scales)
+    qt, st = quantize_tiles(x.t(), tile, pow2_scales)
+    return q, s, qt, st
+
+
+def padded_group_offsets(offs: torch.Tensor, tile: int = TILE) -> torch.Tensor:
+    """Cumulative group ends offs [E] (int32, torch._grouped_mm's convention) -> the ends when every group is
+    padded to a multiple of `tile` rows: group e then starts at a multiple of `tile`, so no tile straddles two."""
+    ends = offs.to(torch.int64)
+    n = ends - torch.nn.functional.pad(ends, (1, 0))[:-1]                       # rows per group
+    return (torch.div(n + tile - 1, tile, rounding_mode="floor") * tile).cumsum(0).to(torch.int32)
+
+
+def quantize_columns_grouped(x: torch.Tensor, offs: torch.Tensor, tile: int = TILE, pow2_scales: bool = False
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routed experts' Wgrad operand. x [R, K] with rows grouped by expert (group e = rows offs[e-1]:offs[e])
+    -> (qt [K, Rp] e4m3, st [K, Rp/tile] float32, offs_padded [E] int32).
+
+    Each group's rows are quantised in 128x1 column tiles that restart at the group's first row, stored transposed
+    (tokens last) with the group padded by zero columns to a multiple of `tile`: group e occupies
+    qt[:, offs_padded[e-1]:offs_padded[e]], a group's partial last tile is scaled by its own amax (the zero padding
+    does not change an amax), an empty group occupies nothing. Rp = offs_padded[-1] (read on the host)."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_columns_grouped needs a 2-D [R, K] input, got shape {tuple(x.shape)}")
+    offs_p = padded_group_offsets(offs, tile)
+    ends, ends_p = offs.tolist(), offs_p.tolist()
+    if ends and ends[-1] > x.shape[0]:
+        raise ValueError(f"offs ends at row {ends[-1]} but x has {x.shape[0]} rows")
+    K, Rp = x.shape[1], (ends_p[-1] if ends_p else 0)
+    qt = torch.zeros(K, Rp, dtype=FP8, device=x.device)
+    st = torch.ones(K, Rp // tile, dtype=torch.float32, device=x.device)
+    a = a_p = 0
+    for b, b_p in zip(ends, ends_p):
+        if b > a:
+            q, s = quantize_tiles(x[a:b].t(), tile, pow2_scales)               # [K, n_e], [K, ceil(n_e/tile)]
+            qt[:, a_p:a_p + (b - a)] = q
+            st[:, a_p // tile:b_p // tile] = s
+        a, a_p = b, b_p
+    return qt, st, offs_p

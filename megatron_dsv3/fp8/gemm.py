@@ -1,0 +1,231 @@
+"""FP8 GEMMs of the paper's section 3.3 (Figure 6): deq(A) @ deq(B)^T with FP32 accumulation, promoted every 128 of K.
+
+Operands are e4m3 data with float32 dequantisation scales from quant.py (or the Triton quantisers of kernels.py,
+bit for bit the same):
+
+    fp8_gemm(a_q [M, K], a_scale [M, K/128], b_q [N, K], b_scale, out_dtype) -> [M, N]
+        A in 1x128 tiles; B either in 128x128 blocks (b_scale [N/128, K/128]: a weight, Fprop y = x W^T and Dgrad
+        dx = dy W, where B = W^T is W's data transposed with the block scales transposed) or in 1x128 tiles
+        (b_scale [N, K/128]: Wgrad dW = dy^T x, both operands column-quantised, stored transposed so that K = tokens).
+        The two are told apart by b_scale's shape; they coincide only for N = 1, where they mean the same thing.
+    fp8_grouped_gemm(a_q [R, K], a_scale, b_q [E, N, K], b_scale [E, N/128, K/128], offs) -> [R, N]
+        the routed experts' Fprop / Dgrad: rows offs[e-1]:offs[e] times expert e's block-quantised weight.
+    fp8_grouped_wgrad(dy_qt [N, Rp], dy_st, x_qt [K, Rp], x_st, offs_padded) -> dW [E, N, K]
+        the routed experts' Wgrad, dW_e = dy_e^T x_e, contracting over expert e's tokens.
+
+(All "/128" are ceil.) The experts' Wgrad layout: the token dim is the contraction dim, so both operands are
+quantised in 128x1 column tiles (quant.quantize_columns_grouped). The tiles restart at each expert's first row and
+each expert's tokens are padded with zero columns to a multiple of 128 in the transposed copies: expert e owns
+columns offs_padded[e-1]:offs_padded[e] of dy_qt [N, Rp] and x_qt [K, Rp], so no 128-token tile (and no scale)
+straddles two experts, each expert's partial last tile is scaled by its own amax, and every per-expert slice is
+128-aligned (which the block-scaled cuBLAS GEMM needs). Rp <= R + 127 E.
+
+Where the work runs:
+- CUDA: cuBLAS's block-scaled FP8 GEMM through torch._scaled_mm (1x128 x 128x128 and 1x128 x 1x128 scaling; CUDA
+  12.9+). It takes no fast-accumulation flag with block scales (torch refuses use_fast_accum=True there), and
+  cuBLAS applies the per-128 scales to FP32 partial sums: the paper's promotion with N_C = 128 -- measured in
+  bench/results_fp8.md: the error at K = 16384 is that of FP32 accumulation, not of a 14-bit accumulator. Operands
+  whose sizes it does not take (see _ALIGN) are zero-padded (zeros add nothing to a dot product), never truncated.
+  The grouped forms loop over experts on the host (the offsets are read once per call).
+- elsewhere (CPU, float64 outputs, no block-scaled _scaled_mm): the emulation, the same arithmetic written plainly:
+  for each 128-wide chunk of K, the float32 product of the e4m3 chunks (exact products) times that chunk's scales,
+  added to a float32 accumulator. A float64 out_dtype computes all of it in float64 instead (the exact value of the
+  dequantised product, quant.dequantized_matmul).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from megatron_dsv3.fp8.quant import FP8, TILE
+
+# cuBLAS block-scaled GEMM limits that _scaled_mm_blockwise pads around: M, N to multiples of 16 (_scaled_mm's own
+# check for N; cuBLAS's 1x128 scale vectors for M), K to a multiple of 128 (a partial last K block).
+_ALIGN = {"M": 16, "N": 16, "K": 128}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_operands(a_q, a_scale, b_q, b_scale) -> str:
+    """-> "blocks" | "tiles" (B's scaling); ValueError on anything else."""
+    for name, t in (("a_q", a_q), ("b_q", b_q)):
+        if t.dtype != FP8:
+            raise TypeError(f"{name} must be float8_e4m3fn, got {t.dtype}")
+    for name, t in (("a_scale", a_scale), ("b_scale", b_scale)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+    if a_q.dim() != 2 or b_q.dim() != 2:
+        raise ValueError(f"fp8_gemm needs 2-D operands, got a_q {tuple(a_q.shape)}, b_q {tuple(b_q.shape)}")
+    (M, K), (N, Kb) = a_q.shape, b_q.shape
+    if K != Kb:
+        raise ValueError(f"contraction dims differ: a_q {tuple(a_q.shape)}, b_q {tuple(b_q.shape)}")
+    T = _cdiv(K, TILE)
+    if tuple(a_scale.shape) != (M, T):
+        raise ValueError(f"a_scale has shape {tuple(a_scale.shape)}; a_q {(M, K)} in 1x{TILE} tiles needs {(M, T)}")
+    sb = tuple(b_scale.shape)
+    if sb == (N, T):
+        return "tiles"                       # for N = 1 also (1, T) = blocks: the same scales, the same product
+    if sb == (_cdiv(N, TILE), T):
+        return "blocks"
+    raise ValueError(f"b_scale has shape {sb}; b_q {(N, K)} needs {(_cdiv(N, TILE), T)} (128x128 blocks) or "
+                     f"{(N, T)} (1x128 tiles)")
+
+
+def _expand_b_scale(b_scale: torch.Tensor, N: int, scaling: str) -> torch.Tensor:
+    """-> per-row scales [N, K/128]."""
+    return b_scale if scaling == "tiles" else b_scale.repeat_interleave(TILE, 0)[:N]
+
+
+def fp8_gemm_emulated(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+                      out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The reference arithmetic of fp8_gemm (any device): per 128-wide K chunk, the float32 product of the e4m3
+    chunks times the chunk's scales, accumulated in float32 (float64 throughout for a float64 out_dtype)."""
+    scaling = _check_operands(a_q, a_scale, b_q, b_scale)
+    M, K = a_q.shape
+    N = b_q.shape[0]
+    ct = torch.float64 if out_dtype == torch.float64 else torch.float32
+    sa = a_scale.to(ct)                                              # [M, T]
+    sb = _expand_b_scale(b_scale, N, scaling).to(ct)                 # [N, T]
+    acc = torch.zeros(M, N, dtype=ct, device=a_q.device)
+    for t in range(_cdiv(K, TILE)):
+        k = slice(t * TILE, min(K, (t + 1) * TILE))
+        part = a_q[:, k].to(ct) @ b_q[:, k].to(ct).T                 # [M, N]: e4m3 products are exact in float32
+        acc += part * sa[:, t, None] * sb[None, :, t]                # promotion: scale the chunk, add in FP32
+    return acc.to(out_dtype)
+
+
+# ---- CUDA: cuBLAS block-scaled GEMM --------------------------------------------------------------------------------
+def _blockwise_available(t: torch.Tensor) -> bool:
+    if not t.is_cuda or not hasattr(torch, "_scaled_mm"):
+        return False
+    major, _ = torch.cuda.get_device_capability(t.device)
+    return major == 9                       # cuBLAS's VEC128 / BLK128x128 scale modes: Hopper (sm_90)
+
+
+def _pad_rows(x: torch.Tensor, n: int, value: float = 0.0) -> torch.Tensor:
+    if x.shape[0] == n:
+        return x
+    out = torch.full((n, *x.shape[1:]), value, dtype=x.dtype, device=x.device) if value else \
+        torch.zeros((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    out[:x.shape[0]] = x
+    return out
+
+
+def _pad_cols(x: torch.Tensor, n: int) -> torch.Tensor:
+    if x.shape[1] == n:
+        return x
+    out = torch.zeros(x.shape[0], n, dtype=x.dtype, device=x.device)
+    out[:, :x.shape[1]] = x
+    return out
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    # a column slice of a row-major matrix (the experts' Wgrad operands) goes as it is: cuBLAS takes the leading dim
+    ok = x.stride(1) == 1 and x.stride(0) >= x.shape[1] and x.stride(0) % 16 == 0 and x.data_ptr() % 16 == 0
+    return x if ok else x.contiguous()
+
+
+def _round_up(a: int, b: int) -> int:
+    return _cdiv(a, b) * b
+
+
+def _scaled_mm_blockwise(a_q, a_scale, b_q, b_scale, scaling: str, out_dtype) -> torch.Tensor:
+    """torch._scaled_mm with A in 1x128 tiles and B in 128x128 blocks or 1x128 tiles; operands padded to _ALIGN.
+
+    Layouts it checks (aten ScaledBlas.cpp): A's scales [M, K/128] outer-dim-major (stride (1, M)); B passed as
+    b_q.t() [K, N] (column-major), its scales as the transpose of [N/128, K/128] row-major (blocks) or of [N, K/128]
+    outer-dim-major (tiles)."""
+    M, K = a_q.shape
+    N = b_q.shape[0]
+    Mp, Np, Kp = _round_up(M, _ALIGN["M"]), _round_up(N, _ALIGN["N"]), _round_up(K, _ALIGN["K"])
+    if Kp != K:
+        a_q, b_q = _pad_cols(a_q, Kp), _pad_cols(b_q, Kp)          # scale shapes are unchanged: ceil(K/128)
+    a_q = _pad_rows(_row_major(a_q), Mp)
+    b_q = _pad_rows(_row_major(b_q), Np)
+    sa = _pad_rows(a_scale, Mp, 1.0).t().contiguous().t()          # [Mp, T], stride (1, Mp)
+    if scaling == "blocks":
+        sb = _pad_rows(b_scale, _cdiv(Np, TILE), 1.0).contiguous().t()   # [T, Np/128]; .t() is row-major
+    else:
+        sb = _pad_rows(b_scale, Np, 1.0).t().contiguous()          # [T, Np]; .t() is [Np, T] stride (1, Np)
+    out = torch._scaled_mm(a_q, b_q.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=False)
+    return out if (Mp, Np) == (M, N) else out[:M, :N]
+
+
+def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """deq(a) @ deq(b).T -> [M, N] out_dtype. a_q [M, K] e4m3 with 1x128 scales [M, ceil(K/128)]; b_q [N, K] e4m3
+    with 128x128 scales [ceil(N/128), ceil(K/128)] or 1x128 scales [N, ceil(K/128)] (told apart by shape).
+    cuBLAS's block-scaled GEMM on Hopper; the float32 emulation elsewhere and for float64 outputs."""
+    scaling = _check_operands(a_q, a_scale, b_q, b_scale)
+    if out_dtype == torch.float64 or not _blockwise_available(a_q):
+        return fp8_gemm_emulated(a_q, a_scale, b_q, b_scale, out_dtype)
+    if a_q.shape[0] == 0 or b_q.shape[0] == 0 or a_q.shape[1] == 0:
+        return torch.zeros(a_q.shape[0], b_q.shape[0], dtype=out_dtype, device=a_q.device)
+    return _scaled_mm_blockwise(a_q, a_scale, b_q, b_scale, scaling, out_dtype)
+
+
+# ---- the routed experts --------------------------------------------------------------------------------------------
+def _group_bounds(offs: torch.Tensor, rows: int, E: int, name: str = "offs") -> Sequence[Tuple[int, int]]:
+    if offs.dim() != 1 or offs.numel() != E:
+        raise ValueError(f"{name} must be 1-D with one cumulative end per expert ({E}), got shape {tuple(offs.shape)}")
+    ends = offs.tolist()                                              # one host sync per call
+    starts = [0] + ends[:-1]
+    if any(b < a for a, b in zip(starts, ends)) or (ends and ends[-1] > rows):
+        raise ValueError(f"{name} must be non-decreasing cumulative ends within {rows} rows, got {ends}")
+    return list(zip(starts, ends))
+
+
+def fp8_grouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+                     offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Rows offs[e-1]:offs[e] of a (1x128 tiles: a_q [R, K], a_scale [R, ceil(K/128)]) times deq(b[e]).T, with
+    b_q [E, N, K] e4m3 in 128x128 blocks (b_scale [E, ceil(N/128), ceil(K/128)]); offs [E] int32 cumulative ends
+    (torch._grouped_mm's convention). -> [R, N]; rows past offs[-1] are zero."""
+    if b_q.dim() != 3 or b_scale.dim() != 3:
+        raise ValueError(f"b_q must be [E, N, K] and b_scale [E, N/128, K/128], got {tuple(b_q.shape)}, "
+                         f"{tuple(b_scale.shape)}")
+    E, N, K = b_q.shape
+    if tuple(b_scale.shape) != (E, _cdiv(N, TILE), _cdiv(K, TILE)):
+        raise ValueError(f"b_scale has shape {tuple(b_scale.shape)}; b_q {(E, N, K)} in 128x128 blocks needs "
+                         f"{(E, _cdiv(N, TILE), _cdiv(K, TILE))}")
+    R = a_q.shape[0]
+    if E:
+        _check_operands(a_q, a_scale, b_q[0], b_scale[0])
+    out = torch.empty(R, N, dtype=out_dtype, device=a_q.device)
+    end = 0
+    for e, (a, b) in enumerate(_group_bounds(offs, R, E)):
+        end = b
+        if b > a:
+            out[a:b] = fp8_gemm(a_q[a:b], a_scale[a:b], b_q[e], b_scale[e], out_dtype)
+    out[end:] = 0
+    return out
+
+
+def fp8_grouped_wgrad(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: torch.Tensor, x_st: torch.Tensor,
+                      offs_padded: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The routed experts' Wgrad: dW[e] = deq(dy_qt[:, g_e]) @ deq(x_qt[:, g_e]).T, g_e = offs_padded[e-1]:
+    offs_padded[e], the layout of quant.quantize_columns_grouped (dy_qt [N, Rp], dy_st [N, Rp/128], x_qt [K, Rp],
+    x_st [K, Rp/128]; every offs_padded a multiple of 128). -> dW [E, N, K] out_dtype; an expert without tokens
+    gets zeros. `out` (an [E, N, K] tensor of out_dtype) is written in place when given."""
+    (N, Rp), (K, Rp2) = dy_qt.shape, x_qt.shape
+    if Rp != Rp2 or Rp % TILE:
+        raise ValueError(f"dy_qt {tuple(dy_qt.shape)} and x_qt {tuple(x_qt.shape)} need the same token dim, a multiple "
+                         f"of {TILE} (quant.quantize_columns_grouped's padded layout)")
+    E = offs_padded.numel()
+    if out is None:
+        out = torch.empty(E, N, K, dtype=out_dtype, device=dy_qt.device)
+    elif tuple(out.shape) != (E, N, K) or out.dtype != out_dtype:
+        raise ValueError(f"out must be [E, N, K] = {(E, N, K)} {out_dtype}, got {tuple(out.shape)} {out.dtype}")
+    for e, (a, b) in enumerate(_group_bounds(offs_padded, Rp, E, "offs_padded")):
+        if a % TILE or b % TILE:
+            raise ValueError(f"offs_padded must hold multiples of {TILE}, got {offs_padded.tolist()}")
+        if b == a:
+            out[e] = 0
+            continue
+        t = slice(a // TILE, b // TILE)
+        out[e] = fp8_gemm(dy_qt[:, a:b], dy_st[:, t], x_qt[:, a:b], x_st[:, t], out_dtype)
+    return out

@@ -1,0 +1,114 @@
+"""The routed experts with their GEMMs in FP8 (DeepSeek-V3 sections 3.3.2-3.3.3): GroupedExperts with one method,
+`expert_mlp` (moe/experts.py's expert-GEMM hook), replaced. Parameters, init, checkpoint layout: GroupedExperts'.
+
+Per expert e, on its rows (x sorted by local expert, offs = cumulative counts), W1 = weight1[e] [h, 2f], W2 = weight2[e]:
+
+    Fprop  h1 = x @ W1              x in 1x128 tiles, power-of-2 scales (section 3.3.3: the MoE up-projection's input)
+           a  = SwiGLU(h1)          h1 kept for backward in FP8 (1x128 tiles); a is not kept, it is recomputed
+           y  = a @ W2              a in 1x128 tiles
+    Dgrad  da  = dy @ W2^T          dy in 1x128 tiles, power-of-2 scales (the activation gradient before the
+                                    down-projection, section 3.3.3)
+           dh1 = SwiGLU'(h1) da     from the FP8 copy of h1, which also gives a again
+           dx  = dh1 @ W1^T         dh1 in 1x128 tiles
+    Wgrad  dW2 = a^T @ dy, dW1 = x^T @ dh1: contracted over each expert's tokens, both operands in 128x1 tiles that
+           restart at the expert's first row (quant.quantize_columns_grouped; gemm.fp8_grouped_wgrad)
+
+Weights in 128x128 blocks (a block of W is a block of W^T, so Fprop and Dgrad quantise the same blocks once each).
+GEMMs accumulate in FP32 (gemm.py); outputs in x's dtype, weight gradients in the parameter dtype. Kept for backward:
+the FP8 transposed copy of x with its column scales (the Wgrad operand; the 1x128 copy for Fprop is dropped) and the
+FP8 copy of h1 -- 1 byte per element each, against 2 for BF16 x and h1 and 2 more for a in the BF16 experts.
+"""
+from __future__ import annotations
+
+import torch
+
+from megatron_dsv3.fp8.linear import quantizer
+from megatron_dsv3.moe.experts import GroupedExperts
+from megatron_dsv3.moe.kernels import swiglu
+
+__all__ = ["FP8GroupedExperts", "fp8_expert_mlp", "quantize_expert_weights"]
+
+
+def quantize_expert_weights(w: torch.Tensor):
+    """w [E, A, B] -> (q [E, A, B] e4m3, scale [E, A/128, B/128]): 128x128 blocks of each expert's matrix."""
+    E, A, B = w.shape
+    qb = quantizer("quantize_blocks")
+    if A % 128 == 0:                         # blocks never straddle two experts: one call over [E*A, B]
+        q, s = qb(w.reshape(E * A, B))
+        return q.view(E, A, B), s.view(E, A // 128, -1)
+    qs = [qb(w[e]) for e in range(E)]
+    return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+
+
+def _t(q: torch.Tensor, s: torch.Tensor):
+    """Per-expert transpose of block-quantised weights: the blocks of W^T are W's blocks transposed."""
+    return q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous()
+
+
+def _swiglu_and_grad(h1: torch.Tensor, da: torch.Tensor):
+    """(SwiGLU(h1), dh1 = SwiGLU'(h1)^T da) through moe.kernels.swiglu's own backward (Triton on CUDA)."""
+    with torch.enable_grad():
+        h1 = h1.detach().requires_grad_()
+        a = swiglu(h1)
+        (dh1,) = torch.autograd.grad(a, h1, da)
+    return a.detach(), dh1
+
+
+class FP8ExpertsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor):
+        from megatron_dsv3.fp8.gemm import fp8_grouped_gemm
+        tiles, columns = quantizer("quantize_tiles"), quantizer("quantize_columns_grouped")
+        offs = torch.cumsum(counts, 0).to(torch.int32)                                  # [E] group ends
+        w1_q, w1_s = quantize_expert_weights(weight1)                                   # [E, h, 2f]
+        w2_q, w2_s = quantize_expert_weights(weight2)                                   # [E, f, h]
+        x_q, x_s = tiles(x, pow2_scales=True)
+        h1 = fp8_grouped_gemm(x_q, x_s, *_t(w1_q, w1_s), offs, out_dtype=x.dtype)       # [N, 2f]
+        a = swiglu(h1)                                                                  # [N, f]
+        y = fp8_grouped_gemm(*tiles(a), *_t(w2_q, w2_s), offs, out_dtype=x.dtype)      # [N, h]
+        h1_q, h1_s = tiles(h1)                                                          # SwiGLU input, FP8
+        xt_q, xt_s, offs_p = columns(x, offs, pow2_scales=True)                         # [h, Np]: Wgrad operand
+        ctx.save_for_backward(offs, offs_p, xt_q, xt_s, h1_q, h1_s, weight1, weight2)
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        from megatron_dsv3.fp8.gemm import fp8_grouped_gemm, fp8_grouped_wgrad
+        tiles, columns = quantizer("quantize_tiles"), quantizer("quantize_columns_grouped")
+        deq = quantizer("dequantize_tiles")
+        offs, offs_p, xt_q, xt_s, h1_q, h1_s, weight1, weight2 = ctx.saved_tensors
+        dt = ctx.x_dtype
+        dy = dy.contiguous()
+        # down-projection: Dgrad (dy pow2 1x128 x W2's blocks), then Wgrad from the recomputed SwiGLU output
+        w2_q, w2_s = quantize_expert_weights(weight2)
+        dy_q, dy_s = tiles(dy, pow2_scales=True)
+        da = fp8_grouped_gemm(dy_q, dy_s, w2_q, w2_s, offs, out_dtype=dt)              # [N, f]
+        a, dh1 = _swiglu_and_grad(deq(h1_q, h1_s, dtype=dt), da)                        # [N, f], [N, 2f]
+        dyt_q, dyt_s, _ = columns(dy, offs, pow2_scales=True)                           # [h, Np]
+        at_q, at_s, _ = columns(a, offs)                                                # [f, Np]
+        dw2 = fp8_grouped_wgrad(dyt_q, dyt_s, at_q, at_s, offs_p)                       # [E, h, f] = (a^T dy)^T
+        # up-projection: Dgrad (dh1 1x128 x W1's blocks) and Wgrad
+        w1_q, w1_s = quantize_expert_weights(weight1)
+        dh1 = dh1.to(dt)
+        dx = fp8_grouped_gemm(*tiles(dh1), w1_q, w1_s, offs, out_dtype=dt)             # [N, h]
+        dh1t_q, dh1t_s, _ = columns(dh1, offs)                                          # [2f, Np]
+        dw1 = fp8_grouped_wgrad(dh1t_q, dh1t_s, xt_q, xt_s, offs_p)                     # [E, 2f, h] = (x^T dh1)^T
+        return (dx, None, dw1.transpose(1, 2).to(weight1.dtype), dw2.transpose(1, 2).to(weight2.dtype))
+
+
+def fp8_expert_mlp(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor) -> torch.Tensor:
+    """SwiGLU(x @ weight1[e]) @ weight2[e] per expert block in FP8. x [N, h] sorted by expert, counts [E] -> [N, h]."""
+    if x.shape[0] == 0:
+        # as padded_swiglu: keep the graph (DDP wants the weights' zero gradients; the dispatch's backward is a
+        # collective every EP rank must join)
+        return 0 * x + 0 * (weight1.sum() + weight2.sum())
+    return FP8ExpertsFunction.apply(x, counts, weight1, weight2)
+
+
+class FP8GroupedExperts(GroupedExperts):
+    """GroupedExperts whose expert GEMMs run in FP8 (module docstring); specs.py picks it when FP8 is on."""
+
+    def expert_mlp(self, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor,
+                   weight2: torch.Tensor) -> torch.Tensor:
+        return fp8_expert_mlp(x, counts, weight1, weight2)

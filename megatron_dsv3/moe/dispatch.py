@@ -140,6 +140,18 @@ class Pending:
         self._tensor = None
         return self._then(t) if self._then is not None else t
 
+    def cut(self):
+        """Cut the autograd graph between posting and waiting, for a schedule that runs the backward of the two
+        sides at different times (pipeline/overlap.py): returns (in_flight, leaf). in_flight is the tensor the
+        operation writes, the end of the graph up to the post; wait() continues from leaf, a detached copy of it
+        (same storage). A backward of what follows wait() posts the reverse all-to-all and leaves a placeholder in
+        leaf.grad; `torch.autograd.backward(in_flight, leaf.grad)` later waits for it and goes on to the input."""
+        if self._tensor is None:
+            raise RuntimeError("Pending.cut() after wait()")
+        in_flight = self._tensor
+        self._tensor = in_flight.detach().requires_grad_(in_flight.requires_grad)
+        return in_flight, self._tensor
+
 
 def all_to_all(x: torch.Tensor, out_splits: List[int], in_splits: List[int], group, async_op: bool = False,
                then=None):

@@ -45,6 +45,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_dsv3.compat import get_process_group_collection
 from megatron_dsv3.config import MLAConfig
+from megatron_dsv3.mla.kernels import assemble_qkv
 from megatron_dsv3.mla.rope import RotaryEmbedding
 
 # DeepSeek's reference and HF build the latent RMSNorms with their default eps, whatever rms_norm_eps says
@@ -152,11 +153,6 @@ class MLASelfAttention(MegatronModule):
             k_rope = copy_to_tensor_model_parallel_region(k_rope, group=self.tp_group)   # backward: all-reduce
 
         s, b = q.shape[:2]
-        q = q.view(s, b, n, mla.qk_head_dim)
-        q_nope, q_rope = torch.split(q, [d_nope, d_rope], dim=-1)                # [s, b, n, d_h], [s, b, n, d_h^R]
-        kv = kv.view(s, b, n, d_nope + d_v)
-        k_nope, v = torch.split(kv, [d_nope, d_v], dim=-1)                     # [s, b, n, d_h], [s, b, n, d_v]
-
         if rope_angles is None:
             cos, sin = self.rotary.cos_sin(s, q.device, q.dtype)              # [s, 1, 1, d_h^R/2]
         else:
@@ -165,12 +161,10 @@ class MLASelfAttention(MegatronModule):
                 raise ValueError(f"MLASelfAttention: rope angles (rotary_pos_emb) must be [s={s}, b={b} or 1, 1, "
                                  f"qk_rope_head_dim/2={d_rope // 2}], got {tuple(rope_angles.shape)}")
             cos, sin = self.rotary.cos_sin_from_angles(rope_angles, q.dtype)   # [s, b|1, 1, d_h^R/2]
-        q_rope = self.rotary(q_rope, cos, sin)                                 # eq. 8
-        k_rope = self.rotary(k_rope.unsqueeze(2), cos, sin)                    # [s, b, 1, d_h^R]  eq. 3
-
-        query = torch.cat((q_nope, q_rope), dim=-1)                            # eq. 9
-        key = torch.cat((k_nope, k_rope.expand(s, b, n, d_rope)), dim=-1)      # eq. 4: k^R shared by all heads
-        return query, key, v
+        # eqs. 3-5, 8-9: query [q^C | RoPE(q^R)], key [k^C | RoPE(k^R) shared by all heads], value v; one fused
+        # pass on CUDA (mla/kernels.py), the plain-torch reference elsewhere
+        return assemble_qkv(q.view(s, b, n, mla.qk_head_dim), kv.view(s, b, n, d_nope + d_v), k_rope, cos, sin,
+                            d_nope, self.rotary.interleaved)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 key_value_states=None, inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,

@@ -1,0 +1,315 @@
+"""The GPU fast-path table in one command: our BF16 stack and its parts beside megatron-core + Transformer Engine.
+
+    python bench/bench_stack.py --rounds 3 --out bench/results.md            # H200: every part, ours and the peer
+    python bench/bench_stack.py --parts moe,stack --impls ours --rounds 1    # a subset
+    python bench/bench_stack.py --smoke                                       # CPU: tiny sizes, ours only (a test runs it)
+
+Parts, at DeepSeek-V3 width (hidden 7168, 128 heads, MLA q/kv ranks 1536/512, 32 routed experts top-8 in 8 groups
+top-4 + 1 shared, expert FFN 2048, dense FFN 18432, vocab 129280), micro-batch 1 x seq 4096, bf16, forward+backward:
+  stack      4 layers (1 dense + 3 MoE) + embedding, final norm, output head and cross entropy; MTP off
+  dense      one dense TransformerLayer (MLA + SwiGLU MLP)
+  moe_layer  one MoE TransformerLayer (MLA + DeepSeekMoE)
+  mla        the attention block alone (MLA projections, rope, core attention)
+  moe        the MoE block alone (router, routed and shared experts)
+Implementations: `ours` (build_model / specs.py, local backend) and `mcore-te` (megatron-core's own GPTModel and
+layers from get_gpt_decoder_layer_specs with Transformer Engine: TE linears and fused attention, MLA, TEGroupedMLP,
+permute and router fusion, alltoall dispatcher at EP=1), skipped with a note where TE does not import.
+
+Hygiene (the same peer measured 221-265 ms depending on what ran before it in one process): every (part, impl, round)
+is a fresh `--child` process; the order of impls alternates per round; per process the median of `--iters` steps after
+`--warmup`; the table gives every round's median and their median. Columns: ms, model TFLOP/s (megatron_dsv3.accounting:
+3 x (activated matmul FLOPs + causal attention)) and its share of the H200's measured bf16 matmul rate (779), peak GiB,
+and the bytes one forward keeps for backward per token per layer (allocated after the forward minus before, output
+excluded, over tokens and layers). `--profile PART` adds the top CUDA kernels of one step of ours.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MATMUL_TFLOPS = 779.0
+PARTS = ("stack", "dense", "moe_layer", "mla", "moe")
+TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense": "dense layer (MLA + MLP)",
+          "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
+IMPLS = ("ours", "mcore-te")
+
+
+def bench_config(smoke: bool, num_layers: int = 4):
+    from megatron_dsv3.config import DSV3Config
+    if smoke:
+        return DSV3Config.from_preset("tiny").replace(num_layers=num_layers, params_dtype="float32",
+                                                      moe={"first_k_dense_replace": 1}, mtp={"num_layers": 0})
+    return DSV3Config.from_preset("dsv3-671b").replace(
+        num_layers=num_layers, recompute_norms=False, mla={"recompute_up_proj": False},
+        moe=dict(num_experts=32, n_group=8, topk_group=4, top_k=8, first_k_dense_replace=1),
+        mtp={"num_layers": 0})
+
+
+def peer_transformer_config(cfg):
+    """megatron-core's own DeepSeek-V3 configuration at the same sizes: MLATransformerConfig through our one bridge,
+    plus its MoE fields (bench_layers.mcore_moe_transformer_config) and the fusions a TE user turns on."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_layers import mcore_moe_transformer_config
+    tc = mcore_moe_transformer_config(cfg, grouped_gemm=True, fusion=True)
+    fields = dict(moe_layer_freq=[0 if i < cfg.moe.first_k_dense_replace else 1 for i in range(cfg.num_layers)],
+                  bias_activation_fusion=True, bias_dropout_fusion=True, masked_softmax_fusion=True,
+                  persist_layer_norm=True, apply_rope_fusion=False, cross_entropy_loss_fusion=True,
+                  gradient_accumulation_fusion=False, bf16=True)
+    for k, v in fields.items():
+        if hasattr(tc, k):
+            setattr(tc, k, v)
+    return tc
+
+
+def _layer_specs_peer(tc):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs
+    return get_gpt_decoder_layer_specs(tc, use_transformer_engine=True)
+
+
+def build(part: str, impl: str, cfg, dev, pg):
+    """-> (module, call(module, x_or_ids) -> tensor to backprop, input builder, layers counted)."""
+    import torch
+    from megatron.core.transformer.spec_utils import build_module
+
+    s, h = cfg.seq_length, cfg.hidden_size
+    if part == "stack":
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, cfg.vocab_size, (1, s), generator=g).to(dev)
+        labels = torch.roll(ids, -1, dims=1)
+        if impl == "ours":
+            from megatron_dsv3.model import build_model
+            model = build_model(cfg, device=dev)
+            return model, lambda m: m(ids, labels=labels).float().mean(), cfg.num_layers
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+        tc = peer_transformer_config(cfg)
+        model = GPTModel(tc, get_gpt_decoder_block_spec(tc, use_transformer_engine=True), cfg.vocab_size, s,
+                         position_embedding_type="rope").to(dev)
+        pos = torch.arange(s, device=dev).unsqueeze(0)
+        return model, lambda m: m(ids, pos, None, labels=labels).float().mean(), cfg.num_layers
+    x = (torch.randn(s, 1, h, generator=torch.Generator().manual_seed(1)) * 0.5).to(dev, cfg.torch_dtype)
+    x.requires_grad_(True)
+    if impl == "ours":
+        from megatron_dsv3.specs import get_layer_spec, get_mla_spec, get_moe_spec
+        tc = cfg.to_transformer_config()
+        if part == "mla":
+            mod = build_module(get_mla_spec(cfg, "local"), config=tc, layer_number=1, pg_collection=pg)
+        elif part == "moe":
+            mod = build_module(get_moe_spec(cfg, "local"), config=tc, layer_number=2, pg_collection=pg)
+        else:
+            moe = part == "moe_layer"
+            mod = build_module(get_layer_spec(cfg, moe_layer=moe, backend="local"), config=tc,
+                               layer_number=1 + int(moe), pg_collection=pg)
+    else:
+        tc = peer_transformer_config(cfg)
+        dense_spec, moe_spec = _layer_specs_peer(tc)[0], _layer_specs_peer(tc)[-1]
+        if part == "mla":
+            mod = build_module(dense_spec.submodules.self_attention, config=tc, layer_number=1, pg_collection=pg)
+        elif part == "moe":
+            mlp = moe_spec.submodules.mlp
+            mod = build_module(mlp, config=tc, pg_collection=pg) if hasattr(mlp, "module") else mlp(
+                config=tc, pg_collection=pg)
+            if hasattr(mod, "set_layer_number"):
+                mod.set_layer_number(2)
+        else:
+            spec = moe_spec if part == "moe_layer" else dense_spec
+            mod = build_module(spec, config=tc, layer_number=2 if part == "moe_layer" else 1, pg_collection=pg)
+    mod = mod.to(dev)
+    if part in ("dense", "moe_layer"):
+        call = lambda m: m(hidden_states=x, attention_mask=None)
+    else:
+        call = lambda m: m(x) if part == "moe" else m(x, None)
+    return mod, lambda m: _first(call(m)), 1
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def child(a) -> dict:
+    sys.path.insert(0, REPO)
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    import time
+    import torch
+    from megatron_dsv3.compat import get_process_group_collection
+    from megatron_dsv3.testing import single_process
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(0)
+    cfg = bench_config(a.smoke, 4 if a.part == "stack" else 2)
+    cfg = cfg.replace(seq_length=a.seq)
+    with single_process(backend="nccl" if cuda else "gloo"):
+        torch.manual_seed(0)
+        mod, loss_of, layers = build(a.part, a.impl, cfg, dev, get_process_group_collection(None))
+        mod.train()
+        go = None
+
+        def step():
+            nonlocal go
+            out = loss_of(mod)
+            if go is None:
+                go = torch.randn_like(out) if out.dim() else torch.ones_like(out)
+            out.backward(go)
+
+        for _ in range(a.warmup):
+            step()
+        times = []
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(a.iters):
+            if cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                step()
+                e.record()
+                torch.cuda.synchronize()
+                times.append(s.elapsed_time(e))
+            else:
+                t0 = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - t0) * 1e3)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
+        kept = 0
+        if cuda:   # what one forward keeps for backward (grads already allocated, so they do not count)
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            out = loss_of(mod)
+            kept = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
+            out.backward(go)
+            del out
+        prof = None
+        if a.profile and cuda:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as p:
+                step()
+                torch.cuda.synchronize()
+            prof = p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+    from megatron_dsv3 import accounting as acc
+    T = a.seq
+    attn = 3 * (2.0 * acc.attention_matmul_params(cfg) + acc.attention_flops_per_token(cfg, a.seq))
+    moe_mm = 3 * 2.0 * (acc.layer_matmul_params(cfg, True) - acc.attention_matmul_params(cfg))
+    dense_mm = 3 * 2.0 * (acc.layer_matmul_params(cfg, False) - acc.attention_matmul_params(cfg))
+    flops = T * {"stack": 3 * acc.flops_per_token(cfg, a.seq, include_mtp=False) / 3,
+                 "dense": attn + dense_mm, "moe_layer": attn + moe_mm, "mla": attn, "moe": moe_mm}[a.part]
+    ms = statistics.median(times)
+    return {"ms": ms, "all_ms": times, "peak_gib": peak, "kept_bytes_per_token_layer": kept / T / layers,
+            "tflops": flops / (ms * 1e-3) / 1e12, "device": torch.cuda.get_device_name(0) if cuda else "CPU",
+            "torch": torch.__version__, "profile": prof}
+
+
+def _versions() -> dict:
+    out = {}
+    for name, mod in (("megatron-core", "megatron.core.package_info"), ("transformer-engine", "transformer_engine")):
+        code = f"import {mod} as m; print(m.__version__)"
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        out[name] = r.stdout.strip() if r.returncode == 0 else "not installed"
+    r = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    out["commit"] = r.stdout.strip() or "?"
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    p.add_argument("--impls", default=",".join(IMPLS), help="comma list of ours, mcore-te")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--smoke", action="store_true", help="tiny preset, float32, seq 32, 1 round (CPU check)")
+    p.add_argument("--profile", default="", help="comma list of parts whose first `ours` run prints a kernel table")
+    p.add_argument("--out", default=None, help="markdown file for the table")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--part", default="stack", help=argparse.SUPPRESS)
+    p.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        print("RESULT " + json.dumps(child(a)), flush=True)
+        return
+    parts = [x for x in a.parts.split(",") if x]
+    impls = [x for x in a.impls.split(",") if x]
+    for x in parts:
+        if x not in PARTS:
+            p.error(f"--parts: unknown part {x!r} (known: {', '.join(PARTS)})")
+    for x in impls:
+        if x not in IMPLS:
+            p.error(f"--impls: unknown implementation {x!r} (known: {', '.join(IMPLS)})")
+    if a.smoke:
+        a.seq, a.rounds, a.warmup, a.iters = 32, 1, 1, 2
+    vers = _versions()
+    if "mcore-te" in impls and vers["transformer-engine"] == "not installed":
+        print("note: Transformer Engine does not import here: the mcore-te rows are skipped", flush=True)
+        impls = [x for x in impls if x != "mcore-te"]
+    profile = set(x for x in a.profile.split(",") if x)
+    runs = {(part, impl): [] for part in parts for impl in impls}
+    info = {}
+    profiles = {}
+    for r in range(a.rounds):
+        for part in parts:
+            for impl in (impls if r % 2 == 0 else impls[::-1]):
+                cmd = [sys.executable, os.path.abspath(__file__), "--child", "--part", part, "--impl", impl,
+                       "--warmup", str(a.warmup), "--iters", str(a.iters), "--seq", str(a.seq)]
+                if a.smoke:
+                    cmd.append("--smoke")
+                if part in profile and impl == "ours" and r == 0:
+                    cmd += ["--profile", part]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                if proc.returncode or not line:
+                    res = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+                else:
+                    res = json.loads(line[0][7:])
+                    info = {k: res[k] for k in ("device", "torch")}
+                    if res.get("profile"):
+                        profiles[part] = res.pop("profile")
+                runs[(part, impl)].append(res)
+                print(part, impl, r, "%.2f ms" % res["ms"] if "ms" in res else res["error"], flush=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    lines = [f"# megatron_dsv3 vs megatron-core + Transformer Engine, forward+backward ({now:%Y-%m-%d %H:%M} UTC)", "",
+             f"- device: {info.get('device', '?')}; torch {info.get('torch', '?')}; megatron-core "
+             f"{vers['megatron-core']}; transformer-engine {vers['transformer-engine']}; commit {vers['commit']}",
+             f"- sizes: {'tiny preset, float32 (smoke)' if a.smoke else 'DeepSeek-V3 width, 32 experts top-8 (8 groups top-4) + 1 shared, bf16'}; "
+             f"micro-batch 1 x seq {a.seq}",
+             f"- {a.rounds} fresh processes per (part, implementation), order alternating per round; each the median "
+             f"of {a.iters} steps after {a.warmup} warmup", "",
+             "| part | implementation | ms per round | median ms | model TFLOP/s | of 779 | peak GiB | "
+             "kept bytes / token / layer | ours / peer |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for part in parts:
+        med = {}
+        for impl in impls:
+            ok = [x for x in runs[(part, impl)] if "ms" in x]
+            if ok:
+                med[impl] = statistics.median(x["ms"] for x in ok)
+        for impl in impls:
+            rs = runs[(part, impl)]
+            ok = [x for x in rs if "ms" in x]
+            name = "ours" if impl == "ours" else "megatron-core + TE"
+            if not ok:
+                lines.append(f"| {TITLES[part]} | {name} | error: {rs[-1].get('error')} | | | | | | |")
+                continue
+            tf = statistics.median(x["tflops"] for x in ok)
+            ratio = (f"**{med['mcore-te'] / med['ours']:.2f}x**" if impl == "ours" and "mcore-te" in med else "")
+            lines.append(f"| {TITLES[part]} | {name} | {', '.join('%.1f' % x['ms'] for x in ok)} | {med[impl]:.2f} | "
+                         f"{tf:.0f} | {100 * tf / MATMUL_TFLOPS:.0f}% | {max(x['peak_gib'] for x in ok):.2f} | "
+                         f"{statistics.median(x['kept_bytes_per_token_layer'] for x in ok):,.0f} | {ratio} |")
+    for part, table in profiles.items():
+        lines += ["", f"## Profile of one step of ours: {TITLES[part]}", "", "```", table, "```"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

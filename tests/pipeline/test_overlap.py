@@ -26,3 +26,112 @@ def test_pending_cut_splits_backward_at_the_post():
     torch.autograd.backward(in_flight, leaf.grad)
     expected = torch.zeros_like(x).index_add_(0, plan.token_of_row, 6 * g)     # rows sorted by expert -> tokens
     torch.testing.assert_close(x.grad, expected, rtol=0, atol=1e-15)
+
+
+H, S, BATCH = 32, 6, 2
+
+
+def _stack(ep: int):
+    """[dense, MoE, MoE] DeepSeek-V3 layers (tiny, float64), the same seeded weights on every rank (each EP rank
+    holds its own slice of the experts, here filled with the same draws)."""
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron_dsv3.config import DSV3Config
+    from megatron_dsv3.pipeline.overlap import LayerStack
+    from megatron_dsv3.specs import get_layer_spec
+    cfg = DSV3Config.from_preset("tiny", hidden_size=H, moe=dict(
+        num_experts=8, top_k=3, n_group=4, topk_group=2, num_shared_experts=1, expert_ffn_hidden_size=16,
+        seq_aux_loss_coeff=1e-2), parallel=dict(expert_model_parallel_size=ep))
+    tc = cfg.to_transformer_config()
+    torch.manual_seed(0)
+    stack = LayerStack([build_module(get_layer_spec(cfg, moe_layer=i > 0), config=tc, layer_number=i + 1)
+                        for i in range(3)]).double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in stack.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.3 if "router" in name else 0.1)
+                    + (1.0 if "layernorm" in name else 0.0))
+        for layer in stack.layers[1:]:
+            layer.mlp.router.expert_bias.copy_(torch.randn(8, generator=g) * 0.1)
+    return stack
+
+
+def _grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _pair(rank, orders):
+    """On each EP rank: micro-batch B's forward, then the pair (A's forward, B's backward), then A's backward,
+    plain (reference) and overlapped in each order. Returns the largest differences."""
+    import torch.distributed as dist
+    from megatron_dsv3.pipeline.overlap import ChunkRun, overlap_pieces, run_interleaved
+
+    gen = torch.Generator().manual_seed(10 + rank)               # different tokens on the two EP ranks
+    xA, xB, gA, gB = (torch.randn(S, BATCH, H, generator=gen, dtype=torch.float64) for _ in range(4))
+
+    ref = _stack(ep=2)                                            # the reference: the layers' own forward
+    rA, rB = xA.clone().requires_grad_(), xB.clone().requires_grad_()
+    oB = ref(rB)
+    oA = ref(rA)
+    oB.backward(gB)
+    after_pair = _grads(ref)
+    oA.backward(gA)
+    total = _grads(ref)
+
+    def diff(a, b):
+        return float((a - b).abs().max())
+
+    out = {}
+    for order in orders:
+        for split_w in (False, True):
+            m = _stack(ep=2)
+            pieces = overlap_pieces(m)
+            assert [type(p).__name__ for p in pieces] == ["_Whole", "DSV3LayerStages", "DSV3LayerStages"]
+            a, b = xA.clone().requires_grad_(), xB.clone().requires_grad_()
+            run_b = ChunkRun(pieces, [b])
+            run_b.run_forward()
+            run_a = ChunkRun(pieces, [a])
+            run_interleaved(run_a.forward(), run_b.backward(run_b.outputs, [gB]), order)
+            pair = _grads(m)
+            run_a.run_backward(run_a.outputs, [gA], split_w=split_w)
+            if split_w:
+                assert _grads(m).keys() == pair.keys() and all(torch.equal(_grads(m)[k], pair[k]) for k in pair)
+                run_a.weight(list(m.parameters()))
+            got = _grads(m)
+            out[(order, split_w)] = {
+                "outputs": max(diff(run_a.outputs[0], oA), diff(run_b.outputs[0], oB)),
+                "dx": max(diff(b.grad, rB.grad), diff(a.grad, rA.grad)),
+                "pair_grads": max(diff(pair[k], after_pair[k]) for k in after_pair),
+                "grads": max(diff(got[k], total[k]) for k in total),
+                "same_keys": pair.keys() == after_pair.keys() and got.keys() == total.keys(),
+                "bias_counts": [float(l.mlp.router.tokens_per_expert.sum()) for l in m.layers[1:]],
+            }
+    out["ref_counts"] = [float(l.mlp.router.tokens_per_expert.sum()) for l in ref.layers[1:]]
+    out["ep"] = dist.get_world_size()
+    return out
+
+
+def test_overlapped_pair_equals_f_then_b_ep2():
+    """Tiny DeepSeek-V3 layers, EP = 2 (the all-to-alls cross ranks): the pair run in Figure 4's order, forward
+    first, and one after the other (handles waited in different orders relative to the other micro-batch's
+    work) gives the reference's outputs and gradients; so do the deferred weight gradients (split_w + weight())."""
+    orders = ("figure4", "forward_first", "sequential")
+    results = run_distributed(_pair, 2, ep=2, orders=orders)
+    for res in results:
+        assert res["ep"] == 2
+        for order in orders:
+            for split_w in (False, True):
+                r = res[(order, split_w)]
+                assert r["same_keys"], (order, split_w)
+                for key in ("outputs", "dx", "pair_grads", "grads"):
+                    assert r[key] <= 1e-12, (order, split_w, key, r[key])
+                assert r["bias_counts"] == res["ref_counts"]      # tokens counted once per forward
+
+
+def test_pieces_of_plain_layers_fall_back():
+    """A chunk without MoE layers has no sub-stages (dualpipe.py then runs F then B); plain modules neither."""
+    import torch.nn as nn
+    from megatron_dsv3.pipeline.overlap import LayerStack, overlap_pieces, run_interleaved
+    assert overlap_pieces(nn.Linear(2, 2)) is None
+    assert overlap_pieces(LayerStack([nn.Linear(2, 2), nn.Tanh()])) is None
+    with pytest.raises(ValueError, match="order"):
+        run_interleaved(None, None, "backward_last")

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 __all__ = [
     "YaRNConfig", "MLAConfig", "MoEConfig", "MTPConfig", "FP8Config", "ParallelConfig",
-    "DSV3Config", "PRESETS", "piecewise",
+    "DSV3Config", "PRESETS", "piecewise", "FP8_ALWAYS_BF16", "FP8_MODULES",
 ]
 
 
@@ -173,25 +173,38 @@ class MTPConfig:
         return piecewise(self.loss_weight, tokens)
 
 
+# FP8 training (section 3.3.1): what stays in BF16 whatever the config (no FP8 path: the paper's list), and the modules
+# whose GEMMs run in FP8 unless named in FP8Config.bf16_modules (fp8/recipe.py says what each is)
+FP8_ALWAYS_BF16 = ("embedding", "output_layer", "router", "norm", "core_attention")
+FP8_MODULES = ("linear_q_down_proj", "linear_q_up_proj", "linear_q_proj", "linear_kv_down_proj", "linear_kv_up_proj",
+               "linear_proj", "dense_mlp", "shared_experts", "experts", "eh_proj")
+
+
 @dataclass(frozen=True)
 class FP8Config:
     """FP8 training (V3 section 3.3): 1x128 activation tiles, 128x128 weight blocks, FP32 accumulation."""
-    enabled: bool = False
-    backend: str = "auto"               # "auto" (TE if it imports, else native) | "te" | "native"
+    enabled: bool = False               # the linears and experts not in bf16_modules train in FP8 (--fp8)
+    backend: str = "auto"               # "auto" (TE if it imports, else native) | "te" | "native" (--fp8-backend)
     act_tile: int = 128                 # N_c: activation scales per 1 x act_tile
     weight_block: int = 128             # weight scales per weight_block x weight_block
     format: str = "e4m3"                # the paper uses E4M3 everywhere
-    bf16_modules: Tuple[str, ...] = ("embedding", "output_layer", "router", "norm", "core_attention")
+    bf16_modules: Tuple[str, ...] = FP8_ALWAYS_BF16   # kept in BF16: the paper's list, plus any of FP8_MODULES
     param_fp8: bool = False             # keep FP8 weight copies with their block scales
 
     def __post_init__(self):
         _check(self.backend in ("auto", "te", "native"), f"FP8Config.backend must be auto|te|native, got {self.backend!r}")
         _check(self.format in ("e4m3",), f"FP8Config.format must be 'e4m3', got {self.format!r}")
         _positive(self, "act_tile", "weight_block")
-        # Until FP8 training lands (its own issue) nothing reads `enabled`: accepting it would train in BF16
-        # while the user believes FP8. param_fp8 alone (FP8 checkpoints, hf_config) stays valid.
-        _check(not self.enabled, "FP8Config.enabled: FP8 training is not available yet (it is being built in its "
-                                 "own issue); train without FP8 (param_fp8 for FP8 checkpoints stays available)")
+        unknown = [m for m in self.bf16_modules if m not in FP8_ALWAYS_BF16 + FP8_MODULES]
+        _check(not unknown, f"FP8Config.bf16_modules: unknown module(s) {unknown}; known: "
+                            f"{', '.join(FP8_ALWAYS_BF16 + FP8_MODULES)}")
+        missing = [m for m in FP8_ALWAYS_BF16 if m not in self.bf16_modules]
+        _check(not missing, f"FP8Config.bf16_modules must keep {missing} (no FP8 path for them: the embedding, output "
+                            f"head, router, norms and attention core stay in BF16, as the paper)")
+        # the FP8 GEMMs (fp8/gemm.py) and TE's block scaling are built for the paper's N_c = 128
+        _check(not self.enabled or (self.act_tile, self.weight_block) == (128, 128),
+               f"FP8Config.enabled needs act_tile = weight_block = 128 (the FP8 GEMMs' tiles), got act_tile "
+               f"{self.act_tile}, weight_block {self.weight_block}")
 
 
 @dataclass(frozen=True)
@@ -294,17 +307,8 @@ class DSV3Config:
         if par.sequence_parallel:
             _check(self.seq_length % tp == 0,
                    f"seq_length ({self.seq_length}) must be divisible by tensor_model_parallel_size ({tp}) with sequence_parallel")
-        if self.fp8.enabled:   # unreachable until FP8Config accepts enabled (FP8 issue)
-            self.check_fp8_tiles()
-
-    def check_fp8_tiles(self) -> None:
-        """FP8 training's shape rules: 1 x act_tile activation tiles must tile the GEMM inputs."""
-        for n in ("hidden_size",):
-            _check(getattr(self, n) % self.fp8.act_tile == 0,
-                   f"FP8Config.act_tile ({self.fp8.act_tile}) must divide {n} ({getattr(self, n)})")
-        _check(self.moe.expert_ffn_hidden_size % self.fp8.act_tile == 0,
-               f"FP8Config.act_tile ({self.fp8.act_tile}) must divide MoEConfig.expert_ffn_hidden_size "
-               f"({self.moe.expert_ffn_hidden_size})")
+        # FP8 has no shape rule: a dim off the 128 grid gets a partial last tile / block scaled by its own amax
+        # (quant.py), and the CUDA GEMMs zero-pad it (gemm.py); multiples of 128 are only faster
 
     # ---- derived -------------------------------------------------------------------------------
     def is_moe_layer(self, layer: int) -> bool:
@@ -417,7 +421,9 @@ class DSV3Config:
     def to_transformer_config(self, **overrides):
         """The one place our configs become megatron-core's (MLA)TransformerConfig."""
         from megatron_dsv3.compat import make_transformer_config
-        return make_transformer_config(self, **overrides)
+        from megatron_dsv3.fp8.recipe import transformer_config_fp8
+        # FP8 through TE: megatron-core enters TE's fp8_autocast per layer with the block-scaling recipe
+        return make_transformer_config(self, **{**transformer_config_fp8(self.fp8), **overrides})
 
     def parameter_counts(self) -> dict:
         from megatron_dsv3.accounting import parameter_counts

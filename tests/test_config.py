@@ -80,7 +80,11 @@ BAD = [
     (dict(mtp={"loss_weight": ((0, 0.3), (0, 0.1))}), r"loss_weight starts must increase strictly"),
     (dict(mtp={"num_layers": -1}), r"MTPConfig.num_layers must be >= 0"),
     # not available yet (issue 10): refused, never silently ignored
-    (dict(fp8={"enabled": True}), r"FP8Config.enabled: FP8 training is not available yet"),
+    (dict(fp8={"enabled": True, "act_tile": 64}), r"FP8Config.enabled needs act_tile = weight_block = 128"),
+    (dict(fp8={"bf16_modules": ("embedding", "output_layer", "router", "norm", "core_attention", "mlp")}),
+     r"FP8Config.bf16_modules: unknown module\(s\) \['mlp'\]"),
+    (dict(fp8={"bf16_modules": ("embedding", "output_layer", "router", "norm")}),
+     r"FP8Config.bf16_modules must keep \['core_attention'\]"),
     (dict(parallel={"pipeline_schedule": "dualpipe"}), r"pipeline_schedule 'dualpipe' is not available yet"),
     (dict(parallel={"pipeline_schedule": "dualpipev"}), r"pipeline_schedule 'dualpipev' is not available yet \(DualPipe"),
     (dict(parallel={"expert_tensor_parallel_size": 2}), r"expert_tensor_parallel_size > 1 is not available yet \(got 2\)"),
@@ -120,15 +124,16 @@ def test_every_bad_config_names_the_fields_it_sets():
         assert not missing, (overrides, msg, missing)
 
 
-def test_fp8_tile_rules_wait_for_fp8():
-    """FP8 checkpoints (param_fp8) stay valid; the act_tile rules FP8 training will need are kept and checked."""
+def test_fp8_training_accepted_on_any_shape():
+    """--fp8 trains (issue 12): FP8Config.enabled is accepted, also on shapes off the 128 grid (tiny: expert width 64),
+    which get partial tiles; param_fp8 alone (FP8 checkpoints) stays valid; bf16_modules adds FP8-capable modules."""
+    c = DSV3Config.from_preset("tiny", fp8={"enabled": True})
+    assert c.fp8.enabled and c.fp8.backend == "auto" and c.moe.expert_ffn_hidden_size % 128
+    assert c.fp8.bf16_modules == ("embedding", "output_layer", "router", "norm", "core_attention")
     c = DSV3Config.from_preset("tiny", fp8={"param_fp8": True, "act_tile": 96})
     assert c.fp8.param_fp8 and not c.fp8.enabled
-    with pytest.raises(ValueError, match=r"act_tile \(96\) must divide hidden_size \(128\)"):
-        c.check_fp8_tiles()
-    with pytest.raises(ValueError, match=r"act_tile \(128\) must divide MoEConfig.expert_ffn_hidden_size \(64\)"):
-        DSV3Config.from_preset("tiny", fp8={"act_tile": 128}).check_fp8_tiles()
-    DSV3Config.from_preset("tiny", fp8={"act_tile": 64}).check_fp8_tiles()
+    c = DSV3Config.from_preset("tiny", fp8={"enabled": True, "bf16_modules": c.fp8.bf16_modules + ("linear_proj",)})
+    assert DSV3Config.from_dict(c.to_dict()) == c
 
 
 def test_unknown_preset_lists_known_ones():

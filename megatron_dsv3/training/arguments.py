@@ -91,8 +91,13 @@ def add_model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="megatron-core full-layer activation recomputation (long context)")
     g.add_argument("--recompute-method", default="uniform", choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=1)
-    g.add_argument("--fp8", action="store_true", help="FP8 mixed precision (paper section 3.3): not available yet, "
-                                                      "refused with a message")
+    g.add_argument("--fp8", action="store_true",
+                   help="FP8 training (paper section 3.3): the MLA projections, dense MLP, shared and routed experts "
+                        "in E4M3 (1x128 activation tiles, 128x128 weight blocks, FP32 accumulation); embedding, head, "
+                        "router, norms and attention core stay BF16")
+    g.add_argument("--fp8-backend", default=None, choices=["auto", "te", "native"],
+                   help="with --fp8: te = Transformer Engine's block-scaling recipe on TE linears, native = our "
+                        "kernels (fp8/), auto (default) = te when Transformer Engine imports, else native")
     g.add_argument("--bf16", action="store_true", default=None, help="bf16 params (default on GPU)")
     g.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 params (default on CPU)")
     g.add_argument("--transformer-impl", default="local", choices=["local", "te"], help="module backend")
@@ -422,6 +427,7 @@ def model_flag_values(args, prefix: str = "") -> dict:
                  "mscale": None if prefix else g("mscale"), "mscale_all_dim": None if prefix else g("mscale_all_dim")},
         "bias_update_rate": p("bias_update_rate"), "seq_aux_loss_coeff": p("seq_aux_loss_coeff"),
         "mtp_num_layers": g("mtp_num_layers"), "mtp_loss_weight": p("mtp_loss_weight"), "fp8": bool(g("fp8")),
+        "fp8_backend": g("fp8_backend"),
     }
 
 
@@ -459,8 +465,16 @@ def apply_model_flags(cfg: DSV3Config, v: dict, on_gpu: bool = False, keep_dtype
     lw = parse_schedule(v.get("mtp_loss_weight"))
     if lw is not None:
         mtp["loss_weight"] = lw
+    if v.get("fp8_backend") and not v.get("fp8"):
+        raise ValueError(f"--fp8-backend {v['fp8_backend']} needs --fp8")
     fp8 = {"enabled": True} if v.get("fp8") else {}
-    return cfg.replace(**top, mla=mla, moe=moe, mtp=mtp, fp8=fp8)
+    if v.get("fp8_backend"):
+        fp8["backend"] = v["fp8_backend"]
+    cfg = cfg.replace(**top, mla=mla, moe=moe, mtp=mtp, fp8=fp8)
+    if cfg.fp8.enabled:
+        from megatron_dsv3.fp8.recipe import resolve_backend
+        resolve_backend(cfg.fp8)          # --fp8-backend te without Transformer Engine: refused here, one line
+    return cfg
 
 
 def config_from_args(args: argparse.Namespace, on_gpu: bool = False) -> DSV3Config:

@@ -409,6 +409,9 @@ class Trainer:
             self._print_banner()
         log = TrainLogger(a.tensorboard_dir, self.is_writer, a.train_iters, a.progress_bar, initial=self.iteration)
         self.logger = log
+        if cfg.fp8.enabled and log.writer is not None:      # which GEMMs ran in FP8, beside the curves
+            from megatron_dsv3.fp8.recipe import describe
+            log.writer.add_text("fp8", describe(cfg), self.iteration)
         fpt = flops_per_token(cfg, cfg.seq_length)
         peak = a.peak_tflops or device_peak_tflops(self.device)
         world = dist.get_world_size()
@@ -486,6 +489,9 @@ class Trainer:
                   f"(micro-batch {a.micro_batch_size}) | lr {a.lr:g} -> {a.min_lr:g} ({a.lr_decay_style}, warmup "
                   f"{a.lr_warmup_iters}) | tokenizer {type(self.tokenizer).__name__} | train samples "
                   f"{len(self.train_ds)}")
+        if cfg.fp8.enabled:
+            from megatron_dsv3.fp8.recipe import describe
+            print(f"  {describe(cfg)}")
 
     # ---- after training ------------------------------------------------------------------------------------
     @torch.no_grad()

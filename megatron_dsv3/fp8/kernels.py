@@ -1,0 +1,222 @@
+"""Triton versions of quant.py's quantisers, bit for bit the same bytes and scales (tests/fp8/test_kernels.py).
+
+One kernel, one read of x per [BM, 128] tile, writes what its flags ask for:
+- ROWS: the 1x128 tiles along K, q [M, K] and s [M, ceil(K/128)] (quant.quantize_tiles);
+- COLS: the 128x1 tiles along M, stored transposed, qt [K, M'] and st [K, M'/128] (quant.quantize_tiles of x.t()),
+  with BM = 128. Both at once is quantize_tiles_and_transpose: Fprop's copy and Wgrad's copy from one read.
+- GROUPED (with COLS): row tile j reads rows src[j] : src[j] + cnt[j] of x and writes padded columns
+  128 j : 128 (j + 1) of qt, zeros past cnt[j] -- quant.quantize_columns_grouped's per-expert layout, the tiles
+  restarting at each expert's first row.
+
+The arithmetic is quant.py's, in its order: float32, amax (NaN-propagating), scale = amax / 448 rounded to nearest
+(div_rn), pow2 rounding up by exponent bits (exact, subnormals included), zero tile -> 1.0, underflow -> 2^-149,
+x / scale rounded to nearest, clamp to +-448 (NaN kept), round-to-nearest-even cast to e4m3.
+
+The `*_triton` functions run wherever Triton does (CPU tensors under TRITON_INTERPRET=1: the CPU test suite);
+the `*_fast` dispatchers take them on CUDA and quant.py's references elsewhere.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from megatron_dsv3.fp8 import quant
+from megatron_dsv3.fp8.quant import FP8, TILE
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:  # CPU machines without Triton: the references are used
+    HAVE_TRITON = False
+
+
+if HAVE_TRITON:
+    @triton.jit
+    def _amax(x, axis: tl.constexpr):
+        """max |x| along axis, NaN if any is NaN (as torch.amax)."""
+        m = tl.max(tl.abs(x), axis)
+        nan = tl.max((x != x).to(tl.int32), axis)
+        return tl.where(nan > 0, float("nan"), m)
+
+    @triton.jit
+    def _scale(amax, POW2: tl.constexpr):
+        """quant._scales, elementwise."""
+        s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+        if POW2:
+            s = tl.where(s < 1.401298464324817e-45, 1.401298464324817e-45, s)      # 2^-149 (NaN stays)
+            bits = s.to(tl.int32, bitcast=True)
+            e = (bits >> 23) & 0xFF
+            mant = bits & 0x7FFFFF
+            p_norm = tl.where(mant == 0, bits, (e + 1) << 23)                      # 2^ceil(log2 s), normal s
+            mb = mant.to(tl.float32).to(tl.int32, bitcast=True)                    # subnormal: mant's top bit h
+            h = ((mb >> 23) & 0xFF) - 127
+            p_sub = tl.where((mb & 0x7FFFFF) == 0, bits, tl.full(bits.shape, 1, tl.int32) << (h + 1))
+            p = tl.where(e == 0, p_sub, p_norm).to(tl.float32, bitcast=True)
+            p = tl.where(amax > 448.0 * p, 2.0 * p, p)                            # fl(s) rounded down onto 2^e
+            finite = (s == s) & (s != float("inf"))
+            s = tl.where(finite, p, s)
+        s = tl.where(s < 1.401298464324817e-45, 1.401298464324817e-45, s)
+        s = tl.where(amax == 0.0, 1.0, s)
+        return s
+
+    @triton.jit
+    def _cast(x, s):
+        """e4m3(clamp(x / s, +-448)) as its bits (uint8), rounded to nearest even; c10's float -> e4m3fn rule
+        written out, since Triton's interpreter mis-rounds its own fp8 cast across a binade (124.3 -> 64)."""
+        y = tl.math.div_rn(x, s)
+        y = tl.where(y > 448.0, 448.0, tl.where(y < -448.0, -448.0, y))          # explicit saturation, NaN kept
+        u = y.to(tl.int32, bitcast=True)
+        sign = (u >> 24) & 0x80
+        a = u & 0x7FFFFFFF
+        # below 2^-6 (e4m3 subnormals, steps of 2^-9): adding 2^14 rounds to a multiple of 2^-9 (RNE in the add)
+        den = (a.to(tl.float32, bitcast=True) + 16384.0).to(tl.int32, bitcast=True) - (141 << 23)
+        # normal: rebias the exponent (127 -> 7), round the mantissa to 3 bits, ties to even
+        nrm = (a - (120 << 23) + 0x7FFFF + ((a >> 20) & 1)) >> 20
+        r = tl.where(a < (121 << 23), den, nrm)
+        r = tl.where(a > 0x7F800000, 0x7F, r)                                     # NaN
+        return (r | sign).to(tl.uint8)
+
+    @triton.jit
+    def _quant_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, src_ptr, cnt_ptr,
+                      M, K, stride_xm, T, QT_STRIDE, ST_STRIDE,
+                      ROWS: tl.constexpr, COLS: tl.constexpr, GROUPED: tl.constexpr, POW2: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        if GROUPED:
+            row0 = tl.load(src_ptr + pid_m).to(tl.int64)
+            nrows = tl.load(cnt_ptr + pid_m)
+        else:
+            row0 = pid_m.to(tl.int64) * BM
+            nrows = M - pid_m * BM
+        r = tl.arange(0, BM)
+        c = pid_k * BK + tl.arange(0, BK)
+        rmask = r < nrows
+        cmask = c < K
+        mask = rmask[:, None] & cmask[None, :]
+        rows = row0 + r                                                              # [BM] int64
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        if ROWS:
+            s = _scale(_amax(x, 1), POW2)                      # [BM]
+            q = _cast(x, s[:, None])
+            tl.store(q_ptr + rows[:, None] * K + c[None, :], q, mask=mask)
+            tl.store(s_ptr + rows * T + pid_k, s, mask=rmask)
+        if COLS:
+            st = _scale(_amax(x, 0), POW2)                     # [BK]
+            qc = _cast(x, st[None, :])
+            if GROUPED:
+                qc = tl.where(mask, qc, 0)                                           # the padding gets zeros
+            qt = tl.trans(qc)                                                        # [BK, BM]
+            col = pid_m.to(tl.int64) * BM + r                                        # qt's column (token) index
+            if GROUPED:
+                tmask = cmask[:, None] & (r < BM)[None, :]
+            else:
+                tmask = cmask[:, None] & rmask[None, :]
+            tl.store(qt_ptr + c[:, None].to(tl.int64) * QT_STRIDE + col[None, :], qt, mask=tmask)
+            tl.store(st_ptr + c.to(tl.int64) * ST_STRIDE + pid_m, st, mask=cmask)
+
+
+def _launch(x, q, s, qt, st, src, cnt, M, T, qt_stride, st_stride, grid, rows, cols, grouped, pow2, bm):
+    dummy = x
+    _quant_kernel[grid](x, q.view(torch.uint8) if q is not None else dummy, s if s is not None else dummy,
+                        qt.view(torch.uint8) if qt is not None else dummy, st if st is not None else dummy,
+                        src if src is not None else dummy, cnt if cnt is not None else dummy,
+                        M, x.shape[1], x.stride(0), T, qt_stride, st_stride,
+                        ROWS=rows, COLS=cols, GROUPED=grouped, POW2=pow2, BM=bm, BK=TILE,
+                        num_warps=8 if bm * TILE >= 128 * 128 else 4)
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 and (x.dim() < 2 or x.stride(-2) >= x.shape[-1]) else x.contiguous()
+
+
+def quantize_tiles_triton(x: torch.Tensor, pow2_scales: bool = False, block_m: int = 32
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """quant.quantize_tiles(x) (1x128 tiles along the last dim, any leading dims)."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = _as_rows(x.reshape(-1, K))
+    M, T = x2.shape[0], triton.cdiv(K, TILE)
+    q = torch.empty(M, K, dtype=FP8, device=x.device)
+    s = torch.empty(M, T, dtype=torch.float32, device=x.device)
+    if M and K:
+        _launch(x2, q, s, None, None, None, None, M, T, 0, 0, (triton.cdiv(M, block_m), T),
+                True, False, False, pow2_scales, block_m)
+    return q.view(*lead, K), s.view(*lead, T)
+
+
+def quantize_tiles_and_transpose_triton(x: torch.Tensor, pow2_scales: bool = False
+                                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quant.quantize_tiles_and_transpose(x [M, K]) -> (q, s, qt [K, M], st [K, ceil(M/128)]), one read of x."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_tiles_and_transpose needs a 2-D [M, K] input, got shape {tuple(x.shape)}")
+    x = _as_rows(x)
+    M, K = x.shape
+    T, TM = triton.cdiv(K, TILE), triton.cdiv(M, TILE)
+    q = torch.empty(M, K, dtype=FP8, device=x.device)
+    s = torch.empty(M, T, dtype=torch.float32, device=x.device)
+    qt = torch.empty(K, M, dtype=FP8, device=x.device)
+    st = torch.empty(K, TM, dtype=torch.float32, device=x.device)
+    if M and K:
+        _launch(x, q, s, qt, st, None, None, M, T, M, TM, (TM, T), True, True, False, pow2_scales, TILE)
+    return q, s, qt, st
+
+
+def grouped_row_tiles(offs: torch.Tensor, tile: int = TILE) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """offs [E] cumulative ends -> (offs_padded [E] int32, src [J] int32, cnt [J] int32, Rp) for J = Rp / tile
+    padded row tiles: tile j reads rows src[j] : src[j] + cnt[j]. One host read (Rp, the padded total)."""
+    ends = offs.to(torch.int64)
+    starts = torch.nn.functional.pad(ends, (1, 0))[:-1]
+    n = ends - starts
+    ntiles = torch.div(n + tile - 1, tile, rounding_mode="floor")
+    offs_p = (ntiles * tile).cumsum(0)
+    J = int(offs_p[-1]) // tile if offs_p.numel() else 0
+    e = torch.repeat_interleave(torch.arange(n.numel(), device=offs.device), ntiles, output_size=J)
+    j_in_e = torch.arange(J, device=offs.device) - (offs_p - ntiles * tile)[e] // tile
+    src = starts[e] + j_in_e * tile
+    cnt = torch.clamp(n[e] - j_in_e * tile, max=tile)
+    return offs_p.to(torch.int32), src.to(torch.int32), cnt.to(torch.int32), J * tile
+
+
+def quantize_columns_grouped_triton(x: torch.Tensor, offs: torch.Tensor, pow2_scales: bool = False
+                                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quant.quantize_columns_grouped(x [R, K], offs) -> (qt [K, Rp], st [K, Rp/128], offs_padded)."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_columns_grouped needs a 2-D [R, K] input, got shape {tuple(x.shape)}")
+    x = _as_rows(x)
+    K = x.shape[1]
+    offs_p, src, cnt, Rp = grouped_row_tiles(offs)
+    if offs.numel() and int(offs[-1]) > x.shape[0]:
+        raise ValueError(f"offs ends at row {int(offs[-1])} but x has {x.shape[0]} rows")
+    qt = torch.empty(K, Rp, dtype=FP8, device=x.device)
+    st = torch.empty(K, Rp // TILE, dtype=torch.float32, device=x.device)
+    if Rp and K:
+        _launch(x, None, None, qt, st, src, cnt, x.shape[0], 0, Rp, Rp // TILE, (Rp // TILE, triton.cdiv(K, TILE)),
+                False, True, True, pow2_scales, TILE)
+    return qt, st, offs_p
+
+
+# ---- dispatchers: Triton on CUDA, the reference elsewhere ------------------------------------------------------------
+def use_triton(x: torch.Tensor) -> bool:
+    return HAVE_TRITON and x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def quantize_tiles_fast(x: torch.Tensor, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(x) and x.dim() >= 1:
+        return quantize_tiles_triton(x, pow2_scales)
+    return quant.quantize_tiles(x, pow2_scales=pow2_scales)
+
+
+def quantize_tiles_and_transpose_fast(x: torch.Tensor, pow2_scales: bool = False
+                                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return quantize_tiles_and_transpose_triton(x, pow2_scales)
+    return quant.quantize_tiles_and_transpose(x, pow2_scales=pow2_scales)
+
+
+def quantize_columns_grouped_fast(x: torch.Tensor, offs: torch.Tensor, pow2_scales: bool = False
+                                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(x):
+        return quantize_columns_grouped_triton(x, offs, pow2_scales)
+    return quant.quantize_columns_grouped(x, offs, pow2_scales=pow2_scales)

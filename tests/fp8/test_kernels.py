@@ -1,0 +1,101 @@
+"""Triton quantisers (megatron_dsv3/fp8/kernels.py) against quant.py, bit for bit: the e4m3 bytes and the float32
+scales must be identical (no tolerance: the kernels follow the reference's arithmetic order exactly). On machines
+without CUDA they run under Triton's interpreter (fixture triton_device), so shapes stay small."""
+import pytest
+import torch
+
+from megatron_dsv3.fp8 import quant
+
+# the interpreter evaluates 0/0 and inf/inf of the NaN/inf tiles in numpy, which warns
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+def _bytes(q):
+    b = q.view(torch.uint8).clone()
+    b[b == 0xFF] = 0x7F          # e4m3fn's NaN either sign: which one a NaN gets is the hardware's choice
+    return b
+
+
+def _same(got, ref):
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    if got.dtype == quant.FP8:
+        mism = (_bytes(got) != _bytes(ref)).sum().item()
+        assert mism == 0, f"{mism} e4m3 bytes differ"
+    else:
+        assert torch.equal(got.isnan(), ref.isnan())
+        assert torch.equal(got.nan_to_num(), ref.nan_to_num()), f"max diff {(got - ref).abs().nan_to_num().max()}"
+
+
+def _hard_input(M, K, dtype, device, seed=0):
+    """Random data over 12 binades with what the edge cases of quant.py's docstring need: an all-zero tile, one
+    tile whose amax underflows amax/448, a NaN, an inf, a 1e4 outlier, a tile of subnormal-scale values."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * torch.logspace(-6, 6, K)[None, :].roll(seed, 1)
+    if M > 20 and K > 130:
+        x[:, 128:256] = 0                        # zero tiles (rows) and zero column tiles
+        x[3, 5] = float("nan")
+        x[9, K - 1] = float("inf")
+        x[12, 3] = 1e4
+        x[20, :128] = 1e-44                      # amax / 448 underflows: scale 2^-149
+        x[21, :128] = 3e-37                      # a subnormal scale (pow2: through the exponent bits); a normal
+        #                                          bf16 input (Triton's interpreter mis-converts bf16 subnormals)
+    return x.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,K", [(130, 300), (1, 7), (64, 256)])
+def test_quantize_tiles_bit_exact(triton_device, M, K, dtype, pow2):
+    from megatron_dsv3.fp8.kernels import quantize_tiles_triton
+    x = _hard_input(M, K, dtype, triton_device)
+    q, s = quantize_tiles_triton(x, pow2)
+    rq, rs = quant.quantize_tiles(x, pow2_scales=pow2)
+    _same(q, rq)
+    _same(s, rs)
+
+
+def test_quantize_tiles_leading_dims_and_strides(triton_device):
+    from megatron_dsv3.fp8.kernels import quantize_tiles_triton
+    x = _hard_input(6, 200, torch.float32, triton_device, seed=3)
+    x3 = x.view(2, 3, 200)
+    for got, ref in zip(quantize_tiles_triton(x3), quant.quantize_tiles(x3)):
+        _same(got, ref)
+    xs = _hard_input(6, 400, torch.float32, triton_device, seed=4)[:, 50:250]      # a strided row view
+    for got, ref in zip(quantize_tiles_triton(xs, True), quant.quantize_tiles(xs, pow2_scales=True)):
+        _same(got, ref)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("M,K", [(130, 300), (128, 128), (5, 140)])
+def test_quantize_tiles_and_transpose_bit_exact(triton_device, M, K, pow2):
+    from megatron_dsv3.fp8.kernels import quantize_tiles_and_transpose_triton
+    x = _hard_input(M, K, torch.bfloat16, triton_device, seed=1)
+    q, s, qt, st = quantize_tiles_and_transpose_triton(x, pow2)
+    assert qt.shape == (K, M) and st.shape == (K, -(-M // 128))
+    rq, rs = quant.quantize_tiles(x, pow2_scales=pow2)
+    rqt, rst = quant.quantize_tiles(x.t().contiguous(), pow2_scales=pow2)         # independent of quant's helper
+    for got, ref in ((q, rq), (s, rs), (qt, rqt), (st, rst)):
+        _same(got, ref)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("counts", [(5, 115, 0, 10), (128, 2), (0, 0), (140,)])
+def test_quantize_columns_grouped_bit_exact(triton_device, counts, pow2):
+    from megatron_dsv3.fp8.kernels import quantize_columns_grouped_triton
+    x = _hard_input(150, 300, torch.float32, triton_device, seed=2)
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32).to(triton_device)
+    qt, st, offs_p = quantize_columns_grouped_triton(x, offs, pow2)
+    rqt, rst, roffs_p = quant.quantize_columns_grouped(x, offs, pow2_scales=pow2)
+    assert torch.equal(offs_p, roffs_p)
+    _same(qt, rqt)
+    _same(st, rst)
+
+
+def test_dispatchers_use_the_reference_off_cuda():
+    from megatron_dsv3.fp8 import kernels
+    x = _hard_input(40, 150, torch.float32, "cpu")
+    for got, ref in zip(kernels.quantize_tiles_and_transpose_fast(x, True),
+                        quant.quantize_tiles_and_transpose(x, pow2_scales=True)):
+        _same(got, ref)
+    for got, ref in zip(kernels.quantize_tiles_fast(x), quant.quantize_tiles(x)):
+        _same(got, ref)

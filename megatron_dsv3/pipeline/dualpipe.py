@@ -22,8 +22,12 @@ Design note.
     autograd Functions. Cost: W traverses the chunk's graph again from its outputs down to the parameters, so on the
     input side it repeats part of B's work; capturing the gradients at the parameters' consumer nodes during B (as
     torch.distributed.pipelining's stage_backward_weight does) would make W only the weight GEMMs: a later step.
-  * FB (the overlapped forward & backward pair) runs F then B one after the other here. The overlap of one
-    micro-batch's all-to-all with the other's compute (paper Figure 4) plugs in at `_Step.forward_backward`: later.
+  * FB (the overlapped forward & backward pair): with `overlap` (the default) and chunks that expose sub-stages
+    (overlap.py: LayerStack of DeepSeek-V3 MoE layers), every training forward of such a chunk is recorded segment
+    by segment (overlap.ChunkRun), and FB interleaves the forward of one micro-batch with the backward of the other
+    in Figure 4's order, each all-to-all in flight while the other micro-batch computes; B, B(split_w) and W of a
+    recorded chunk run its segments in reverse. Other chunks (plain MLP stages), forward-only steps and
+    overlap=False: F then B, one after the other.
   * DualPipe's two copies of each stage. `ReduceMirrorGrads(peer)` sends this rank's gradients of both chunks to the
     mirror rank PP-1-r and adds the mirror's: chunk 0 (stage r) += peer's chunk 1 (stage r), and vice versa. a + b
     == b + a in IEEE arithmetic, so both copies end bit-identical. Only this step's contribution is exchanged: a
@@ -39,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from megatron_dsv3.pipeline import overlap as _overlap
 from megatron_dsv3.pipeline.comm import CommBatch, PipeComm
 from megatron_dsv3.pipeline.schedule import (COMM_OPS, FB, B, F, Layout, Op, RecvActivation, RecvGrad,
                                              ReduceMirrorGrads, SendActivation, SendGrad, W, build_schedule,
@@ -85,8 +90,13 @@ class _Step:
     def __init__(self, lay: Layout, rank: int, modules: Sequence[nn.Module], comm: PipeComm,
                  shapes: Sequence[Tuple[int, ...]], dtype: torch.dtype, training: bool,
                  data: Dict[int, List[Tuple]], labels: Dict[int, List[Tuple]], criterion: Optional[Callable],
-                 return_outputs: bool, reduce_mirror_grads: bool):
+                 return_outputs: bool, reduce_mirror_grads: bool, overlap: bool = False,
+                 overlap_order: str = "figure4"):
         self.lay, self.rank, self.modules, self.comm = lay, rank, modules, comm
+        # overlap.py's sub-stages of each chunk (None: F then B), and the recorded forwards awaiting their backward
+        self.overlap_order = overlap_order
+        self.pieces = [_overlap.overlap_pieces(m) if overlap and training else None for m in modules]
+        self.runs: Dict[Tuple[int, int], _overlap.ChunkRun] = {}
         self.shapes, self.dtype, self.training = shapes, dtype, training
         self.data, self.labels, self.criterion = data, labels, criterion
         self.return_outputs, self.reduce_mirror_grads = return_outputs, reduce_mirror_grads
@@ -166,6 +176,11 @@ class _Step:
 
     # ---- compute
     def forward(self, mb: int, c: int) -> None:
+        for _ in self._forward_steps(mb, c):
+            pass
+
+    def _forward_steps(self, mb: int, c: int):
+        """forward() as a generator: yields after each all-to-all it posts (a chunk recorded by overlap.py)."""
         s = self._stream(c)
         local = self._local_prev(c)
         if self._is_first(c):
@@ -179,7 +194,13 @@ class _Step:
             inputs = [t.requires_grad_() if (not self._is_first(c) and isinstance(t, torch.Tensor)
                                              and t.is_floating_point()) else t for t in inputs]
             self.inputs[c][mb] = inputs
-        outputs = _as_list(self.modules[c](*inputs))
+        if self.pieces[c] is not None:
+            run = _overlap.ChunkRun(self.pieces[c], inputs)
+            yield from run.forward()
+            self.runs[(mb, c)] = run
+            outputs = list(run.outputs)
+        else:
+            outputs = _as_list(self.modules[c](*inputs))
         if self._is_last(c):
             if self.criterion is not None:
                 self.stage_losses[c][mb] = self.criterion(*outputs, *self.labels[s][mb])
@@ -203,11 +224,24 @@ class _Step:
         return [o for o, _ in pairs], [g for _, g in pairs]
 
     def backward(self, mb: int, c: int, split_w: bool) -> None:
+        for _ in self._backward_steps(mb, c, split_w):
+            pass
+
+    def _backward_steps(self, mb: int, c: int, split_w: bool):
+        """backward() as a generator: yields after each reverse all-to-all it posts (a chunk recorded by overlap.py)."""
         roots, grads = self._roots(mb, c)
         inputs = self.inputs[c].pop(mb)
         xs = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
         params = [p for p in self.modules[c].parameters() if p.requires_grad]
-        if split_w:
+        run = self.runs.pop((mb, c), None)
+        if run is not None:      # segment by segment; the inputs' gradients land in x.grad either way
+            for x in xs:
+                x.grad = None
+            yield from run.backward(roots, grads, split_w)
+            if split_w:
+                self.pending_w[(mb, c)] = run
+            gx = [x.grad for x in xs]
+        elif split_w:
             # backward for input only; the retained graph is what W needs
             gx = torch.autograd.grad(roots, xs, grads, retain_graph=True, allow_unused=True) if xs else ()
             self.pending_w[(mb, c)] = (roots, grads)
@@ -232,13 +266,23 @@ class _Step:
             self.input_grads[c][mb] = dx
 
     def weight(self, mb: int, c: int) -> None:
-        roots, grads = self.pending_w.pop((mb, c))
+        pending = self.pending_w.pop((mb, c))
         params = [p for p in self.modules[c].parameters() if p.requires_grad]
+        if isinstance(pending, _overlap.ChunkRun):
+            pending.weight(params)
+            return
+        roots, grads = pending
         if params:
             torch.autograd.backward(roots, grads, inputs=params)
 
     def forward_backward(self, f_mb: int, f_chunk: int, b_mb: int, b_chunk: int) -> None:
-        # TODO(overlap, paper Fig. 4): interleave through the MoE seams; sequential for now
+        """F(f_mb, f_chunk) and B(b_mb, b_chunk). Overlapped (paper Figure 4, overlap.py) when either side is a
+        recorded chunk: each side runs until it has posted an all-to-all, then the other, the backward first. Else
+        F then B (through forward()/backward(), which a subclass may replace)."""
+        if self.training and (self.pieces[f_chunk] is not None or (b_mb, b_chunk) in self.runs):
+            _overlap.run_interleaved(self._forward_steps(f_mb, f_chunk),
+                                     self._backward_steps(b_mb, b_chunk, split_w=False), self.overlap_order)
+            return
         self.forward(f_mb, f_chunk)
         if self.training:
             self.backward(b_mb, b_chunk, split_w=False)
@@ -284,7 +328,7 @@ class _Engine:
 
     def __init__(self, variant: str, modules: Sequence[nn.Module], batch_dim: int,
                  process_group: Optional[dist.ProcessGroup], rank_mapping: Optional[Sequence[int]],
-                 p2p_tensor_shapes, p2p_tensor_dtype, reduce_mirror_grads: bool):
+                 p2p_tensor_shapes, p2p_tensor_dtype, reduce_mirror_grads: bool, overlap: bool = True):
         if len(modules) != 2:
             raise ValueError(f"{variant}: expected two modules (the rank's two chunks), got {len(modules)}")
         params = [p for m in modules for p in m.parameters()]
@@ -298,6 +342,7 @@ class _Engine:
         self.shapes = None if shapes is None else [tuple(s) for s in shapes]
         self.dtype = p2p_tensor_dtype if p2p_tensor_dtype is not None else _compat_defaults["dtype"]
         self.reduce_mirror_grads = reduce_mirror_grads
+        self.overlap = overlap
 
     @property
     def pp_size(self) -> int:
@@ -320,7 +365,7 @@ class _Engine:
         training = torch.is_grad_enabled()
         lay = layout(self.variant, self.pp_size, num_chunks)
         step = _Step(lay, self.rank, self.modules, self.comm, self.shapes, self.dtype, training, data, labels,
-                     criterion, return_outputs, self.reduce_mirror_grads)
+                     criterion, return_outputs, self.reduce_mirror_grads, overlap=self.overlap)
         mirrored = training and self.reduce_mirror_grads and any(isinstance(o, ReduceMirrorGrads) for o in ops)
         params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
         carried = {}
@@ -349,16 +394,19 @@ class DualPipe(nn.Module):
     losses (and the outputs, concatenated along batch_dim) of the stream that ENDS on this rank (first rank: the last
     rank's inputs); (None, None) on the other ranks. Forward-only when autograd is disabled (torch.no_grad()).
     Unlike DeepSeek's, the two copies' gradients are summed at the end of a training step (reduce_mirror_grads).
+    overlap: interleave each forward&backward pair as the paper's Figure 4 where the chunks expose sub-stages
+    (pipeline/overlap.py; e.g. a LayerStack of DeepSeek-V3 MoE layers); other chunks run F then B either way.
     """
 
     def __init__(self, modules: Tuple[nn.Module, nn.Module], batch_dim: int = 0,
                  process_group: Optional[dist.ProcessGroup] = None, rank_mapping: Optional[List[int]] = None, *,
                  p2p_tensor_shapes: Optional[Sequence[Tuple[int, ...]]] = None,
-                 p2p_tensor_dtype: Optional[torch.dtype] = None, reduce_mirror_grads: bool = True):
+                 p2p_tensor_dtype: Optional[torch.dtype] = None, reduce_mirror_grads: bool = True,
+                 overlap: bool = True):
         super().__init__()
         self.module = nn.ModuleList(modules)
         self._engine = _Engine("dualpipe", self.module, batch_dim, process_group, rank_mapping, p2p_tensor_shapes,
-                               p2p_tensor_dtype, reduce_mirror_grads)
+                               p2p_tensor_dtype, reduce_mirror_grads, overlap)
         if self._engine.pp_size % 2:
             raise ValueError(f"DualPipe needs an even number of ranks, got {self._engine.pp_size}")
 
@@ -403,16 +451,17 @@ class DualPipeV(nn.Module):
 
     step(*inputs, num_chunks, criterion, labels, return_outputs) as DeepSeek's: inputs, labels and criterion on the
     first rank only, which gets (loss, outputs) back; (None, None) elsewhere. Forward-only under torch.no_grad().
+    overlap: as DualPipe's.
     """
 
     def __init__(self, modules: Tuple[nn.Module, nn.Module], batch_dim: int = 0,
                  process_group: Optional[dist.ProcessGroup] = None, rank_mapping: Optional[List[int]] = None, *,
                  p2p_tensor_shapes: Optional[Sequence[Tuple[int, ...]]] = None,
-                 p2p_tensor_dtype: Optional[torch.dtype] = None):
+                 p2p_tensor_dtype: Optional[torch.dtype] = None, overlap: bool = True):
         super().__init__()
         self.module = nn.ModuleList(modules)
         self._engine = _Engine("dualpipev", self.module, batch_dim, process_group, rank_mapping, p2p_tensor_shapes,
-                               p2p_tensor_dtype, reduce_mirror_grads=False)
+                               p2p_tensor_dtype, reduce_mirror_grads=False, overlap=overlap)
 
     def set_p2p_tensor_shapes(self, shapes: Sequence[Tuple[int, ...]]) -> None:
         self._engine.shapes = [tuple(s) for s in shapes]

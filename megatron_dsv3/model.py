@@ -25,6 +25,7 @@ model (and megatron-core's MTP, which rolls position_ids only for learned positi
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Optional
 
 import torch
@@ -39,6 +40,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_dsv3.compat import get_process_group_collection
+from megatron_dsv3.cross_entropy import vocab_parallel_cross_entropy
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.mla.rope import RotaryEmbedding
 from megatron_dsv3.specs import check_backend, get_decoder_block_spec, get_mtp_block_spec
@@ -58,10 +60,17 @@ class DSV3Model(LanguageModule):
 
     def __init__(self, config: DSV3Config, pre_process: bool = True, post_process: bool = True,
                  backend: str = "local", pg_collection=None, vp_stage: Optional[int] = None,
-                 parallel_output: bool = True, transformer_config=None):
+                 parallel_output: bool = True, transformer_config=None, placement=None, shared_embedding=None):
+        """placement (pipeline/megatron_schedule.py ChunkPlacement): DualPipe(V)'s chunk, which holds the decoder
+        layers placement.layers of the whole model (numbered globally) instead of megatron-core's PP/VPP slice.
+        shared_embedding: the embedding module of this rank's first-stage chunk, used by MTP instead of a tied
+        copy (not registered here: its parameters and gradients are that chunk's)."""
         check_backend(backend)   # context parallelism: refused by ParallelConfig
         pg_collection = get_process_group_collection(pg_collection)
         tc = transformer_config if transformer_config is not None else config.to_transformer_config()
+        if placement is not None:
+            tc = copy.copy(tc)
+            tc.pipeline_model_parallel_layout = placement.layers   # megatron-core's layer offset / count seam
         super().__init__(config=tc, pg_collection=pg_collection)
         self.dsv3_config = config
         self.pre_process, self.post_process = pre_process, post_process
@@ -74,15 +83,23 @@ class DSV3Model(LanguageModule):
         # MTP sits with the output head (megatron-core's default placement: the last pipeline stage)
         self.mtp_process = post_process and config.mtp.num_layers > 0
         self.rope = RotaryEmbedding(config.mla)   # position_ids -> rope angles (no parameters)
+        self.placement = placement
+        object.__setattr__(self, "_shared_embedding", shared_embedding if self.mtp_process else None)
 
-        if self.pre_process or self.mtp_process:
+        if self.pre_process or (self.mtp_process and self._shared_embedding is None):
             self.embedding = LanguageModelEmbedding(
                 config=tc, vocab_size=self.vocab_size, max_sequence_length=self.max_sequence_length,
                 position_embedding_type="none", tp_group=pg_collection.tp)
 
+        if placement is None:
+            spec = get_decoder_block_spec(config, backend, vp_stage=vp_stage, pg_collection=pg_collection,
+                                          pp_rank=_pg_rank(pg_collection.pp))
+        else:
+            spec = get_decoder_block_spec(config, backend, all_layers=True, pg_collection=pg_collection)
+            first, n = placement.layers.first, placement.layers.count
+            spec = dataclasses.replace(spec, layer_specs=spec.layer_specs[first:first + n])
         self.decoder = TransformerBlock(
-            config=tc, spec=get_decoder_block_spec(config, backend, vp_stage=vp_stage, pg_collection=pg_collection,
-                                                   pp_rank=_pg_rank(pg_collection.pp)),
+            config=tc, spec=spec,
             pre_process=pre_process, post_process=post_process, pg_collection=pg_collection, vp_stage=vp_stage)
 
         if self.mtp_process:
@@ -94,7 +111,17 @@ class DSV3Model(LanguageModule):
                 tc.hidden_size, self.vocab_size, config=tc, init_method=tc.init_method, bias=False,
                 skip_bias_add=False, gather_output=not parallel_output, tp_group=pg_collection.tp)
 
-        if self.pre_process or self.post_process:
+        if placement is not None:
+            # no tied copy across ranks (MTP shares this rank's embedding): only the markers of
+            # setup_embeddings_and_output_layer. DualPipe's second copy of a stage counts once in the grad norm.
+            if self.pre_process:
+                self.embedding.word_embeddings.weight.is_embedding_or_output_parameter = True
+            if self.post_process:
+                self.output_layer.weight.is_embedding_or_output_parameter = True
+            if placement.mirror:
+                for p in self.parameters():
+                    p.shared = True
+        elif self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()
 
     # ---- pipeline plumbing -----------------------------------------------------------------------
@@ -108,9 +135,17 @@ class DSV3Model(LanguageModule):
     def shared_embedding_or_output_weight(self) -> Optional[Tensor]:
         """The weight megatron-core keeps in sync between the first and last stage: the word embeddings
         (first stage, and the last stage's copy used by MTP); the untied head is never shared."""
-        if self.pre_process or self.mtp_process:
+        if self.pre_process or (self.mtp_process and self._shared_embedding is None):
             return self.embedding.word_embeddings.weight
         return None
+
+    def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
+        """labels [b, s], logits [s, b, V/tp] -> per-token loss [b, s]. Our forward and MTP compute the loss from
+        logits that nothing else reads, so on CUDA the fused kernels take them over (cross_entropy.py: the
+        gradient is written over them in forward; no float32 copy); elsewhere megatron-core's cross entropy."""
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(), self.pg_collection.tp,
+                                            consume_logits=True)                                 # [s, b]
+        return loss.transpose(0, 1).contiguous()
 
     # ---- MTP switches (see megatron_dsv3.mtp.loss for the model-chunk versions) -------------------
     def set_mtp_loss_weight(self, weight: float) -> None:
@@ -155,7 +190,8 @@ class DSV3Model(LanguageModule):
                                  "(not only labels); pass them there or switch MTP off (set_mtp_enabled)")
             hidden = self.mtp(
                 hidden, input_ids=input_ids, labels=labels, loss_mask=loss_mask,
-                embedding=lambda ids: self.embedding(input_ids=ids, position_ids=None),
+                embedding=lambda ids: (self.embedding if self._shared_embedding is None else self._shared_embedding)(
+                    input_ids=ids, position_ids=None),
                 output_layer=lambda h: self.output_layer(h, runtime_gather_output=False),
                 loss_fn=self.compute_language_model_loss, attention_mask=attention_mask, rope_angles=rope_angles,
                 per_token_loss=bool(self.config.calculate_per_token_loss))
@@ -175,11 +211,23 @@ class DSV3Model(LanguageModule):
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         sd.pop(f"{prefix}output_layer._extra_state", None)
-        if self.mtp_process and not self.pre_process:
+        if self.placement is not None and self.placement.mirror:
+            _second_replica(sd)           # DualPipe's mirror copy: the stage's main replica is on the other rank
+        if self.mtp_process and not self.pre_process and self._shared_embedding is None:
             tie_word_embeddings_state_dict(sd, self.embedding.word_embeddings.weight,
                                            f"{prefix}embedding.word_embeddings.weight", tp_group=self.tp_group,
                                            dp_cp_group=metadata["dp_cp_group"])
         return sd
+
+
+def _second_replica(sd) -> None:
+    """Mark every sharded tensor/object of a state dict as a non-main replica (replica_id's first entry + 1)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    for v in nested_values(sd):
+        rid = getattr(v, "replica_id", None)
+        if rid is None:
+            continue
+        v.replica_id = (rid[0] + 1, *rid[1:]) if isinstance(rid, tuple) else rid + 1
 
 
 def _check_groups(config: DSV3Config, pg) -> None:

@@ -3,6 +3,11 @@
 "local": megatron-core's tensor-parallel linears and our plain-torch norms/attention (runs on CPU).
 "te":    megatron-core's Transformer Engine wrappers (megatron.core.extensions.transformer_engine),
          selected only when TE imports. Modules never ask which class they were given.
+
+FP8 (DSV3Config.fp8.enabled; fp8/recipe.py resolves its backend): each linear named in FP8_MODULES and not kept in
+FP8Config.bf16_modules becomes an FP8 linear -- ours (fp8/linear.py) with the native backend, TE's with the te
+backend (TE runs them in FP8 under megatron-core's fp8_autocast); a linear kept in BF16 under the te backend is
+megatron-core's local class, which the autocast does not touch. The routed experts are FP8GroupedExperts in both.
 """
 from __future__ import annotations
 
@@ -18,6 +23,31 @@ def check_backend(backend: str) -> str:
         raise ValueError("backend 'te' needs Transformer Engine, which does not import here "
                          "(pip install 'megatron_dsv3[te]' on a CUDA machine); use backend='local'")
     return backend
+
+
+def _fp8_backend(config):
+    from megatron_dsv3.fp8.recipe import resolve_backend
+    return resolve_backend(getattr(config, "fp8", None))
+
+
+def _linear(config, backend: str, kind: str, name: str):
+    """The class (or spec) of one linear: kind "column" | "row" | "duplicated"; `name` as FP8Config.bf16_modules
+    spells it. BF16: the backend's class. FP8: see the module docstring."""
+    fp8 = _fp8_backend(config)
+    in_fp8 = fp8 is not None and name not in config.fp8.bf16_modules
+    if (backend == "te" and fp8 != "te" and not in_fp8) or (fp8 == "te" and in_fp8):
+        from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear, TELinear,
+                                                                 TERowParallelLinear)
+        from megatron.core.transformer.spec_utils import ModuleSpec
+        return {"column": TEColumnParallelLinear, "row": TERowParallelLinear,
+                "duplicated": ModuleSpec(module=TELinear, params={"parallel_mode": "duplicated"})}[kind]
+    if in_fp8:                       # native FP8
+        from megatron_dsv3.fp8.linear import FP8ColumnParallelLinear, FP8DuplicatedLinear, FP8RowParallelLinear
+        return {"column": FP8ColumnParallelLinear, "row": FP8RowParallelLinear, "duplicated": FP8DuplicatedLinear}[kind]
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_dsv3.mla.linear import DuplicatedLinear
+    return {"column": ColumnParallelLinear, "row": RowParallelLinear, "duplicated": DuplicatedLinear}[kind]
 
 
 def get_mla_spec(config, backend: str = "local"):
@@ -36,34 +66,29 @@ def get_mla_spec(config, backend: str = "local"):
 
     check_backend(backend)
     if backend == "te":
-        from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear, TEDotProductAttention, TELinear, TENorm, TERowParallelLinear)
-        duplicated = ModuleSpec(module=TELinear, params={"parallel_mode": "duplicated"})
-        norm, column, row, core = TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention, TENorm
+        norm, core = TENorm, TEDotProductAttention
     else:
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
         from megatron_dsv3.mla.core_attention import SDPAttention
-        from megatron_dsv3.mla.linear import DuplicatedLinear
         from megatron_dsv3.norm import RMSNorm
-        duplicated, norm, column, row, core = DuplicatedLinear, RMSNorm, ColumnParallelLinear, RowParallelLinear, SDPAttention
+        norm, core = RMSNorm, SDPAttention
+    lin = lambda kind, name: _linear(config, backend, kind, name)   # noqa: E731
     return ModuleSpec(
         module=MLASelfAttention,
         params={"mla": config.mla, "attn_mask_type": AttnMaskType.causal},
         submodules=MLASubmodules(
-            linear_q_down_proj=duplicated, q_layernorm=norm, linear_q_up_proj=column, linear_q_proj=column,
-            linear_kv_down_proj=duplicated, kv_layernorm=norm, linear_kv_up_proj=column,
-            core_attention=core, linear_proj=row,
+            linear_q_down_proj=lin("duplicated", "linear_q_down_proj"), q_layernorm=norm,
+            linear_q_up_proj=lin("column", "linear_q_up_proj"), linear_q_proj=lin("column", "linear_q_proj"),
+            linear_kv_down_proj=lin("duplicated", "linear_kv_down_proj"), kv_layernorm=norm,
+            linear_kv_up_proj=lin("column", "linear_kv_up_proj"),
+            core_attention=core, linear_proj=lin("row", "linear_proj"),
         ),
     )
 
 
-def _mlp_linears(backend: str):
-    if backend == "te":
-        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
-        return TEColumnParallelLinear, TERowParallelLinear
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    return ColumnParallelLinear, RowParallelLinear
+def _mlp_linears(config, backend: str, name: str):
+    """(linear_fc1, linear_fc2) classes of an MLP; name "dense_mlp" | "shared_experts" (FP8Config.bf16_modules)."""
+    return _linear(config, backend, "column", name), _linear(config, backend, "row", name)
 
 
 def get_dense_mlp_spec(config, backend: str = "local"):
@@ -73,7 +98,7 @@ def get_dense_mlp_spec(config, backend: str = "local"):
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
 
-    column, row = _mlp_linears(check_backend(backend))
+    column, row = _mlp_linears(config, check_backend(backend), "dense_mlp")
     return ModuleSpec(module=MLP, params={"ffn_hidden_size": config.moe.dense_ffn_hidden_size},
                       submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))
 
@@ -93,15 +118,18 @@ def get_moe_spec(config, backend: str = "local", pg_collection=None):
     from megatron_dsv3.moe.layer import DeepSeekMoE, DeepSeekMoESubmodules
     from megatron_dsv3.moe.router import Router
 
-    column, row = _mlp_linears(check_backend(backend))
+    column, row = _mlp_linears(config, check_backend(backend), "shared_experts")
     shared = None
     if config.moe.num_shared_experts > 0:
         shared = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))
+    experts = GroupedExperts
+    if _fp8_backend(config) is not None and "experts" not in config.fp8.bf16_modules:
+        from megatron_dsv3.fp8.experts import FP8GroupedExperts as experts
     params = {"moe": config.moe}
     if pg_collection is not None:      # megatron-core 0.19's TransformerLayer passes its own as pg_collection
         params["model_pg_collection"] = pg_collection
     return ModuleSpec(module=DeepSeekMoE, params=params,
-                      submodules=DeepSeekMoESubmodules(router=Router, experts=GroupedExperts, shared_experts=shared))
+                      submodules=DeepSeekMoESubmodules(router=Router, experts=experts, shared_experts=shared))
 
 
 def get_layer_spec(config, moe_layer: bool, backend: str = "local", pg_collection=None):
@@ -166,10 +194,7 @@ def get_mtp_block_spec(config, backend: str = "local", pg_collection=None):
     check_backend(backend)
     if config.mtp.num_layers == 0:
         return None
-    if backend == "te":
-        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear as column
-    else:
-        from megatron.core.tensor_parallel import ColumnParallelLinear as column
+    column = _linear(config, backend, "column", "eh_proj")
     module = ModuleSpec(module=MTPModule, submodules=MTPModuleSubmodules(
         enorm=RMSNorm, hnorm=RMSNorm, eh_proj=column, transformer_layer=get_layer_spec(config, True, backend, pg_collection),
         final_layernorm=RMSNorm))

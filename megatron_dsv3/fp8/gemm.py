@@ -129,6 +129,25 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
     return x if ok else x.contiguous()
 
 
+# Some torch versions check 128x128 scales for a row stride of round_up(K/128, 4) (16-byte aligned rows), others for
+# exactly K/128: None until the first call with K/128 % 4 != 0 finds out which (then fixed for the process).
+_BLOCK_SCALE_ROW_PAD: Optional[bool] = None
+
+
+def _row_stride(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """x [R, C] as a view whose row stride is C rounded up to `multiple`."""
+    C = x.shape[1]
+    if multiple == 1 or C % multiple == 0:
+        return x.contiguous()
+    buf = torch.ones(x.shape[0], _round_up(C, multiple), dtype=x.dtype, device=x.device)
+    buf[:, :C] = x
+    return buf[:, :C]
+
+
+def _crop(out: torch.Tensor, M: int, N: int) -> torch.Tensor:
+    return out if tuple(out.shape) == (M, N) else out[:M, :N].contiguous()
+
+
 def _round_up(a: int, b: int) -> int:
     return _cdiv(a, b) * b
 
@@ -147,12 +166,23 @@ def _scaled_mm_blockwise(a_q, a_scale, b_q, b_scale, scaling: str, out_dtype) ->
     a_q = _pad_rows(_row_major(a_q), Mp)
     b_q = _pad_rows(_row_major(b_q), Np)
     sa = _pad_rows(a_scale, Mp, 1.0).t().contiguous().t()          # [Mp, T], stride (1, Mp)
-    if scaling == "blocks":
-        sb = _pad_rows(b_scale, _cdiv(Np, TILE), 1.0).contiguous().t()   # [T, Np/128]; .t() is row-major
-    else:
+    if scaling == "tiles":
         sb = _pad_rows(b_scale, Np, 1.0).t().contiguous()          # [T, Np]; .t() is [Np, T] stride (1, Np)
-    out = torch._scaled_mm(a_q, b_q.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=False)
-    return out if (Mp, Np) == (M, N) else out[:M, :N]
+        return _crop(torch._scaled_mm(a_q, b_q.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype,
+                                      use_fast_accum=False), M, N)
+    sb = _pad_rows(b_scale, _cdiv(Np, TILE), 1.0)                   # [Np/128, T] row-major; passed as .t()
+    global _BLOCK_SCALE_ROW_PAD
+    for pad in ((_BLOCK_SCALE_ROW_PAD,) if _BLOCK_SCALE_ROW_PAD is not None else (False, True)):
+        try:
+            out = torch._scaled_mm(a_q, b_q.t(), scale_a=sa, scale_b=_row_stride(sb, 4 if pad else 1).t(),
+                                   out_dtype=out_dtype, use_fast_accum=False)
+        except RuntimeError as err:
+            if _BLOCK_SCALE_ROW_PAD is not None or pad or "Invalid scaling" not in str(err) or sb.shape[1] % 4 == 0:
+                raise
+            continue
+        if sb.shape[1] % 4:                                          # the layout this torch took: remember it
+            _BLOCK_SCALE_ROW_PAD = pad
+        return _crop(out, M, N)
 
 
 def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,

@@ -17,7 +17,7 @@ the `*_fast` dispatchers take them on CUDA and quant.py's references elsewhere.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -80,7 +80,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _quant_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, src_ptr, cnt_ptr,
-                      M, K, stride_xm, T, QT_STRIDE, ST_STRIDE,
+                      M, K, stride_xm, S_STRIDE_M, S_STRIDE_T, QT_STRIDE, ST_STRIDE_K, ST_STRIDE_T,
                       ROWS: tl.constexpr, COLS: tl.constexpr, GROUPED: tl.constexpr, POW2: tl.constexpr,
                       BM: tl.constexpr, BK: tl.constexpr):
         pid_m = tl.program_id(0)
@@ -102,7 +102,7 @@ if HAVE_TRITON:
             s = _scale(_amax(x, 1), POW2)                      # [BM]
             q = _cast(x, s[:, None])
             tl.store(q_ptr + rows[:, None] * K + c[None, :], q, mask=mask)
-            tl.store(s_ptr + rows * T + pid_k, s, mask=rmask)
+            tl.store(s_ptr + rows * S_STRIDE_M + pid_k * S_STRIDE_T, s, mask=rmask)
         if COLS:
             st = _scale(_amax(x, 0), POW2)                     # [BK]
             qc = _cast(x, st[None, :])
@@ -115,51 +115,61 @@ if HAVE_TRITON:
             else:
                 tmask = cmask[:, None] & rmask[None, :]
             tl.store(qt_ptr + c[:, None].to(tl.int64) * QT_STRIDE + col[None, :], qt, mask=tmask)
-            tl.store(st_ptr + c.to(tl.int64) * ST_STRIDE + pid_m, st, mask=cmask)
+            tl.store(st_ptr + c.to(tl.int64) * ST_STRIDE_K + pid_m * ST_STRIDE_T, st, mask=cmask)
 
 
-def _launch(x, q, s, qt, st, src, cnt, M, T, qt_stride, st_stride, grid, rows, cols, grouped, pow2, bm):
+def _launch(x, q, s, qt, st, src, cnt, M, qt_stride, grid, rows, cols, grouped, pow2, bm, num_warps=None):
     dummy = x
+    s_strides = s.stride() if s is not None else (0, 0)
+    st_strides = st.stride() if st is not None else (0, 0)
     _quant_kernel[grid](x, q.view(torch.uint8) if q is not None else dummy, s if s is not None else dummy,
                         qt.view(torch.uint8) if qt is not None else dummy, st if st is not None else dummy,
                         src if src is not None else dummy, cnt if cnt is not None else dummy,
-                        M, x.shape[1], x.stride(0), T, qt_stride, st_stride,
+                        M, x.shape[1], x.stride(0), s_strides[0], s_strides[1], qt_stride, st_strides[0], st_strides[1],
                         ROWS=rows, COLS=cols, GROUPED=grouped, POW2=pow2, BM=bm, BK=TILE,
-                        num_warps=8 if bm * TILE >= 128 * 128 else 4)
+                        num_warps=num_warps or (8 if bm * TILE >= 128 * 128 else 4))
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 and (x.dim() < 2 or x.stride(-2) >= x.shape[-1]) else x.contiguous()
 
 
-def quantize_tiles_triton(x: torch.Tensor, pow2_scales: bool = False, block_m: int = 32
-                          ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """quant.quantize_tiles(x) (1x128 tiles along the last dim, any leading dims)."""
+def _scales_for_mm(M: int, T: int, device) -> torch.Tensor:
+    # [M, T] with stride (1, M): the layout cuBLAS's 1x128 scaling wants (gemm.py then passes it without a copy)
+    return torch.empty(T, M, dtype=torch.float32, device=device).t()
+
+
+def quantize_tiles_triton(x: torch.Tensor, pow2_scales: bool = False, block_m: int = 32,
+                          num_warps: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """quant.quantize_tiles(x) (1x128 tiles along the last dim, any leading dims). For a 2-D x the scales come as
+    an [M, T] view of stride (1, M), the layout the block-scaled GEMM takes; same values as the reference."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = _as_rows(x.reshape(-1, K))
     M, T = x2.shape[0], triton.cdiv(K, TILE)
     q = torch.empty(M, K, dtype=FP8, device=x.device)
-    s = torch.empty(M, T, dtype=torch.float32, device=x.device)
+    s = _scales_for_mm(M, T, x.device) if x.dim() == 2 else torch.empty(M, T, dtype=torch.float32, device=x.device)
     if M and K:
-        _launch(x2, q, s, None, None, None, None, M, T, 0, 0, (triton.cdiv(M, block_m), T),
-                True, False, False, pow2_scales, block_m)
-    return q.view(*lead, K), s.view(*lead, T)
+        _launch(x2, q, s, None, None, None, None, M, 0, (triton.cdiv(M, block_m), T),
+                True, False, False, pow2_scales, block_m, num_warps)
+    return q.view(*lead, K), (s if x.dim() == 2 else s.view(*lead, T))
 
 
-def quantize_tiles_and_transpose_triton(x: torch.Tensor, pow2_scales: bool = False
+def quantize_tiles_and_transpose_triton(x: torch.Tensor, pow2_scales: bool = False, num_warps: Optional[int] = None
                                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quant.quantize_tiles_and_transpose(x [M, K]) -> (q, s, qt [K, M], st [K, ceil(M/128)]), one read of x."""
+    """quant.quantize_tiles_and_transpose(x [M, K]) -> (q, s, qt [K, M], st [K, ceil(M/128)]), one read of x.
+    s and st come as views of stride (1, rows), the GEMM's layout (see quantize_tiles_triton)."""
     if x.dim() != 2:
         raise ValueError(f"quantize_tiles_and_transpose needs a 2-D [M, K] input, got shape {tuple(x.shape)}")
     x = _as_rows(x)
     M, K = x.shape
     T, TM = triton.cdiv(K, TILE), triton.cdiv(M, TILE)
     q = torch.empty(M, K, dtype=FP8, device=x.device)
-    s = torch.empty(M, T, dtype=torch.float32, device=x.device)
+    s = _scales_for_mm(M, T, x.device)
     qt = torch.empty(K, M, dtype=FP8, device=x.device)
-    st = torch.empty(K, TM, dtype=torch.float32, device=x.device)
+    st = _scales_for_mm(K, TM, x.device)
     if M and K:
-        _launch(x, q, s, qt, st, None, None, M, T, M, TM, (TM, T), True, True, False, pow2_scales, TILE)
+        _launch(x, q, s, qt, st, None, None, M, M, (TM, T), True, True, False,
+                pow2_scales, TILE, num_warps)
     return q, s, qt, st
 
 
@@ -179,8 +189,8 @@ def grouped_row_tiles(offs: torch.Tensor, tile: int = TILE) -> Tuple[torch.Tenso
     return offs_p.to(torch.int32), src.to(torch.int32), cnt.to(torch.int32), J * tile
 
 
-def quantize_columns_grouped_triton(x: torch.Tensor, offs: torch.Tensor, pow2_scales: bool = False
-                                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_columns_grouped_triton(x: torch.Tensor, offs: torch.Tensor, pow2_scales: bool = False,
+                                    num_warps: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """quant.quantize_columns_grouped(x [R, K], offs) -> (qt [K, Rp], st [K, Rp/128], offs_padded)."""
     if x.dim() != 2:
         raise ValueError(f"quantize_columns_grouped needs a 2-D [R, K] input, got shape {tuple(x.shape)}")
@@ -190,10 +200,10 @@ def quantize_columns_grouped_triton(x: torch.Tensor, offs: torch.Tensor, pow2_sc
     if offs.numel() and int(offs[-1]) > x.shape[0]:
         raise ValueError(f"offs ends at row {int(offs[-1])} but x has {x.shape[0]} rows")
     qt = torch.empty(K, Rp, dtype=FP8, device=x.device)
-    st = torch.empty(K, Rp // TILE, dtype=torch.float32, device=x.device)
+    st = _scales_for_mm(K, Rp // TILE, x.device)
     if Rp and K:
-        _launch(x, None, None, qt, st, src, cnt, x.shape[0], 0, Rp, Rp // TILE, (Rp // TILE, triton.cdiv(K, TILE)),
-                False, True, True, pow2_scales, TILE)
+        _launch(x, None, None, qt, st, src, cnt, x.shape[0], Rp, (Rp // TILE, triton.cdiv(K, TILE)),
+                False, True, True, pow2_scales, TILE, num_warps)
     return qt, st, offs_p
 
 

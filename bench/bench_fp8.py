@@ -1,0 +1,379 @@
+"""FP8 kernels on a Hopper GPU: what cuBLAS's block-scaled GEMM accepts, FP32 accumulation at K = 16384, quantiser
+bandwidth against a device copy, GEMM TFLOP/s per DeepSeek-V3 shape against bf16 and raw torch._scaled_mm.
+
+    python bench/bench_fp8.py --out DIR [--sections probe,accum,quant,gemm,grouped] [--rounds 3]
+
+Writes DIR/results_fp8.md (and .json). Variants of one section alternate within each round (round-robin), the
+figure is the median over rounds of each round's median of `--iters` CUDA-event-timed calls.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_dsv3.fp8 import gemm, kernels, quant  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+COPY_TBS = None
+
+
+def timed(fn, iters):
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e))
+    return sorted(ts)[len(ts) // 2]
+
+
+def alternate(variants, rounds, iters):
+    """{name: fn} -> {name: median ms}, the variants round-robin within each round."""
+    got = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            try:
+                got[k].append(timed(fn, iters))
+            except Exception as err:  # a variant this torch does not take: say so, keep going
+                got[k].append(float("nan"))
+                print(f"  {k}: {type(err).__name__}: {str(err)[:200]}", flush=True)
+    return {k: sorted(v)[len(v) // 2] for k, v in got.items()}
+
+
+def rel_err(out, exact):
+    return ((out.double() - exact).norm() / exact.norm()).item()
+
+
+def deq_exact(qa, sa, qb, sb, b_scaling):
+    return quant.dequantized_matmul(qa, sa.contiguous(), qb, sb.contiguous(), b_scaling=b_scaling)
+
+
+# ---- probe ------------------------------------------------------------------------------------------------------
+def probe(lines, res):
+    dev = "cuda"
+    lines.append("## What cuBLAS's block-scaled `torch._scaled_mm` takes\n")
+    M = N = K = 512
+    g = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(M, K, device=dev, generator=g)
+    b = torch.randn(N, K, device=dev, generator=g)
+    T = K // 128
+    qa, sa_t = quant.quantize_tiles(a)
+    qa_b, sa_b = quant.quantize_blocks(a)
+    qb, sb_b = quant.quantize_blocks(b)
+    qb_t, sb_t = quant.quantize_tiles(b)
+    args_a = {"1x128": (qa, sa_t.t().contiguous().t(), sa_t, "tiles"), "128x128": (qa_b, sa_b, sa_b, "blocks")}
+    args_b = {"128x128": (qb, sb_b.t(), sb_b, "blocks"), "1x128": (qb_t, sb_t.t().contiguous(), sb_t, "tiles")}
+    rows = []
+    for la, (xa, scale_a, sa_plain, a_kind) in args_a.items():
+        for lb, (xb, scale_b, sb_plain, b_kind) in args_b.items():
+            for od in (torch.bfloat16, torch.float32, torch.float16):
+                try:
+                    out = torch._scaled_mm(xa, xb.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=od)
+                    A = (quant.dequantize_tiles(xa, sa_plain, dtype=torch.float64) if a_kind == "tiles"
+                         else quant.dequantize_blocks(xa, sa_plain, dtype=torch.float64))
+                    B = (quant.dequantize_tiles(xb, sb_plain, dtype=torch.float64) if b_kind == "tiles"
+                         else quant.dequantize_blocks(xb, sb_plain, dtype=torch.float64))
+                    r = f"ok, rel err {rel_err(out, A @ B.T):.2e}"
+                except Exception as err:
+                    r = f"refused: {str(err).splitlines()[0][:90]}"
+                rows.append((la, lb, str(od).replace("torch.", ""), r))
+    lines.append("| A scaling | B scaling | out | result (512^3) |\n|---|---|---|---|")
+    lines += [f"| {a} | {b} | {o} | {r} |" for a, b, o, r in rows]
+    res["pairs"] = rows
+
+    # alignment: our wrapper with padding switched off, against the float32 emulation
+    lines.append("\nSizes, 1x128 x 128x128, bf16 out, straight into `_scaled_mm` (no padding) vs the emulation:\n")
+    lines.append("| M | N | K | unpadded | through fp8_gemm (pads to M%16, N%16, K%128) |\n|---|---|---|---|---|")
+    shapes = [(256, 256, 512)] + [(m, 256, 512) for m in (1, 4, 8, 17, 100, 200)] + \
+             [(256, n, 512) for n in (16, 17, 100, 136, 200)] + [(256, 256, k) for k in (16, 64, 100, 144, 300, 384)]
+    saved = dict(gemm._ALIGN)
+    align_rows = []
+    for (m, n, k) in shapes:
+        x = torch.randn(m, k, device=dev, generator=g)
+        w = torch.randn(n, k, device=dev, generator=g)
+        xq, xs = quant.quantize_tiles(x)
+        wq, ws = quant.quantize_blocks(w)
+        ref = gemm.fp8_gemm_emulated(xq, xs, wq, ws, torch.float32).double()
+        res_row = []
+        for align in ({"M": 1, "N": 1, "K": 1}, saved):
+            gemm._ALIGN.update(align)
+            try:
+                out = gemm.fp8_gemm(xq, xs, wq, ws, torch.bfloat16)
+                e = rel_err(out, ref)
+                res_row.append(("ok" if e < 8e-3 else "**WRONG**") + f" ({e:.1e})")
+            except Exception as err:
+                res_row.append(f"refused: {str(err).splitlines()[0][:70]}")
+        gemm._ALIGN.update(saved)
+        align_rows.append((m, n, k, *res_row))
+        lines.append(f"| {m} | {n} | {k} | {res_row[0]} | {res_row[1]} |")
+    res["align"] = align_rows
+    res["block_scale_row_pad"] = gemm._BLOCK_SCALE_ROW_PAD
+
+    # grouped forms with block scales
+    lines.append("\nGrouped block-scaled GEMM in this torch:\n")
+    E, R = 4, 512
+    offs = torch.tensor([128, 256, 384, 512], dtype=torch.int32, device=dev)
+    xq, xs = quant.quantize_tiles(torch.randn(R, K, device=dev))
+    ws = [quant.quantize_blocks(torch.randn(N, K, device=dev)) for _ in range(E)]
+    wq = torch.stack([w[0] for w in ws])
+    wsc = torch.stack([w[1] for w in ws])
+    tries = {}
+    F = torch.nn.functional
+    if hasattr(F, "scaled_grouped_mm"):
+        def f1():
+            return F.scaled_grouped_mm(xq, wq.transpose(-2, -1), xs.t().contiguous().t(), F.ScalingType.BlockWise1x128,
+                                       wsc.transpose(-2, -1), F.ScalingType.BlockWise128x128, offs=offs,
+                                       output_dtype=torch.bfloat16)
+        tries["F.scaled_grouped_mm(BlockWise1x128, BlockWise128x128)"] = f1
+    if hasattr(torch, "_scaled_grouped_mm"):
+        def f2():
+            return torch._scaled_grouped_mm(xq, wq.transpose(-2, -1), xs.t().contiguous().t(), wsc.transpose(-2, -1),
+                                            offs=offs, out_dtype=torch.bfloat16)
+        tries["torch._scaled_grouped_mm(1x128, 128x128 scales)"] = f2
+    for name, fn in tries.items():
+        try:
+            out = fn()
+            ref = gemm.fp8_grouped_gemm(xq, xs, wq, wsc, offs, torch.float64)
+            lines.append(f"- {name}: ran, rel err {rel_err(out, ref):.2e}")
+        except Exception as err:
+            lines.append(f"- {name}: refused: {str(err).splitlines()[0][:160]}")
+    if not tries:
+        lines.append("- no scaled_grouped_mm in this torch")
+
+
+# ---- accumulation -----------------------------------------------------------------------------------------------
+def round_bits(x, bits):
+    m, e = torch.frexp(x)
+    return torch.ldexp(torch.round(m * 2.0 ** bits) / 2.0 ** bits, e)
+
+
+def accum(lines, res):
+    """All-positive operands make the partial sums grow with K, so an accumulator's precision shows in the result."""
+    dev = "cuda"
+    M = N = 256
+    K = 16384
+    g = torch.Generator(device=dev).manual_seed(1)
+    a = torch.rand(M, K, device=dev, generator=g)
+    b = torch.rand(N, K, device=dev, generator=g)
+    qa, sa = kernels.quantize_tiles_fast(a)
+    qb, sb = quant.quantize_blocks(b)
+    A = quant.dequantize_tiles(qa, sa.contiguous(), dtype=torch.float64)
+    B = quant.dequantize_blocks(qb, sb, dtype=torch.float64)
+    exact = A @ B.T
+    rows = {}
+    for od in (torch.float32, torch.bfloat16):
+        try:
+            rows[f"cuBLAS block-scaled `_scaled_mm`, {str(od)[6:]} out"] = gemm.fp8_gemm(qa, sa, qb, sb, od)
+        except Exception as err:
+            print("accum", od, err)
+    rows["emulation: FP32 accumulation, promotion every 128 (ours, CPU path)"] = \
+        gemm.fp8_gemm_emulated(qa, sa, qb, sb, torch.float32)
+
+    def limited(bits, promote_every):
+        # WGMMA adds 32-wide products into an accumulator holding `bits` significant bits; every `promote_every`
+        # of K the partial is added into an exact (float64) total, or never (promote_every = K)
+        total = torch.zeros(M, N, dtype=torch.float64, device=dev)
+        part = torch.zeros_like(total)
+        for k0 in range(0, K, 32):
+            part = round_bits(part + A[:, k0:k0 + 32] @ B[:, k0:k0 + 32].T, bits)
+            if (k0 + 32) % promote_every == 0:
+                total += part
+                part.zero_()
+        return total + part
+    rows["emulation: 14-bit accumulator, no promotion"] = limited(14, K)
+    rows["emulation: 14-bit accumulator, promoted to FP32 every 128"] = limited(14, 128)
+    rows["emulation: bf16 rounding of the exact result"] = exact.to(torch.bfloat16)
+    lines.append(f"\n## Accumulation precision: K = {K}, A, B uniform in [0, 1) (all partial sums grow), "
+                 f"{M}x{N}\n")
+    lines.append("| what | rel. error vs float64 (Frobenius) | max rel. error |\n|---|---|---|")
+    for k, v in rows.items():
+        d = (v.double() - exact)
+        lines.append(f"| {k} | {(d.norm() / exact.norm()).item():.2e} | {(d.abs() / exact.abs()).max().item():.2e} |")
+        res.setdefault("accum", {})[k] = (d.norm() / exact.norm()).item()
+
+
+# ---- quantisers ---------------------------------------------------------------------------------------------------
+def quant_bench(lines, res, rounds, iters):
+    dev = "cuda"
+    lines.append("\n## Quantisers, bf16 input (GB/s = bytes read + written / time)\n")
+    lines.append("| shape | variant | bit-exact vs quant.py | ms | GB/s | % of copy |\n|---|---|---|---|---|---|")
+    for (M, K) in ((16384, 7168), (32768, 2048)):
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        y = torch.empty_like(x)
+        E = 32
+        offs = torch.full((E,), M // E, device=dev, dtype=torch.int64).cumsum(0).to(torch.int32)
+        ref_t = quant.quantize_tiles(x)
+        ref_tt = quant.quantize_tiles_and_transpose(x)
+        ref_g = quant.quantize_columns_grouped(x, offs)
+        nb_tiles = 2 * M * K + M * K + 4 * M * K // 128
+        variants, nbytes, exact = {}, {}, {}
+        variants["device copy"] = lambda: y.copy_(x)
+        nbytes["device copy"] = 4 * M * K
+        for bm in (8, 16, 32, 64):
+            for nw in (4, 8):
+                name = f"quantize_tiles_triton BM={bm} warps={nw}"
+                variants[name] = (lambda bm=bm, nw=nw: kernels.quantize_tiles_triton(x, False, bm, nw))
+                nbytes[name] = nb_tiles
+                got = kernels.quantize_tiles_triton(x, False, bm, nw)
+                exact[name] = all(_eq(u, v) for u, v in zip(got, ref_t))
+        variants["quant.quantize_tiles (plain torch)"] = lambda: quant.quantize_tiles(x)
+        nbytes["quant.quantize_tiles (plain torch)"] = nb_tiles
+        for nw in (4, 8, 16):
+            name = f"quantize_tiles_and_transpose_triton warps={nw}"
+            variants[name] = (lambda nw=nw: kernels.quantize_tiles_and_transpose_triton(x, False, nw))
+            nbytes[name] = 2 * nb_tiles - 2 * M * K
+            exact[name] = all(_eq(u, v) for u, v in zip(kernels.quantize_tiles_and_transpose_triton(x, False, nw),
+                                                         ref_tt))
+            name = f"quantize_columns_grouped_triton (32 experts) warps={nw}"
+            variants[name] = (lambda nw=nw: kernels.quantize_columns_grouped_triton(x, offs, False, nw))
+            nbytes[name] = nb_tiles
+            exact[name] = all(_eq(u, v) for u, v in zip(kernels.quantize_columns_grouped_triton(x, offs, False, nw),
+                                                         ref_g))
+        ms = alternate(variants, rounds, iters)
+        copy = nbytes["device copy"] / ms["device copy"] / 1e6
+        for k, t in ms.items():
+            gbs = nbytes[k] / t / 1e6
+            lines.append(f"| {M}x{K} | {k} | {exact.get(k, '')} | {t:.3f} | {gbs:.0f} | {100 * gbs / copy:.0f}% |")
+            res.setdefault("quant", {})[f"{M}x{K} {k}"] = (t, gbs, exact.get(k))
+
+
+def _eq(u, v):
+    if u.dtype == FP8:
+        return torch.equal(u.view(torch.uint8), v.view(torch.uint8))
+    return torch.equal(u, v)
+
+
+# ---- GEMMs ------------------------------------------------------------------------------------------------------
+def gemm_bench(lines, res, rounds, iters):
+    dev = "cuda"
+    lines.append("\n## FP8 GEMM by shape (1x128 x 128x128, bf16 out), TFLOP/s\n")
+    lines.append("| M, N, K | bf16 torch.mm | raw `_scaled_mm` | fp8_gemm | fp8_gemm / raw | Wgrad form 1x128 x 1x128 raw "
+                 "| rel err vs float64 |\n|---|---|---|---|---|---|---|")
+    for (M, N, K) in ((4096, 7168, 16384), (4096, 4096, 7168), (4096, 24576, 1536), (4096, 7168, 2048),
+                      (16384, 18432, 7168), (8192, 8192, 8192)):
+        a = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+        qa, sa = kernels.quantize_tiles_fast(a)
+        qw, sw = quant.quantize_blocks(w)
+        qwt, swt = kernels.quantize_tiles_fast(w)
+        sa_cm = sa.t().contiguous().t()
+        sw_arg = sw.t()
+        swt_arg = swt.t().contiguous()
+        v = {
+            "bf16": lambda: torch.mm(a, w.t()),
+            "raw": lambda: torch._scaled_mm(qa, qw.t(), scale_a=sa_cm, scale_b=sw_arg, out_dtype=torch.bfloat16),
+            "fp8_gemm": lambda: gemm.fp8_gemm(qa, sa, qw, sw),
+            "raw tiles": lambda: torch._scaled_mm(qa, qwt.t(), scale_a=sa_cm, scale_b=swt_arg,
+                                                  out_dtype=torch.bfloat16),
+        }
+        ms = alternate(v, rounds, iters)
+        tf = {k: 2 * M * N * K / t / 1e9 for k, t in ms.items()}
+        err = ""
+        if M * N * K <= 4096 * 4096 * 7168:
+            out = gemm.fp8_gemm(qa, sa, qw, sw, torch.float32)
+            err = f"{rel_err(out, deq_exact(qa, sa, qw, sw, 'blocks')):.1e}"
+        lines.append(f"| {M}, {N}, {K} | {tf['bf16']:.0f} | {tf['raw']:.0f} | {tf['fp8_gemm']:.0f} | "
+                     f"{tf['fp8_gemm'] / tf['raw']:.2f} | {tf['raw tiles']:.0f} | {err} |")
+        res.setdefault("gemm", {})[f"{M},{N},{K}"] = tf
+
+
+def grouped_bench(lines, res, rounds, iters):
+    dev = "cuda"
+    E, R = 32, 4096 * 8
+    lines.append(f"\n## Routed experts: {E} experts, {R} rows ({R // E} each), TFLOP/s\n")
+    lines.append("| GEMM | bf16 `torch._grouped_mm` | per-expert raw `_scaled_mm` loop | fp8_grouped_gemm / "
+                 "fp8_grouped_wgrad | rel err vs float64 (expert 0) |\n|---|---|---|---|---|")
+    offs = torch.full((E,), R // E, device=dev, dtype=torch.int64).cumsum(0).to(torch.int32)
+    bounds = list(zip([0] + offs.tolist()[:-1], offs.tolist()))
+    for (K, N) in ((7168, 4096), (2048, 7168)):
+        a = torch.randn(R, K, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(E, N, K, device=dev, dtype=torch.bfloat16)
+        qa, sa = kernels.quantize_tiles_fast(a)
+        qs = [quant.quantize_blocks(w[e]) for e in range(E)]
+        qw, sw = torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+        sa_e = [sa[x:y].t().contiguous().t() for x, y in bounds]
+        out = torch.empty(R, N, device=dev, dtype=torch.bfloat16)
+
+        def raw_loop():
+            for e, (x, y) in enumerate(bounds):
+                out[x:y] = torch._scaled_mm(qa[x:y], qw[e].t(), scale_a=sa_e[e], scale_b=sw[e].t(),
+                                            out_dtype=torch.bfloat16)
+        v = {"bf16": lambda: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs),
+             "raw": raw_loop,
+             "ours": lambda: gemm.fp8_grouped_gemm(qa, sa, qw, sw, offs)}
+        ms = alternate(v, rounds, iters)
+        tf = {k: 2 * R * N * K / t / 1e9 for k, t in ms.items()}
+        got = gemm.fp8_grouped_gemm(qa, sa, qw, sw, offs, torch.float32)[:R // E]
+        err = rel_err(got, deq_exact(qa[:R // E], sa[:R // E], qw[0], sw[0], "blocks"))
+        lines.append(f"| Fprop {K} -> {N} | {tf['bf16']:.0f} | {tf['raw']:.0f} | {tf['ours']:.0f} | {err:.1e} |")
+        res.setdefault("grouped", {})[f"fprop {K}->{N}"] = tf
+
+        # Wgrad: dW_e [N, K] = dy_e^T x_e
+        dy = torch.randn(R, N, device=dev, dtype=torch.bfloat16)
+        dqt, dst, offs_p = kernels.quantize_columns_grouped_fast(dy, offs)
+        xqt, xst, _ = kernels.quantize_columns_grouped_fast(a, offs)
+        dw = torch.empty(E, N, K, device=dev, dtype=torch.float32)
+        v = {"bf16": lambda: torch._grouped_mm(dy.t(), a, offs=offs),
+             "ours": lambda: gemm.fp8_grouped_wgrad(dqt, dst, xqt, xst, offs_p, torch.float32, out=dw),
+             "ours bf16 out": lambda: gemm.fp8_grouped_wgrad(dqt, dst, xqt, xst, offs_p, torch.bfloat16)}
+        ms = alternate(v, rounds, iters)
+        tf = {k: 2 * R * N * K / t / 1e9 for k, t in ms.items()}
+        n0 = R // E
+        qd, sd = quant.quantize_columns(dy[:n0])
+        qx, sx = quant.quantize_columns(a[:n0])
+        ex = (quant.dequantize_columns(qd, sd, dtype=torch.float64).T
+              @ quant.dequantize_columns(qx, sx, dtype=torch.float64))
+        gemm.fp8_grouped_wgrad(dqt, dst, xqt, xst, offs_p, torch.float32, out=dw)
+        err = rel_err(dw[0], ex)
+        lines.append(f"| Wgrad {K} -> {N} (fp32 out; bf16 out {tf['ours bf16 out']:.0f}) | {tf['bf16']:.0f} | | "
+                     f"{tf['ours']:.0f} | {err:.1e} |")
+        res.setdefault("grouped", {})[f"wgrad {K}->{N}"] = tf
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="bench")
+    p.add_argument("--sections", default="probe,accum,quant,gemm,grouped")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    lines = [f"# FP8 kernels and GEMMs: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"{datetime.date.today()}, commit {commit or '?'}\n"]
+    res = {}
+    for sec in args.sections.split(","):
+        print("==", sec, flush=True)
+        try:
+            {"probe": lambda: probe(lines, res), "accum": lambda: accum(lines, res),
+             "quant": lambda: quant_bench(lines, res, args.rounds, args.iters),
+             "gemm": lambda: gemm_bench(lines, res, args.rounds, args.iters),
+             "grouped": lambda: grouped_bench(lines, res, args.rounds, args.iters)}[sec]()
+        except Exception:
+            lines.append(f"\n{sec} failed:\n```\n{traceback.format_exc()[-1500:]}\n```")
+        with open(os.path.join(args.out, "results_fp8.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(os.path.join(args.out, "results_fp8.json"), "w") as f:
+            json.dump(res, f, indent=1, default=str)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -216,7 +216,7 @@ class ParallelConfig:
     context_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
-    pipeline_schedule: str = "1f1b"                 # "1f1b" | "interleaved"; "dualpipe" | "dualpipev" refused until built
+    pipeline_schedule: str = "1f1b"                 # "1f1b" | "interleaved" | "dualpipe" | "dualpipev" (pipeline/megatron_schedule.py)
     num_layers_in_first_pipeline_stage: Optional[int] = None  # uneven splits (the rest shared evenly)
     num_layers_in_last_pipeline_stage: Optional[int] = None
 
@@ -226,13 +226,23 @@ class ParallelConfig:
         _positive(self, "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage", allow_zero=True)
         _check(self.pipeline_schedule in ("1f1b", "interleaved", "dualpipe", "dualpipev"),
                f"ParallelConfig.pipeline_schedule must be 1f1b|interleaved|dualpipe|dualpipev, got {self.pipeline_schedule!r}")
+        if self.pipeline_schedule in ("dualpipe", "dualpipev"):
+            # two model chunks per rank placed by the schedule itself (megatron_dsv3/pipeline/megatron_schedule.py)
+            pp, name = self.pipeline_model_parallel_size, self.pipeline_schedule
+            what = f"pipeline_schedule {name!r} (--pipeline-schedule)"
+            _check(pp >= 2, f"{what} needs pipeline_model_parallel_size (--pipeline-model-parallel-size) >= 2, "
+                            f"got {pp}")
+            _check(name == "dualpipev" or pp % 2 == 0,
+                   f"{what} needs an even pipeline_model_parallel_size (--pipeline-model-parallel-size), got {pp}")
+            _check(self.virtual_pipeline_model_parallel_size is None,
+                   f"{what} places two chunks per rank itself: leave virtual_pipeline_model_parallel_size "
+                   f"(--num-virtual-stages-per-pipeline-rank) unset")
+        _check(self.pipeline_schedule != "interleaved" or self.virtual_pipeline_model_parallel_size,
+               "pipeline_schedule 'interleaved' (--pipeline-schedule) needs virtual_pipeline_model_parallel_size "
+               "(--num-virtual-stages-per-pipeline-rank)")
         # Features that parse but have no implementation yet are refused rather than silently replaced:
-        # DualPipe would run as megatron-core's 1F1B; with ETP > 1 the expert-data-parallel group has size 1,
-        # so the TP-split expert gradients are never summed and the TP ranks' experts drift apart; MLA has no
-        # context-parallel path.
-        _check(self.pipeline_schedule not in ("dualpipe", "dualpipev"),
-               f"ParallelConfig.pipeline_schedule {self.pipeline_schedule!r} is not available yet (DualPipe and "
-               f"DualPipeV are being built in their own issue); use '1f1b' or 'interleaved'")
+        # with ETP > 1 the expert-data-parallel group has size 1, so the TP-split expert gradients are never
+        # summed and the TP ranks' experts drift apart; MLA has no context-parallel path.
         _check(self.expert_tensor_parallel_size == 1,
                f"ParallelConfig.expert_tensor_parallel_size > 1 is not available yet (got "
                f"{self.expert_tensor_parallel_size}): experts are split over expert_model_parallel_size only, use 1")
@@ -316,9 +326,10 @@ class DSV3Config:
         return layer >= self.moe.first_k_dense_replace
 
     def pipeline_layers(self) -> Tuple[int, ...]:
-        """Transformer layers per pipeline stage (first/last may be uneven)."""
+        """Transformer layers per pipeline stage (first/last may be uneven), in the model's order. DualPipeV cuts
+        the model into 2 x pipeline_model_parallel_size stages (rank r holds stages r and 2PP-1-r)."""
         par, n = self.parallel, self.num_layers
-        pp = par.pipeline_model_parallel_size
+        pp = par.pipeline_model_parallel_size * (2 if par.pipeline_schedule == "dualpipev" else 1)
         first, last = par.num_layers_in_first_pipeline_stage, par.num_layers_in_last_pipeline_stage
         if pp == 1:
             _check(first in (None, n) and last in (None, n),
@@ -334,7 +345,9 @@ class DSV3Config:
                               f"num_layers_in_last_pipeline_stage ({last}) with pipeline_model_parallel_size 2")
             return (first, last)
         _check(rest >= 0 and rest % middle == 0,
-               f"num_layers ({n}) cannot be placed on pipeline_model_parallel_size ({pp}) stages "
+               f"num_layers ({n}) cannot be placed on {'2 x ' if pp != par.pipeline_model_parallel_size else ''}"
+               f"pipeline_model_parallel_size ({par.pipeline_model_parallel_size}) stages"
+               f"{' (pipeline_schedule dualpipev)' if pp != par.pipeline_model_parallel_size else ''} "
                f"(first={first}, last={last}): {rest} remaining layers over {middle} stages")
         per = rest // middle
         vpp = par.virtual_pipeline_model_parallel_size

@@ -110,6 +110,10 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--num-virtual-stages-per-pipeline-rank", dest="virtual_pipeline_model_parallel_size", type=int,
                    default=None, help="interleaved 1F1B: model chunks per pipeline rank")
+    g.add_argument("--pipeline-schedule", default=None, choices=["1f1b", "interleaved", "dualpipe", "dualpipev"],
+                   help="1f1b, interleaved (megatron-core's; the default with --num-virtual-stages-per-pipeline-rank), "
+                        "dualpipe or dualpipev (paper section 3.2.1: two model chunks per rank, "
+                        "megatron_dsv3/pipeline/megatron_schedule.py)")
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
@@ -244,6 +248,15 @@ def check_world(args: argparse.Namespace, cfg: DSV3Config, world: int) -> int:
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
                          f"{args.micro_batch_size} x data-parallel size {dp}")
+    if par.pipeline_schedule in ("dualpipe", "dualpipev"):
+        from megatron_dsv3.pipeline.megatron_schedule import check_microbatches
+        ramp = getattr(args, "rampup_batch_size", None)
+        for gbs in sorted({args.global_batch_size, *(range(ramp[0], args.global_batch_size, ramp[1]) if ramp else ())}):
+            if gbs % (args.micro_batch_size * dp) == 0:
+                check_microbatches(par.pipeline_schedule, par.pipeline_model_parallel_size,
+                                   gbs // (args.micro_batch_size * dp),
+                                   f"--global-batch-size {gbs} / (--micro-batch-size {args.micro_batch_size} x "
+                                   f"data-parallel size {dp})")
     return dp
 
 
@@ -264,6 +277,10 @@ def check_args(args: argparse.Namespace, cfg: DSV3Config) -> None:
                              f"tools/preprocess_data.py printed, without .bin/.idx)")
     if args.tokenizer not in (None, "", "byte") and not os.path.exists(args.tokenizer):
         raise ValueError(f"--tokenizer {args.tokenizer}: no such file or directory ('byte' for the built-in one)")
+    schedule = cfg.parallel.pipeline_schedule
+    if schedule in ("dualpipe", "dualpipev") and getattr(args, "overlap_grad_reduce", False):
+        raise ValueError(f"--overlap-grad-reduce with --pipeline-schedule {schedule}: the gradients are reduced "
+                         f"after the schedule (weight gradients are deferred); leave out --overlap-grad-reduce")
     ema = getattr(args, "ema_decay", None)
     if ema is not None and not 0.0 < ema < 1.0:
         raise ValueError(f"--ema-decay must be in (0, 1) (e.g. 0.999), got {ema:g}")
@@ -393,8 +410,13 @@ def parallel_from_args(args) -> dict:
         v = getattr(args, attr, None)
         out[field] = _PARALLEL_DEFAULTS.get(field, 1) if v is None else v
     out["sequence_parallel"] = bool(out["sequence_parallel"])
+    schedule = getattr(args, "pipeline_schedule", None)
     if out["virtual_pipeline_model_parallel_size"]:
-        out["pipeline_schedule"] = "interleaved"
+        if schedule not in (None, "interleaved"):
+            raise ValueError(f"--pipeline-schedule {schedule} with --num-virtual-stages-per-pipeline-rank: the "
+                             f"virtual stages run megatron-core's interleaved 1F1B; leave one of them out")
+        schedule = "interleaved"
+    out["pipeline_schedule"] = schedule or "1f1b"
     return out
 
 

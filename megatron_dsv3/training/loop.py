@@ -85,9 +85,10 @@ def _chunk_flags(vp_stage, vp_size):
 
 
 def _default_builder(cfg, pre_process, post_process, vp_stage=None, backend="local", recompute=None, device=None,
-                     seed=None):
+                     seed=None, **placement):
+    """placement: DualPipe(V)'s placement= and shared_embedding= (pipeline/megatron_schedule.py build_chunks)."""
     from megatron_dsv3.model import build_model
-    kw = {}
+    kw = dict(placement)
     if recompute:   # megatron-core's full-layer recomputation, set on the model's TransformerConfig
         kw["transformer_config"] = cfg.to_transformer_config(**recompute)
     # built and initialised on the trainer's device, from --seed (the torch seed is offset per pipeline stage)
@@ -162,7 +163,12 @@ class Trainer:
         ps, a = self.ps, self.args
         vp = ps.get_virtual_pipeline_model_parallel_world_size()
         chunks = []
-        for i in range(vp or 1):
+        if self.cfg.parallel.pipeline_schedule in ("dualpipe", "dualpipev"):
+            # two chunks per rank placed by the schedule (V shape / mirrored stages)
+            from megatron_dsv3.pipeline.megatron_schedule import build_chunks
+            chunks = [m.to(self.device) for m in build_chunks(
+                self.cfg, partial(builder, self.cfg, vp_stage=None), ps.get_pipeline_model_parallel_rank())]
+        for i in range(0 if chunks else vp or 1):
             vp_stage = i if vp else None
             pre, post = _chunk_flags(vp_stage, vp)
             m = builder(self.cfg, pre_process=pre, post_process=post, vp_stage=vp_stage)
@@ -289,20 +295,27 @@ class Trainer:
         return its if len(its) > 1 else its[0]
 
     def _run(self, dataset, consumed, gbs, forward_only):
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron_dsv3.pipeline.megatron_schedule import get_forward_backward_func
 
         a = self.args
         m = num_microbatches(gbs, a.micro_batch_size, self.dp)
         batches = micro_batches(dataset, consumed, gbs, a.micro_batch_size, self.dp_rank, self.dp, self.device)
-        fb = get_forward_backward_func()
+        fb = get_forward_backward_func(self.cfg.parallel.pipeline_schedule)
         return fb(forward_step_func=forward_step, data_iterator=self._iterators(batches),
                   model=self.chunks if len(self.chunks) > 1 else self.chunks[0], num_microbatches=m,
                   seq_length=self.cfg.seq_length, micro_batch_size=a.micro_batch_size, forward_only=forward_only)
 
     def _reduce_loss(self, losses) -> float:
-        """Token-mean loss of the global batch, on every rank (computed on the last stage, broadcast)."""
+        """Token-mean loss of the global batch, on every rank (computed where the streams end: the last stage,
+        rank 0 under DualPipeV, ranks 0 and PP-1 under DualPipe; summed over the pipeline there)."""
         ps = self.ps
         t = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.cfg.parallel.pipeline_schedule in ("dualpipe", "dualpipev"):
+            if losses:
+                t = torch.stack([x["lm loss"].double() for x in losses]).sum(0).to(self.device)
+            dist.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
+            dist.all_reduce(t, group=ps.get_pipeline_model_parallel_group())
+            return float(t[0] / t[1].clamp(min=1))
         if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
             t = torch.stack([x["lm loss"].double() for x in losses]).sum(0).to(self.device)
             dist.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))

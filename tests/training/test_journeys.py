@@ -150,7 +150,7 @@ def test_model_flags_disagreeing_with_the_checkpoint(tiny_data, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--data-path", "/nonexistent/corpus"], "error: --data-path /nonexistent/corpus: /nonexistent/corpus.bin does not exist"),
     (["--global-batch-size", "6", "--micro-batch-size", "4"], "error: --global-batch-size 6 is not divisible by"),
-    (["--fp8"], "FP8 training"),
+    (["--fp8-backend", "native"], "error: --fp8-backend native needs --fp8"),
     (["--bias-update-rate", "fast"], "error: schedule 'fast': expected"),
     (["--tokenizer", "/nonexistent/tok.json"], "error: --tokenizer /nonexistent/tok.json: no such file"),
     (["--hf-config", "/nonexistent/config.json"], "error: "),
@@ -161,6 +161,20 @@ def test_user_mistakes_are_one_line(flags, message, tiny_data):
                          *flags, ok=False)
     assert rc == 2 and err.strip().count("\n") == 0 and err.startswith("error: "), err
     assert message in err and "Traceback" not in out + err, err
+
+
+def test_fp8_trains_and_says_which_gemms(tiny_data, tmp_path):
+    """--fp8 trains (native FP8 GEMMs here: no Transformer Engine on a CPU), the banner and TensorBoard say which
+    GEMMs run in FP8, and the loss stays close to the BF16 run's (same data, seed)."""
+    base = ["--preset", "tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "4",
+            "--train-iters", "3", "--log-interval", "1", *_data(tiny_data)]
+    _, out, _ = train(*base, "--fp8", "--fp8-backend", "native", "--tensorboard-dir", str(tmp_path / "tb"))
+    assert "FP8: native backend" in out and "routed experts" in out and "BF16: embedding, output_layer" in out, out
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "tb"))
+    _, ref, _ = train(*base)
+    loss = lambda text: [float(l.split("| loss ")[1].split()[0]) for l in text.splitlines() if "| loss " in l]  # noqa
+    fp8, bf16 = loss(out), loss(ref)
+    assert len(fp8) == len(bf16) == 3 and all(abs(a - b) < 0.02 * b for a, b in zip(fp8, bf16)), (fp8, bf16)
 
 
 def test_corrupt_checkpoint_is_one_line(tiny_data, tmp_path):

@@ -200,3 +200,82 @@ def test_dualpipev_step_with_overlap_equals_sequential_ep2():
             assert r["loss"] <= 1e-12 and r["grads"] <= 1e-12, (overlap, r)
         assert res[True]["fb"] > 0 and res[True]["interleaved"] == ["figure4"] * res[True]["fb"]
         assert res[False]["interleaved"] == []
+
+
+class _Log(torch.autograd.Function):
+    """Identity that appends `fwd` to the log in forward and `bwd` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, log, fwd, bwd):
+        log.append(fwd)
+        ctx.log, ctx.bwd = log, bwd
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.log.append(ctx.bwd)
+        return g, None, None, None
+
+
+class _LogLayer:
+    """LayerStages that only log: compute entries ("F attn f0"), posts and waits of the all-to-alls, both ways."""
+
+    def __init__(self, name, log):
+        self.n, self.log = name, log
+
+    def _c(self, x, what):
+        return _Log.apply(x, self.log, f"F {what} {self.n}", f"B {what} {self.n}")
+
+    def attention(self, st):
+        return {"tokens": self._c(st["hidden"] * 1.0, "attn")}
+
+    def _comm(self, x, what):
+        from megatron_dsv3.moe.dispatch import Pending
+        sent = _Log.apply(x, self.log, f"F post {what} {self.n}", f"B wait {what} {self.n}")
+        return Pending(sent.view_as(sent), then=lambda r: _Log.apply(r, self.log, f"F wait {what} {self.n}",
+                                                                     f"B post {what} {self.n}"))
+
+    def dispatch(self, st):
+        return self._comm(st["tokens"], "dispatch")
+
+    def mlp(self, st):
+        return {"routed": self._c(st["dispatched"] * 2.0, "mlp")}
+
+    def combine(self, st):
+        return self._comm(st["routed"], "combine")
+
+    def output(self, st):
+        return st["combined"]
+
+
+@pytest.mark.parametrize("order", ["figure4", "forward_first", "sequential"])
+def test_figure4_order(order):
+    """The pair's host order: with overlap every all-to-all (forward dispatch/combine of one micro-batch, backward
+    combine/dispatch of the other) has a compute piece of the other micro-batch between its post and its wait, and
+    the compute row reads as Figure 4's (ATTN F, MLP B, MLP F, ATTN B, ...); "sequential" has none."""
+    from megatron_dsv3.pipeline.overlap import ChunkRun, run_interleaved
+    log = []
+    fwd_layers = [_LogLayer(f"f{i}", log) for i in range(2)]
+    bwd_layers = [_LogLayer(f"b{i}", log) for i in range(2)]
+    run_b = ChunkRun(bwd_layers, [torch.ones(4, 2, requires_grad=True)])
+    run_b.run_forward()
+    log.clear()
+    run_a = ChunkRun(fwd_layers, [torch.ones(4, 2, requires_grad=True)])
+    run_interleaved(run_a.forward(), run_b.backward(run_b.outputs, [torch.ones(4, 2)]), order)
+    assert sorted(log) == sorted({f"{d} {w} {n}" for d, n in (("F", "f0"), ("F", "f1"), ("B", "b0"), ("B", "b1"))
+                                  for w in ("attn", "mlp", "post dispatch", "wait dispatch", "post combine",
+                                            "wait combine")})
+    hidden = []
+    for i, e in enumerate(log):
+        side, what = e.split()[0], e.split()[1]
+        if what == "post":
+            j = log.index(e.replace("post", "wait"))
+            hidden.append(any(x.split()[0] != side and x.split()[1] in ("attn", "mlp") for x in log[i + 1:j]))
+    compute = [e for e in log if e.split()[1] in ("attn", "mlp")]
+    if order == "sequential":
+        assert not any(hidden)
+    else:
+        assert len(hidden) == 8 and sum(hidden) >= (8 if order == "figure4" else 6), (hidden, log)
+    if order == "figure4":
+        assert compute == ["F attn f0", "B mlp b1", "F mlp f0", "B attn b1", "F attn f1", "B mlp b0", "F mlp f1",
+                           "B attn b0"], log

@@ -34,18 +34,12 @@ __all__ = ["fp8_linear", "quantizer", "FP8LinearFunction", "FP8ColumnParallelLin
            "FP8DuplicatedLinear", "quantize_weight"]
 
 
-# ---- the quantisers (fp8/kernels.py's Triton dispatchers where they exist, else quant.py) and GEMMs of gemm.py ------
+# ---- the quantisers (fp8/kernels.py's dispatchers where they exist, else quant.py) and the GEMMs of gemm.py ------
 def quantizer(name: str):
-    """The fast quantiser `name` of fp8/kernels.py (bit-exact with quant.py, its reference), else quant.py's."""
-    try:
-        from megatron_dsv3.fp8 import kernels
-        fn = getattr(kernels, name, None)
-    except ImportError:
-        fn = None
-    if fn is None:
-        from megatron_dsv3.fp8 import quant
-        fn = getattr(quant, name)
-    return fn
+    """quant.py's `name`, or its dispatcher `name`_fast in fp8/kernels.py where there is one (Triton on CUDA, bit-exact
+    with quant.py; quant.py elsewhere)."""
+    from megatron_dsv3.fp8 import kernels, quant
+    return getattr(kernels, name + "_fast", None) or getattr(quant, name)
 
 
 def _tiles_and_transpose(x: torch.Tensor):

@@ -8,7 +8,8 @@ rows; P2P moves bytes). Gradients: 1e-12 absolute: DualPipeV accumulates a stage
 than the reference (the deferred W's), DualPipe sums two partial sums (each copy's direction), then the copies are
 added. DualPipe's two copies of a stage end bit-identical, and so do their routers' token counts.
 """
-import pytest
+import functools
+
 import torch
 
 from megatron_dsv3.testing import run_distributed
@@ -74,6 +75,7 @@ def _rank(rank, cases):
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _reference(layers, m):
     """megatron-core's forward_backward_no_pipelining on the whole model, one process."""
     from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
@@ -133,5 +135,15 @@ def test_pp2_both_variants_match_no_pipelining():
     results = run_distributed(_rank, 2, pp=2, cases=cases, timeout=240)
     assert results[0][("dualpipev", 2)]["stages"] == [0, 3] and results[1][("dualpipev", 2)]["stages"] == [1, 2]
     assert results[0][("dualpipe", 2)]["stages"] == [0, 1] and results[1][("dualpipe", 2)]["stages"] == [1, 0]
+    for variant, pp, layers, m in cases:
+        _check(results, variant, pp, layers, m)
+
+
+def test_pp4_both_variants_match_no_pipelining():
+    # DualPipeV: 8 stages of one layer; DualPipe: 4 stages of two, stage s on ranks s and 3-s
+    cases = [("dualpipev", 4, 8, 8), ("dualpipe", 4, 8, 8)]
+    results = run_distributed(_rank, 4, pp=4, cases=cases, timeout=300)
+    assert [r[("dualpipev", 4)]["stages"] for r in results] == [[0, 7], [1, 6], [2, 5], [3, 4]]
+    assert [r[("dualpipe", 4)]["stages"] for r in results] == [[0, 3], [1, 2], [2, 1], [3, 0]]
     for variant, pp, layers, m in cases:
         _check(results, variant, pp, layers, m)

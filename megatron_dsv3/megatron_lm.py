@@ -91,6 +91,12 @@ def config_from_megatron_args(args) -> DSV3Config:
     else:
         cfg = DSV3Config.from_preset(_get(args, "dsv3_preset") or "dsv3-671b")
     values = model_flag_values(args, prefix="dsv3_")
+    fmt, recipe = _get(args, "fp8"), _get(args, "fp8_recipe")
+    if fmt:   # Megatron-LM's --fp8-format (args.fp8) and --fp8-recipe: the paper's recipe is the one FP8 path
+        if (fmt, recipe) != ("e4m3", "blockwise"):
+            raise ValueError(f"--fp8-format {fmt} --fp8-recipe {recipe}: DeepSeek-V3 trains in FP8 as E4M3 with "
+                             f"block-wise scaling (section 3.3); use --fp8-format e4m3 --fp8-recipe blockwise")
+        values["fp8"] = True              # backend auto: Transformer Engine's recipe where TE imports, else ours
     vocab = _get(args, "padded_vocab_size") or _get(args, "vocab_size")
     values["vocab_size"] = vocab or None
     lw = values["mtp_loss_weight"]

@@ -72,8 +72,13 @@ def test_config_from_megatron_args():
         megatron_lm.config_from_megatron_args(_megatron_args(pipeline_model_parallel_size=3, mtp_num_layers=1,
                                                              reset_position_ids=True))
     assert megatron_lm.config_from_megatron_args(_megatron_args(reset_position_ids=True)).num_layers == 3
-    with pytest.raises(ValueError, match="FP8 training"):        # Megatron-LM's --fp8-format: refused, not ignored
-        megatron_lm.config_from_megatron_args(_megatron_args(fp8="e4m3"))
+    # Megatron-LM's --fp8-format / --fp8-recipe: e4m3 + blockwise switch FP8 on, any other recipe is refused
+    assert megatron_lm.config_from_megatron_args(_megatron_args(fp8="e4m3", fp8_recipe="blockwise")).fp8.enabled
+    assert not megatron_lm.config_from_megatron_args(_megatron_args(fp8=None)).fp8.enabled
+    for fmt, recipe in (("e4m3", "delayed"), ("hybrid", "blockwise"), ("e4m3", "tensorwise")):
+        with pytest.raises(ValueError, match=f"^--fp8-format {fmt} --fp8-recipe {recipe}: DeepSeek-V3 trains in FP8 "
+                                             f"as E4M3 with block-wise scaling"):
+            megatron_lm.config_from_megatron_args(_megatron_args(fp8=fmt, fp8_recipe=recipe))
     big = megatron_lm.config_from_megatron_args(_megatron_args(
         dsv3_preset="dsv3-671b", num_layers=61, hidden_size=7168, num_attention_heads=128, seq_length=4096,
         max_position_embeddings=163840, padded_vocab_size=129280, num_experts=256, mtp_num_layers=1,

@@ -147,3 +147,21 @@ def test_fp8_experts_in_deepseek_moe_close_to_bf16(mcore_single):
         outs.append((y, xi.grad, m.experts.weight1.grad, m.experts.weight2.grad, m.router.weight.grad))
     for got, want in zip(outs[1], outs[0]):
         assert rel_fro(got, want) < QUANT
+
+
+@pytest.mark.gpu
+def test_fp8_experts_on_cuda_match_the_float64_reference():
+    """The CUDA path (Triton quantisers, cuBLAS block-scaled GEMMs per expert, Triton SwiGLU) against the float64
+    recipe; BF16 activations add BF16's rounding (2^-8) to the intermediates: bound 2^-6 of the largest value."""
+    g = torch.Generator().manual_seed(6)
+    counts = torch.tensor([300, 0, 77, 500])
+    N, h, f, E = int(counts.sum()), 512, 256, 4
+    x = torch.randn(N, h, generator=g).bfloat16()
+    w1, w2 = torch.randn(E, h, 2 * f, generator=g) * 0.05, torch.randn(E, f, h, generator=g) * 0.05
+    dy = torch.randn(N, h, generator=g).bfloat16()
+    xc, w1c, w2c = x.cuda().requires_grad_(), w1.cuda().requires_grad_(), w2.cuda().requires_grad_()
+    y = fp8_expert_mlp(xc, counts.cuda(), w1c, w2c)
+    y.backward(dy.cuda())
+    ry, rdx, rdw1, rdw2 = reference(x.float(), counts, w1, w2, dy.float())
+    for got, ref in ((y, ry), (xc.grad, rdx), (w1c.grad, rdw1), (w2c.grad, rdw2)):
+        close(got.cpu(), ref, 2 ** -6)

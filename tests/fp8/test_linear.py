@@ -157,3 +157,20 @@ def test_modules_are_drop_ins_for_the_bf16_linears(mcore_single):
         assert rel_fro(out, ref(x)[0].double()) < QUANT
         out.sum().backward()
         assert mod.weight.grad is not None and mod.weight.grad.shape == mod.weight.shape
+
+
+@pytest.mark.gpu
+def test_fp8_linear_on_cuda_matches_the_float64_reference():
+    """The CUDA path (Triton quantisers + cuBLAS block-scaled GEMMs) against the same float64 references, BF16
+    activations: the output and dx carry BF16's rounding (2^-8), dW is FP32."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1000, 640, generator=g).bfloat16()             # ragged M, K = 5 tiles
+    w = torch.randn(384, 640, generator=g) * 0.05
+    dy = torch.randn(1000, 384, generator=g).bfloat16()
+    xc, wc = x.cuda().requires_grad_(), w.cuda().requires_grad_()
+    y = fp8_linear(xc, wc)
+    y.backward(dy.cuda())
+    ry, rdx, rdw = references(x.float(), w, dy.float())
+    close(y.cpu(), ry, 2 ** -7)
+    close(xc.grad.cpu(), rdx, 2 ** -7)
+    close(wc.grad.cpu(), rdw, ACC)

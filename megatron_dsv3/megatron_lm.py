@@ -1,6 +1,9 @@
 """Megatron-LM integration: our model, flags and once-per-global-batch hooks inside Megatron-LM's own
-`pretrain()` (followed release: Megatron-LM tag core_v0.16.1, commit 55ac7082, the release matching
-megatron-core 0.16.1; pretrain_gpt.py and megatron/training/training.py were read for the contracts).
+`pretrain()`. Followed releases (pretrain_gpt.py and megatron/training/training.py read for the contracts):
+Megatron-LM tag core_v0.16.1 (commit 55ac7082, megatron-core 0.16.1) and tag core_v0.19.0 (commit 5be96267, whose
+megatron/training is the one the megatron-core 0.19.2 wheel ships; run on an H200: docs/megatron_lm.md). From
+core_v0.18 on, pretrain_gpt.py parses the arguments itself and hands pretrain() a config container; the launcher
+follows whichever form the checkout has.
 
 Three ways in, none of which needs a patched Megatron-LM:
 
@@ -11,7 +14,7 @@ Three ways in, none of which needs a patched Megatron-LM:
 2. Your own script: `pretrain(..., partial(model_provider_module.model_provider, dsv3_builder), ...,
    extra_args_provider=megatron_dsv3.megatron_lm.extra_args_provider)`; or `model_provider` below, which has
    the plain (pre_process, post_process, vp_stage) signature of older Megatron-LM scripts.
-3. pretrain_gpt.py itself, after patches/core_v0.16.1/0001-pretrain_gpt-dsv3-builder.patch (a convenience).
+3. pretrain_gpt.py itself, after patches/<release>/0001-pretrain_gpt-dsv3-builder.patch (a convenience).
 
 Hooks (installed by `extra_args_provider`, i.e. as soon as Megatron-LM parses its arguments, before
 setup_model_and_optimizer):
@@ -42,8 +45,9 @@ import torch
 
 from megatron_dsv3.config import PRESETS, DSV3Config
 
-MEGATRON_LM_RELEASE = "core_v0.16.1"
-MEGATRON_LM_COMMIT = "55ac7082517c3878ae653c07c09c534b8aed49f6"
+# the Megatron-LM tags the launcher was checked against, with their commits
+MEGATRON_LM_RELEASES = {"core_v0.16.1": "55ac7082517c3878ae653c07c09c534b8aed49f6",
+                        "core_v0.19.0": "5be9626709af2722333bf54797c954c09edeada3"}
 
 _ARGS = None          # set_args() for callers without megatron.training (tests, other launchers)
 _CONFIG: Optional[DSV3Config] = None   # the config the model was built with (read by the hooks)
@@ -69,8 +73,20 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--dsv3-yarn-beta-slow", type=float, default=None)
     g.add_argument("--dsv3-recompute-mla-up-proj", action="store_true")
     g.add_argument("--dsv3-recompute-norms", action="store_true", help="recompute RMSNorms in backward (3.2.2)")
+    _escape_stray_percent(parser)
     install_hooks()
     return parser
+
+
+def _escape_stray_percent(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM core_v0.19.0's --moe-paged-stash-buffer-size-factor-cuda help says "10%)", which argparse
+    reads as a format directive: --help itself then dies with a ValueError. Escape such strays."""
+    for a in parser._actions:
+        if a.help and "%" in a.help:
+            try:
+                a.help % dict(vars(a), prog=parser.prog)
+            except (ValueError, TypeError, KeyError):
+                a.help = a.help.replace("%", "%%")
 
 
 def _get(args, name, default=None):
@@ -246,26 +262,66 @@ def install_hooks() -> bool:
 
 
 # ---- the launcher -----------------------------------------------------------------------------------------------
+def _run_pretrain(P, provider, pretrain) -> None:
+    """Megatron-LM's pretrain() with our builder, in whichever of its two forms the checkout has:
+    core_v0.18+ parses first (parse_and_validate_args) and takes a PretrainConfigContainer, whose model=None
+    makes setup_model_and_optimizer build through model_provider; core_v0.16-0.17 parse inside pretrain()."""
+    import inspect
+    import warnings
+
+    from megatron.core.enums import ModelType
+    common = dict(train_valid_test_dataset_provider=P.train_valid_test_datasets_provider,
+                  model_provider=provider, model_type=ModelType.encoder_or_decoder,
+                  forward_step_func=P.forward_step, get_embedding_ranks=P.get_embedding_ranks)
+    if "cfg_container" not in inspect.signature(pretrain).parameters:
+        pretrain(extra_args_provider=extra_args_provider, args_defaults=_ARGS_DEFAULTS, **common)
+        return
+    from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    from megatron.training.arguments import parse_and_validate_args
+    args = parse_and_validate_args(extra_args_provider=extra_args_provider, args_defaults=_ARGS_DEFAULTS)
+    if hasattr(P, "set_startup_timestamps") and hasattr(P, "_PROGRAM_START_TIME"):
+        P.set_startup_timestamps(program_start=P._PROGRAM_START_TIME, main_entry=P._PROGRAM_START_TIME)
+    with warnings.catch_warnings():     # "use a ModelConfig instead of a model provider": ours is the provider
+        warnings.simplefilter("ignore", UserWarning)
+        cfg = pretrain_cfg_container_from_args(args, None)
+    pretrain(cfg, **common)
+
+
+_ARGS_DEFAULTS = {"tokenizer_type": "HuggingFaceTokenizer"}     # DeepSeek-V3's tokenizer.json
+
+
+def use_prebuilt_dataset_helpers() -> None:
+    """Megatron-LM's initialize_megatron runs `make` in megatron/core/datasets to build the dataset index helpers
+    and exits when it fails. A megatron-core installed from its wheel ships them built (helpers_cpp) but no
+    Makefile, so that make always fails: skip it when the built module imports."""
+    try:
+        import megatron.core.datasets.helpers_cpp  # noqa: F401
+        import megatron.core.datasets.utils as U
+    except ImportError:
+        return                          # a source checkout: Megatron-LM builds them as usual
+    U.compile_helpers = lambda: None
+
+
 def main(argv=None) -> None:
     """python -m megatron_dsv3.megatron_lm --megatron-lm PATH <Megatron-LM flags> <--dsv3-* flags>"""
     argv = list(sys.argv[1:] if argv is None else argv)
     path = os.environ.get("MEGATRON_LM_PATH")
     if "--megatron-lm" in argv:
         i = argv.index("--megatron-lm")
+        if i + 1 >= len(argv):
+            raise SystemExit("error: --megatron-lm needs the path of a Megatron-LM checkout")
         path = argv[i + 1]
         del argv[i:i + 2]
     if not path or not os.path.isfile(os.path.join(path, "pretrain_gpt.py")):
-        raise SystemExit("give the Megatron-LM checkout (release core_v0.16.1) with --megatron-lm PATH or "
-                         "MEGATRON_LM_PATH (it must hold pretrain_gpt.py)")
+        raise SystemExit(f"error: --megatron-lm / MEGATRON_LM_PATH must name a Megatron-LM checkout holding "
+                         f"pretrain_gpt.py (release {' or '.join(MEGATRON_LM_RELEASES)}); got {path!r}")
     sys.path.insert(0, os.path.abspath(path))
     sys.argv = [os.path.join(path, "pretrain_gpt.py")] + argv
     import pretrain_gpt as P                           # noqa: E402  (Megatron-LM's script, as a module)
-    from megatron.core.enums import ModelType
     from megatron.training import pretrain
     P.train_valid_test_datasets_provider.is_distributed = True
-    pretrain(P.train_valid_test_datasets_provider, partial(P.model_provider, dsv3_builder),
-             ModelType.encoder_or_decoder, P.forward_step, args_defaults={"tokenizer_type": "HuggingFaceTokenizer"},
-             extra_args_provider=extra_args_provider, get_embedding_ranks=P.get_embedding_ranks)
+    use_prebuilt_dataset_helpers()
+    _run_pretrain(P, partial(P.model_provider, dsv3_builder), pretrain)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
-"""Megatron-LM integration contract (Megatron-LM is not on PyPI: the test plays its part).
+"""Megatron-LM integration contract (Megatron-LM is not on PyPI: the test plays its part; the real run of
+pretrain_gpt.py at core_v0.19.0 on an H200 is examples/megatron_lm_h200.sh, recorded in docs/megatron_lm.md).
 
-* extra_args_provider adds only --dsv3-* flags, none clashing with Megatron-LM core_v0.16.1's (its option
-  strings, plus the ones it generates from TransformerConfig fields), and parses;
+* extra_args_provider adds only --dsv3-* flags, none clashing with Megatron-LM core_v0.16.1's or core_v0.19.0's
+  (their option strings, plus the ones 0.16.1 generates from TransformerConfig fields), and parses; it makes
+  --help printable where a Megatron-LM help string holds a stray '%' (core_v0.19.0);
 * model_provider / dsv3_builder build our model from a namespace with Megatron-LM's argument names, honour
   the sizes and parallel flags, switch megatron's own expert-bias update off, and the model follows
   pretrain_gpt's forward_step contract (per-token loss [b, s] with labels and loss_mask);
-* the finalize_model_grads hook (after_global_batch) moves the bias once and sets the MTP lambda.
+* the optimizer-step hook (after_global_batch) moves the bias once and sets the MTP lambda;
+* the launcher calls pretrain() in the form of the checkout: core_v0.18+ (parse_and_validate_args, then
+  pretrain(config container with model=None, ..., model_provider=...)) and core_v0.16-0.17 (pretrain parses),
+  and skips Megatron-LM's `make` of the dataset helpers when megatron-core's wheel ships them built.
 """
 import argparse
 import dataclasses
 import os
+import sys
 import types
 
 import pytest
@@ -17,18 +23,19 @@ import torch
 
 from megatron_dsv3 import megatron_lm
 
-FLAGS = os.path.join(os.path.dirname(__file__), "fixtures", "megatron_lm_core_v0.16.1_flags.txt")
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
-def _megatron_flags():
+def _megatron_flags(release):
     from megatron.core.transformer.transformer_config import TransformerConfig
-    flags = {l.strip() for l in open(FLAGS) if l.startswith("--")}
+    flags = {l.strip() for l in open(os.path.join(FIXTURES, f"megatron_lm_{release}_flags.txt")) if l.startswith("--")}
     flags |= {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TransformerConfig)}
     return flags
 
 
-def test_extra_args_provider_adds_non_clashing_flags():
-    megatron = _megatron_flags()
+@pytest.mark.parametrize("release", ["core_v0.16.1", "core_v0.19.0"])
+def test_extra_args_provider_adds_non_clashing_flags(release):
+    megatron = _megatron_flags(release)
     parser = argparse.ArgumentParser()
     for f in sorted(megatron):          # a parser with every Megatron-LM flag: a clash raises here
         parser.add_argument(f, default=None)
@@ -152,3 +159,96 @@ def test_optimizer_hook_runs_after_each_step_with_its_success():
         megatron_lm.after_global_batch = orig_after
         megatron_lm.set_args(None)
     assert made == [["chunk"]] and seen == [(["chunk"], 5, True), (["chunk"], 5, False)]
+
+
+def test_help_survives_a_stray_percent():
+    """core_v0.19.0's --moe-paged-stash-buffer-size-factor-cuda help ends in "(e.g. 1.10 = 10%)."; argparse
+    reads that as a format directive and --help dies. extra_args_provider escapes it; proper ones stay."""
+    parser = argparse.ArgumentParser(prog="pretrain_gpt.py")
+    parser.add_argument("--moe-paged-stash-buffer-size-factor-cuda", type=float, default=1.1,
+                        help="Magnitude is headroom (e.g. 1.10 = 10%).")
+    parser.add_argument("--lr", type=float, default=0.5, help="learning rate (default %(default)s)")
+    with pytest.raises(ValueError):
+        parser.format_help()
+    megatron_lm.extra_args_provider(parser)
+    text = parser.format_help()
+    assert "= 10%)" in text and "(default 0.5)" in text and "--dsv3-preset" in text
+
+
+class _FakePretrainGpt:
+    """pretrain_gpt.py as the launcher uses it (its module globals)."""
+    train_valid_test_datasets_provider = staticmethod(lambda n, vp_stage=None: (None, None, None))
+    forward_step = staticmethod(lambda it, model: None)
+    get_embedding_ranks = staticmethod(lambda ranks: ranks[:1])
+
+
+def _fake_megatron_training(monkeypatch, calls):
+    """megatron.training.{arguments, argument_utils} of core_v0.19.0, recording what the launcher calls."""
+    arguments = types.ModuleType("megatron.training.arguments")
+    utils = types.ModuleType("megatron.training.argument_utils")
+
+    def parse_and_validate_args(extra_args_provider=None, ignore_unknown_args=False, args_defaults={}):
+        calls.append(("parse", extra_args_provider, dict(args_defaults)))
+        return types.SimpleNamespace(parsed=True)
+
+    def pretrain_cfg_container_from_args(args, model_cfg=None):
+        calls.append(("container", args.parsed, model_cfg))
+        return "container"
+    arguments.parse_and_validate_args = parse_and_validate_args
+    utils.pretrain_cfg_container_from_args = pretrain_cfg_container_from_args
+    training = types.ModuleType("megatron.training")
+    training.arguments, training.argument_utils = arguments, utils
+    for name, mod in (("megatron.training", training), ("megatron.training.arguments", arguments),
+                      ("megatron.training.argument_utils", utils)):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+def test_launcher_follows_pretrain_of_core_v0_19(monkeypatch):
+    """core_v0.18+: parse first (our flags and hooks through extra_args_provider), then pretrain(config
+    container, ...) with model=None in the container so that setup_model_and_optimizer builds through our
+    model_provider (a ModelConfig there would build megatron's GPTModel)."""
+    calls = []
+    _fake_megatron_training(monkeypatch, calls)
+
+    def pretrain(cfg_container, train_valid_test_dataset_provider, model_type, forward_step_func,
+                 model_provider=None, process_non_loss_data_func=None, get_embedding_ranks=None, **kw):
+        calls.append(("pretrain", cfg_container, train_valid_test_dataset_provider, model_provider,
+                      forward_step_func, get_embedding_ranks))
+    provider = object()
+    megatron_lm._run_pretrain(_FakePretrainGpt, provider, pretrain)
+    P = _FakePretrainGpt
+    assert calls == [("parse", megatron_lm.extra_args_provider, {"tokenizer_type": "HuggingFaceTokenizer"}),
+                     ("container", True, None),
+                     ("pretrain", "container", P.train_valid_test_datasets_provider, provider, P.forward_step,
+                      P.get_embedding_ranks)]
+
+
+def test_launcher_follows_pretrain_of_core_v0_16():
+    """core_v0.16-0.17: pretrain() parses, given extra_args_provider and args_defaults."""
+    calls = []
+
+    def pretrain(train_valid_test_dataset_provider, model_provider, model_type, forward_step_func,
+                 process_non_loss_data_func=None, extra_args_provider=None, args_defaults={},
+                 get_embedding_ranks=None, **kw):
+        calls.append((model_provider, extra_args_provider, args_defaults, get_embedding_ranks))
+    provider = object()
+    megatron_lm._run_pretrain(_FakePretrainGpt, provider, pretrain)
+    assert calls == [(provider, megatron_lm.extra_args_provider, {"tokenizer_type": "HuggingFaceTokenizer"},
+                      _FakePretrainGpt.get_embedding_ranks)]
+
+
+def test_launcher_skips_make_of_prebuilt_dataset_helpers(monkeypatch):
+    """Megatron-LM's initialize runs `make` in megatron/core/datasets and exits on failure; the megatron-core
+    wheel has the helpers built and no Makefile (the first H200 run stopped there)."""
+    import megatron.core.datasets.utils as U
+    pytest.importorskip("megatron.core.datasets.helpers_cpp")
+    monkeypatch.setattr(U, "compile_helpers", lambda: pytest.fail("make must not run"))
+    megatron_lm.use_prebuilt_dataset_helpers()
+    U.compile_helpers()
+
+
+def test_launcher_needs_a_megatron_lm_checkout(tmp_path):
+    with pytest.raises(SystemExit, match="--megatron-lm"):
+        megatron_lm.main(["--megatron-lm", str(tmp_path), "--num-layers", "2"])
+    with pytest.raises(SystemExit, match="--megatron-lm needs"):
+        megatron_lm.main(["--megatron-lm"])

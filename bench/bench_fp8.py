@@ -97,7 +97,7 @@ def probe(lines, res):
 
     # alignment: our wrapper with padding switched off, against the float32 emulation
     lines.append("\nSizes, 1x128 x 128x128, bf16 out, straight into `_scaled_mm` (no padding) vs the emulation:\n")
-    lines.append("| M | N | K | unpadded | through fp8_gemm (pads to M%16, N%16, K%128) |\n|---|---|---|---|---|")
+    lines.append("| M | N | K | unpadded (K to 128 only) | through fp8_gemm (pads M%4, N%16, K%512) |\n|---|---|---|---|---|")
     shapes = [(256, 256, 512)] + [(m, 256, 512) for m in (1, 4, 8, 17, 100, 200)] + \
              [(256, n, 512) for n in (16, 17, 100, 136, 200)] + [(256, 256, k) for k in (16, 64, 100, 144, 300, 384)]
     saved = dict(gemm._ALIGN)
@@ -109,7 +109,7 @@ def probe(lines, res):
         wq, ws = quant.quantize_blocks(w)
         ref = gemm.fp8_gemm_emulated(xq, xs, wq, ws, torch.float32).double()
         res_row = []
-        for align in ({"M": 1, "N": 1, "K": 1}, saved):
+        for align in ({"M": 1, "N": 1, "K_BLOCKS": 1}, saved):
             gemm._ALIGN.update(align)
             try:
                 out = gemm.fp8_gemm(xq, xs, wq, ws, torch.bfloat16)
@@ -121,7 +121,26 @@ def probe(lines, res):
         align_rows.append((m, n, k, *res_row))
         lines.append(f"| {m} | {n} | {k} | {res_row[0]} | {res_row[1]} |")
     res["align"] = align_rows
-    res["block_scale_row_pad"] = gemm._BLOCK_SCALE_ROW_PAD
+    lines.append("\nK blocks per pair, padding off (K_BLOCKS=1), 256x256:\n")
+    lines.append("| B scaling | K | result |\n|---|---|---|")
+    for b_scaling in ("blocks", "tiles"):
+        for k in (128, 256, 384, 512, 640, 1024):
+            x = torch.randn(256, k, device=dev, generator=g)
+            w = torch.randn(256, k, device=dev, generator=g)
+            xq, xs = quant.quantize_tiles(x)
+            wq, ws = quant.quantize_blocks(w) if b_scaling == "blocks" else quant.quantize_tiles(w)
+            ref = gemm.fp8_gemm_emulated(xq, xs, wq, ws, torch.float32).double()
+            gemm._ALIGN.update({"K_BLOCKS": 1})
+            try:
+                e = rel_err(gemm.fp8_gemm(xq, xs, wq, ws, torch.bfloat16), ref)
+                r = ("ok" if e < 8e-3 else "**WRONG**") + f" ({e:.1e})"
+            except Exception as err:
+                r = f"refused: {str(err).splitlines()[0][:70]}"
+            gemm._ALIGN.update(saved)
+            lines.append(f"| {b_scaling} | {k} | {r} |")
+    x = torch.randn(64, 7168, device=dev)
+    lines.append(f"\nquant.py's scales on CUDA = on CPU: "
+                 f"{torch.equal(quant.quantize_tiles(x)[1].cpu(), quant.quantize_tiles(x.cpu())[1])}")
 
     # grouped forms with block scales
     lines.append("\nGrouped block-scaled GEMM in this torch:\n")
@@ -162,48 +181,51 @@ def round_bits(x, bits):
 
 
 def accum(lines, res):
-    """All-positive operands make the partial sums grow with K, so an accumulator's precision shows in the result."""
+    """All-positive operands make the partial sums grow with K, so an accumulator's precision shows in the result:
+    with promotion every 128 the error stays flat in K, a limited accumulator without promotion grows with K."""
     dev = "cuda"
     M = N = 256
-    K = 16384
     g = torch.Generator(device=dev).manual_seed(1)
-    a = torch.rand(M, K, device=dev, generator=g)
-    b = torch.rand(N, K, device=dev, generator=g)
-    qa, sa = kernels.quantize_tiles_fast(a)
-    qb, sb = quant.quantize_blocks(b)
-    A = quant.dequantize_tiles(qa, sa.contiguous(), dtype=torch.float64)
-    B = quant.dequantize_blocks(qb, sb, dtype=torch.float64)
-    exact = A @ B.T
-    rows = {}
-    for od in (torch.float32, torch.bfloat16):
-        try:
-            rows[f"cuBLAS block-scaled `_scaled_mm`, {str(od)[6:]} out"] = gemm.fp8_gemm(qa, sa, qb, sb, od)
-        except Exception as err:
-            print("accum", od, err)
-    rows["emulation: FP32 accumulation, promotion every 128 (ours, CPU path)"] = \
-        gemm.fp8_gemm_emulated(qa, sa, qb, sb, torch.float32)
+    Ks = (128, 1024, 4096, 16384)
+    lines.append(f"\n## Accumulation precision: A, B uniform in [0, 1) (all partial sums grow), {M}x{N}, rel. error "
+                 f"vs float64 (Frobenius)\n")
+    lines.append("| what | " + " | ".join(f"K={k}" for k in Ks) + " |\n|---|" + "---|" * len(Ks))
+    table = {}
+    for K in Ks:
+        a = torch.rand(M, K, device=dev, generator=g)
+        b = torch.rand(N, K, device=dev, generator=g)
+        qa, sa = kernels.quantize_tiles_fast(a)
+        qb, sb = quant.quantize_blocks(b)
+        A = quant.dequantize_tiles(qa, sa.contiguous(), dtype=torch.float64)
+        B = quant.dequantize_blocks(qb, sb, dtype=torch.float64)
+        exact = A @ B.T
+        rows = {}
+        rows["cuBLAS block-scaled `_scaled_mm`, float32 out"] = gemm.fp8_gemm(qa, sa, qb, sb, torch.float32)
+        rows["emulation: FP32 accumulation, promotion every 128 (gemm.fp8_gemm_emulated)"] = \
+            gemm.fp8_gemm_emulated(qa, sa, qb, sb, torch.float32)
 
-    def limited(bits, promote_every):
-        # WGMMA adds 32-wide products into an accumulator holding `bits` significant bits; every `promote_every`
-        # of K the partial is added into an exact (float64) total, or never (promote_every = K)
-        total = torch.zeros(M, N, dtype=torch.float64, device=dev)
-        part = torch.zeros_like(total)
-        for k0 in range(0, K, 32):
-            part = round_bits(part + A[:, k0:k0 + 32] @ B[:, k0:k0 + 32].T, bits)
-            if (k0 + 32) % promote_every == 0:
-                total += part
-                part.zero_()
-        return total + part
-    rows["emulation: 14-bit accumulator, no promotion"] = limited(14, K)
-    rows["emulation: 14-bit accumulator, promoted to FP32 every 128"] = limited(14, 128)
-    rows["emulation: bf16 rounding of the exact result"] = exact.to(torch.bfloat16)
-    lines.append(f"\n## Accumulation precision: K = {K}, A, B uniform in [0, 1) (all partial sums grow), "
-                 f"{M}x{N}\n")
-    lines.append("| what | rel. error vs float64 (Frobenius) | max rel. error |\n|---|---|---|")
-    for k, v in rows.items():
-        d = (v.double() - exact)
-        lines.append(f"| {k} | {(d.norm() / exact.norm()).item():.2e} | {(d.abs() / exact.abs()).max().item():.2e} |")
-        res.setdefault("accum", {})[k] = (d.norm() / exact.norm()).item()
+        def limited(bits, promote_every, mode):
+            # WGMMA adds 32-wide groups of products into an accumulator of `bits` significant bits (rounded or
+            # truncated); every `promote_every` of K the partial goes into an exact total
+            total = torch.zeros(M, N, dtype=torch.float64, device=dev)
+            part = torch.zeros_like(total)
+            for k0 in range(0, K, 32):
+                v = part + A[:, k0:k0 + 32] @ B[:, k0:k0 + 32].T
+                m, ex = torch.frexp(v)
+                m = m * 2.0 ** bits
+                part = torch.ldexp((torch.round(m) if mode == "rn" else torch.trunc(m)) / 2.0 ** bits, ex)
+                if (k0 + 32) % promote_every == 0:
+                    total += part
+                    part.zero_()
+            return total + part
+        for mode in ("rn", "rz"):
+            rows[f"emulation: 14-bit accumulator ({mode}), no promotion"] = limited(14, K, mode)
+            rows[f"emulation: 14-bit accumulator ({mode}), promoted every 128"] = limited(14, 128, mode)
+        for k, v in rows.items():
+            table.setdefault(k, []).append(((v.double() - exact).norm() / exact.norm()).item())
+    for k, v in table.items():
+        lines.append(f"| {k} | " + " | ".join(f"{e:.2e}" for e in v) + " |")
+    res["accum"] = table
 
 
 # ---- quantisers ---------------------------------------------------------------------------------------------------

@@ -41,10 +41,12 @@ import torch
 
 from megatron_dsv3.fp8.quant import FP8, TILE
 
-# cuBLAS block-scaled GEMM limits that _scaled_mm_blockwise pads around: M, N to multiples of 16 (_scaled_mm's own
-# check for N; cuBLAS's 1x128 scale vectors for M), K to a multiple of 128 (a partial last K block).
-_ALIGN = {"M": 16, "N": 16, "K": 128}
-
+# cuBLAS block-scaled GEMM limits, measured on the H200 (torch 2.11+cu130, bench/results_fp8.md): M a multiple of 4
+# (1 and 17 are refused: the 1x128 scales' leading dim is M), N a multiple of 16 (_scaled_mm's check), and the
+# number of 128-wide K blocks a multiple of 4 -- K = 16..384 (1..3 blocks) came back WRONG without an error (the
+# scales' rows are read 16-byte aligned). _scaled_mm_blockwise zero-pads what falls short (zeros add nothing to a
+# dot product; padded scales are 1.0), never truncates.
+_ALIGN = {"M": 4, "N": 16, "K_BLOCKS": 4}
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -129,11 +131,6 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
     return x if ok else x.contiguous()
 
 
-# Some torch versions check 128x128 scales for a row stride of round_up(K/128, 4) (16-byte aligned rows), others for
-# exactly K/128: None until the first call with K/128 % 4 != 0 finds out which (then fixed for the process).
-_BLOCK_SCALE_ROW_PAD: Optional[bool] = None
-
-
 def _row_stride(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """x [R, C] as a view whose row stride is C rounded up to `multiple`."""
     C = x.shape[1]
@@ -152,6 +149,10 @@ def _round_up(a: int, b: int) -> int:
     return _cdiv(a, b) * b
 
 
+def _pad_scale_cols(s: torch.Tensor, n: int) -> torch.Tensor:
+    return s if s.shape[1] == n else torch.nn.functional.pad(s, (0, n - s.shape[1]), value=1.0)
+
+
 def _scaled_mm_blockwise(a_q, a_scale, b_q, b_scale, scaling: str, out_dtype) -> torch.Tensor:
     """torch._scaled_mm with A in 1x128 tiles and B in 128x128 blocks or 1x128 tiles; operands padded to _ALIGN.
 
@@ -160,29 +161,20 @@ def _scaled_mm_blockwise(a_q, a_scale, b_q, b_scale, scaling: str, out_dtype) ->
     outer-dim-major (tiles)."""
     M, K = a_q.shape
     N = b_q.shape[0]
-    Mp, Np, Kp = _round_up(M, _ALIGN["M"]), _round_up(N, _ALIGN["N"]), _round_up(K, _ALIGN["K"])
+    Tp = _round_up(_cdiv(K, TILE), _ALIGN["K_BLOCKS"])
+    Mp, Np, Kp = _round_up(M, _ALIGN["M"]), _round_up(N, _ALIGN["N"]), Tp * TILE
     if Kp != K:
-        a_q, b_q = _pad_cols(a_q, Kp), _pad_cols(b_q, Kp)          # scale shapes are unchanged: ceil(K/128)
+        a_q, b_q = _pad_cols(a_q, Kp), _pad_cols(b_q, Kp)
+        a_scale, b_scale = _pad_scale_cols(a_scale, Tp), _pad_scale_cols(b_scale, Tp)
     a_q = _pad_rows(_row_major(a_q), Mp)
     b_q = _pad_rows(_row_major(b_q), Np)
-    sa = _pad_rows(a_scale, Mp, 1.0).t().contiguous().t()          # [Mp, T], stride (1, Mp)
+    sa = _pad_rows(a_scale, Mp, 1.0).t().contiguous().t()          # [Mp, Tp], stride (1, Mp): no copy if so already
     if scaling == "tiles":
-        sb = _pad_rows(b_scale, Np, 1.0).t().contiguous()          # [T, Np]; .t() is [Np, T] stride (1, Np)
-        return _crop(torch._scaled_mm(a_q, b_q.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype,
-                                      use_fast_accum=False), M, N)
-    sb = _pad_rows(b_scale, _cdiv(Np, TILE), 1.0)                   # [Np/128, T] row-major; passed as .t()
-    global _BLOCK_SCALE_ROW_PAD
-    for pad in ((_BLOCK_SCALE_ROW_PAD,) if _BLOCK_SCALE_ROW_PAD is not None else (False, True)):
-        try:
-            out = torch._scaled_mm(a_q, b_q.t(), scale_a=sa, scale_b=_row_stride(sb, 4 if pad else 1).t(),
-                                   out_dtype=out_dtype, use_fast_accum=False)
-        except RuntimeError as err:
-            if _BLOCK_SCALE_ROW_PAD is not None or pad or "Invalid scaling" not in str(err) or sb.shape[1] % 4 == 0:
-                raise
-            continue
-        if sb.shape[1] % 4:                                          # the layout this torch took: remember it
-            _BLOCK_SCALE_ROW_PAD = pad
-        return _crop(out, M, N)
+        sb = _pad_rows(b_scale, Np, 1.0).t().contiguous()          # [Tp, Np]; .t() is [Np, Tp] stride (1, Np)
+    else:
+        sb = _pad_rows(b_scale, _cdiv(Np, TILE), 1.0).contiguous().t()  # .t() of [Np/128, Tp] row-major
+    out = torch._scaled_mm(a_q, b_q.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=False)
+    return _crop(out, M, N)
 
 
 def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
@@ -226,9 +218,19 @@ def fp8_grouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor
         _check_operands(a_q, a_scale, b_q[0], b_scale[0])
     out = torch.empty(R, N, dtype=out_dtype, device=a_q.device)
     end = 0
+    fast = (out_dtype != torch.float64 and _blockwise_available(a_q) and N % _ALIGN["N"] == 0
+            and _cdiv(K, TILE) % _ALIGN["K_BLOCKS"] == 0 and K % TILE == 0)
     for e, (a, b) in enumerate(_group_bounds(offs, R, E)):
         end = b
-        if b > a:
+        if b == a:
+            continue
+        if fast and (b - a) % _ALIGN["M"] == 0:
+            # straight into cuBLAS, writing the output rows in place (the per-expert host cost is what limits
+            # small experts: see bench/results_fp8.md)
+            sa = a_scale[a:b].t().contiguous().t()
+            torch._scaled_mm(a_q[a:b], b_q[e].t(), scale_a=sa, scale_b=b_scale[e].t(), out_dtype=out_dtype,
+                             use_fast_accum=False, out=out[a:b])
+        else:
             out[a:b] = fp8_gemm(a_q[a:b], a_scale[a:b], b_q[e], b_scale[e], out_dtype)
     out[end:] = 0
     return out

@@ -10,7 +10,9 @@ One kernel, one read of x per [BM, 128] tile, writes what its flags ask for:
 
 The arithmetic is quant.py's, in its order: float32, amax (NaN-propagating), scale = amax / 448 rounded to nearest
 (div_rn), pow2 rounding up by exponent bits (exact, subnormals included), zero tile -> 1.0, underflow -> 2^-149,
-x / scale rounded to nearest, clamp to +-448 (NaN kept), round-to-nearest-even cast to e4m3.
+x / scale rounded to nearest, clamp to +-448 (NaN kept), round-to-nearest-even cast to e4m3: the hardware's
+cvt.rn.satfinite on a GPU, the same rule written out in integer ops elsewhere (Triton's interpreter mis-rounds
+its own fp8 cast; the CPU tests check the integer form, the GPU tests the hardware one).
 
 The `*_triton` functions run wherever Triton does (CPU tensors under TRITON_INTERPRET=1: the CPU test suite);
 the `*_fast` dispatchers take them on CUDA and quant.py's references elsewhere.
@@ -62,11 +64,13 @@ if HAVE_TRITON:
         return s
 
     @triton.jit
-    def _cast(x, s):
+    def _cast(x, s, HW_CAST: tl.constexpr):
         """e4m3(clamp(x / s, +-448)) as its bits (uint8), rounded to nearest even; c10's float -> e4m3fn rule
         written out, since Triton's interpreter mis-rounds its own fp8 cast across a binade (124.3 -> 64)."""
         y = tl.math.div_rn(x, s)
         y = tl.where(y > 448.0, 448.0, tl.where(y < -448.0, -448.0, y))          # explicit saturation, NaN kept
+        if HW_CAST:                                                               # GPUs: cvt.rn.satfinite, RNE
+            return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         u = y.to(tl.int32, bitcast=True)
         sign = (u >> 24) & 0x80
         a = u & 0x7FFFFFFF
@@ -82,6 +86,7 @@ if HAVE_TRITON:
     def _quant_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, src_ptr, cnt_ptr,
                       M, K, stride_xm, S_STRIDE_M, S_STRIDE_T, QT_STRIDE, ST_STRIDE_K, ST_STRIDE_T,
                       ROWS: tl.constexpr, COLS: tl.constexpr, GROUPED: tl.constexpr, POW2: tl.constexpr,
+                      HW_CAST: tl.constexpr,
                       BM: tl.constexpr, BK: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -100,12 +105,12 @@ if HAVE_TRITON:
         x = tl.load(x_ptr + rows[:, None] * stride_xm + c[None, :], mask=mask, other=0.0).to(tl.float32)
         if ROWS:
             s = _scale(_amax(x, 1), POW2)                      # [BM]
-            q = _cast(x, s[:, None])
+            q = _cast(x, s[:, None], HW_CAST)
             tl.store(q_ptr + rows[:, None] * K + c[None, :], q, mask=mask)
             tl.store(s_ptr + rows * S_STRIDE_M + pid_k * S_STRIDE_T, s, mask=rmask)
         if COLS:
             st = _scale(_amax(x, 0), POW2)                     # [BK]
-            qc = _cast(x, st[None, :])
+            qc = _cast(x, st[None, :], HW_CAST)
             if GROUPED:
                 qc = tl.where(mask, qc, 0)                                           # the padding gets zeros
             qt = tl.trans(qc)                                                        # [BK, BM]
@@ -126,7 +131,7 @@ def _launch(x, q, s, qt, st, src, cnt, M, qt_stride, grid, rows, cols, grouped, 
                         qt.view(torch.uint8) if qt is not None else dummy, st if st is not None else dummy,
                         src if src is not None else dummy, cnt if cnt is not None else dummy,
                         M, x.shape[1], x.stride(0), s_strides[0], s_strides[1], qt_stride, st_strides[0], st_strides[1],
-                        ROWS=rows, COLS=cols, GROUPED=grouped, POW2=pow2, BM=bm, BK=TILE,
+                        ROWS=rows, COLS=cols, GROUPED=grouped, POW2=pow2, HW_CAST=x.is_cuda, BM=bm, BK=TILE,
                         num_warps=num_warps or (8 if bm * TILE >= 128 * 128 else 4))
 
 

@@ -44,7 +44,7 @@ _TINY = 2.0 ** -149              # smallest float32 subnormal
 
 def _scales(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
     """amax (float32, any shape) -> dequantisation scale, same shape; the edge cases of the module docstring."""
-    s = amax / E4M3_MAX
+    s = amax / torch.full_like(amax, E4M3_MAX)   # a tensor divisor: CUDA multiplies by 1/448 for a Python scalar
     if pow2:
         s = s.clamp_min(_TINY)                                     # (NaN stays NaN)
         m, _ = torch.frexp(s)                                      # s = m * 2^e, m in [0.5, 1)

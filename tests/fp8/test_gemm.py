@@ -100,9 +100,10 @@ def _grouped_case(R=300, K=200, N=136, counts=(5, 128, 0, 100, 60), seed=1):
     return x, w, offs
 
 
+@pytest.mark.parametrize("K", [200, 512])                 # 512: CUDA's per-expert fast path, 200: padded
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_grouped_gemm_matches_per_expert_float64(out_dtype):
-    x, w, offs = _grouped_case()
+def test_grouped_gemm_matches_per_expert_float64(out_dtype, K):
+    x, w, offs = _grouped_case(K=K)
     qa, sa = quant.quantize_tiles(x)
     qw, sw = zip(*(quant.quantize_blocks(we) for we in w))
     qw, sw = torch.stack(qw), torch.stack(sw)

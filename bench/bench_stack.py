@@ -37,7 +37,9 @@ MATMUL_TFLOPS = 779.0
 PARTS = ("stack", "dense", "moe_layer", "mla", "moe")
 TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense": "dense layer (MLA + MLP)",
           "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
-IMPLS = ("ours", "mcore-te")
+IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8")
+NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16", "ours-fp8": "ours FP8 (native)",
+         "mcore-te-fp8": "megatron-core + TE FP8 (Float8BlockScaling)"}
 
 
 def bench_config(smoke: bool, num_layers: int = 4):
@@ -51,9 +53,10 @@ def bench_config(smoke: bool, num_layers: int = 4):
         mtp={"num_layers": 0})
 
 
-def peer_transformer_config(cfg):
+def peer_transformer_config(cfg, fp8: bool = False):
     """megatron-core's own DeepSeek-V3 configuration at the same sizes: MLATransformerConfig through our one bridge,
-    plus its MoE fields (bench_layers.mcore_moe_transformer_config) and the fusions a TE user turns on."""
+    plus its MoE fields (bench_layers.mcore_moe_transformer_config) and the fusions a TE user turns on; fp8: TE's
+    block-wise recipe (E4M3, 1x128 / 128x128), which TransformerBlock enters per layer."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_layers import mcore_moe_transformer_config
     tc = mcore_moe_transformer_config(cfg, grouped_gemm=True, fusion=True)
@@ -61,6 +64,8 @@ def peer_transformer_config(cfg):
                   bias_activation_fusion=True, bias_dropout_fusion=True, masked_softmax_fusion=True,
                   persist_layer_norm=True, apply_rope_fusion=False, cross_entropy_loss_fusion=True,
                   gradient_accumulation_fusion=False, bf16=True)
+    if fp8:
+        fields.update(fp8="e4m3", fp8_recipe="blockwise")
     for k, v in fields.items():
         if hasattr(tc, k):
             setattr(tc, k, v)
@@ -73,9 +78,14 @@ def _layer_specs_peer(tc):
 
 
 def build(part: str, impl: str, cfg, dev, pg):
-    """-> (module, call(module, x_or_ids) -> tensor to backprop, input builder, layers counted)."""
+    """-> (module, call(module) -> tensor to backprop, layers counted)."""
     import torch
     from megatron.core.transformer.spec_utils import build_module
+
+    fp8 = impl.endswith("-fp8")
+    impl = impl[:-4] if fp8 else impl
+    if fp8 and impl == "ours":
+        cfg = cfg.replace(fp8={"enabled": True, "backend": "native"})
 
     s, h = cfg.seq_length, cfg.hidden_size
     if part == "stack":
@@ -88,7 +98,7 @@ def build(part: str, impl: str, cfg, dev, pg):
             return model, lambda m: m(ids, labels=labels).float().mean(), cfg.num_layers
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-        tc = peer_transformer_config(cfg)
+        tc = peer_transformer_config(cfg, fp8)
         model = GPTModel(tc, get_gpt_decoder_block_spec(tc, use_transformer_engine=True), cfg.vocab_size, s,
                          position_embedding_type="rope").to(dev)
         pos = torch.arange(s, device=dev).unsqueeze(0)
@@ -107,7 +117,7 @@ def build(part: str, impl: str, cfg, dev, pg):
             mod = build_module(get_layer_spec(cfg, moe_layer=moe, backend="local"), config=tc,
                                layer_number=1 + int(moe), pg_collection=pg)
     else:
-        tc = peer_transformer_config(cfg)
+        tc = peer_transformer_config(cfg, fp8)
         dense_spec, moe_spec = _layer_specs_peer(tc)[0], _layer_specs_peer(tc)[-1]
         if part == "mla":
             mod = build_module(dense_spec.submodules.self_attention, config=tc, layer_number=1, pg_collection=pg)
@@ -125,6 +135,14 @@ def build(part: str, impl: str, cfg, dev, pg):
         call = lambda m: m(hidden_states=x, attention_mask=None)
     else:
         call = lambda m: m(x) if part == "moe" else m(x, None)
+    if fp8 and impl == "mcore-te":
+        # outside a TransformerBlock nothing enters TE's FP8 autocast: enter it around the call, as the block does
+        from megatron.core.fp8_utils import get_fp8_context
+        plain = call
+
+        def call(m):
+            with get_fp8_context(tc):
+                return plain(m)
     return mod, lambda m: _first(call(m)), 1
 
 
@@ -220,7 +238,7 @@ def _versions() -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
-    p.add_argument("--impls", default=",".join(IMPLS), help="comma list of ours, mcore-te")
+    p.add_argument("--impls", default="ours,mcore-te", help=f"comma list of {', '.join(IMPLS)}")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=8)
@@ -246,9 +264,9 @@ def main(argv=None):
     if a.smoke:
         a.seq, a.rounds, a.warmup, a.iters = 32, 1, 1, 2
     vers = _versions()
-    if "mcore-te" in impls and vers["transformer-engine"] == "not installed":
-        print("note: Transformer Engine does not import here: the mcore-te rows are skipped", flush=True)
-        impls = [x for x in impls if x != "mcore-te"]
+    if any(x.startswith("mcore-te") for x in impls) and vers["transformer-engine"] == "not installed":
+        print("note: Transformer Engine does not import here: the megatron-core + TE rows are skipped", flush=True)
+        impls = [x for x in impls if not x.startswith("mcore-te")]
     profile = set(x for x in a.profile.split(",") if x)
     runs = {(part, impl): [] for part in parts for impl in impls}
     info = {}
@@ -282,7 +300,7 @@ def main(argv=None):
              f"- {a.rounds} fresh processes per (part, implementation), order alternating per round; each the median "
              f"of {a.iters} steps after {a.warmup} warmup", "",
              "| part | implementation | ms per round | median ms | model TFLOP/s | of 779 | peak GiB | "
-             "kept bytes / token / layer | ours / peer |",
+             "kept bytes / token / layer | peer BF16 / this |",
              "|---|---|---|---|---|---|---|---|---|"]
     for part in parts:
         med = {}
@@ -293,12 +311,12 @@ def main(argv=None):
         for impl in impls:
             rs = runs[(part, impl)]
             ok = [x for x in rs if "ms" in x]
-            name = "ours" if impl == "ours" else "megatron-core + TE"
+            name = NAMES[impl]
             if not ok:
                 lines.append(f"| {TITLES[part]} | {name} | error: {rs[-1].get('error')} | | | | | | |")
                 continue
             tf = statistics.median(x["tflops"] for x in ok)
-            ratio = (f"**{med['mcore-te'] / med['ours']:.2f}x**" if impl == "ours" and "mcore-te" in med else "")
+            ratio = (f"**{med['mcore-te'] / med[impl]:.2f}x**" if impl != "mcore-te" and "mcore-te" in med else "")
             lines.append(f"| {TITLES[part]} | {name} | {', '.join('%.1f' % x['ms'] for x in ok)} | {med[impl]:.2f} | "
                          f"{tf:.0f} | {100 * tf / MATMUL_TFLOPS:.0f}% | {max(x['peak_gib'] for x in ok):.2f} | "
                          f"{statistics.median(x['kept_bytes_per_token_layer'] for x in ok):,.0f} | {ratio} |")

@@ -43,6 +43,7 @@ from megatron_dsv3.compat import get_process_group_collection
 from megatron_dsv3.cross_entropy import vocab_parallel_cross_entropy
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.mla.rope import RotaryEmbedding
+from megatron_dsv3.output_head import OutputHead
 from megatron_dsv3.specs import check_backend, get_decoder_block_spec, get_mtp_block_spec
 
 __all__ = ["DSV3Model", "build_model"]
@@ -107,7 +108,7 @@ class DSV3Model(LanguageModule):
                                     vp_stage=vp_stage)
 
         if self.post_process:
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
+            self.output_layer = OutputHead(
                 tc.hidden_size, self.vocab_size, config=tc, init_method=tc.init_method, bias=False,
                 skip_bias_add=False, gather_output=not parallel_output, tp_group=pg_collection.tp)
 
@@ -170,12 +171,7 @@ class DSV3Model(LanguageModule):
         [b, s, V/tp] without (all of V with runtime_gather_output=True); on a non-last pipeline stage the
         hidden states [s', b, h]. position_ids [b, s]: the rope positions (None: 0..s-1); every pipeline stage
         needs the same ones. Under pipeline parallelism with MTP the last stage needs input_ids too."""
-        rope_angles = None
-        if position_ids is not None:
-            if input_ids is not None and tuple(position_ids.shape) != tuple(input_ids.shape):
-                raise ValueError(f"DSV3Model: position_ids must have input_ids' shape [b, s] "
-                                 f"{tuple(input_ids.shape)}, got {tuple(position_ids.shape)}")
-            rope_angles = self.rope.angles(position_ids)                              # [s, b, 1, d_h^R/2]
+        rope_angles = self._rope_angles(input_ids, position_ids)
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)   # [s', b, h]
         # non-first stages: the decoder reads the tensor given to set_input_tensor
@@ -183,7 +179,19 @@ class DSV3Model(LanguageModule):
                               inference_context=inference_context, packed_seq_params=packed_seq_params)
         if not self.post_process:
             return hidden
+        return self._head(hidden, input_ids, labels, loss_mask, attention_mask, rope_angles, runtime_gather_output)
 
+    def _rope_angles(self, input_ids: Optional[Tensor], position_ids: Optional[Tensor]) -> Optional[Tensor]:
+        if position_ids is None:
+            return None
+        if input_ids is not None and tuple(position_ids.shape) != tuple(input_ids.shape):
+            raise ValueError(f"DSV3Model: position_ids must have input_ids' shape [b, s] "
+                             f"{tuple(input_ids.shape)}, got {tuple(position_ids.shape)}")
+        return self.rope.angles(position_ids)                                         # [s, b, 1, d_h^R/2]
+
+    def _head(self, hidden: Tensor, input_ids, labels, loss_mask, attention_mask, rope_angles,
+              runtime_gather_output) -> Tensor:
+        """The last stage after the final norm: MTP (with labels), the output head, the loss (with labels)."""
         if labels is not None and self.mtp_process and self.mtp.enabled:
             if input_ids is None:
                 raise ValueError("DSV3Model: MTP embeds future tokens, so the last pipeline stage needs input_ids "
@@ -201,6 +209,46 @@ class DSV3Model(LanguageModule):
             return logits.transpose(0, 1).contiguous()                                       # [b, s, V/tp]
         logits, _ = self.output_layer(hidden, runtime_gather_output=False)
         return self.compute_language_model_loss(labels, logits)                              # [b, s]
+
+    # ---- DualPipe's overlapped forward & backward (pipeline/overlap.py) ---------------------------
+    def supports_overlap(self) -> bool:
+        """Whether overlap_pieces() splits this chunk: some decoder layer has Figure 4's sub-stages, and nothing
+        megatron-core wraps around the whole layer loop (full-layer recompute, TE's FP8/FP4 contexts, CPU
+        offloading, sequence parallelism's RNG fork with dropout) is in use."""
+        from megatron_dsv3.pipeline.overlap import layer_stages
+        tc = self.config
+        if (tc.recompute_granularity == "full" or tc.fp8 or getattr(tc, "fp4", None)
+                or getattr(tc, "cpu_offloading", False)
+                or (tc.sequence_parallel and (tc.hidden_dropout or tc.attention_dropout))):
+            return False
+        return any(layer_stages(layer) is not None for layer in self.decoder.layers)
+
+    def overlap_pieces(self, input_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                       attention_mask: Optional[Tensor] = None, decoder_input: Optional[Tensor] = None,
+                       labels: Optional[Tensor] = None, loss_mask: Optional[Tensor] = None,
+                       inference_context=None, packed_seq_params=None, runtime_gather_output: Optional[bool] = None,
+                       **kwargs):
+        """forward(same arguments) as overlap.py's pieces, for DualPipe's overlapped F&B: the embedding (first
+        stage, takes nothing), each decoder layer (its LayerStages where it has sub-stages, else one piece),
+        final norm + MTP + head + loss (last stage); a non-first stage's first piece takes the stage input (the
+        tensor forward() would read from set_input_tensor). Returns forward()'s result from the last piece. None
+        where forward() cannot be split: supports_overlap() is False, or inference, packed sequences, a given
+        decoder_input."""
+        from megatron_dsv3.pipeline.overlap import layer_piece
+        if (not self.supports_overlap() or inference_context is not None or packed_seq_params is not None
+                or decoder_input is not None or kwargs):
+            return None
+        rope_angles = self._rope_angles(input_ids, position_ids)
+        layer_kw = dict(attention_mask=attention_mask, rotary_pos_emb=rope_angles)   # as TransformerBlock's loop
+        pieces = []
+        if self.pre_process:
+            pieces.append(lambda: self.embedding(input_ids=input_ids, position_ids=None))          # [s', b, h]
+        pieces += [layer_piece(layer, **layer_kw) for layer in self.decoder.layers]
+        if self.post_process:
+            norm = self.decoder.final_layernorm
+            pieces.append(lambda h: self._head(h if norm is None else norm(h), input_ids, labels, loss_mask,
+                                               attention_mask, rope_angles, runtime_gather_output))
+        return pieces
 
     # ---- checkpointing ---------------------------------------------------------------------------
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["LayerStages", "DSV3LayerStages", "LayerStack", "ChunkRun", "run_interleaved", "overlap_pieces",
-           "layer_stages", "ORDERS"]
+           "layer_stages", "layer_piece", "ORDERS"]
 
 # the order in which the two sides of a pair start: Figure 4 (backward first), forward first, or no overlap at all
 ORDERS = ("figure4", "forward_first", "sequential")
@@ -64,11 +64,12 @@ class DSV3LayerStages:
     calls as TransformerLayer.forward -> DeepSeekMoE.forward, cut at the MoE seams. The pre-MLP RMSNorm runs
     without megatron-core's selective recompute (it would discard an output that crosses a segment boundary)."""
 
-    def __init__(self, layer: nn.Module):
-        self.layer, self.moe = layer, layer.mlp
+    def __init__(self, layer: nn.Module, **layer_kwargs):
+        # layer_kwargs: what TransformerBlock passes every layer of this forward (attention_mask, rotary_pos_emb)
+        self.layer, self.moe, self.kwargs = layer, layer.mlp, layer_kwargs
 
     def attention(self, state):
-        h1, _ = self.layer._forward_attention(state["hidden"])            # input norm, MLA, residual  [s, b, h]
+        h1, _ = self.layer._forward_attention(state["hidden"], **self.kwargs)   # input norm, MLA, residual [s, b, h]
         u = self.layer.pre_mlp_layernorm(h1)                               # [s, b, h]
         x, topk_idx, gates = self.moe.route(u)                             # [T', h], [T', k], [T', k]
         return {"residual": h1, "normed": u, "tokens": x, "gates": gates, "plan": self.moe.plan(topk_idx)}
@@ -88,32 +89,40 @@ class DSV3LayerStages:
         return self.layer._forward_post_mlp((out, None), state["residual"])
 
 
-def layer_stages(layer: nn.Module) -> Optional[LayerStages]:
-    """The sub-stages of a layer: its own `overlap_stages()`, ours for a TransformerLayer whose mlp is DeepSeekMoE,
-    else None (the layer runs as one piece). Layers with megatron-core options that reach across the cut (MLP
-    recompute, activation offloading) are not split."""
+def layer_stages(layer: nn.Module, **layer_kwargs) -> Optional[LayerStages]:
+    """The sub-stages of a layer: its own `overlap_stages(**layer_kwargs)`, ours for a TransformerLayer whose mlp is
+    DeepSeekMoE, else None (the layer runs as one piece). Layers with megatron-core options that reach across the
+    cut (MLP recompute, the pre-MLP norm's selective recompute, activation offloading) are not split.
+    layer_kwargs: the layer's forward arguments besides the hidden states (attention_mask, rotary_pos_emb)."""
     own = getattr(layer, "overlap_stages", None)
     if own is not None:
-        return own()
+        return own(**layer_kwargs)
     from megatron_dsv3.moe.layer import DeepSeekMoE
     mlp = getattr(layer, "mlp", None)
     if not (isinstance(mlp, DeepSeekMoE) and hasattr(layer, "_forward_attention")
             and hasattr(layer, "_forward_post_mlp")):
         return None
-    if any(getattr(layer, flag, False) for flag in ("recompute_mlp", "offload_attn_norm", "offload_mlp_norm")):
+    # recompute_pre_mlp_layernorm: _forward_post_mlp would discard a norm output that the MLP segment still reads
+    if any(getattr(layer, flag, False) for flag in ("recompute_mlp", "recompute_pre_mlp_layernorm",
+                                                    "offload_attn_norm", "offload_mlp_norm")):
         return None
-    return DSV3LayerStages(layer)
+    return DSV3LayerStages(layer, **layer_kwargs)
 
 
 class _Whole:
     """A layer without sub-stages: one compute piece (megatron-core layers return (hidden, context))."""
 
-    def __init__(self, layer: nn.Module):
-        self.layer = layer
+    def __init__(self, layer: nn.Module, **layer_kwargs):
+        self.layer, self.kwargs = layer, layer_kwargs
 
     def __call__(self, *inputs):
-        out = self.layer(*inputs)
+        out = self.layer(*inputs, **self.kwargs)
         return out[0] if isinstance(out, tuple) and len(out) == 2 and not isinstance(out[1], torch.Tensor) else out
+
+
+def layer_piece(layer: nn.Module, **layer_kwargs):
+    """One layer as a piece of a chunk: its LayerStages, else the whole layer as one compute piece."""
+    return layer_stages(layer, **layer_kwargs) or _Whole(layer, **layer_kwargs)
 
 
 class LayerStack(nn.Module):
@@ -130,7 +139,7 @@ class LayerStack(nn.Module):
         return hidden
 
     def overlap_pieces(self) -> List[Any]:
-        return [layer_stages(layer) or _Whole(layer) for layer in self.layers]
+        return [layer_piece(layer) for layer in self.layers]
 
 
 def overlap_pieces(module: nn.Module) -> Optional[List[Any]]:

@@ -22,11 +22,14 @@ straddles two experts, each expert's partial last tile is scaled by its own amax
 
 Where the work runs:
 - CUDA: cuBLAS's block-scaled FP8 GEMM through torch._scaled_mm (1x128 x 128x128 and 1x128 x 1x128 scaling; CUDA
-  12.9+). It takes no fast-accumulation flag with block scales (torch refuses use_fast_accum=True there), and
-  cuBLAS applies the per-128 scales to FP32 partial sums: the paper's promotion with N_C = 128 -- measured in
-  bench/results_fp8.md: the error at K = 16384 is that of FP32 accumulation, not of a 14-bit accumulator. Operands
-  whose sizes it does not take (see _ALIGN) are zero-padded (zeros add nothing to a dot product), never truncated.
-  The grouped forms loop over experts on the host (the offsets are read once per call).
+  12.9+; 128x128 x 128x128 is refused). torch refuses use_fast_accum with block scales, and cuBLAS promotes each
+  128-chunk's partial sum, scaled, into an FP32 accumulator: the paper's N_C = 128. Measured on the H200
+  (bench/results_fp8.md, all-positive products): the error is flat in K (5.6e-4 at K = 128, 5.5e-4 at K = 16384)
+  as with promotion, where a 14-bit accumulator without promotion grows from 1.2e-4 to 1.0e-2 (truncating) --
+  but within a chunk the tensor core's accumulator is narrower than FP32 (an FP32 sum would give 1e-7), exactly
+  the paper's split. Operands whose sizes it does not take (_ALIGN) are zero-padded, never truncated.
+  The grouped forms loop over experts on the host (the offsets are read once per call; experts whose row counts
+  are multiples of 4 go straight into _scaled_mm(out=...)).
 - elsewhere (CPU, float64 outputs, no block-scaled _scaled_mm): the emulation, the same arithmetic written plainly:
   for each 128-wide chunk of K, the float32 product of the e4m3 chunks (exact products) times that chunk's scales,
   added to a float32 accumulator. A float64 out_dtype computes all of it in float64 instead (the exact value of the

@@ -181,6 +181,26 @@ def dist_checkpoint_writer_processes():
 
 
 @contextlib.contextmanager
+def torch_adamw_class(cls):
+    """Around megatron-core's get_megatron_optimizer (0.16-0.19, neither Transformer Engine nor apex): it builds
+    `torch.optim.AdamW`, looked up at call time; `cls` (a subclass, so megatron's isinstance checks for torch's AdamW
+    still hold) is built instead. None: nothing changes. Restored on exit."""
+    if cls is None:
+        yield
+        return
+    import megatron.core.optimizer as mo
+    if not getattr(mo, "USING_PYTORCH_OPTIMIZER", False) or not issubclass(cls, torch.optim.AdamW):
+        raise RuntimeError(f"{cls.__name__} replaces torch's AdamW, which megatron-core builds only without "
+                           f"Transformer Engine and apex")
+    before = torch.optim.AdamW
+    torch.optim.AdamW = cls
+    try:
+        yield
+    finally:
+        torch.optim.AdamW = before
+
+
+@contextlib.contextmanager
 def torch_adam_step_hidden(optimizer):
     """Around `DistributedOptimizer.load_state_dict` of a 'fully_reshardable' state (megatron-core 0.16.1, torch's
     Adam, i.e. without Transformer Engine / apex): `load_parameter_state_from_fully_reshardable` skips the saved

@@ -34,7 +34,11 @@ TRAIN_DEFAULTS = {
                  bias_update_rate="0:0.01"),
     "*": dict(train_iters=None, micro_batch_size=1, global_batch_size=None, lr=2.2e-4, min_lr=2.2e-5,
               lr_warmup_iters=2000, eval_interval=1000, eval_iters=10, log_interval=10, generate_tokens=0,
-              weight_decay=0.1, bias_update_rate=None),
+              weight_decay=0.1, bias_update_rate=None, adam_moments_dtype="fp32"),
+    # the paper's optimizer state (section 3.3.3): BF16 moments, FP32 master weights and gradients. The smaller
+    # presets keep megatron-core's FP32 moments: there the moments are a small share of the memory, and FP32 is
+    # the numerics their golden curves and tests were measured with
+    "dsv3-671b": dict(adam_moments_dtype="bf16"),
 }
 
 
@@ -144,6 +148,10 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--adam-moments-dtype", default=None, choices=["fp32", "bf16"],
+                   help="dtype of Adam's two moments; master weights and gradients stay FP32 (paper section 3.3.3: "
+                        "bf16; default bf16 for --preset dsv3-671b, else fp32). With Transformer Engine megatron-core's "
+                        "precision-aware optimizer, without it our AdamW (training/optimizer.py)")
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
 
@@ -281,6 +289,9 @@ def check_args(args: argparse.Namespace, cfg: DSV3Config) -> None:
     if schedule in ("dualpipe", "dualpipev") and getattr(args, "overlap_grad_reduce", False):
         raise ValueError(f"--overlap-grad-reduce with --pipeline-schedule {schedule}: the gradients are reduced "
                          f"after the schedule (weight gradients are deferred); leave out --overlap-grad-reduce")
+    if getattr(args, "adam_moments_dtype", None) not in (None, "fp32"):
+        from megatron_dsv3.training.optimizer import moments_plan
+        moments_plan(args.adam_moments_dtype, getattr(args, "use_distributed_optimizer", True))   # one line if not here
     ema = getattr(args, "ema_decay", None)
     if ema is not None and not 0.0 < ema < 1.0:
         raise ValueError(f"--ema-decay must be in (0, 1) (e.g. 0.999), got {ema:g}")

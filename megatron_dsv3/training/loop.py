@@ -189,16 +189,17 @@ class Trainer:
 
     def _build_optimizer(self):
         from megatron.core.distributed import finalize_model_grads
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron_dsv3.training.optimizer import build_optimizer
 
         a, tc = self.args, self.model_config
         bf16 = self.cfg.params_dtype == "bfloat16"
-        oc = OptimizerConfig(optimizer="adam", lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
-                             adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
-                             clip_grad=a.clip_grad, bf16=bf16, params_dtype=self.cfg.torch_dtype,
-                             use_distributed_optimizer=a.use_distributed_optimizer,
-                             overlap_param_gather=a.overlap_param_gather)
-        self.optimizer = get_megatron_optimizer(oc, self.chunks)
+        oc = dict(optimizer="adam", lr=a.lr, min_lr=a.min_lr, weight_decay=a.weight_decay,
+                  adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
+                  clip_grad=a.clip_grad, bf16=bf16, params_dtype=self.cfg.torch_dtype,
+                  use_distributed_optimizer=a.use_distributed_optimizer,
+                  overlap_param_gather=a.overlap_param_gather)
+        # FP32 master weights and gradients always; the moments in --adam-moments-dtype (training/optimizer.py)
+        self.optimizer = build_optimizer(oc, self.chunks, getattr(a, "adam_moments_dtype", None) or "fp32")
         tc.finalize_model_grads_func = finalize_model_grads
         tc.grad_scale_func = self.optimizer.scale_loss
         if a.overlap_grad_reduce:
@@ -233,6 +234,9 @@ class Trainer:
             self._log0(f"resumed from {state['path']} at iteration {self.iteration} "
                        f"(consumed samples {self.consumed_samples}"
                        f"{'' if state['optimizer_loaded'] else '; optimizer state not loaded'})")
+            was, now = state.get("adam_moments_dtype", "fp32"), getattr(a, "adam_moments_dtype", None) or "fp32"
+            if state["optimizer_loaded"] and was != now:
+                self._log0(f"Adam moments saved in {was}, continued in {now} (--adam-moments-dtype)")
         elif state is not None:
             self._log0(f"loaded model weights from {state['path']} ({'--finetune: ' if a.finetune else ''}"
                        f"starting at iteration 0 with a fresh optimizer)")
@@ -409,6 +413,7 @@ class Trainer:
         checkpointing.save_checkpoint(
             a.save, self.iteration, self.chunks, self.optimizer,
             {"consumed_samples": self.consumed_samples, "tokens": self.tokens_seen, "config": self.cfg.to_dict(),
+             "adam_moments_dtype": getattr(a, "adam_moments_dtype", None) or "fp32",
              "tokenizer": dict(self.tokenizer.unique_identifiers)}, ema=self.ema)
         self._saved.add(self.iteration)
         self._log0(f"saved checkpoint {checkpointing.checkpoint_dir(a.save, self.iteration)}")
@@ -500,8 +505,8 @@ class Trainer:
                   f"EP {a.expert_model_parallel_size} DP {self.dp}) | {cfg.params_dtype}")
         print(f"  {a.train_iters} steps x {a.global_batch_size} x {cfg.seq_length} tokens "
                   f"(micro-batch {a.micro_batch_size}) | lr {a.lr:g} -> {a.min_lr:g} ({a.lr_decay_style}, warmup "
-                  f"{a.lr_warmup_iters}) | tokenizer {type(self.tokenizer).__name__} | train samples "
-                  f"{len(self.train_ds)}")
+                  f"{a.lr_warmup_iters}) | Adam moments {getattr(a, 'adam_moments_dtype', None) or 'fp32'} | tokenizer "
+                  f"{type(self.tokenizer).__name__} | train samples {len(self.train_ds)}")
         if cfg.fp8.enabled:
             from megatron_dsv3.fp8.recipe import describe
             print(f"  {describe(cfg)}")

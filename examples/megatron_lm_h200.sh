@@ -19,6 +19,11 @@ MLM=${MEGATRON_LM_PATH:-$ROOT/.mlm}
 RUN=${RUN_DIR:-/tmp/megatron_lm_run}
 ITERS=${ITERS:-60}
 MORE=${MORE:-10}
+if [ -n "${DRY_RUN:-}" ]; then   # DRY_RUN=1: the model and its memory estimate, nothing launched (as every example)
+  TORCHDYNAMO_DISABLE=1 python3 -m megatron_dsv3.training.memory --preset tiny --num-layers 4 --hidden-size 256 \
+    --num-attention-heads 4 --seq-length 256 --micro-batch-size 8 --global-batch-size 32
+  echo "DRY_RUN: not launching"; exit 0
+fi
 [ -f "$MLM/pretrain_gpt.py" ] || { echo "error: MEGATRON_LM_PATH ($MLM) holds no pretrain_gpt.py"; exit 2; }
 
 if ls .whl/megatron_core-*.whl >/dev/null 2>&1; then

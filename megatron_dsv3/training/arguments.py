@@ -13,7 +13,9 @@ Where the model comes from (`model_config_from_args`), first match wins:
   3. `--model-config` / `--hf-config` / `--preset` (default tiny).
 Model flags the user typed then apply; on a loaded model a flag that would change its architecture is a
 one-line error naming the flag and both values. Every flag defaults to None where the model or
-`TRAIN_DEFAULTS` supplies the value, so that what the user typed wins.
+`TRAIN_DEFAULTS` supplies the value, so that what the user typed wins. FP8 is not architecture: it is on exactly
+when this run says `--fp8` (Megatron-LM's --fp8-format is per run too), a checkpoint trained in FP8 resumes in BF16
+without it, which is said in one line.
 """
 from __future__ import annotations
 
@@ -392,6 +394,9 @@ def model_config_from_args(args: argparse.Namespace, on_gpu: bool = False) -> DS
         _refuse_differences(model_differences(base, chosen), source, chosen_name + " says")
     args.model_source = source
     cfg = apply_model_flags(base, model_flag_values(args), on_gpu=on_gpu, keep_dtype=source is not None)
+    if base.fp8.enabled and not cfg.fp8.enabled:
+        notes.append(f"{source or chosen_name}: trained with --fp8; this run trains in BF16 (precision follows this "
+                     f"run's flags: add --fp8 to continue in FP8)")
     if source is not None:
         _refuse_differences(model_differences(base, cfg), source, "the model flags say")
     return cfg.replace(parallel=parallel_from_args(args))
@@ -500,9 +505,9 @@ def apply_model_flags(cfg: DSV3Config, v: dict, on_gpu: bool = False, keep_dtype
         mtp["loss_weight"] = lw
     if v.get("fp8_backend") and not v.get("fp8"):
         raise ValueError(f"--fp8-backend {v['fp8_backend']} needs --fp8")
-    fp8 = {"enabled": True} if v.get("fp8") else {}
-    if v.get("fp8_backend"):
-        fp8["backend"] = v["fp8_backend"]
+    # precision is the run's choice, as Megatron-LM's per-run --fp8-format: FP8 on exactly when the flag says so,
+    # whatever the loaded model's config recorded (its other FP8Config fields, the BF16 module list, are kept)
+    fp8 = {"enabled": bool(v.get("fp8")), "backend": v.get("fp8_backend") or "auto"}
     cfg = cfg.replace(**top, mla=mla, moe=moe, mtp=mtp, fp8=fp8)
     if cfg.fp8.enabled:
         from megatron_dsv3.fp8.recipe import resolve_backend

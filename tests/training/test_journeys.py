@@ -7,6 +7,7 @@
 3. `--save` holding another model's checkpoints is refused before training; one of this model is replaced, said.
 4. `--load-hf DIR` alone: model, dtype and MTP depth from DIR, seq-length bounded by max_position_embeddings.
 5. Model flags that disagree with the loaded checkpoint: one `error:` line naming the flag and both values.
+6. A checkpoint trained with `--fp8` resumes in BF16 without the flag (said in one line), in FP8 with it.
 """
 import json
 import os
@@ -175,6 +176,25 @@ def test_fp8_trains_and_says_which_gemms(tiny_data, tmp_path):
     loss = lambda text: [float(l.split("| loss ")[1].split()[0]) for l in text.splitlines() if "| loss " in l]  # noqa
     fp8, bf16 = loss(out), loss(ref)
     assert len(fp8) == len(bf16) == 3 and all(abs(a - b) < 0.02 * b for a, b in zip(fp8, bf16)), (fp8, bf16)
+
+
+def test_fp8_is_the_runs_choice_on_resume(tiny_data, tmp_path):
+    """Precision is not architecture: the checkpoint's dsv3_config.json records FP8, but the resumed run's flags
+    decide (as Megatron-LM's per-run --fp8-format). Without --fp8: BF16 and one line saying so; with it: FP8."""
+    ck = str(tmp_path / "ckpt")
+    base = ["--preset", "tiny", "--seq-length", "32", "--micro-batch-size", "4", "--global-batch-size", "4",
+            "--log-interval", "1", *_data(tiny_data)]
+    fp8 = ["--fp8", "--fp8-backend", "native"]
+    _, out, _ = train(*base, *fp8, "--train-iters", "1", "--save", ck)
+    assert "FP8: native backend" in out, out
+    with open(os.path.join(ck, "iter_0000001", "dsv3_config.json")) as f:
+        assert json.load(f)["fp8"]["enabled"] is True          # what the loaded model config carries
+    _, out, _ = train(*base, "--train-iters", "2", "--load", ck)
+    assert "resumed from" in out and "FP8: native backend" not in out, out
+    said = [l for l in out.splitlines() if "trained with --fp8" in l]
+    assert len(said) == 1 and "this run trains in BF16" in said[0] and "add --fp8" in said[0], out
+    _, out, _ = train(*base, *fp8, "--train-iters", "2", "--load", ck)
+    assert "resumed from" in out and "FP8: native backend" in out and "trained with --fp8" not in out, out
 
 
 def test_corrupt_checkpoint_is_one_line(tiny_data, tmp_path):

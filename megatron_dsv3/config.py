@@ -190,11 +190,14 @@ class FP8Config:
     format: str = "e4m3"                # the paper uses E4M3 everywhere
     bf16_modules: Tuple[str, ...] = FP8_ALWAYS_BF16   # kept in BF16: the paper's list, plus any of FP8_MODULES
     param_fp8: bool = False             # keep FP8 weight copies with their block scales
+    dispatch_fp8: bool = True           # routed experts in FP8: tokens quantised (1x128, pow2) before the dispatch
+                                        # all-to-all, half its bytes (section 3.3.4; fp8/dispatch.py); combine BF16
 
     def __post_init__(self):
         _check(self.backend in ("auto", "te", "native"), f"FP8Config.backend must be auto|te|native, got {self.backend!r}")
         _check(self.format in ("e4m3",), f"FP8Config.format must be 'e4m3', got {self.format!r}")
         _positive(self, "act_tile", "weight_block")
+        _check(isinstance(self.dispatch_fp8, bool), f"FP8Config.dispatch_fp8 must be a bool, got {self.dispatch_fp8!r}")
         unknown = [m for m in self.bf16_modules if m not in FP8_ALWAYS_BF16 + FP8_MODULES]
         _check(not unknown, f"FP8Config.bf16_modules: unknown module(s) {unknown}; known: "
                             f"{', '.join(FP8_ALWAYS_BF16 + FP8_MODULES)}")

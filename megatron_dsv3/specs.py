@@ -7,7 +7,8 @@
 FP8 (DSV3Config.fp8.enabled; fp8/recipe.py resolves its backend): each linear named in FP8_MODULES and not kept in
 FP8Config.bf16_modules becomes an FP8 linear -- ours (fp8/linear.py) with the native backend, TE's with the te
 backend (TE runs them in FP8 under megatron-core's fp8_autocast); a linear kept in BF16 under the te backend is
-megatron-core's local class, which the autocast does not touch. The routed experts are FP8GroupedExperts in both.
+megatron-core's local class, which the autocast does not touch. The routed experts are FP8GroupedExperts in both,
+reached by the FP8 dispatch (FP8DispatchMoE, fp8/dispatch.py) unless FP8Config.dispatch_fp8 is off.
 """
 from __future__ import annotations
 
@@ -122,13 +123,15 @@ def get_moe_spec(config, backend: str = "local", pg_collection=None):
     shared = None
     if config.moe.num_shared_experts > 0:
         shared = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))
-    experts = GroupedExperts
+    experts, module = GroupedExperts, DeepSeekMoE
     if _fp8_backend(config) is not None and "experts" not in config.fp8.bf16_modules:
         from megatron_dsv3.fp8.experts import FP8GroupedExperts as experts
+        if config.fp8.dispatch_fp8:        # the tokens go to the FP8 experts in FP8 (fp8/dispatch.py)
+            from megatron_dsv3.fp8.dispatch import FP8DispatchMoE as module
     params = {"moe": config.moe}
     if pg_collection is not None:      # megatron-core 0.19's TransformerLayer passes its own as pg_collection
         params["model_pg_collection"] = pg_collection
-    return ModuleSpec(module=DeepSeekMoE, params=params,
+    return ModuleSpec(module=module, params=params,
                       submodules=DeepSeekMoESubmodules(router=Router, experts=experts, shared_experts=shared))
 
 

@@ -17,6 +17,11 @@ Weights in 128x128 blocks (a block of W is a block of W^T, so Fprop and Dgrad qu
 GEMMs accumulate in FP32 (gemm.py); outputs in x's dtype, weight gradients in the parameter dtype. Kept for backward:
 the FP8 transposed copy of x with its column scales (the Wgrad operand; the 1x128 copy for Fprop is dropped) and the
 FP8 copy of h1 -- 1 byte per element each, against 2 for BF16 x and h1 and 2 more for a in the BF16 experts.
+
+x may also come already in FP8, as the FP8 dispatch delivers it (fp8/dispatch.py: FP8Rows, or the list the overlap
+executor makes of it): (rows, q, s) with q, s the 1x128 pow2 tiles above, taken as they are, and rows the stand-in
+that carries the gradient. The Wgrad copy of x is then re-tiled from deq(q, s) (section 3.5.2's dequantise,
+transpose, re-quantise); Fprop, Dgrad, dW2 are unchanged bit for bit.
 """
 from __future__ import annotations
 
@@ -56,13 +61,17 @@ def _swiglu_and_grad(h1: torch.Tensor, da: torch.Tensor):
 
 class FP8ExpertsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
+                x_q=None, x_s=None):
         from megatron_dsv3.fp8.gemm import fp8_grouped_gemm
         tiles, columns = quantizer("quantize_tiles"), quantizer("quantize_columns_grouped")
         offs = torch.cumsum(counts, 0).to(torch.int32)                                  # [E] group ends
         w1_q, w1_s = quantize_expert_weights(weight1)                                   # [E, h, 2f]
         w2_q, w2_s = quantize_expert_weights(weight2)                                   # [E, f, h]
-        x_q, x_s = tiles(x, pow2_scales=True)
+        if x_q is None:
+            x_q, x_s = tiles(x, pow2_scales=True)
+        else:                                   # dispatched in FP8: x is the gradient's stand-in, never read
+            x = quantizer("dequantize_tiles")(x_q, x_s, dtype=x.dtype)                 # exact (e4m3 x 2^n)
         h1 = fp8_grouped_gemm(x_q, x_s, *_t(w1_q, w1_s), offs, out_dtype=x.dtype)       # [N, 2f]
         a = swiglu(h1)                                                                  # [N, f]
         y = fp8_grouped_gemm(*tiles(a), *_t(w2_q, w2_s), offs, out_dtype=x.dtype)      # [N, h]
@@ -94,16 +103,20 @@ class FP8ExpertsFunction(torch.autograd.Function):
         dx = fp8_grouped_gemm(*tiles(dh1), w1_q, w1_s, offs, out_dtype=dt)             # [N, h]
         dh1t_q, dh1t_s, _ = columns(dh1, offs)                                          # [2f, Np]
         dw1 = fp8_grouped_wgrad(dh1t_q, dh1t_s, xt_q, xt_s, offs_p)                     # [E, 2f, h] = (x^T dh1)^T
-        return (dx, None, dw1.transpose(1, 2).to(weight1.dtype), dw2.transpose(1, 2).to(weight2.dtype))
+        return (dx, None, dw1.transpose(1, 2).to(weight1.dtype), dw2.transpose(1, 2).to(weight2.dtype), None, None)
 
 
-def fp8_expert_mlp(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor) -> torch.Tensor:
-    """SwiGLU(x @ weight1[e]) @ weight2[e] per expert block in FP8. x [N, h] sorted by expert, counts [E] -> [N, h]."""
+def fp8_expert_mlp(x, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor) -> torch.Tensor:
+    """SwiGLU(x @ weight1[e]) @ weight2[e] per expert block in FP8. x [N, h] sorted by expert, or (rows, q, s) as
+    dispatched in FP8 (module docstring); counts [E] -> [N, h]."""
+    x_fp8 = ()
+    if not isinstance(x, torch.Tensor):
+        x, *x_fp8 = x                                                                   # rows, q [N, h], s
     if x.shape[0] == 0:
         # as padded_swiglu: keep the graph (DDP wants the weights' zero gradients; the dispatch's backward is a
         # collective every EP rank must join)
         return 0 * x + 0 * (weight1.sum() + weight2.sum())
-    return FP8ExpertsFunction.apply(x, counts, weight1, weight2)
+    return FP8ExpertsFunction.apply(x, counts, weight1, weight2, *x_fp8)
 
 
 class FP8GroupedExperts(GroupedExperts):

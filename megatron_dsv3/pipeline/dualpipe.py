@@ -275,11 +275,15 @@ class _Step:
         if params:
             torch.autograd.backward(roots, grads, inputs=params)
 
+    def _records(self, c: int) -> bool:
+        """Whether chunk c's training forwards are recorded segment by segment (overlap.ChunkRun)."""
+        return self.pieces[c] is not None
+
     def forward_backward(self, f_mb: int, f_chunk: int, b_mb: int, b_chunk: int) -> None:
         """F(f_mb, f_chunk) and B(b_mb, b_chunk). Overlapped (paper Figure 4, overlap.py) when either side is a
         recorded chunk: each side runs until it has posted an all-to-all, then the other, the backward first. Else
         F then B (through forward()/backward(), which a subclass may replace)."""
-        if self.training and (self.pieces[f_chunk] is not None or (b_mb, b_chunk) in self.runs):
+        if self.training and (self._records(f_chunk) or (b_mb, b_chunk) in self.runs):
             _overlap.run_interleaved(self._forward_steps(f_mb, f_chunk),
                                      self._backward_steps(b_mb, b_chunk, split_w=False), self.overlap_order)
             return

@@ -8,6 +8,16 @@ Design note.
     `model.set_input_tensor`, and megatron-core's own `forward_step_calc_loss` on a stream's last stage (loss
     normalisation, the MoE/MTP loss scales, the per-micro-batch loss dicts returned). `config.grad_scale_func`
     scales the loss as megatron's `backward_step` does.
+  * Overlap (overlap=True, the default). A chunk whose model has Figure 4's sub-stages (`DSV3Model.supports_overlap`:
+    a DeepSeekMoE layer, no full-layer recompute) runs its training forwards as `overlap_pieces` recorded by
+    overlap.ChunkRun, so an FB op interleaves one micro-batch's forward with the other's backward, each all-to-all
+    in flight while the other computes (dualpipe.py `forward_backward`); B, B(split_w) and W run the segments.
+    megatron's contract is kept: forward_step_func is called once per micro-batch (it reads the data and calls the
+    model as usual), but during that call the model's forward only records its arguments (`_Capture`) and returns
+    an empty placeholder; the schedule then runs `overlap_pieces(same arguments)` and hands the real output to
+    forward_step_calc_loss with the loss_func it got. So forward_step_func must return the model's output as it is
+    (megatron-LM's and our trainer's do); a wrapper's dtype cast of the last stage's output (Float16Module) is
+    repeated on the real one. Other chunks, and arguments forward() cannot split (packed sequences), run F then B.
   * Micro-batches. DualPipeV: one stream, micro-batch g enters at rank 0. DualPipe: micro-batches 0..M/2-1 enter
     at rank 0 (stream 0), M/2..M-1 at rank PP-1 (stream 1). A chunk's forwards of a stream come in order, so each
     data iterator is read through a tape: the forward of micro-batch g gets the g-th item, whichever chunk asks
@@ -38,12 +48,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
+from megatron_dsv3.pipeline import overlap as _overlap
 from megatron_dsv3.pipeline.comm import PipeComm
 from megatron_dsv3.pipeline.dualpipe import _Step
 from megatron_dsv3.pipeline.schedule import build_schedule, forward_only as forward_only_ops, layout
 
 __all__ = ["forward_backward_dualpipe", "forward_backward_dualpipev", "get_forward_backward_func",
-           "check_microbatches", "chunk_placement", "ChunkPlacement", "StageLayers", "DUALPIPE_SCHEDULES"]
+           "check_microbatches", "supports_overlap", "chunk_placement", "ChunkPlacement", "StageLayers",
+           "DUALPIPE_SCHEDULES"]
 
 DUALPIPE_SCHEDULES = ("dualpipe", "dualpipev")
 
@@ -169,21 +181,62 @@ class _Params:
         return list(self.chunk.parameters()) + self.extra
 
 
+class _Capture:
+    """While forward_step_func runs, the model's forward only records its arguments and returns an empty tensor;
+    the computation then runs as the model's overlap pieces (module doc, "Overlap")."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.args: Optional[tuple] = None
+        self.kwargs: Dict[str, Any] = {}
+        p = next(model.parameters())
+        self.placeholder = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def _record(self, *args, **kwargs):
+        if self.args is not None:
+            raise RuntimeError("forward_step_func called the model twice in one micro-batch")
+        self.args, self.kwargs = args, kwargs
+        return self.placeholder
+
+    def __enter__(self) -> "_Capture":
+        self.model.forward = self._record          # an instance attribute: found before the class's forward
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.model.forward
+        if exc[0] is None and self.args is None:
+            raise RuntimeError("forward_step_func did not call the model")
+
+    def like_returned(self, output: torch.Tensor, returned) -> torch.Tensor:
+        """What a wrapper between the schedule and the model did to the placeholder's dtype (megatron's
+        Float16Module: float32 on the last stage), done to the real output."""
+        if (isinstance(returned, torch.Tensor) and returned.is_floating_point()
+                and returned.dtype != self.placeholder.dtype):
+            return output.to(returned.dtype)
+        return output
+
+
 class _MegatronStep(_Step):
     """_Step with megatron-core's forward contract (module doc)."""
 
     def __init__(self, *args, models, forward_step_func, tapes, config, num_microbatches, collect_non_loss_data,
-                 first_mb_of_stream, **kw):
+                 first_mb_of_stream, overlap_chunks=(False, False), **kw):
         super().__init__(*args, **kw)
         self.models, self.forward_step_func, self.tapes = models, forward_step_func, tapes
         self.config, self.num_microbatches = config, num_microbatches
         self.collect_non_loss_data = collect_non_loss_data
         self.first_mb_of_stream = first_mb_of_stream
+        self.overlap_chunks = [bool(o) and self.training for o in overlap_chunks]
         self.data_store: Dict[int, Any] = {}
         self.whole_b: set = set()            # last-stage B's run whole though the list splits them
         self.num_tokens = torch.zeros((), dtype=torch.int)
 
-    def forward(self, mb: int, c: int) -> None:
+    def _records(self, c: int) -> bool:
+        return self.overlap_chunks[c]
+
+    def _forward_steps(self, mb: int, c: int):
+        """One chunk's forward of micro-batch mb; with overlap, a generator that yields after each all-to-all it
+        posts (the FB pair interleaves it with the other micro-batch's backward)."""
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
         from megatron.core.utils import get_attr_wrapped_model
@@ -204,7 +257,22 @@ class _MegatronStep(_Step):
         model = self.models[c]
         get_attr_wrapped_model(model, "set_input_tensor")([x])
         tape = self.tapes[c]
-        output, loss_func = self.forward_step_func(None if tape is None else _Once(tape, g), model)
+        it = None if tape is None else _Once(tape, g)
+        if self.overlap_chunks[c]:
+            inner = _unwrap(model)
+            with _Capture(inner) as cap:
+                returned, loss_func = self.forward_step_func(it, model)
+            pieces = inner.overlap_pieces(*cap.args, **cap.kwargs)
+            if pieces is None:                   # arguments forward() cannot split (e.g. packed sequences)
+                output = inner(*cap.args, **cap.kwargs)
+            else:
+                run = _overlap.ChunkRun(pieces, [] if x is None else [x])
+                yield from run.forward()
+                self.runs[(mb, c)] = run
+                (output,) = run.outputs
+            output = cap.like_returned(output, returned) if self._is_last(c) else output
+        else:
+            output, loss_func = self.forward_step_func(it, model)
         last = self._is_last(c)
         store: List[Any] = []
         output, n_tokens = forward_step_calc_loss(
@@ -222,10 +290,10 @@ class _MegatronStep(_Step):
             self.stage_losses[c][mb] = output
             self.outputs[c][mb] = None
 
-
     def backward(self, mb: int, c: int, split_w: bool) -> None:
-        # megatron-core's vocab-parallel cross entropy writes its saved softmax in place in backward, so the graph of
-        # a stream's last stage (head, MTP) cannot be walked twice: its backward is never split, its W is a no-op
+        # the loss of a stream's last stage consumes its logits in place (cross_entropy.py on CUDA; megatron-core's
+        # vocab-parallel cross entropy writes its saved softmax in place in backward), so that graph (head, MTP)
+        # cannot be walked twice: its backward is never split, its W is a no-op
         if split_w and self._is_last(c):
             self.whole_b.add((mb, c))
             split_w = False
@@ -236,6 +304,12 @@ class _MegatronStep(_Step):
             self.whole_b.remove((mb, c))
             return
         super().weight(mb, c)
+
+
+def supports_overlap(model: nn.Module) -> bool:
+    """Whether a chunk (megatron-wrapped or not) can run its training forwards as Figure 4's overlap pieces."""
+    fn = getattr(_unwrap(model), "supports_overlap", None)
+    return bool(fn is not None and fn() and hasattr(_unwrap(model), "overlap_pieces"))
 
 
 class _NoGroup:
@@ -312,7 +386,7 @@ def _forward_backward(variant: str, *, forward_step_func, data_iterator, model, 
                       seq_length: int, micro_batch_size: int, decoder_seq_length: Optional[int] = None,
                       forward_only: bool = False, collect_non_loss_data: bool = False,
                       first_val_step: Optional[bool] = None, adjust_tensor_shapes_fn=None, pg_collection=None,
-                      **unused) -> List[Any]:
+                      overlap: bool = True, **unused) -> List[Any]:
     from megatron.core import parallel_state
     from megatron.core.utils import get_model_config
 
@@ -357,7 +431,8 @@ def _forward_backward(variant: str, *, forward_step_func, data_iterator, model, 
     step = _MegatronStep(lay, rank, holders, comm, shapes, dtype, not forward_only, {}, {},
                          criterion=forward_step_func, return_outputs=False, reduce_mirror_grads=False,
                          models=models, forward_step_func=forward_step_func, tapes=tapes, config=config,
-                         num_microbatches=m, collect_non_loss_data=collect_non_loss_data, first_mb_of_stream=first_mb)
+                         num_microbatches=m, collect_non_loss_data=collect_non_loss_data, first_mb_of_stream=first_mb,
+                         overlap_chunks=[overlap and not forward_only and supports_overlap(c) for c in models])
     grad = nullcontext() if not forward_only else torch.no_grad()
     with grad:
         step.run(ops)
@@ -377,13 +452,15 @@ def _forward_backward(variant: str, *, forward_step_func, data_iterator, model, 
 
 
 def forward_backward_dualpipe(**kwargs) -> List[Any]:
-    """megatron-core forward_backward_func running DualPipe (model: [chunk 0 = stage r, chunk 1 = stage PP-1-r]).
+    """megatron-core forward_backward_func running DualPipe (model: [chunk 0 = stage r, chunk 1 = stage PP-1-r]);
+    overlap=False: F then B in every FB op (module doc).
     Returns the loss dicts of the micro-batches whose stream ends on this rank (ranks 0 and PP-1), in order."""
     return _forward_backward("dualpipe", **kwargs)
 
 
 def forward_backward_dualpipev(**kwargs) -> List[Any]:
-    """megatron-core forward_backward_func running DualPipeV (model: [chunk 0 = stage r, chunk 1 = stage 2PP-1-r]).
+    """megatron-core forward_backward_func running DualPipeV (model: [chunk 0 = stage r, chunk 1 = stage 2PP-1-r]);
+    overlap=False: F then B in every FB op (module doc).
     Returns all micro-batches' loss dicts on rank 0 (where the V ends), [] elsewhere."""
     return _forward_backward("dualpipev", **kwargs)
 

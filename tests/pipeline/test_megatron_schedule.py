@@ -52,27 +52,76 @@ def _state(chunks):
     return grads, counts
 
 
-def _rank(rank, cases):
+def _log_interleaving(log):
+    """Wraps overlap.run_interleaved (which dualpipe.py's FB calls): each FB pair's steps, one per all-to-all a side
+    posts, as a string of 'F' and 'B' appended to log. Returns the original, to restore."""
+    import megatron_dsv3.pipeline.overlap as ov
+    real = ov.run_interleaved
+
+    def run(forward, backward, order="figure4"):
+        steps = []
+
+        def tag(gen, side):
+            for _ in gen:
+                steps.append(side)
+                yield
+        real(None if forward is None else tag(forward, "F"), None if backward is None else tag(backward, "B"), order)
+        log.append("".join(steps))
+    ov.run_interleaved = run
+    return real
+
+
+def _rank(rank, cases, overlaps=(True,)):
+    import megatron_dsv3.pipeline.overlap as ov
     from megatron_dsv3.model import build_model
     from megatron_dsv3.pipeline.megatron_schedule import build_chunks, get_forward_backward_func
+    from megatron_dsv3.pipeline.schedule import FB, build_schedule
     from megatron_dsv3.training.loop import forward_step
     out = {}
-    for variant, pp, layers, m in cases:
-        cfg = _cfg(variant, pp, layers)
-        chunks = build_chunks(cfg, lambda **kw: build_model(cfg, device="cpu", seed=SEED, **kw), rank)
-        fb = get_forward_backward_func(variant)
-        kw = dict(forward_step_func=forward_step, model=chunks, num_microbatches=m, seq_length=S,
-                  micro_batch_size=B)
-        losses = fb(data_iterator=iter(_batches(m, cfg.vocab_size)), **kw)
-        grads, counts = _state(chunks)
-        for c in chunks:
-            c.zero_grad()
-        with torch.no_grad():
-            evals = fb(data_iterator=iter(_batches(m, cfg.vocab_size)), forward_only=True, **kw)
-        out[(variant, pp)] = {"losses": losses, "grads": grads, "counts": counts, "evals": evals,
-                              "stages": [c.placement.stage for c in chunks],
-                              "no_grad_in_eval": all(p.grad is None for c in chunks for p in c.parameters())}
+    log = []
+    real = _log_interleaving(log)
+    try:
+        for variant, pp, layers, m in cases:
+            for overlap in overlaps:
+                cfg = _cfg(variant, pp, layers)
+                chunks = build_chunks(cfg, lambda **kw: build_model(cfg, device="cpu", seed=SEED, **kw), rank)
+                fb = get_forward_backward_func(variant)
+                kw = dict(forward_step_func=forward_step, model=chunks, num_microbatches=m, seq_length=S,
+                          micro_batch_size=B, overlap=overlap)
+                log.clear()
+                losses = fb(data_iterator=iter(_batches(m, cfg.vocab_size)), **kw)
+                pairs = list(log)
+                grads, counts = _state(chunks)
+                for c in chunks:
+                    c.zero_grad()
+                with torch.no_grad():
+                    evals = fb(data_iterator=iter(_batches(m, cfg.vocab_size)), forward_only=True, **kw)
+                supports = [c.supports_overlap() for c in chunks]
+                fbs = [op for op in build_schedule(variant, rank, pp, m) if isinstance(op, FB)]
+                out[(variant, pp, overlap)] = {
+                    "losses": losses, "grads": grads, "counts": counts, "evals": evals,
+                    "stages": [c.placement.stage for c in chunks],
+                    "no_grad_in_eval": all(p.grad is None for c in chunks for p in c.parameters()),
+                    "pairs": pairs, "supports": supports,
+                    "fb_recorded": sum(supports[op.f_chunk] or supports[op.b_chunk] for op in fbs)}
+    finally:
+        ov.run_interleaved = real
     return out
+
+
+def _check_interleaved(r, overlap):
+    """With overlap, every FB pair with a recorded side ran through run_interleaved, in Figure 4's order: the
+    backward's first all-to-all, then the forward's, alternately while both sides post (an F step between two B
+    steps: the forward computed while the backward's all-to-all was in flight); whether a pair had two
+    all-to-alls on each side (returned, checked over the ranks). Without, no pair was interleaved."""
+    if not overlap:
+        assert r["pairs"] == [], r["pairs"]
+        return True
+    assert len(r["pairs"]) == r["fb_recorded"] > 0, (len(r["pairs"]), r["fb_recorded"])
+    for steps in r["pairs"]:
+        k = min(steps.count("F"), steps.count("B"))
+        assert steps[:2 * k] == "BF" * k, steps
+    return any(min(p.count("F"), p.count("B")) >= 2 for p in r["pairs"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,12 +143,14 @@ def _reference(layers, m):
     return losses, grads, counts
 
 
-def _check(results, variant, pp, layers, m):
+def _check(results, variant, pp, layers, m, overlap=True):
     ref_losses, ref_grads, ref_counts = _reference(layers, m)
     seen = set()
     got_losses = {}
+    two_each = []
     for rank, res in enumerate(results):
-        r = res[(variant, pp)]
+        r = res[(variant, pp, overlap)]
+        two_each.append(_check_interleaved(r, overlap))
         assert r["no_grad_in_eval"]
         # who holds which micro-batches' loss reports
         if variant == "dualpipev":
@@ -118,11 +169,12 @@ def _check(results, variant, pp, layers, m):
             seen.add(name)
         for (c, layer), cnt in r["counts"].items():
             assert torch.equal(cnt, ref_counts[layer]), (variant, rank, c, layer)
+    assert any(two_each), [res[(variant, pp, overlap)]["pairs"] for res in results]
     assert sorted(got_losses) == list(range(m))
     assert seen == set(ref_grads), set(ref_grads) ^ seen           # every parameter is somewhere, once named
     if variant == "dualpipe":                                        # the mirrored copies are bit-identical
         for rank, res in enumerate(results):
-            mine, mirror = res[(variant, pp)]["grads"], results[pp - 1 - rank][(variant, pp)]["grads"]
+            mine, mirror = res[(variant, pp, overlap)]["grads"], results[pp - 1 - rank][(variant, pp, overlap)]["grads"]
             for (c, name), g in mine.items():
                 assert torch.equal(g, mirror[(1 - c, name)]), (rank, c, name)
     # guard: the gradients are not trivially equal to anything (a zero gradient would pass a sloppy check)
@@ -130,20 +182,27 @@ def _check(results, variant, pp, layers, m):
 
 
 def test_pp2_both_variants_match_no_pipelining():
-    # DualPipeV: 4 stages of one layer (dense, MoE, MoE, MoE + head + MTP); DualPipe: 2 stages of two layers
+    """With the overlapped FB pairs (the default) and without: both equal the reference. DualPipeV: 4 stages of one
+    layer (dense, MoE, MoE, MoE + head + MTP): rank 0's chunk 0 (the dense layer) has no sub-stages, so its pairs
+    with a recorded other side interleave only that side; DualPipe: 2 stages of two layers."""
     cases = [("dualpipev", 2, 4, 4), ("dualpipe", 2, 4, 4)]
-    results = run_distributed(_rank, 2, pp=2, cases=cases, timeout=240)
-    assert results[0][("dualpipev", 2)]["stages"] == [0, 3] and results[1][("dualpipev", 2)]["stages"] == [1, 2]
-    assert results[0][("dualpipe", 2)]["stages"] == [0, 1] and results[1][("dualpipe", 2)]["stages"] == [1, 0]
+    results = run_distributed(_rank, 2, pp=2, cases=cases, overlaps=(True, False), timeout=240)
+    assert results[0][("dualpipev", 2, True)]["stages"] == [0, 3]
+    assert results[1][("dualpipev", 2, True)]["stages"] == [1, 2]
+    assert results[0][("dualpipe", 2, True)]["stages"] == [0, 1]
+    assert results[1][("dualpipe", 2, True)]["stages"] == [1, 0]
+    assert results[0][("dualpipev", 2, True)]["supports"] == [False, True]     # the mixed case
+    assert all(r[("dualpipe", 2, True)]["supports"] == [True, True] for r in results)
     for variant, pp, layers, m in cases:
-        _check(results, variant, pp, layers, m)
+        for overlap in (True, False):
+            _check(results, variant, pp, layers, m, overlap)
 
 
 def test_pp4_both_variants_match_no_pipelining():
-    # DualPipeV: 8 stages of one layer; DualPipe: 4 stages of two, stage s on ranks s and 3-s
+    # DualPipeV: 8 stages of one layer; DualPipe: 4 stages of two, stage s on ranks s and 3-s (overlap on)
     cases = [("dualpipev", 4, 8, 8), ("dualpipe", 4, 8, 8)]
     results = run_distributed(_rank, 4, pp=4, cases=cases, timeout=300)
-    assert [r[("dualpipev", 4)]["stages"] for r in results] == [[0, 7], [1, 6], [2, 5], [3, 4]]
-    assert [r[("dualpipe", 4)]["stages"] for r in results] == [[0, 3], [1, 2], [2, 1], [3, 0]]
+    assert [r[("dualpipev", 4, True)]["stages"] for r in results] == [[0, 7], [1, 6], [2, 5], [3, 4]]
+    assert [r[("dualpipe", 4, True)]["stages"] for r in results] == [[0, 3], [1, 2], [2, 1], [3, 0]]
     for variant, pp, layers, m in cases:
         _check(results, variant, pp, layers, m)

@@ -65,14 +65,14 @@ FLAGS=(
   --seq-length 4096 --micro-batch-size 1 --global-batch-size 15360 --rampup-batch-size $RAMP
   --train-iters "$ITERS" --lr 2.2e-4 --min-lr 2.2e-5 --lr-warmup-iters 2000 --lr-hold-iters "$HOLD"
   --lr-decay-iters "$DECAY" --lr-decay-style cosine --lr-tail "$TAIL"
-  --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
+  --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --adam-moments-dtype bf16
   --bias-update-rate 0:0.001,14.3e12:0 --mtp-loss-weight 0:0.3,10e12:0.1 --seq-aux-loss-coeff 0.0001
   --data-path $DATA --tokenizer "$TOKENIZER" --split 999,1,0
   --save "$CKPT" --load "$CKPT" --save-interval 500 --eval-interval 1000 --eval-iters 8
   --log-interval 1 --tensorboard-dir "$CKPT/tensorboard" --overlap-grad-reduce
   "$@"
 )
-python -m megatron_dsv3.training.memory "${FLAGS[@]}" --world-size $((NODES * 8)) --moment-bytes 2 --gpu "$GPU"
+python -m megatron_dsv3.training.memory "${FLAGS[@]}" --world-size $((NODES * 8)) --gpu "$GPU"
 echo "schedule: $ITERS steps, hold $HOLD, decay $DECAY, tail $TAIL, ramp-up $RAMP"
 
 [ -n "${DRY_RUN:-}" ] && { echo "DRY_RUN: not launching"; exit 0; }

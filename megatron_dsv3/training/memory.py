@@ -5,11 +5,17 @@ Counted per pipeline stage (the largest is reported):
 * weights       local parameters x bytes of the parameter dtype (bf16: 2);
 * gradients     megatron DDP's grad buffer (fp32: 4 bytes per local parameter);
 * optimizer     ZeRO-1: fp32 master weights + Adam's two moments, divided over the data-parallel ranks that
-                hold the same parameters (dense: DP, experts: expert-DP = DP*TP/(EP*ETP)); the paper keeps the
-                moments in BF16 (section 3.3.3: moment_bytes=2);
+                hold the same parameters (dense: DP, experts: expert-DP = DP*TP/(EP*ETP)); the moments take what
+                --adam-moments-dtype stores (training/optimizer.py): 4 bytes each in fp32, 2 in bf16 (the paper,
+                section 3.3.3; the default of --preset dsv3-671b);
 * activations   per layer and token: what backward needs (bf16), from the layer's shapes; 1F1B keeps
                 PP - stage micro-batches in flight on a stage; MLA up-projection recompute (paper section
-                3.2.2) drops the up-projected q, k, v; full recomputation keeps only layer inputs; plus the fp32 logits of one micro-batch on the last stage.
+                3.2.2) drops the up-projected q, k, v; full recomputation keeps only layer inputs; plus the fp32
+                logits of one micro-batch on the last stage. With --fp8 the routed experts keep what fp8/experts.py
+                keeps: their input and the SwiGLU input in FP8 with 1x128 FP32 scales (1 + 4/128 bytes an element),
+                the SwiGLU output recomputed, against input, SwiGLU input and output in BF16. The other FP8 linears
+                keep an FP8 copy of an input that mostly has another BF16 consumer too (norm, attention core):
+                not counted. FP8 leaves weights, gradients and optimizer state as they are (BF16/FP32 masters).
 Communication buffers, the allocator's fragmentation and the CUDA context (~2-5 GB in practice) are not
 modelled: leave that much headroom.
 """
@@ -56,7 +62,11 @@ def stage_parameters(cfg, stage: int) -> Dict[str, float]:
     return {"dense": dense, "expert": expert}
 
 
-def activation_bytes_per_token(cfg, moe_layer: bool, recompute_up_proj: bool, act_bytes: int = 2) -> float:
+FP8_TILE_BYTES = 1 + 4 / 128          # an e4m3 element and its share of the FP32 scale of its 1x128 tile
+
+
+def activation_bytes_per_token(cfg, moe_layer: bool, recompute_up_proj: bool, act_bytes: int = 2,
+                               fp8: bool = False) -> float:
     h, m, moe = cfg.hidden_size, cfg.mla, cfg.moe
     tp = cfg.parallel.tensor_model_parallel_size
     H = cfg.num_attention_heads / tp
@@ -64,19 +74,26 @@ def activation_bytes_per_token(cfg, moe_layer: bool, recompute_up_proj: bool, ac
     if not recompute_up_proj:
         attn += H * (2 * m.qk_head_dim + m.v_head_dim)                            # q, k, v up-projected
     attn += H * m.v_head_dim + 2 * H * 4 / act_bytes                               # attention out, softmax stats
+    routed = 0.0
     if moe_layer:
         f, fs = moe.expert_ffn_hidden_size, moe.num_shared_experts * moe.expert_ffn_hidden_size / tp
-        mlp = 2 * h + moe.top_k * (h + 3 * f) + 3 * fs + moe.num_experts * 4 / act_bytes
+        mlp = 2 * h + 3 * fs + moe.num_experts * 4 / act_bytes
+        if fp8 and "experts" not in cfg.fp8.bf16_modules:       # x and h1 in FP8 tiles, a recomputed
+            routed = moe.top_k * (h + 2 * f) * FP8_TILE_BYTES
+        else:                                                   # x, h1 = [gate, up], a = SwiGLU(h1)
+            mlp += moe.top_k * (h + 3 * f)
     else:
         mlp = 2 * h + 3 * moe.dense_ffn_hidden_size / tp
-    return (attn + mlp) * act_bytes
+    return (attn + mlp) * act_bytes + routed
 
 
 def estimate_memory(cfg, micro_batch_size: int, data_parallel_size: int, seq_length: Optional[int] = None,
                     recompute_up_proj: Optional[bool] = None, param_bytes: Optional[int] = None,
                     grad_bytes: int = 4, master_bytes: int = 4, moment_bytes: int = 4,
-                    recompute_full: bool = False) -> Dict[str, float]:
-    """GiB per GPU on the fullest pipeline stage: weights, gradients, optimizer, activations, total."""
+                    recompute_full: bool = False, fp8: Optional[bool] = None) -> Dict[str, float]:
+    """GiB per GPU on the fullest pipeline stage: weights, gradients, optimizer, activations, total. moment_bytes:
+    bytes per Adam moment (4 fp32, 2 bf16); fp8: FP8 activations of the routed experts (default cfg.fp8.enabled)."""
+    fp8 = cfg.fp8.enabled if fp8 is None else fp8
     par = cfg.parallel
     s = seq_length or cfg.seq_length
     pp = par.pipeline_model_parallel_size
@@ -91,14 +108,15 @@ def estimate_memory(cfg, micro_batch_size: int, data_parallel_size: int, seq_len
         n = p["dense"] + p["expert"]
         opt = (master_bytes + 2 * moment_bytes) * (p["dense"] / data_parallel_size + p["expert"] / expert_dp)
         first = sum(layers[:stage])
-        per_token = sum(activation_bytes_per_token(cfg, cfg.is_moe_layer(i), rec)
+        per_token = sum(activation_bytes_per_token(cfg, cfg.is_moe_layer(i), rec, fp8=fp8)
                         for i in range(first, first + layers[stage]))
         if stage == pp - 1:
-            per_token += cfg.mtp.num_layers * activation_bytes_per_token(cfg, True, rec)
+            per_token += cfg.mtp.num_layers * activation_bytes_per_token(cfg, True, rec, fp8=fp8)
         in_flight = pp - stage                                              # 1F1B warm-up depth
         if recompute_full:   # only each layer's input is kept; one layer's activations live during its backward
             n_layers = layers[stage] + (cfg.mtp.num_layers if stage == pp - 1 else 0)
-            one = max(activation_bytes_per_token(cfg, cfg.is_moe_layer(i), rec) for i in range(first, first + max(1, layers[stage])))
+            one = max(activation_bytes_per_token(cfg, cfg.is_moe_layer(i), rec, fp8=fp8)
+                      for i in range(first, first + max(1, layers[stage])))
             act = (n_layers * cfg.hidden_size * 2 * in_flight + one) * s * micro_batch_size
         else:
             act = per_token * s * micro_batch_size * in_flight
@@ -121,6 +139,9 @@ def describe(cfg, micro_batch_size: int, data_parallel_size: int, **kw) -> str:
     pc = cfg.parameter_counts()
     est = estimate_memory(cfg, micro_batch_size, data_parallel_size, **kw)
     world = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * data_parallel_size
+    moments = "BF16" if kw.get("moment_bytes", 4) == 2 else "FP32"
+    fp8 = kw.get("fp8")
+    fp8 = cfg.fp8.enabled if fp8 is None else fp8
     lines = [
         f"model {cfg.name}: {cfg.num_layers} layers (+{cfg.mtp.num_layers} MTP), hidden {cfg.hidden_size}, "
         f"{cfg.moe.num_experts} experts top-{cfg.moe.top_k} ({cfg.moe.num_shared_experts} shared), "
@@ -129,8 +150,9 @@ def describe(cfg, micro_batch_size: int, data_parallel_size: int, **kw) -> str:
         f"DP {data_parallel_size}; EP {par.expert_model_parallel_size}; layers per stage "
         f"{list(cfg.pipeline_layers())}; seq {cfg.seq_length}, micro-batch {micro_batch_size}",
         f"memory per GPU (fullest stage {est['stage']}: {est['params_billion'] * 1e3:.1f}M local params): "
-        f"weights {_fmt(est['weights'])} + grads {_fmt(est['gradients'])} + optimizer {_fmt(est['optimizer'])} + "
-        f"activations {_fmt(est['activations'])} = {_fmt(est['total'])} (+ buffers and CUDA context, a few GiB)",
+        f"weights {_fmt(est['weights'])} + grads {_fmt(est['gradients'])} + optimizer {_fmt(est['optimizer'])} "
+        f"(FP32 master, {moments} moments) + activations {_fmt(est['activations'])}"
+        f"{' (routed experts in FP8)' if fp8 else ''} = {_fmt(est['total'])} (+ buffers and CUDA context, a few GiB)",
     ]
     return "\n".join(lines)
 
@@ -143,8 +165,7 @@ GPU_MEMORY_GIB = {"H800": 79.1, "H100": 79.1, "A100": 79.1, "A800": 79.1, "H20":
 
 def fit_report(cfg, micro_batch_size: int, data_parallel_size: int, gpu: str, **kw) -> str:
     """One line when the estimate fits `gpu`; else a WARNING naming the overshoot and what would make it fit
-    (estimated where this model can: BF16 Adam moments, full recomputation, more pipeline stages; FP8 is
-    not modelled here)."""
+    (estimated: BF16 Adam moments, full recomputation, FP8 routed experts)."""
     if gpu.upper() not in {k.upper() for k in GPU_MEMORY_GIB}:
         raise ValueError(f"--gpu {gpu!r}: unknown GPU; one of {', '.join(GPU_MEMORY_GIB)}")
     cap = {k.upper(): v for k, v in GPU_MEMORY_GIB.items()}[gpu.upper()]
@@ -154,22 +175,23 @@ def fit_report(cfg, micro_batch_size: int, data_parallel_size: int, gpu: str, **
     options = []
     if kw.get("moment_bytes", 4) > 2:
         alt = estimate_memory(cfg, micro_batch_size, data_parallel_size, **dict(kw, moment_bytes=2))["total"]
-        options.append(f"BF16 Adam moments as the paper (--moment-bytes 2; needs TE's FusedAdam): {_fmt(alt)}")
+        options.append(f"BF16 Adam moments as the paper (--adam-moments-dtype bf16): {_fmt(alt)}")
     if not kw.get("recompute_full"):
         alt = estimate_memory(cfg, micro_batch_size, data_parallel_size, **dict(kw, recompute_full=True))["total"]
         options.append(f"full recomputation (--recompute-granularity full): {_fmt(alt)}")
-    options.append("FP8 weights and activations as the paper trained (--fp8, being built in its own issue; "
-                   "not counted here)")
+    fp8 = cfg.fp8.enabled if kw.get("fp8") is None else kw["fp8"]
+    if not fp8:
+        alt = estimate_memory(cfg, micro_batch_size, data_parallel_size, **dict(kw, fp8=True))["total"]
+        options.append(f"FP8 training as the paper (--fp8; counted: the routed experts' activations): {_fmt(alt)}")
     return (f"WARNING: the estimate {_fmt(est)} exceeds the {gpu}'s {_fmt(cap)}: this layout does not fit as "
             f"configured. What would: " + "; ".join(options) + ".")
 
 
 def main(argv=None) -> int:
     """python -m megatron_dsv3.training.memory <the trainer's flags>: prints the resolved layout and the estimate."""
-    from megatron_dsv3.training.arguments import build_parser, config_from_args
+    from megatron_dsv3.training.arguments import TRAIN_DEFAULTS, build_parser, config_from_args
     p = build_parser()
     p.add_argument("--world-size", type=int, default=None, help="GPUs in the job (default: TP*PP)")
-    p.add_argument("--moment-bytes", type=int, default=4, help="bytes per Adam moment (paper: 2, BF16)")
     p.add_argument("--gpu", default=None, help=f"compare with this GPU's memory: {', '.join(GPU_MEMORY_GIB)}")
     args, _ = p.parse_known_args(argv)
     if args.bf16 is None:
@@ -178,7 +200,8 @@ def main(argv=None) -> int:
     par = cfg.parallel
     world = args.world_size or par.tensor_model_parallel_size * par.pipeline_model_parallel_size
     dp = world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size)
-    kw = dict(moment_bytes=args.moment_bytes, recompute_full=args.recompute_granularity == "full")
+    moments = args.adam_moments_dtype or {**TRAIN_DEFAULTS["*"], **TRAIN_DEFAULTS.get(cfg.name, {})}["adam_moments_dtype"]
+    kw = dict(moment_bytes=2 if moments == "bf16" else 4, recompute_full=args.recompute_granularity == "full")
     print(describe(cfg, args.micro_batch_size or 1, dp, **kw))
     if args.gpu:
         print(fit_report(cfg, args.micro_batch_size or 1, dp, args.gpu, **kw))

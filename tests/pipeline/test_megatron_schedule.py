@@ -17,10 +17,11 @@ from megatron_dsv3.testing import run_distributed
 S, B, SEED = 16, 2, 7
 
 
-def _cfg(variant, pp, layers):
+def _cfg(variant, pp, layers, ep=1):
     from megatron_dsv3.config import DSV3Config
     return DSV3Config.from_preset("tiny", num_layers=layers, params_dtype="float64", seq_length=S,
-                                  parallel={"pipeline_model_parallel_size": pp, "pipeline_schedule": variant})
+                                  parallel={"pipeline_model_parallel_size": pp, "pipeline_schedule": variant,
+                                            "expert_model_parallel_size": ep})
 
 
 def _batches(m, vocab):
@@ -206,3 +207,79 @@ def test_pp4_both_variants_match_no_pipelining():
     assert [r[("dualpipe", 4, True)]["stages"] for r in results] == [[0, 3], [1, 2], [2, 1], [3, 0]]
     for variant, pp, layers, m in cases:
         _check(results, variant, pp, layers, m)
+
+
+def _ep_rank(rank, layers, m):
+    """DualPipeV PP = 2 with EP = 2 inside each stage (4 ranks: DP = 2, the EP group is a stage's DP pair): data rank
+    d trains micro-batches d*m .. d*m+m-1 of the reference's 2m, with the overlap and without."""
+    import megatron_dsv3.pipeline.overlap as ov
+    from megatron.core import parallel_state as ps
+    from megatron_dsv3.model import build_model
+    from megatron_dsv3.pipeline.megatron_schedule import build_chunks, get_forward_backward_func
+    from megatron_dsv3.pipeline.schedule import FB, build_schedule
+    from megatron_dsv3.training.loop import forward_step
+    pp_rank, d = ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank()
+    cfg = _cfg("dualpipev", 2, layers, ep=2)
+    out = {"pp": pp_rank, "d": d, "ep": ps.get_expert_model_parallel_rank(),
+           "ep_size": ps.get_expert_model_parallel_world_size()}
+    log = []
+    real = _log_interleaving(log)
+    try:
+        for overlap in (True, False):
+            chunks = build_chunks(cfg, lambda **kw: build_model(cfg, device="cpu", seed=SEED, **kw), pp_rank)
+            log.clear()
+            losses = get_forward_backward_func("dualpipev")(
+                forward_step_func=forward_step, data_iterator=iter(_batches(2 * m, cfg.vocab_size)[d * m:(d + 1) * m]),
+                model=chunks, num_microbatches=m, seq_length=S, micro_batch_size=B, overlap=overlap)
+            grads, counts = _state(chunks)
+            supports = [c.supports_overlap() for c in chunks]
+            fbs = [op for op in build_schedule("dualpipev", pp_rank, 2, m) if isinstance(op, FB)]
+            out[overlap] = {"losses": losses, "grads": grads, "counts": counts, "pairs": list(log),
+                            "fb_recorded": sum(supports[op.f_chunk] or supports[op.b_chunk] for op in fbs)}
+    finally:
+        ov.run_interleaved = real
+    return out
+
+
+def test_dualpipev_pp2_ep2_overlap_matches_reference():
+    """DualPipeV PP = 2 x EP = 2 (the all-to-alls cross ranks inside each stage), overlap on and off, against the
+    no-pipelining reference over all 2m micro-batches in one process (EP = 1). Each data rank divides its loss by
+    m, the reference by 2m (exact factor 2): a replicated parameter's gradient summed over the two data ranks, and
+    an expert's gradient on the EP rank holding it, are twice the reference's. Tolerances (float64): loss reports
+    1e-12 relative (EP changes the order in which an expert's rows are summed back into tokens), gradients 1e-12
+    absolute; token counts summed over the data ranks exact."""
+    layers, m = 4, 4
+    results = run_distributed(_ep_rank, 4, pp=2, ep=2, layers=layers, m=m, timeout=240)
+    ref_losses, ref_grads, ref_counts = _reference(layers, 2 * m)
+    assert sorted((r["pp"], r["d"]) for r in results) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(r["ep_size"] == 2 and r["ep"] == r["d"] for r in results)
+    n_local = None
+    for overlap in (True, False):
+        two_each = [_check_interleaved(r[overlap], overlap) for r in results]
+        assert any(two_each), [r[overlap]["pairs"] for r in results]
+        for r in results:
+            want = range(r["d"] * m, (r["d"] + 1) * m) if r["pp"] == 0 else range(0)
+            got = r[overlap]["losses"]
+            assert len(got) == len(want)
+            for g, rep in zip(want, got):
+                torch.testing.assert_close(rep["lm loss"], ref_losses[g]["lm loss"], rtol=1e-12, atol=0)
+        seen = set()
+        for pp_rank in (0, 1):
+            pair = [r[overlap] for r in results if r["pp"] == pp_rank]
+            ep_ranks = [r["ep"] for r in results if r["pp"] == pp_rank]
+            for key in pair[0]["grads"]:
+                c, name = key
+                if ".mlp.experts.weight" in name:         # this EP rank's experts: a slice of the reference's
+                    for r, e in zip(pair, ep_ranks):
+                        n_local = r["grads"][key].shape[0]
+                        want_g = 2 * ref_grads[name][e * n_local:(e + 1) * n_local]
+                        err = float((r["grads"][key] - want_g).abs().max())
+                        assert err <= 1e-12, (overlap, pp_rank, e, name, err)
+                else:
+                    err = float((pair[0]["grads"][key] + pair[1]["grads"][key] - 2 * ref_grads[name]).abs().max())
+                    assert err <= 1e-12, (overlap, pp_rank, name, err)
+                seen.add(name)
+            for key, cnt in pair[0]["counts"].items():
+                assert torch.equal(cnt + pair[1]["counts"][key], ref_counts[key[1]]), (overlap, key)
+        assert seen == set(ref_grads), set(ref_grads) ^ seen
+    assert n_local == 4                                    # 8 experts, 4 on each EP rank

@@ -191,3 +191,34 @@ def _states(optimizer):
     """(master weight, its Adam state) of every parameter, dense and expert optimizers in order."""
     return [(p, o.optimizer.state[p]) for o in getattr(optimizer, "chained_optimizers", [optimizer])
             for g in o.optimizer.param_groups for p in g["params"]]
+
+
+def _full_then_save(rank, full, save):
+    from megatron_dsv3.training.arguments import parse_args
+    from megatron_dsv3.training.loop import Trainer
+    t = Trainer(parse_args(full))
+    t.train()
+    Trainer(parse_args(save)).train()
+    return [h["loss"] for h in t.history]
+
+
+def test_bf16_moments_resume_at_another_layout(tiny_data, tmp_path):
+    """Saved by 2 ranks (EP=2, DP=2, distributed optimizer) with BF16 moments at step 2 of 4, resumed by one process:
+    steps 3-4 match the uninterrupted 2-rank run (relative 5e-5 as tests/training/test_parallel.py: the reduction
+    order differs), the moments still BF16 after resharding."""
+    _no_te()
+    from megatron_dsv3.testing import run_distributed, single_process
+    from megatron_dsv3.training.arguments import parse_args
+    from megatron_dsv3.training.loop import Trainer
+    prefix, cache = tiny_data
+    ck = str(tmp_path / "ckpt")
+    flags = ["--adam-moments-dtype", "bf16", "--expert-model-parallel-size", "2"]
+    full = trainer_argv(prefix, cache, *flags, iters=4)
+    save = trainer_argv(prefix, cache, *flags, "--save", ck, "--save-interval", "2", "--exit-interval", "2", iters=4)
+    want = run_distributed(_full_then_save, 2, ep=2, full=full, save=save, timeout=300)[0]
+    with single_process():
+        t = Trainer(parse_args(trainer_argv(prefix, cache, "--adam-moments-dtype", "bf16", "--load", ck, iters=4)))
+        t.train()
+        assert moments_dtype_of(t.optimizer) == torch.bfloat16
+    assert [h["iteration"] for h in t.history] == [3, 4]
+    assert [h["loss"] for h in t.history] == pytest.approx(want[2:], rel=5e-5)

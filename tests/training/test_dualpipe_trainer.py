@@ -65,6 +65,10 @@ def _rank(rank, prefix, cache, ck_v, ck_1, ck_d):
     res["1f1b_to_dp"] = _steps(trainer("--load", ck_1, "--pipeline-schedule", "dualpipe"), 1)["loss"]
     res["1f1b_to_v"] = _steps(trainer("--load", ck_1, "--pipeline-schedule", "dualpipev"), 1)["loss"]
     res["placement"] = [c.module.placement.stage for c in v.chunks]
+    # the chunks the schedule runs as Figure 4's overlapped pairs (overlap is on by default; megatron's DDP wraps them)
+    from megatron_dsv3.pipeline.megatron_schedule import supports_overlap
+    res["overlap"] = {"dualpipev": [supports_overlap(c) for c in v.chunks],
+                      "dualpipe": [supports_overlap(c) for c in dp.chunks]}
     return res
 
 
@@ -74,6 +78,9 @@ def test_dualpipe_and_dualpipev_match_1f1b(tiny_data, tmp_path):
                               ck_1=str(tmp_path / "one"), ck_d=str(tmp_path / "dp"), timeout=600)
     ref = results[0]["1f1b"]
     assert [r["placement"] for r in results] == [[0, 3], [0, 3], [1, 2], [1, 2]]   # PP outermost: ranks 0,1 = PP 0
+    # every chunk with a MoE layer overlapped (stage 0 of DualPipeV is the dense layer alone)
+    assert [r["overlap"]["dualpipev"] for r in results] == [[False, True]] * 2 + [[True, True]] * 2
+    assert all(r["overlap"]["dualpipe"] == [True, True] for r in results)
     for rank, res in enumerate(results):
         for variant in ("dualpipev", "dualpipe"):
             assert res[variant]["loss"] == pytest.approx(ref["loss"], rel=5e-5), (rank, variant, res[variant]["loss"])

@@ -113,8 +113,9 @@ def fp8_dispatch(x: torch.Tensor, plan: DispatchPlan, async_op: bool = False):
         q, s = quantizer("quantize_tiles")(x.detach(), pow2_scales=True)              # [T, h], [T, h/128]
     ghost = _GhostPermute.apply(x, plan.pos)                                         # [T*k, h]
     if plan.ep == 1:
-        rows = FP8Rows(ghost, q.index_select(0, plan.token_of_row), s.index_select(0, plan.token_of_row))
-        return Pending(rows) if async_op else rows
+        q, s = q.index_select(0, plan.token_of_row), s.index_select(0, plan.token_of_row)
+        p = Pending(ghost, then=lambda g: FP8Rows(g, q, s))              # cut() needs a tensor in flight
+        return p if async_op else p.wait()
     payload = torch.cat([q.view(torch.uint8), s.contiguous().view(torch.uint8)], dim=1)   # [T, h + 4 h/128]
     comm = _Comm(plan.recv_splits, plan.send_splits, plan.group)
     comm.payload = payload.index_select(0, plan.token_of_row)                         # [T*k, ...] by global expert

@@ -283,3 +283,43 @@ def test_dualpipev_pp2_ep2_overlap_matches_reference():
                 assert torch.equal(cnt + pair[1]["counts"][key], ref_counts[key[1]]), (overlap, key)
         assert seen == set(ref_grads), set(ref_grads) ^ seen
     assert n_local == 4                                    # 8 experts, 4 on each EP rank
+
+
+def test_capture_keeps_forward_step_contract():
+    """_Capture (how the overlapped forward keeps megatron's forward_step_func contract): the trainer's
+    forward_step reads its batch and calls the model once; the model's forward only records the call and returns
+    an empty placeholder; the class's forward is back afterwards; a wrapper's dtype cast of the placeholder
+    (Float16Module's float32 on the last stage) is repeated on the real output, no cast without one; a
+    forward_step_func that never calls the model is an error."""
+    import pytest
+    from megatron_dsv3.model import build_model
+    from megatron_dsv3.pipeline.megatron_schedule import _Capture
+    from megatron_dsv3.testing import single_process
+    from megatron_dsv3.training.loop import forward_step
+
+    class ToFloat32(torch.nn.Module):        # what Float16Module does to a last stage's output
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs).float()
+
+    with single_process():
+        cfg = _cfg("1f1b", 1, 3)
+        m = build_model(cfg, device="cpu", seed=SEED)
+        batch = _batches(1, cfg.vocab_size)[0]
+        with _Capture(m) as cap:
+            out, loss_func = forward_step(iter([batch]), m)
+        assert "forward" not in m.__dict__
+        assert out.numel() == 0 and out.dtype == torch.float64
+        assert cap.args[0] is batch["tokens"] and cap.kwargs["labels"] is batch["labels"]
+        real = m(*cap.args, **cap.kwargs)
+        assert cap.like_returned(real, out) is real
+        with _Capture(m) as cap:
+            out, _ = forward_step(iter([batch]), ToFloat32(m))
+        assert out.dtype == torch.float32 and cap.like_returned(real, out).dtype == torch.float32
+        with pytest.raises(RuntimeError, match="did not call the model"):
+            with _Capture(m):
+                pass
+        assert "forward" not in m.__dict__

@@ -279,3 +279,68 @@ def test_figure4_order(order):
     if order == "figure4":
         assert compute == ["F attn f0", "B mlp b1", "F mlp f0", "B attn b1", "F attn f1", "B mlp b0", "F mlp f1",
                            "B attn b0"], log
+
+
+def test_model_overlap_pieces_equal_forward():
+    """DSV3Model.overlap_pieces() (embedding, [dense, MoE, MoE] layers, final norm + MTP + head + loss) run segment
+    by segment through ChunkRun equals DSV3Model.forward with position_ids that restart (as packed documents')
+    and a block-diagonal causal mask. Loss: bit-equal (the same ops on the same tensors);
+    gradients 1e-12 (float64; the segments sum a tensor's gradient contributions in another association). Guard:
+    the mask and the positions each change the loss, so pieces that dropped either would fail."""
+    from megatron_dsv3.config import DSV3Config
+    from megatron_dsv3.model import build_model
+    from megatron_dsv3.pipeline.overlap import ChunkRun
+    from megatron_dsv3.testing import single_process
+    s, b = 16, 2
+    with single_process():
+        cfg = DSV3Config.from_preset("tiny", params_dtype="float64", seq_length=s)
+        m = build_model(cfg, device="cpu", seed=7)
+        g = torch.Generator().manual_seed(3)
+        tokens = torch.randint(0, cfg.vocab_size, (b, s), generator=g)
+        # rope is relative, so positions restarting where the mask splits would change nothing: they restart at 6,
+        # the mask splits at 10
+        pos = torch.cat([torch.arange(6), torch.arange(10)]).repeat(b, 1)
+        doc = (torch.arange(s) >= 10).long()
+        mask = ~((doc[:, None] == doc[None, :]) & torch.ones(s, s, dtype=torch.bool).tril())   # True = masked
+        mask = mask.view(1, 1, s, s)
+        kw = dict(labels=torch.roll(tokens, -1, 1), loss_mask=(torch.rand(b, s, generator=g) > 0.2).double())
+        w = torch.rand(b, s, generator=g, dtype=torch.float64)
+
+        ref = m(tokens, pos, mask, **kw)
+        (ref * w).sum().backward()
+        ref_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+        m.zero_grad(set_to_none=True)
+        without = [m(tokens, None, mask, **kw).detach(), m(tokens, pos, None, **kw).detach()]   # each matters
+
+        pieces = m.overlap_pieces(tokens, pos, mask, **kw)
+        assert [type(p).__name__ for p in pieces] == ["function", "_Whole", "DSV3LayerStages", "DSV3LayerStages",
+                                                      "function"]
+        run = ChunkRun(pieces, [])
+        (out,) = run.run_forward()
+        run.run_backward([(out * w).sum()], [None])
+    assert torch.equal(out, ref.detach())
+    assert not any(torch.allclose(x, ref.detach(), rtol=1e-6, atol=0) for x in without)
+    assert {n for n, p in m.named_parameters() if p.grad is not None} == set(ref_grads)
+    for n, p in m.named_parameters():
+        assert float((p.grad - ref_grads[n]).abs().max()) <= 1e-12, n
+
+
+def test_model_overlap_pieces_refused():
+    """What forward() cannot run as pieces: full-layer recompute (supports_overlap False), a given decoder_input,
+    packed-sequence params; a stage without MoE layers has nothing to overlap."""
+    from megatron_dsv3.config import DSV3Config
+    from megatron_dsv3.model import build_model
+    from megatron_dsv3.testing import single_process
+    with single_process():
+        cfg = DSV3Config.from_preset("tiny", params_dtype="float64", seq_length=8)
+        m = build_model(cfg, device="cpu", seed=7)
+        tokens = torch.zeros(1, 8, dtype=torch.long)
+        assert m.supports_overlap() and m.overlap_pieces(tokens) is not None
+        assert m.overlap_pieces(tokens, packed_seq_params=object()) is None
+        assert m.overlap_pieces(tokens, decoder_input=torch.zeros(8, 1, cfg.hidden_size)) is None
+        full = build_model(cfg, device="cpu", seed=7, transformer_config=cfg.to_transformer_config(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1))
+        assert not full.supports_overlap() and full.overlap_pieces(tokens) is None
+        dense = build_model(DSV3Config.from_preset("tiny", num_layers=1, params_dtype="float64", seq_length=8),
+                            device="cpu", seed=7)
+        assert not dense.supports_overlap()

@@ -151,17 +151,27 @@ def test_fp8_experts_in_deepseek_moe_close_to_bf16(mcore_single):
 
 @pytest.mark.gpu
 def test_fp8_experts_on_cuda_match_the_float64_reference():
-    """The CUDA path (Triton quantisers, cuBLAS block-scaled GEMMs per expert, Triton SwiGLU) against the float64
-    recipe; BF16 activations add BF16's rounding (2^-8) to the intermediates: bound 2^-6 of the largest value."""
+    """The CUDA path (Triton quantisers, cuBLAS block-scaled GEMMs per expert, Triton SwiGLU) with BF16 activations.
+    BF16 intermediates (h1, da, dh1 come out of the GEMMs in BF16 before their e4m3 quantisation) round twice: a value
+    that BF16 moves across an e4m3 rounding boundary (~1/16 of them) lands one e4m3 step (6-12%) away from the
+    float64 recipe's, ~2% in Frobenius norm (measured on the H200 2026-11-29: 1.6-2.6% on the CPU emulation and the
+    same on CUDA; float32 activations give 1e-7 on CPU). So: against the recipe within 4% (Frobenius), and against
+    the CPU emulation of the same BF16 computation within 2.5%: cuBLAS accumulates each 128-chunk of K narrower than
+    float32 (~5.5e-4, bench/results_fp8.md), so the BF16 intermediates differ by an ulp here and there and those
+    cross e4m3 boundaries too (measured 1.3% on the H200; a wrong scale or layout gives tens of percent)."""
     g = torch.Generator().manual_seed(6)
     counts = torch.tensor([300, 0, 77, 500])
     N, h, f, E = int(counts.sum()), 512, 256, 4
     x = torch.randn(N, h, generator=g).bfloat16()
     w1, w2 = torch.randn(E, h, 2 * f, generator=g) * 0.05, torch.randn(E, f, h, generator=g) * 0.05
     dy = torch.randn(N, h, generator=g).bfloat16()
-    xc, w1c, w2c = x.cuda().requires_grad_(), w1.cuda().requires_grad_(), w2.cuda().requires_grad_()
-    y = fp8_expert_mlp(xc, counts.cuda(), w1c, w2c)
-    y.backward(dy.cuda())
-    ry, rdx, rdw1, rdw2 = reference(x.float(), counts, w1, w2, dy.float())
-    for got, ref in ((y, ry), (xc.grad, rdx), (w1c.grad, rdw1), (w2c.grad, rdw2)):
-        close(got.cpu(), ref, 2 ** -6)
+    runs = []
+    for dev in ("cuda", "cpu"):
+        xc, w1c, w2c = x.to(dev).requires_grad_(), w1.to(dev).requires_grad_(), w2.to(dev).requires_grad_()
+        y = fp8_expert_mlp(xc, counts.to(dev), w1c, w2c)
+        y.backward(dy.to(dev))
+        runs.append([t.detach().cpu() for t in (y, xc.grad, w1c.grad, w2c.grad)])
+    refs = reference(x.float(), counts, w1, w2, dy.float())
+    for got, emu, ref in zip(*runs, refs):
+        assert rel_fro(got, ref) <= 4e-2, rel_fro(got, ref)
+        assert rel_fro(got, emu) <= 2.5e-2, rel_fro(got, emu)

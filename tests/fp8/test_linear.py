@@ -162,7 +162,9 @@ def test_modules_are_drop_ins_for_the_bf16_linears(mcore_single):
 @pytest.mark.gpu
 def test_fp8_linear_on_cuda_matches_the_float64_reference():
     """The CUDA path (Triton quantisers + cuBLAS block-scaled GEMMs) against the same float64 references, BF16
-    activations: the output and dx carry BF16's rounding (2^-8), dW is FP32."""
+    activations: the output and dx carry BF16's rounding (2^-8); dW is FP32 but cuBLAS accumulates inside each
+    128-chunk of K narrower than float32 (5.5e-4 relative whatever K, measured on the H200, bench/results_fp8.md;
+    2.3e-4 of the largest dW here): 2^-10."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1000, 640, generator=g).bfloat16()             # ragged M, K = 5 tiles
     w = torch.randn(384, 640, generator=g) * 0.05
@@ -173,4 +175,4 @@ def test_fp8_linear_on_cuda_matches_the_float64_reference():
     ry, rdx, rdw = references(x.float(), w, dy.float())
     close(y.cpu(), ry, 2 ** -7)
     close(xc.grad.cpu(), rdx, 2 ** -7)
-    close(wc.grad.cpu(), rdw, ACC)
+    close(wc.grad.cpu(), rdw, 2 ** -10)

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_dsv3.moe.kernels import scatter_rows, sum_rows
+from megatron_dsv3.moe.router import tokens_per_expert
 
 __all__ = ["DispatchPlan", "Pending", "plan_dispatch", "dispatch", "combine", "all_to_all", "dispatch_combine",
            "combine_reference"]
@@ -62,7 +63,7 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, ep_group=None) -> Di
     E_local = num_experts // ep
     flat = topk_idx.reshape(-1)                                                       # [T*k]
     order = torch.argsort(flat, stable=True)                                          # [T*k]
-    counts = torch.bincount(flat, minlength=num_experts)                              # [E]
+    counts = tokens_per_expert(topk_idx, num_experts)                                # [E], no host sync
     pos = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
     if ep == 1:
         return DispatchPlan(T, k, num_experts, 1, None, order, order // k, pos, [T * k], [T * k], counts, None)

@@ -75,7 +75,11 @@ def route(logits: torch.Tensor, moe: MoEConfig, expert_bias: Optional[torch.Tens
 
 
 def tokens_per_expert(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return torch.bincount(topk_idx.reshape(-1), minlength=num_experts)                          # [E] int64
+    """[T, k] expert ids -> [E] int64 counts. A scatter-add rather than torch.bincount: CUDA's bincount reads the
+    largest id back to the host (a sync per MoE layer, twice with the dispatch plan); integer sums are exact, so the
+    atomics are deterministic."""
+    flat = topk_idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def update_expert_bias(bias: torch.Tensor, tokens_per_expert: torch.Tensor, rate: float) -> torch.Tensor:

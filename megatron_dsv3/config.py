@@ -192,12 +192,15 @@ class FP8Config:
     param_fp8: bool = False             # keep FP8 weight copies with their block scales
     dispatch_fp8: bool = True           # routed experts in FP8: tokens quantised (1x128, pow2) before the dispatch
                                         # all-to-all, half its bytes (section 3.3.4; fp8/dispatch.py); combine BF16
+    weight_cache: bool = True           # FP8 weight copies (blocks + transposed) made once per optimizer step and
+                                        # shared by the micro-batches: +2 bytes/FP8 param (fp8/weight_cache.py)
 
     def __post_init__(self):
         _check(self.backend in ("auto", "te", "native"), f"FP8Config.backend must be auto|te|native, got {self.backend!r}")
         _check(self.format in ("e4m3",), f"FP8Config.format must be 'e4m3', got {self.format!r}")
         _positive(self, "act_tile", "weight_block")
         _check(isinstance(self.dispatch_fp8, bool), f"FP8Config.dispatch_fp8 must be a bool, got {self.dispatch_fp8!r}")
+        _check(isinstance(self.weight_cache, bool), f"FP8Config.weight_cache must be a bool, got {self.weight_cache!r}")
         unknown = [m for m in self.bf16_modules if m not in FP8_ALWAYS_BF16 + FP8_MODULES]
         _check(not unknown, f"FP8Config.bf16_modules: unknown module(s) {unknown}; known: "
                             f"{', '.join(FP8_ALWAYS_BF16 + FP8_MODULES)}")

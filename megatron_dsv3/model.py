@@ -359,6 +359,9 @@ def build_model(config: DSV3Config, pre_process: Optional[bool] = None, post_pro
                           pg_collection=pg, vp_stage=vp_stage, transformer_config=_allocation_only(tc, device),
                           **kwargs)
     _mark_tensor_parallel_weights(model)
+    if config.fp8.enabled:
+        from megatron_dsv3.fp8.weight_cache import configure
+        configure(model, config.fp8)                # FP8Config.weight_cache on the FP8 modules
     # megatron-core's LanguageModule moves the last stage's embedding copy (MTP, PP > 1) to CUDA whatever the
     # allocation device: bring it back before drawing (CPU and CUDA generators draw different numbers)
     model.to(device)

@@ -13,7 +13,9 @@ Per expert e, on its rows (x sorted by local expert, offs = cumulative counts), 
     Wgrad  dW2 = a^T @ dy, dW1 = x^T @ dh1: contracted over each expert's tokens, both operands in 128x1 tiles that
            restart at the expert's first row (quant.quantize_columns_grouped; gemm.fp8_grouped_wgrad)
 
-Weights in 128x128 blocks (a block of W is a block of W^T, so Fprop and Dgrad quantise the same blocks once each).
+Weights in 128x128 blocks (a block of W is a block of W^T, so Fprop and Dgrad use the same blocks, transposed for
+one of them). With FP8Config.weight_cache (default on; fp8/weight_cache.py) both copies of each weight are made once
+per optimizer step and shared by all micro-batches; off, each GEMM quantises its weight again (the same bits).
 GEMMs accumulate in FP32 (gemm.py); outputs in x's dtype, weight gradients in the parameter dtype. Kept for backward:
 the FP8 transposed copy of x with its column scales (the Wgrad operand; the 1x128 copy for Fprop is dropped) and the
 FP8 copy of h1 -- 1 byte per element each, against 2 for BF16 x and h1 and 2 more for a in the BF16 experts.
@@ -50,6 +52,15 @@ def _t(q: torch.Tensor, s: torch.Tensor):
     return q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous()
 
 
+def expert_weight_blocks(w: torch.Tensor, transposed: bool, cache: bool = False):
+    """quantize_expert_weights(w) ([E, A, B] blocks) or its per-expert transpose ([E, B, A]), from the per-step cache
+    when cache is on (fp8/weight_cache.py)."""
+    from megatron_dsv3.fp8.weight_cache import cached
+    if not transposed:
+        return cached(w, "expert_blocks", quantize_expert_weights, cache)
+    return cached(w, "expert_blocks_t", lambda w: _t(*expert_weight_blocks(w, False, cache)), cache)
+
+
 def _swiglu_and_grad(h1: torch.Tensor, da: torch.Tensor):
     """(SwiGLU(h1), dh1 = SwiGLU'(h1)^T da) through moe.kernels.swiglu's own backward (Triton on CUDA)."""
     with torch.enable_grad():
@@ -62,23 +73,23 @@ def _swiglu_and_grad(h1: torch.Tensor, da: torch.Tensor):
 class FP8ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
-                x_q=None, x_s=None):
+                x_q=None, x_s=None, weight_cache: bool = False):
         from megatron_dsv3.fp8.gemm import fp8_grouped_gemm
         tiles, columns = quantizer("quantize_tiles"), quantizer("quantize_columns_grouped")
         offs = torch.cumsum(counts, 0).to(torch.int32)                                  # [E] group ends
-        w1_q, w1_s = quantize_expert_weights(weight1)                                   # [E, h, 2f]
-        w2_q, w2_s = quantize_expert_weights(weight2)                                   # [E, f, h]
+        w1t = expert_weight_blocks(weight1, True, weight_cache)                        # [E, 2f, h] blocks
+        w2t = expert_weight_blocks(weight2, True, weight_cache)                        # [E, h, f]
         if x_q is None:
             x_q, x_s = tiles(x, pow2_scales=True)
         else:                                   # dispatched in FP8: x is the gradient's stand-in, never read
             x = quantizer("dequantize_tiles")(x_q, x_s, dtype=x.dtype)                 # exact (e4m3 x 2^n)
-        h1 = fp8_grouped_gemm(x_q, x_s, *_t(w1_q, w1_s), offs, out_dtype=x.dtype)       # [N, 2f]
+        h1 = fp8_grouped_gemm(x_q, x_s, *w1t, offs, out_dtype=x.dtype)                # [N, 2f]
         a = swiglu(h1)                                                                  # [N, f]
-        y = fp8_grouped_gemm(*tiles(a), *_t(w2_q, w2_s), offs, out_dtype=x.dtype)      # [N, h]
+        y = fp8_grouped_gemm(*tiles(a), *w2t, offs, out_dtype=x.dtype)                 # [N, h]
         h1_q, h1_s = tiles(h1)                                                          # SwiGLU input, FP8
         xt_q, xt_s, offs_p = columns(x, offs, pow2_scales=True)                         # [h, Np]: Wgrad operand
         ctx.save_for_backward(offs, offs_p, xt_q, xt_s, h1_q, h1_s, weight1, weight2)
-        ctx.x_dtype = x.dtype
+        ctx.x_dtype, ctx.weight_cache = x.dtype, weight_cache
         return y
 
     @staticmethod
@@ -90,7 +101,7 @@ class FP8ExpertsFunction(torch.autograd.Function):
         dt = ctx.x_dtype
         dy = dy.contiguous()
         # down-projection: Dgrad (dy pow2 1x128 x W2's blocks), then Wgrad from the recomputed SwiGLU output
-        w2_q, w2_s = quantize_expert_weights(weight2)
+        w2_q, w2_s = expert_weight_blocks(weight2, False, ctx.weight_cache)            # [E, f, h] blocks
         dy_q, dy_s = tiles(dy, pow2_scales=True)
         da = fp8_grouped_gemm(dy_q, dy_s, w2_q, w2_s, offs, out_dtype=dt)              # [N, f]
         a, dh1 = _swiglu_and_grad(deq(h1_q, h1_s, dtype=dt), da)                        # [N, f], [N, 2f]
@@ -98,17 +109,18 @@ class FP8ExpertsFunction(torch.autograd.Function):
         at_q, at_s, _ = columns(a, offs)                                                # [f, Np]
         dw2 = fp8_grouped_wgrad(dyt_q, dyt_s, at_q, at_s, offs_p)                       # [E, h, f] = (a^T dy)^T
         # up-projection: Dgrad (dh1 1x128 x W1's blocks) and Wgrad
-        w1_q, w1_s = quantize_expert_weights(weight1)
+        w1_q, w1_s = expert_weight_blocks(weight1, False, ctx.weight_cache)            # [E, h, 2f] blocks
         dh1 = dh1.to(dt)
         dx = fp8_grouped_gemm(*tiles(dh1), w1_q, w1_s, offs, out_dtype=dt)             # [N, h]
         dh1t_q, dh1t_s, _ = columns(dh1, offs)                                          # [2f, Np]
         dw1 = fp8_grouped_wgrad(dh1t_q, dh1t_s, xt_q, xt_s, offs_p)                     # [E, 2f, h] = (x^T dh1)^T
-        return (dx, None, dw1.transpose(1, 2).to(weight1.dtype), dw2.transpose(1, 2).to(weight2.dtype), None, None)
+        return (dx, None, dw1.transpose(1, 2).to(weight1.dtype), dw2.transpose(1, 2).to(weight2.dtype), None, None, None)
 
 
-def fp8_expert_mlp(x, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor) -> torch.Tensor:
+def fp8_expert_mlp(x, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
+                   weight_cache: bool = False) -> torch.Tensor:
     """SwiGLU(x @ weight1[e]) @ weight2[e] per expert block in FP8. x [N, h] sorted by expert, or (rows, q, s) as
-    dispatched in FP8 (module docstring); counts [E] -> [N, h]."""
+    dispatched in FP8 (module docstring); counts [E] -> [N, h]. weight_cache: fp8/weight_cache.py."""
     x_fp8 = ()
     if not isinstance(x, torch.Tensor):
         x, *x_fp8 = x                                                                   # rows, q [N, h], s
@@ -116,12 +128,14 @@ def fp8_expert_mlp(x, counts: torch.Tensor, weight1: torch.Tensor, weight2: torc
         # as padded_swiglu: keep the graph (DDP wants the weights' zero gradients; the dispatch's backward is a
         # collective every EP rank must join)
         return 0 * x + 0 * (weight1.sum() + weight2.sum())
-    return FP8ExpertsFunction.apply(x, counts, weight1, weight2, *x_fp8)
+    x_q, x_s = x_fp8 if x_fp8 else (None, None)
+    return FP8ExpertsFunction.apply(x, counts, weight1, weight2, x_q, x_s, bool(weight_cache))
 
 
 class FP8GroupedExperts(GroupedExperts):
     """GroupedExperts whose expert GEMMs run in FP8 (module docstring); specs.py picks it when FP8 is on."""
+    fp8_weight_cache = True                  # fp8/weight_cache.py; weight_cache.configure sets it from FP8Config
 
     def expert_mlp(self, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor,
                    weight2: torch.Tensor) -> torch.Tensor:
-        return fp8_expert_mlp(x, counts, weight1, weight2)
+        return fp8_expert_mlp(x, counts, weight1, weight2, weight_cache=self.fp8_weight_cache)

@@ -10,9 +10,10 @@ megatron's FP32 `main_grad` when gradient_accumulation_fusion is on.
 
 What backward keeps (why this is an autograd Function): only the FP8 copy of the input transposed to [K, M] with its
 128x1 scales (`quantize_tiles_and_transpose` makes both copies in one read of x: the 1x128 one feeds Fprop and is
-dropped), 1 byte per element instead of x's 2. The FP8 weight is not kept: backward quantises the master weight again
-(deterministic, so bit-identical to Fprop's) rather than holding one FP8 copy of every weight per micro-batch in
-flight; a weight read costs N*K bytes against the GEMMs' M*N*K flops.
+dropped), 1 byte per element instead of x's 2. The FP8 weight is not saved per micro-batch: with the weight cache
+(fp8/weight_cache.py, FP8Config.weight_cache, on by default) its blocks and their transpose are made once per
+optimizer step and shared by all micro-batches; without it backward quantises the master weight again
+(deterministic, so bit-identical to Fprop's).
 
 The modules are drop-ins for the linears our specs use (specs.py picks them when FP8Config.enabled):
   FP8ColumnParallelLinear / FP8RowParallelLinear: megatron-core's Column/RowParallelLinear with the matmul replaced
@@ -31,7 +32,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron_dsv3.mla.linear import DuplicatedLinear
 
 __all__ = ["fp8_linear", "quantizer", "FP8LinearFunction", "FP8ColumnParallelLinear", "FP8RowParallelLinear",
-           "FP8DuplicatedLinear", "quantize_weight"]
+           "FP8DuplicatedLinear", "quantize_weight", "weight_blocks"]
 
 
 # ---- the quantisers (fp8/kernels.py's dispatchers where they exist, else quant.py) and the GEMMs of gemm.py ------
@@ -52,6 +53,18 @@ def quantize_weight(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return quantizer("quantize_blocks")(w)
 
 
+def weight_blocks(w: torch.Tensor, transposed: bool = False, cache: bool = False):
+    """quantize_weight(w), or its transpose (W^T's blocks, for Dgrad), from the per-step cache when cache is on."""
+    from megatron_dsv3.fp8.weight_cache import cached
+    if not transposed:
+        return cached(w, "blocks", quantize_weight, cache)
+
+    def make(w):
+        q, s = weight_blocks(w, False, cache)
+        return q.t().contiguous(), s.t().contiguous()
+    return cached(w, "blocks_t", make, cache)
+
+
 def _gemm(a_q, a_s, b_q, b_s, out_dtype):
     """deq(a) [M, K] @ deq(b) [N, K]^T -> [M, N] in out_dtype; b in 128x128 blocks or 1x128 tiles (by b_s's shape)."""
     from megatron_dsv3.fp8.gemm import fp8_gemm
@@ -62,15 +75,16 @@ class FP8LinearFunction(torch.autograd.Function):
     """y = x @ W^T with the three GEMMs of the module docstring. x [..., K], W [N, K] -> y [..., N] (x's dtype)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, wgrad_into_main_grad: bool):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, wgrad_into_main_grad: bool, weight_cache: bool = False):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)                                               # [M, K]
         q, s, qt, st = _tiles_and_transpose(x2)
-        w_q, w_s = quantize_weight(weight)
+        w_q, w_s = weight_blocks(weight, cache=weight_cache)
         y = _gemm(q, s, w_q, w_s, x.dtype)                                  # [M, N]  Fprop
         need_wgrad = weight.requires_grad
         ctx.save_for_backward(qt if need_wgrad else None, st if need_wgrad else None, weight)
         ctx.x_shape, ctx.x_dtype, ctx.into_main_grad = x.shape, x.dtype, wgrad_into_main_grad
+        ctx.weight_cache = weight_cache
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -81,14 +95,15 @@ class FP8LinearFunction(torch.autograd.Function):
         g_q, g_s, gt_q, gt_s = _tiles_and_transpose(dy2)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            w_q, w_s = quantize_weight(weight)                              # the same bits as Fprop's
-            # Dgrad: dy [M, N] @ W [N, K]; W^T [K, N] in 128x128 blocks is W's blocks transposed
-            dx = _gemm(g_q, g_s, w_q.t().contiguous(), w_s.t().contiguous(), ctx.x_dtype).view(ctx.x_shape)
+            # Dgrad: dy [M, N] @ W [N, K]; W^T [K, N] in 128x128 blocks is W's blocks transposed (the same bits as
+            # Fprop's, cached or made again)
+            wt_q, wt_s = weight_blocks(weight, transposed=True, cache=ctx.weight_cache)
+            dx = _gemm(g_q, g_s, wt_q, wt_s, ctx.x_dtype).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             # Wgrad: dy^T [N, M] @ x [M, K], contracted over the M tokens in 1x128 tiles of the transposed copies
             dw32 = _gemm(gt_q, gt_s, qt, st, torch.float32)                 # [N, K]
             dw = _to_weight_grad(weight, dw32, ctx.into_main_grad)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
 def _to_weight_grad(weight: torch.Tensor, dw32: torch.Tensor, into_main_grad: bool):
@@ -105,17 +120,19 @@ def _to_weight_grad(weight: torch.Tensor, dw32: torch.Tensor, into_main_grad: bo
     return dw32.to(weight.dtype)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias=None, wgrad_into_main_grad: bool = False) -> torch.Tensor:
-    """F.linear in FP8: x [..., K], weight [N, K] (param dtype), bias [N] or None -> [..., N] in x's dtype."""
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias=None, wgrad_into_main_grad: bool = False,
+               weight_cache: bool = False) -> torch.Tensor:
+    """F.linear in FP8: x [..., K], weight [N, K] (param dtype), bias [N] or None -> [..., N] in x's dtype.
+    weight_cache: take W's FP8 copies from the per-step cache (fp8/weight_cache.py)."""
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"fp8_linear: input has {x.shape[-1]} features, the weight [{weight.shape[0]}, "
                          f"{weight.shape[1]}] expects {weight.shape[1]}")
-    y = FP8LinearFunction.apply(x, weight, bool(wgrad_into_main_grad))
+    y = FP8LinearFunction.apply(x, weight, bool(wgrad_into_main_grad), bool(weight_cache))
     return y if bias is None else y + bias
 
 
 def _tp_fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion=False, allreduce_dgrad=False,
-                         sequence_parallel=False, tp_group=None, **_unused):
+                         sequence_parallel=False, tp_group=None, weight_cache=False, **_unused):
     """megatron-core's linear_with_grad_accumulation_and_async_allreduce, in FP8: the same communication, through
     megatron's differentiable mappings (all-gather of the input over TP under SP, reduce-scatter of its gradient;
     otherwise the all-reduce of the input gradient when asked); the grad_output_buffer of deferred embedding wgrad
@@ -126,27 +143,32 @@ def _tp_fp8_forward_impl(input, weight, bias, gradient_accumulation_fusion=False
         input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
     elif allreduce_dgrad:
         input = copy_to_tensor_model_parallel_region(input, group=tp_group)
-    return fp8_linear(input, weight, bias, wgrad_into_main_grad=gradient_accumulation_fusion)
+    return fp8_linear(input, weight, bias, wgrad_into_main_grad=gradient_accumulation_fusion,
+                      weight_cache=weight_cache)
 
 
 class FP8ColumnParallelLinear(ColumnParallelLinear):
     """megatron-core's ColumnParallelLinear with its GEMMs in FP8 (module docstring)."""
+    fp8_weight_cache = True                  # fp8/weight_cache.py; weight_cache.configure sets it from FP8Config
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        return _tp_fp8_forward_impl(input, weight, *args, **kwargs)
+        return _tp_fp8_forward_impl(input, weight, *args, weight_cache=self.fp8_weight_cache, **kwargs)
 
 
 class FP8RowParallelLinear(RowParallelLinear):
     """megatron-core's RowParallelLinear with its GEMMs in FP8 (module docstring)."""
+    fp8_weight_cache = True
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        return _tp_fp8_forward_impl(input, weight, *args, **kwargs)
+        return _tp_fp8_forward_impl(input, weight, *args, weight_cache=self.fp8_weight_cache, **kwargs)
 
 
 class FP8DuplicatedLinear(DuplicatedLinear):
     """mla/linear.py's DuplicatedLinear (MLA's down-projections) with its GEMMs in FP8."""
+    fp8_weight_cache = True
 
     def forward(self, x: torch.Tensor):
+        c = self.fp8_weight_cache
         if self.skip_bias_add:
-            return fp8_linear(x, self.weight), self.bias
-        return fp8_linear(x, self.weight, self.bias), None
+            return fp8_linear(x, self.weight, weight_cache=c), self.bias
+        return fp8_linear(x, self.weight, self.bias, weight_cache=c), None

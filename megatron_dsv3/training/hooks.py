@@ -27,6 +27,9 @@ def after_optimizer_step(model_chunks, cfg, tokens_before: float, tokens_after: 
     for m in routers.values():
         m["bias_rate"] = rate
     set_mtp_loss_weight(chunks, cfg.mtp.loss_weight_at(tokens_after))
+    if cfg.fp8.enabled:               # the weights changed behind autograd's version counter: FP8 copies are stale
+        from megatron_dsv3.fp8.weight_cache import drop_caches
+        drop_caches(chunks)
     if ema is not None and update_successful:
         ema.update()
     return routers

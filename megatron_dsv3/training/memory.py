@@ -15,7 +15,10 @@ Counted per pipeline stage (the largest is reported):
                 keeps: their input and the SwiGLU input in FP8 with 1x128 FP32 scales (1 + 4/128 bytes an element),
                 the SwiGLU output recomputed, against input, SwiGLU input and output in BF16. The other FP8 linears
                 keep an FP8 copy of an input that mostly has another BF16 consumer too (norm, attention core):
-                not counted. FP8 leaves weights, gradients and optimizer state as they are (BF16/FP32 masters).
+                not counted. FP8 leaves weights, gradients and optimizer state as they are (BF16/FP32 masters);
+                with FP8Config.weight_cache (default) the weights of the FP8 GEMMs also keep two FP8 copies for
+                the step (blocks and transposed blocks, fp8/weight_cache.py): counted under weights, 2 bytes per
+                FP8 parameter (+ a float32 scale per 128x128 block).
 Communication buffers, the allocator's fragmentation and the CUDA context (~2-5 GB in practice) are not
 modelled: leave that much headroom.
 """
@@ -30,16 +33,38 @@ from megatron_dsv3.accounting import attention_params, mlp_params
 GiB = 1024 ** 3
 
 
+def _fp8_linear_params(cfg, moe_layer: bool) -> float:
+    """Local parameters of one layer's GEMMs that run in FP8 (FP8Config.bf16_modules names those kept in BF16)."""
+    h, H, m, moe = cfg.hidden_size, cfg.num_attention_heads, cfg.mla, cfg.moe
+    tp, ep, etp = (cfg.parallel.tensor_model_parallel_size, cfg.parallel.expert_model_parallel_size,
+                   cfg.parallel.expert_tensor_parallel_size)
+    sizes = {"linear_kv_down_proj": h * (m.kv_lora_rank + m.qk_rope_head_dim),
+             "linear_kv_up_proj": m.kv_lora_rank * H * (m.qk_nope_head_dim + m.v_head_dim) / tp,
+             "linear_proj": H * m.v_head_dim * h / tp}
+    if m.q_lora_rank is None:
+        sizes["linear_q_proj"] = h * H * m.qk_head_dim / tp
+    else:
+        sizes.update(linear_q_down_proj=h * m.q_lora_rank, linear_q_up_proj=m.q_lora_rank * H * m.qk_head_dim / tp)
+    if moe_layer:
+        sizes["experts"] = moe.num_experts / ep * mlp_params(h, moe.expert_ffn_hidden_size) / etp
+        sizes["shared_experts"] = mlp_params(h, moe.num_shared_experts * moe.expert_ffn_hidden_size) / tp
+    else:
+        sizes["dense_mlp"] = mlp_params(h, moe.dense_ffn_hidden_size) / tp
+    return sum(v for k, v in sizes.items() if k not in cfg.fp8.bf16_modules)
+
+
 def stage_parameters(cfg, stage: int) -> Dict[str, float]:
-    """Local parameter counts of one pipeline stage: {"dense": ..., "expert": ...} (per GPU)."""
+    """Local parameter counts of one pipeline stage: {"dense": ..., "expert": ..., "fp8": ...} (per GPU); "fp8":
+    the parameters of the GEMMs that run in FP8 (when FP8 is on)."""
     par, h, V, moe = cfg.parallel, cfg.hidden_size, cfg.padded_vocab_size, cfg.moe
     tp, ep, etp = par.tensor_model_parallel_size, par.expert_model_parallel_size, par.expert_tensor_parallel_size
     layers = cfg.pipeline_layers()
     first_layer = sum(layers[:stage])
-    dense = expert = 0.0
+    dense = expert = fp8 = 0.0
 
     def layer(global_idx: int, moe_layer: bool):
-        nonlocal dense, expert
+        nonlocal dense, expert, fp8
+        fp8 += _fp8_linear_params(cfg, moe_layer)
         dense += attention_params(cfg) / tp + 2 * h
         if moe_layer:
             expert += moe.num_experts / ep * mlp_params(h, moe.expert_ffn_hidden_size) / etp
@@ -57,12 +82,14 @@ def stage_parameters(cfg, stage: int) -> Dict[str, float]:
         for _ in range(cfg.mtp.num_layers):
             layer(cfg.num_layers, True)
             dense += 2 * h + 2 * h * h / 1 + h                       # enorm, hnorm, eh_proj, final norm
+            fp8 += 2 * h * h if "eh_proj" not in cfg.fp8.bf16_modules else 0
         if cfg.mtp.num_layers and len(layers) > 1:
             dense += V * h / tp                                      # the last stage's embedding copy for MTP
-    return {"dense": dense, "expert": expert}
+    return {"dense": dense, "expert": expert, "fp8": fp8}
 
 
 FP8_TILE_BYTES = 1 + 4 / 128          # an e4m3 element and its share of the FP32 scale of its 1x128 tile
+FP8_WEIGHT_CACHE_BYTES = 2 * (1 + 4 / 128 ** 2)   # two e4m3 copies of a weight element + their 128x128 block scales
 
 
 def activation_bytes_per_token(cfg, moe_layer: bool, recompute_up_proj: bool, act_bytes: int = 2,
@@ -122,7 +149,9 @@ def estimate_memory(cfg, micro_batch_size: int, data_parallel_size: int, seq_len
             act = per_token * s * micro_batch_size * in_flight
         if stage == pp - 1:
             act += s * micro_batch_size * cfg.padded_vocab_size / tp * 4 * (1 + cfg.mtp.num_layers)
-        row = {"stage": stage, "params_billion": n / 1e9, "weights": n * pbytes / GiB, "gradients": n * grad_bytes / GiB,
+        cache = p["fp8"] * FP8_WEIGHT_CACHE_BYTES if fp8 and cfg.fp8.weight_cache else 0.0
+        row = {"stage": stage, "params_billion": n / 1e9, "weights": (n * pbytes + cache) / GiB,
+               "fp8_weight_cache": cache / GiB, "gradients": n * grad_bytes / GiB,
                "optimizer": opt / GiB, "activations": act / GiB}
         row["total"] = row["weights"] + row["gradients"] + row["optimizer"] + row["activations"]
         if best is None or row["total"] > best["total"]:
@@ -150,7 +179,8 @@ def describe(cfg, micro_batch_size: int, data_parallel_size: int, **kw) -> str:
         f"DP {data_parallel_size}; EP {par.expert_model_parallel_size}; layers per stage "
         f"{list(cfg.pipeline_layers())}; seq {cfg.seq_length}, micro-batch {micro_batch_size}",
         f"memory per GPU (fullest stage {est['stage']}: {est['params_billion'] * 1e3:.1f}M local params): "
-        f"weights {_fmt(est['weights'])} + grads {_fmt(est['gradients'])} + optimizer {_fmt(est['optimizer'])} "
+        f"weights {_fmt(est['weights'])}"
+        f"{' (FP8 copies ' + _fmt(est['fp8_weight_cache']) + ')' if est['fp8_weight_cache'] else ''} + grads {_fmt(est['gradients'])} + optimizer {_fmt(est['optimizer'])} "
         f"(FP32 master, {moments} moments) + activations {_fmt(est['activations'])}"
         f"{' (routed experts in FP8)' if fp8 else ''} = {_fmt(est['total'])} (+ buffers and CUDA context, a few GiB)",
     ]

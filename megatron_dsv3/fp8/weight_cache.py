@@ -1,0 +1,90 @@
+"""FP8 copies of the weights, made once per optimizer step and shared by every micro-batch (as Transformer Engine
+caches its FP8 weights across micro-batches).
+
+Without the cache each FP8 GEMM quantises its weight again: every micro-batch's forward (the 128x128 blocks) and
+backward (the same blocks, transposed for Dgrad) -- two quantiser passes over every FP8 weight per micro-batch, for a
+result that only changes when the optimizer steps. With it, the first use after a step quantises and keeps the copy,
+and the rest of the step's micro-batches (and their backwards) take it as it is.
+
+    cached(param, kind, make) -> make(param), computed once per (kind, state of param)
+
+The copy is stored on the parameter (`param._dsv3_fp8_cache[kind]`) with the key it was made under, and is used only
+while the key still matches:
+- `param._version` and `param.data_ptr()`: any in-place update through autograd's version counter (torch's optimizers,
+  `param.copy_` under no_grad, a checkpoint's load_state_dict) or a new storage makes it stale;
+- megatron's optimizers write the weights behind the version counter (`.data.copy_` of the FP32 masters, the
+  distributed optimizer's all-gather into the parameter buffer), so the trainer also drops every copy after each
+  optimizer step: `drop_caches(model_chunks)`, called from training/hooks.py's after_optimizer_step (the one
+  after-the-step routine, for our trainer and the Megatron-LM entry alike). Dropping (rather than re-quantising at
+  once) frees the copies during the optimizer step; the next forward makes them again.
+Any other code writing weights behind autograd (`.data` assignments) must call drop_caches too.
+
+Memory: per FP8 weight, both copies (Fprop's blocks and Dgrad's transposed blocks), 2 bytes per parameter plus one
+float32 scale per 128x128 block of each; kept from the first use to the end of the step. FP8Config.weight_cache
+(default on) switches it; configure(model, fp8_config) applies it to a built model (model.py's build_model), and
+training/memory.py counts it. Off, every GEMM quantises its weight as before (bit-identical results: the quantisers
+are deterministic, tests/fp8/test_weight_cache.py).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Tuple
+
+import torch
+
+__all__ = ["cached", "drop_caches", "configure", "ATTR", "ENABLE_ATTR"]
+
+ATTR = "_dsv3_fp8_cache"              # on a parameter: {kind: (key, value)}
+ENABLE_ATTR = "fp8_weight_cache"      # on an FP8 module: whether its weights' copies are cached (default True)
+
+
+def _key(p: torch.Tensor) -> Tuple:
+    return (p._version, p.data_ptr(), tuple(p.shape), p.dtype, p.device)
+
+
+def cached(param: torch.Tensor, kind: str, make: Callable[[torch.Tensor], Tuple[torch.Tensor, ...]],
+           enabled: bool = True):
+    """make(param) (a tuple of tensors computed from param's values, under no_grad), from the cache when param has
+    not changed since it was made under this `kind`. enabled=False computes it and keeps nothing."""
+    if not enabled:
+        with torch.no_grad():
+            return make(param)
+    store = getattr(param, ATTR, None)
+    if store is None:
+        store = {}
+        setattr(param, ATTR, store)
+    key = _key(param)
+    hit = store.get(kind)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        value = make(param)
+    store[kind] = (key, value)
+    return value
+
+
+def _modules(model_chunks) -> Iterable[torch.nn.Module]:
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    for c in chunks:
+        yield from c.modules()
+
+
+def drop_caches(model_chunks) -> int:
+    """Forget every cached FP8 weight copy of the chunks' parameters (after an optimizer step). -> copies dropped."""
+    n = 0
+    for m in _modules(model_chunks):
+        for p in m.parameters(recurse=False):
+            store = getattr(p, ATTR, None)
+            if store:
+                n += len(store)
+                store.clear()
+    return n
+
+
+def configure(model_chunks, fp8_config) -> None:
+    """Sets FP8Config.weight_cache on every FP8 module of the chunks (those with the ENABLE_ATTR switch)."""
+    on = bool(getattr(fp8_config, "weight_cache", True))
+    for m in _modules(model_chunks):
+        if hasattr(m, ENABLE_ATTR):
+            setattr(m, ENABLE_ATTR, on)
+    if not on:
+        drop_caches(model_chunks)

@@ -49,17 +49,18 @@ if HAVE_TRITON:
         t = tl.program_id(0).to(tl.int64)
         row = x_ptr + t * V
         lab = tl.load(lab_ptr + t).to(tl.int64) - v_start
-        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        # a finite sentinel instead of -inf: no inf - inf anywhere (masked lanes add exactly 0)
+        m = tl.full([BLOCK], -1e30, tl.float32)
         d = tl.zeros([BLOCK], dtype=tl.float32)
         for j0 in range(0, V, BLOCK):
             offs = j0 + tl.arange(0, BLOCK)
-            x = tl.load(row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            mask = offs < V
+            x = tl.load(row + offs, mask=mask, other=-1e30).to(tl.float32)
             m_new = tl.maximum(m, x)
-            # lanes that have seen only -inf keep d = 0 (avoid inf - inf)
-            d = tl.where(m_new == float("-inf"), 0.0, d * tl.exp(m - m_new) + tl.exp(x - m_new))
+            d = d * tl.exp(m - m_new) + tl.where(mask, tl.exp(x - m_new), 0.0)
             m = m_new
         mx = tl.max(m, axis=0)
-        dsum = tl.sum(tl.where(m == float("-inf"), 0.0, d * tl.exp(m - mx)), axis=0)
+        dsum = tl.sum(d * tl.exp(m - mx), axis=0)
         tl.store(m_ptr + t, mx)
         tl.store(d_ptr + t, dsum)
         here = (lab >= 0) & (lab < V)

@@ -194,6 +194,8 @@ class FP8Config:
                                         # all-to-all, half its bytes (section 3.3.4; fp8/dispatch.py); combine BF16
     weight_cache: bool = True           # FP8 weight copies (blocks + transposed) made once per optimizer step and
                                         # shared by the micro-batches: +2 bytes/FP8 param (fp8/weight_cache.py)
+    grouped_gemm: str = "host_loop"     # routed experts' Fprop/Dgrad on CUDA: "host_loop" (cuBLAS per expert) |
+                                        # "triton" (one launch, offsets on the device: fp8/grouped_gemm.py)
 
     def __post_init__(self):
         _check(self.backend in ("auto", "te", "native"), f"FP8Config.backend must be auto|te|native, got {self.backend!r}")
@@ -201,6 +203,8 @@ class FP8Config:
         _positive(self, "act_tile", "weight_block")
         _check(isinstance(self.dispatch_fp8, bool), f"FP8Config.dispatch_fp8 must be a bool, got {self.dispatch_fp8!r}")
         _check(isinstance(self.weight_cache, bool), f"FP8Config.weight_cache must be a bool, got {self.weight_cache!r}")
+        _check(self.grouped_gemm in ("host_loop", "triton"),
+               f"FP8Config.grouped_gemm must be host_loop|triton, got {self.grouped_gemm!r}")
         unknown = [m for m in self.bf16_modules if m not in FP8_ALWAYS_BF16 + FP8_MODULES]
         _check(not unknown, f"FP8Config.bf16_modules: unknown module(s) {unknown}; known: "
                             f"{', '.join(FP8_ALWAYS_BF16 + FP8_MODULES)}")

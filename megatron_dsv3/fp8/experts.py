@@ -73,8 +73,11 @@ def _swiglu_and_grad(h1: torch.Tensor, da: torch.Tensor):
 class FP8ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
-                x_q=None, x_s=None, weight_cache: bool = False):
-        from megatron_dsv3.fp8.gemm import fp8_grouped_gemm
+                x_q=None, x_s=None, weight_cache: bool = False, grouped: str = "host_loop"):
+        from functools import partial
+
+        from megatron_dsv3.fp8 import gemm
+        fp8_grouped_gemm = partial(gemm.fp8_grouped_gemm, backend=grouped)
         tiles, columns = quantizer("quantize_tiles"), quantizer("quantize_columns_grouped")
         offs = torch.cumsum(counts, 0).to(torch.int32)                                  # [E] group ends
         w1t = expert_weight_blocks(weight1, True, weight_cache)                        # [E, 2f, h] blocks
@@ -89,12 +92,16 @@ class FP8ExpertsFunction(torch.autograd.Function):
         h1_q, h1_s = tiles(h1)                                                          # SwiGLU input, FP8
         xt_q, xt_s, offs_p = columns(x, offs, pow2_scales=True)                         # [h, Np]: Wgrad operand
         ctx.save_for_backward(offs, offs_p, xt_q, xt_s, h1_q, h1_s, weight1, weight2)
-        ctx.x_dtype, ctx.weight_cache = x.dtype, weight_cache
+        ctx.x_dtype, ctx.weight_cache, ctx.grouped = x.dtype, weight_cache, grouped
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        from megatron_dsv3.fp8.gemm import fp8_grouped_gemm, fp8_grouped_wgrad
+        from functools import partial
+
+        from megatron_dsv3.fp8 import gemm
+        fp8_grouped_gemm = partial(gemm.fp8_grouped_gemm, backend=ctx.grouped)
+        fp8_grouped_wgrad = gemm.fp8_grouped_wgrad
         tiles, columns = quantizer("quantize_tiles"), quantizer("quantize_columns_grouped")
         deq = quantizer("dequantize_tiles")
         offs, offs_p, xt_q, xt_s, h1_q, h1_s, weight1, weight2 = ctx.saved_tensors
@@ -114,13 +121,14 @@ class FP8ExpertsFunction(torch.autograd.Function):
         dx = fp8_grouped_gemm(*tiles(dh1), w1_q, w1_s, offs, out_dtype=dt)             # [N, h]
         dh1t_q, dh1t_s, _ = columns(dh1, offs)                                          # [2f, Np]
         dw1 = fp8_grouped_wgrad(dh1t_q, dh1t_s, xt_q, xt_s, offs_p)                     # [E, 2f, h] = (x^T dh1)^T
-        return (dx, None, dw1.transpose(1, 2).to(weight1.dtype), dw2.transpose(1, 2).to(weight2.dtype), None, None, None)
+        return (dx, None, dw1.transpose(1, 2).to(weight1.dtype), dw2.transpose(1, 2).to(weight2.dtype), None, None, None, None)
 
 
 def fp8_expert_mlp(x, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
-                   weight_cache: bool = False) -> torch.Tensor:
+                   weight_cache: bool = False, grouped_gemm: str = "host_loop") -> torch.Tensor:
     """SwiGLU(x @ weight1[e]) @ weight2[e] per expert block in FP8. x [N, h] sorted by expert, or (rows, q, s) as
-    dispatched in FP8 (module docstring); counts [E] -> [N, h]. weight_cache: fp8/weight_cache.py."""
+    dispatched in FP8 (module docstring); counts [E] -> [N, h]. weight_cache: fp8/weight_cache.py; grouped_gemm:
+    the Fprop/Dgrad grouped GEMM's backend (gemm.fp8_grouped_gemm)."""
     x_fp8 = ()
     if not isinstance(x, torch.Tensor):
         x, *x_fp8 = x                                                                   # rows, q [N, h], s
@@ -129,13 +137,15 @@ def fp8_expert_mlp(x, counts: torch.Tensor, weight1: torch.Tensor, weight2: torc
         # collective every EP rank must join)
         return 0 * x + 0 * (weight1.sum() + weight2.sum())
     x_q, x_s = x_fp8 if x_fp8 else (None, None)
-    return FP8ExpertsFunction.apply(x, counts, weight1, weight2, x_q, x_s, bool(weight_cache))
+    return FP8ExpertsFunction.apply(x, counts, weight1, weight2, x_q, x_s, bool(weight_cache), grouped_gemm)
 
 
 class FP8GroupedExperts(GroupedExperts):
     """GroupedExperts whose expert GEMMs run in FP8 (module docstring); specs.py picks it when FP8 is on."""
-    fp8_weight_cache = True                  # fp8/weight_cache.py; weight_cache.configure sets it from FP8Config
+    fp8_weight_cache = True                  # fp8/weight_cache.py; weight_cache.configure sets both from FP8Config
+    fp8_grouped_gemm = "host_loop"           # FP8Config.grouped_gemm
 
     def expert_mlp(self, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor,
                    weight2: torch.Tensor) -> torch.Tensor:
-        return fp8_expert_mlp(x, counts, weight1, weight2, weight_cache=self.fp8_weight_cache)
+        return fp8_expert_mlp(x, counts, weight1, weight2, weight_cache=self.fp8_weight_cache,
+                              grouped_gemm=self.fp8_grouped_gemm)

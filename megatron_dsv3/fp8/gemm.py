@@ -29,7 +29,8 @@ Where the work runs:
   but within a chunk the tensor core's accumulator is narrower than FP32 (an FP32 sum would give 1e-7), exactly
   the paper's split. Operands whose sizes it does not take (_ALIGN) are zero-padded, never truncated.
   The grouped forms loop over experts on the host (the offsets are read once per call; experts whose row counts
-  are multiples of 4 go straight into _scaled_mm(out=...)).
+  are multiples of 4 go straight into _scaled_mm(out=...)); fp8_grouped_gemm(backend="triton") is instead one
+  Triton launch with the offsets on the device (fp8/grouped_gemm.py; FP8Config.grouped_gemm).
 - elsewhere (CPU, float64 outputs, no block-scaled _scaled_mm): the emulation, the same arithmetic written plainly:
   for each 128-wide chunk of K, the float32 product of the e4m3 chunks (exact products) times that chunk's scales,
   added to a float32 accumulator. A float64 out_dtype computes all of it in float64 instead (the exact value of the
@@ -204,11 +205,25 @@ def _group_bounds(offs: torch.Tensor, rows: int, E: int, name: str = "offs") -> 
     return list(zip(starts, ends))
 
 
+GROUPED_BACKENDS = ("host_loop", "triton")
+
+
+def _triton_interpreted() -> bool:
+    # CPU tensors run Triton kernels only under its interpreter (the CPU test suite sets TRITON_INTERPRET=1)
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def fp8_grouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
-                     offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                     offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+                     backend: str = "host_loop") -> torch.Tensor:
     """Rows offs[e-1]:offs[e] of a (1x128 tiles: a_q [R, K], a_scale [R, ceil(K/128)]) times deq(b[e]).T, with
     b_q [E, N, K] e4m3 in 128x128 blocks (b_scale [E, ceil(N/128), ceil(K/128)]); offs [E] int32 cumulative ends
-    (torch._grouped_mm's convention). -> [R, N]; rows past offs[-1] are zero."""
+    (torch._grouped_mm's convention). -> [R, N]; rows past offs[-1] are zero.
+    backend (FP8Config.grouped_gemm) on CUDA: "host_loop" -- one cuBLAS GEMM per expert, offs read on the host --
+    or "triton" -- fp8/grouped_gemm.py's one launch, offsets on the device, no host sync (offs not validated).
+    Elsewhere both are the emulation (but "triton" runs the kernel on CPU under TRITON_INTERPRET=1, as the tests do);
+    float64 outputs are always the emulation."""
     if b_q.dim() != 3 or b_scale.dim() != 3:
         raise ValueError(f"b_q must be [E, N, K] and b_scale [E, N/128, K/128], got {tuple(b_q.shape)}, "
                          f"{tuple(b_scale.shape)}")
@@ -217,8 +232,13 @@ def fp8_grouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor
         raise ValueError(f"b_scale has shape {tuple(b_scale.shape)}; b_q {(E, N, K)} in 128x128 blocks needs "
                          f"{(E, _cdiv(N, TILE), _cdiv(K, TILE))}")
     R = a_q.shape[0]
+    if backend not in GROUPED_BACKENDS:
+        raise ValueError(f"backend must be one of {GROUPED_BACKENDS}, got {backend!r}")
     if E:
         _check_operands(a_q, a_scale, b_q[0], b_scale[0])
+    if backend == "triton" and out_dtype != torch.float64 and (a_q.is_cuda or _triton_interpreted()):
+        from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_gemm_triton
+        return fp8_grouped_gemm_triton(a_q, a_scale, b_q, b_scale, offs, out_dtype)
     out = torch.empty(R, N, dtype=out_dtype, device=a_q.device)
     end = 0
     fast = (out_dtype != torch.float64 and _blockwise_available(a_q) and N % _ALIGN["N"] == 0

@@ -81,10 +81,14 @@ def drop_caches(model_chunks) -> int:
 
 
 def configure(model_chunks, fp8_config) -> None:
-    """Sets FP8Config.weight_cache on every FP8 module of the chunks (those with the ENABLE_ATTR switch)."""
+    """Applies FP8Config to the chunks' FP8 modules: weight_cache on those with the ENABLE_ATTR switch, grouped_gemm
+    on the FP8 experts (their `fp8_grouped_gemm`: gemm.fp8_grouped_gemm's backend)."""
     on = bool(getattr(fp8_config, "weight_cache", True))
+    grouped = getattr(fp8_config, "grouped_gemm", "host_loop")
     for m in _modules(model_chunks):
         if hasattr(m, ENABLE_ATTR):
             setattr(m, ENABLE_ATTR, on)
+        if hasattr(m, "fp8_grouped_gemm"):
+            m.fp8_grouped_gemm = grouped
     if not on:
         drop_caches(model_chunks)

@@ -159,7 +159,13 @@ def test_configure_and_config_field(mcore_single):
     assert not m[0].fp8_weight_cache and not getattr(m[0].weight, ATTR)
     m[0](torch.randn(4, 128))
     assert not getattr(m[0].weight, ATTR)
-    configure(m, FP8Config(enabled=True))
+    class Experts(torch.nn.Module):
+        fp8_grouped_gemm = "host_loop"
+    m.append(Experts())
+    configure(m, FP8Config(enabled=True, grouped_gemm="triton"))
+    assert m[1].fp8_grouped_gemm == "triton" and m[0].fp8_weight_cache
+    with pytest.raises(ValueError, match="grouped_gemm"):
+        FP8Config(grouped_gemm="cutlass")
     m[0](torch.randn(4, 128))
     assert drop_caches(m) == 1 and not getattr(m[0].weight, ATTR)
 

@@ -1,0 +1,156 @@
+"""The routed experts' FP8 GEMM in one Triton launch: DeepGEMM's "contiguous grouped" design, offsets on the device.
+
+    fp8_grouped_gemm_triton(a_q [R, K], a_scale [R, K/128], b_q [E, N, K], b_scale [E, N/128, K/128], offs [E])
+        -> out [R, N]: rows offs[e-1]:offs[e] of deq(a) @ deq(b[e])^T; rows past offs[-1] zero.
+
+the same contract as gemm.fp8_grouped_gemm (whose host loop runs one cuBLAS GEMM per expert and reads offs back to
+the host every call). Here nothing leaves the device and nothing waits for it:
+
+Schedule. The rows are cut into BM-row tiles expert by expert, so a tile never spans two experts (expert e owns
+ceil(n_e / BM) tiles, the last one partial and masked). A few torch ops on the device turn offs into the tiles'
+cumulative ends `tile_end [E + 1]` (the extra group is the tail of rows past offs[-1], written as zeros). The grid
+is an upper bound known on the host without reading offs -- ceil(R / BM) + E + 1 row tiles (sum_e ceil(n_e / BM)
+<= R / BM + E) times ceil(N / BN) column tiles -- and a program past the last tile returns at once. A program finds
+its expert with one vector compare: e = #{tile_end <= t}.
+
+Arithmetic (the paper's section 3.3.2, Figure 7b): for each 128-wide K block kb, the tensor core's product of the
+e4m3 [BM, 128] tile of A and [BN, 128] tile of B (one K block: one scale per A row, one per B block), then promoted:
+acc += partial * a_scale[:, kb] * b_scale[e, n-block, kb] in an FP32 accumulator -- gemm.fp8_gemm_emulated's
+order. BN = 128 so each program's columns sit in one 128-row block of B (one scale per K block). Output in out_dtype.
+
+On CPU (Triton's interpreter, the test suite) the e4m3 bytes are decoded to float32 by their bits (exact) and the
+partial products are float32 dots (the output cast by torch: the interpreter truncates to bf16); on a GPU tl.dot takes the e4m3 operands directly (wgmma, FP32 accumulate).
+`offs` must be non-decreasing within R (torch._grouped_mm's convention); it is not checked (a check would read it
+back). tests/fp8/test_grouped_gemm.py: against the emulation and float64, ragged and empty experts, the tail.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron_dsv3.fp8.quant import FP8, TILE
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+__all__ = ["fp8_grouped_gemm_triton", "tile_schedule"]
+
+
+def tile_schedule(offs: torch.Tensor, rows: int, block_m: int):
+    """offs [E] cumulative ends -> (starts [E+1], ends [E+1], tile_end [E+1]) int32 on offs' device, no host read:
+    group E is the tail rows offs[-1]:rows; group g owns row tiles tile_end[g-1]:tile_end[g]."""
+    ends = torch.clamp(offs.to(torch.int32), 0, rows)
+    ends = torch.cat([ends, torch.full((1,), rows, dtype=torch.int32, device=offs.device)])
+    starts = torch.nn.functional.pad(ends[:-1], (1, 0))
+    n = torch.clamp(ends - starts, min=0)
+    tile_end = torch.cumsum((n + block_m - 1) // block_m, 0).to(torch.int32)
+    return starts, ends, tile_end
+
+
+if HAVE_TRITON:
+    @triton.jit
+    def _e4m3_to_f32(u):
+        """e4m3fn bytes (uint8) -> float32, exact, by bits (the interpreter's own fp8 handling is unreliable)."""
+        u = u.to(tl.int32)
+        sign = tl.where((u & 0x80) != 0, -1.0, 1.0)
+        e = (u >> 3) & 0xF
+        m = u & 0x7
+        normal = ((e + 120) << 23 | (m << 20)).to(tl.float32, bitcast=True)   # (1 + m/8) 2^(e-7)
+        sub = m.to(tl.float32) * 0.001953125                                      # m 2^-9
+        v = tl.where(e == 0, sub, normal)
+        v = tl.where((u & 0x7F) == 0x7F, float("nan"), v)
+        return sign * v
+
+    @triton.jit
+    def _grouped_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, starts_ptr, ends_ptr, tile_end_ptr,
+                        N, stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bk,
+                        stride_bse, stride_bsn, stride_bsk, stride_om,
+                        E: tl.constexpr, E_POW2: tl.constexpr, K: tl.constexpr, KT: tl.constexpr,
+                        FP8_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        t = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        g_idx = tl.arange(0, E_POW2)
+        tile_end = tl.load(tile_end_ptr + g_idx, mask=g_idx <= E, other=2147483647)
+        g = tl.sum((tile_end <= t).to(tl.int32), 0)                    # the group (expert, or E: the tail) of tile t
+        if g > E:
+            return                                                     # past the last tile (the grid is a bound)
+        g_end_tile = tl.load(tile_end_ptr + g)
+        g_first_tile = tl.load(tile_end_ptr + g - 1, mask=g > 0, other=0)
+        row0 = tl.load(starts_ptr + g) + (t - g_first_tile) * BM
+        row_end = tl.load(ends_ptr + g)
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row_end
+        cols = pid_n * BN + tl.arange(0, BN)
+        cmask = cols < N
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if g < E:
+            e = g.to(tl.int64)
+            rows64 = rows.to(tl.int64)
+            k = tl.arange(0, BK)
+            a_rows = a_ptr + rows64[:, None] * stride_am
+            b_rows = b_ptr + e * stride_be + cols[:, None].to(tl.int64) * stride_bn   # [BN, 1]
+            for kb in range(KT):
+                kk = kb * BK + k
+                kmask = kk < K
+                a = tl.load(a_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0)     # [BM, BK]
+                b = tl.load(b_rows + kk[None, :] * stride_bk, mask=cmask[:, None] & kmask[None, :], other=0)  # [BN, BK]
+                if FP8_DOT:                                             # e4m3 x e4m3 on the tensor cores, K-major
+                    part = tl.dot(a.to(tl.float8e4nv, bitcast=True), tl.trans(b.to(tl.float8e4nv, bitcast=True)))
+                else:
+                    part = tl.dot(_e4m3_to_f32(a), tl.trans(_e4m3_to_f32(b)), input_precision="ieee")
+                sa = tl.load(as_ptr + rows64 * stride_asm + kb * stride_ask, mask=rmask, other=0.0)        # [BM]
+                sb = tl.load(bs_ptr + e * stride_bse + pid_n * stride_bsn + kb * stride_bsk)           # scalar
+                acc += part * sa[:, None] * sb                          # promotion: scale the chunk, add in FP32
+        out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+def fp8_grouped_gemm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+                            offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, block_m: int = 128,
+                            num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
+    """gemm.fp8_grouped_gemm's contract in one launch (module docstring). a_scale in any strides (the quantisers'
+    (1, R) layout included); b_q [E, N, K] K-major (stride 1 along K); offs [E] int cumulative ends."""
+    if not HAVE_TRITON:
+        raise RuntimeError("fp8_grouped_gemm_triton needs Triton")
+    if a_q.dtype != FP8 or b_q.dtype != FP8:
+        raise TypeError(f"a_q and b_q must be float8_e4m3fn, got {a_q.dtype}, {b_q.dtype}")
+    if a_scale.dtype != torch.float32 or b_scale.dtype != torch.float32:
+        raise TypeError(f"scales must be float32, got {a_scale.dtype}, {b_scale.dtype}")
+    if b_q.dim() != 3 or a_q.dim() != 2:
+        raise ValueError(f"a_q must be [R, K] and b_q [E, N, K], got {tuple(a_q.shape)}, {tuple(b_q.shape)}")
+    E, N, K = b_q.shape
+    R = a_q.shape[0]
+    KT = triton.cdiv(K, TILE)
+    if a_q.shape[1] != K or tuple(a_scale.shape) != (R, KT) or tuple(b_scale.shape) != (E, triton.cdiv(N, TILE), KT):
+        raise ValueError(f"shapes do not match: a_q {tuple(a_q.shape)}, a_scale {tuple(a_scale.shape)}, b_q "
+                         f"{tuple(b_q.shape)}, b_scale {tuple(b_scale.shape)}")
+    if offs.dim() != 1 or offs.numel() != E:
+        raise ValueError(f"offs must be 1-D with one cumulative end per expert ({E}), got shape {tuple(offs.shape)}")
+    if a_q.stride(1) != 1:
+        a_q = a_q.contiguous()
+    if b_q.stride(2) != 1:
+        b_q = b_q.contiguous()
+    # Triton's interpreter truncates its float32 -> bf16 cast (a GPU rounds to nearest even): on CPU the kernel writes
+    # float32 and torch rounds it
+    kdt = out_dtype if a_q.is_cuda else torch.float32
+    out = torch.empty(R, N, dtype=kdt, device=a_q.device)
+    if R == 0 or N == 0:
+        return out.to(out_dtype)
+    bm, bn = block_m, TILE
+    starts, ends, tile_end = tile_schedule(offs, R, bm)
+    grid = (triton.cdiv(R, bm) + E + 1, triton.cdiv(N, bn))
+    kw = {}
+    if a_q.is_cuda:
+        kw = dict(num_warps=num_warps or (8 if bm >= 128 else 4), num_stages=num_stages or 3)
+    _grouped_kernel[grid](
+        a_q.view(torch.uint8), a_scale, b_q.view(torch.uint8), b_scale, out, starts, ends, tile_end,
+        N, a_q.stride(0), a_scale.stride(0), a_scale.stride(1), b_q.stride(0), b_q.stride(1), b_q.stride(2),
+        b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0),
+        E=E, E_POW2=triton.next_power_of_2(E + 1), K=K, KT=KT, FP8_DOT=a_q.is_cuda,
+        BM=bm, BN=bn, BK=TILE, **kw)
+    return out.to(out_dtype)

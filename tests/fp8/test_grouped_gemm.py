@@ -1,0 +1,119 @@
+"""The Triton grouped FP8 GEMM (fp8/grouped_gemm.py) against the float64 product of the dequantised operands, expert
+by expert, and against gemm.py's grouped GEMM (the emulation on CPU, cuBLAS per expert on the H200). Runs on CPU
+through Triton's interpreter (fixture triton_device).
+
+Bound: tests/fp8/test_gemm.py's (float32 accumulation of K products with a per-128 promotion, bf16 output rounding;
+on CUDA the tensor core's in-chunk accumulator). The experts' weights differ in scale by 100x, so a row computed
+with its neighbour expert's weight, a tile spanning two experts, a wrong K block's scale or a missing tail zero is off
+by O(1) and fails."""
+import pytest
+import torch
+
+from megatron_dsv3.fp8 import quant
+from megatron_dsv3.fp8.gemm import fp8_grouped_gemm
+from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_gemm_triton, tile_schedule
+
+from tests.fp8.test_gemm import _bound
+
+
+def _case(counts, N, K, tail=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    E = len(counts)
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+    R = int(offs[-1]) + tail if E else tail
+    x = torch.randn(R, K, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, K, dtype=torch.float64)
+    w = torch.randn(E, N, K, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, max(E, 1))[:E, None, None]
+    qa, sa = quant.quantize_tiles(x)
+    qs = [quant.quantize_blocks(we) for we in w]
+    qw = torch.stack([q for q, _ in qs]) if E else torch.empty(0, N, K, dtype=quant.FP8)
+    sw = torch.stack([s for _, s in qs]) if E else torch.empty(0, -(-N // 128), -(-K // 128))
+    return qa, sa, qw, sw, offs
+
+
+def _check_against_float64(out, qa, sa, qw, sw, offs, out_dtype):
+    a = 0
+    for e, b in enumerate(offs.tolist()):
+        if b > a:
+            exact = quant.dequantized_matmul(qa[a:b], sa[a:b], qw[e], sw[e])
+            bound = _bound(qa[a:b], sa[a:b], qw[e], sw[e], "blocks", out_dtype)
+            err = (out[a:b].double() - exact).abs()
+            assert (err <= bound).all(), f"expert {e}: max err/bound {(err / bound).max():.3g}"
+        a = b
+    assert (out[a:] == 0).all()                                      # rows past the last expert
+
+
+@pytest.mark.parametrize("counts, N, K, tail, block_m", [
+    ([70, 0, 130, 1, 64], 200, 200, 5, 64),      # ragged, an empty expert, a 1-row expert, N and K off the grid, tail
+    ([0, 128, 96], 128, 384, 0, 128),            # first expert empty, exact tiles, 3 K blocks
+    ([33], 136, 128, 40, 32),                    # one expert and a tail longer than it
+])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_triton_grouped_gemm_matches_float64_and_gemm_py(triton_device, counts, N, K, tail, block_m, out_dtype):
+    qa, sa, qw, sw, offs = _case(counts, N, K, tail)
+    dev = triton_device
+    sa_mm = sa.t().contiguous().t()                                 # the quantisers' (1, R) scale layout
+    out = fp8_grouped_gemm_triton(qa.to(dev), sa_mm.to(dev), qw.to(dev), sw.to(dev), offs.to(dev), out_dtype,
+                                  block_m=block_m).cpu()
+    assert out.shape == (qa.shape[0], N) and out.dtype == out_dtype
+    _check_against_float64(out, qa, sa, qw, sw, offs, out_dtype)
+    ref = fp8_grouped_gemm(qa.to(dev), sa.to(dev), qw.to(dev), sw.to(dev), offs.to(dev), out_dtype).cpu()
+    # the same arithmetic up to the order of the float32 sums inside a chunk (and a bf16 rounding it may flip)
+    tol = 1e-5 if out_dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=1e-5 * ref.float().abs().max().item())
+
+
+def test_triton_grouped_gemm_no_experts_with_rows_and_no_rows(triton_device):
+    qa, sa, qw, sw, offs = _case([0, 0], 128, 128, tail=7)
+    out = fp8_grouped_gemm_triton(qa.to(triton_device), sa.to(triton_device), qw.to(triton_device),
+                                  sw.to(triton_device), offs.to(triton_device))
+    assert out.shape == (7, 128) and (out == 0).all()
+    qa, sa, qw, sw, offs = _case([0, 0], 128, 128, tail=0)
+    assert fp8_grouped_gemm_triton(qa.to(triton_device), sa.to(triton_device), qw.to(triton_device),
+                                   sw.to(triton_device), offs.to(triton_device)).shape == (0, 128)
+
+
+def test_tile_schedule_keeps_each_tile_in_one_expert():
+    offs = torch.tensor([70, 70, 200, 201], dtype=torch.int32)
+    starts, ends, tile_end = tile_schedule(offs, rows=210, block_m=64)
+    assert starts.tolist() == [0, 70, 70, 200, 201] and ends.tolist() == [70, 70, 200, 201, 210]
+    assert tile_end.tolist() == [2, 2, 5, 6, 7]                    # 2 + 0 + ceil(130/64) + 1 + tail 1
+    assert int(tile_end[-1]) <= -(-210 // 64) + len(offs) + 1     # the launch grid's bound
+
+
+def test_shapes_are_checked():
+    qa, sa, qw, sw, offs = _case([10, 20], 128, 256)
+    with pytest.raises(ValueError, match="shapes"):
+        fp8_grouped_gemm_triton(qa, sa[:, :1], qw, sw, offs)
+    with pytest.raises(ValueError, match="offs"):
+        fp8_grouped_gemm_triton(qa, sa, qw, sw, offs[:1])
+    with pytest.raises(TypeError):
+        fp8_grouped_gemm_triton(qa.float(), sa, qw, sw, offs)
+
+
+def test_fp8_experts_through_the_triton_grouped_gemm(triton_device, monkeypatch):
+    """FP8Config.grouped_gemm = "triton" end to end in the experts (Fprop h1, y; Dgrad da, dx): the same outputs and
+    gradients as the host loop up to the float32 summation order (bf16 outputs: a rounding flip, 2^-7 relative)."""
+    from megatron_dsv3.fp8 import grouped_gemm
+    from megatron_dsv3.fp8.experts import fp8_expert_mlp
+
+    launches = []
+    orig = grouped_gemm.fp8_grouped_gemm_triton
+    monkeypatch.setattr(grouped_gemm, "fp8_grouped_gemm_triton", lambda *a, **k: (launches.append(1), orig(*a, **k))[1])
+    g = torch.Generator().manual_seed(5)
+    E, h, f = 3, 256, 128
+    counts = torch.tensor([90, 0, 40])
+    w1 = torch.randn(E, h, 2 * f, generator=g).bfloat16().to(triton_device).requires_grad_()
+    w2 = torch.randn(E, f, h, generator=g).bfloat16().to(triton_device).requires_grad_()
+    x0 = torch.randn(130, h, generator=g).bfloat16().to(triton_device)
+    dy = torch.randn(130, h, generator=g).bfloat16().to(triton_device)
+    res = {}
+    for backend in ("host_loop", "triton"):
+        x = x0.clone().requires_grad_()
+        y = fp8_expert_mlp(x, counts.to(triton_device), w1, w2, grouped_gemm=backend)
+        y.backward(dy)
+        res[backend] = [t.detach().float().cpu() for t in (y, x.grad, w1.grad, w2.grad)]
+        w1.grad = w2.grad = None
+    for a, b in zip(res["triton"], res["host_loop"]):
+        scale = b.abs().max().item()
+        assert ((a - b).abs() <= 2 ** -7 * b.abs() + 1e-3 * scale).all(), ((a - b).abs().max().item(), scale)
+    assert len(launches) == 4                               # h1, y (Fprop), da, dx (Dgrad): all four through it

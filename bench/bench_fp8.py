@@ -1,7 +1,11 @@
 """FP8 kernels on a Hopper GPU: what cuBLAS's block-scaled GEMM accepts, FP32 accumulation at K = 16384, quantiser
 bandwidth against a device copy, GEMM TFLOP/s per DeepSeek-V3 shape against bf16 and raw torch._scaled_mm.
 
-    python bench/bench_fp8.py --out DIR [--sections probe,accum,quant,gemm,grouped] [--rounds 3]
+    python bench/bench_fp8.py --out DIR [--sections probe,accum,quant,gemm,grouped,tgrouped,experts] [--rounds 3]
+
+tgrouped: the Triton grouped GEMM (fp8/grouped_gemm.py) vs the host loop vs bf16 _grouped_mm, per expert shape and
+launch config, uniform and skewed loads, and its host-sync check; experts: FP8 experts fwd+bwd, weight cache on/off,
+host loop vs Triton, against BF16. (The default --sections keeps the older five.)
 
 Writes DIR/results_fp8.md (and .json). Variants of one section alternate within each round (round-robin), the
 figure is the median over rounds of each round's median of `--iters` CUDA-event-timed calls.
@@ -366,6 +370,102 @@ def grouped_bench(lines, res, rounds, iters):
         res.setdefault("grouped", {})[f"wgrad {K}->{N}"] = tf
 
 
+def _skewed_counts(E, R, seed=0):
+    """Token counts of a skewed router: multinomial over a Zipf-like expert popularity, some experts near empty."""
+    g = torch.Generator().manual_seed(seed)
+    p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.2
+    idx = torch.multinomial(p[torch.randperm(E, generator=g)], R, replacement=True, generator=g)
+    return torch.bincount(idx, minlength=E)
+
+
+def tgrouped_bench(lines, res, rounds, iters, dev="cuda", E=32, R=4096 * 8, shapes=None):
+    """fp8/grouped_gemm.py (one Triton launch, offsets on the device) against the host loop of cuBLAS GEMMs
+    (gemm.fp8_grouped_gemm's default) and bf16 torch._grouped_mm, per DeepSeek-V3 expert shape, uniform and skewed
+    expert loads; launch configs of the Triton kernel side by side; and a check that it makes no host sync."""
+    from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_gemm_triton
+    lines.append(f"\n## Triton grouped FP8 GEMM (fp8/grouped_gemm.py): {E} experts, {R} rows, TFLOP/s (bf16 out)\n")
+    configs = [(128, 8, 3), (128, 8, 4), (128, 4, 3), (64, 4, 3), (64, 4, 4)]    # (block_m, warps, stages)
+    cols = ["bf16 `_grouped_mm`", "host loop"] + [f"triton BM={m} w={w} s={st}" for m, w, st in configs]
+    lines.append("| GEMM (K -> N) | loads | " + " | ".join(cols) + " | triton vs host loop rel err |")
+    lines.append("|---|---|" + "---|" * len(cols) + "---|")
+    shapes = shapes or [("Fprop up", 7168, 4096), ("Fprop down", 2048, 7168), ("Dgrad up", 4096, 7168),
+                        ("Dgrad down", 7168, 2048)]
+    for loads in ("uniform", "skewed"):
+        counts = torch.full((E,), R // E) if loads == "uniform" else _skewed_counts(E, R)
+        offs = counts.cumsum(0).to(torch.int32).to(dev)
+        for name, K, N in shapes:
+            a = torch.randn(R, K, device=dev, dtype=torch.bfloat16)
+            w = torch.randn(E, N, K, device=dev, dtype=torch.bfloat16)
+            qa, sa = kernels.quantize_tiles_fast(a)
+            q, s = quant.quantize_blocks(w.reshape(E * N, K))
+            qw, sw = q.view(E, N, K), s.view(E, N // 128, -1)
+            v = {cols[0]: lambda: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs),
+                 cols[1]: lambda: gemm.fp8_grouped_gemm(qa, sa, qw, sw, offs)}
+            for c, (m, nw, st) in zip(cols[2:], configs):
+                v[c] = (lambda m=m, nw=nw, st=st:
+                        fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, block_m=m, num_warps=nw, num_stages=st))
+            ms = alternate(v, rounds, iters)
+            tf = {k: 2 * R * N * K / t / 1e9 for k, t in ms.items()}
+            ref = gemm.fp8_grouped_gemm(qa, sa, qw, sw, offs, torch.float32)
+            got = fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, torch.float32)
+            err = rel_err(got, ref.double())
+            lines.append(f"| {name} {K} -> {N} | {loads} | " + " | ".join(f"{tf[c]:.0f}" for c in cols) +
+                         f" | {err:.1e} |")
+            res.setdefault("tgrouped", {})[f"{name} {K}->{N} {loads}"] = dict(tf, rel_err=err)
+            del a, w, qa, sa, qw, sw, q, s
+    if dev != "cuda":
+        return
+    # no host sync: CUDA's sync debug mode raises on any synchronising call
+    torch.cuda.synchronize()
+    qa, sa = kernels.quantize_tiles_fast(torch.randn(R, 2048, device=dev, dtype=torch.bfloat16))
+    q, s = quant.quantize_blocks(torch.randn(E * 7168, 2048, device=dev, dtype=torch.bfloat16))
+    offs = torch.full((E,), R // E, device=dev).cumsum(0).to(torch.int32)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fp8_grouped_gemm_triton(qa, sa, q.view(E, 7168, 2048), s.view(E, 56, -1), offs)
+        sync = "none (sync debug mode 'error' passed)"
+    except RuntimeError as err:
+        sync = f"SYNCS: {str(err)[:200]}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    lines.append(f"\nHost syncs in fp8_grouped_gemm_triton: {sync}")
+    res.setdefault("tgrouped", {})["host_sync"] = sync
+
+
+def experts_bench(lines, res, rounds, iters, dev="cuda", E=32, T=4096, k=8, h=7168, f=2048):
+    """The routed experts' fwd+bwd (fp8/experts.py) at DeepSeek-V3 width, 4096 tokens top-8 over 32 local experts:
+    BF16 GroupedExperts vs FP8 with and without the per-step weight cache, host loop vs Triton grouped GEMM. Cached
+    variants time micro-batches after the step's first (the copies are made on the first call, then hit)."""
+    from megatron_dsv3.fp8.experts import fp8_expert_mlp
+    from megatron_dsv3.fp8.weight_cache import drop_caches
+    from megatron_dsv3.moe.experts import GroupedExperts
+    R = T * k
+    counts = torch.full((E,), R // E, device=dev)
+    x = torch.randn(R, h, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(R, h, device=dev, dtype=torch.bfloat16)
+    w1 = torch.nn.Parameter(torch.randn(E, h, 2 * f, device=dev, dtype=torch.bfloat16) * 0.02)
+    w2 = torch.nn.Parameter(torch.randn(E, f, h, device=dev, dtype=torch.bfloat16) * 0.02)
+    holder = torch.nn.ParameterList([w1, w2])
+
+    def step(fn):
+        def run():
+            x.grad = w1.grad = w2.grad = None
+            fn().backward(dy)
+        return run
+
+    v = {"bf16": step(lambda: GroupedExperts.expert_mlp(None, x, counts, w1, w2))}
+    for grouped in ("host_loop", "triton"):
+        v[f"fp8 {grouped}, no cache"] = step(lambda g=grouped: fp8_expert_mlp(x, counts, w1, w2, False, g))
+        v[f"fp8 {grouped}, cache"] = step(lambda g=grouped: fp8_expert_mlp(x, counts, w1, w2, True, g))
+    ms = alternate(v, rounds, iters)
+    drop_caches(holder)
+    lines.append(f"\n## Routed experts fwd+bwd: {E} experts, {T} tokens top-{k}, h {h}, f {f} (ms)\n")
+    lines.append("| variant | ms | vs bf16 |\n|---|---|---|")
+    for name, t in ms.items():
+        lines.append(f"| {name} | {t:.2f} | {ms['bf16'] / t:.2f}x |")
+    res["experts"] = ms
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench")
@@ -387,7 +487,9 @@ def main():
             {"probe": lambda: probe(lines, res), "accum": lambda: accum(lines, res),
              "quant": lambda: quant_bench(lines, res, args.rounds, args.iters),
              "gemm": lambda: gemm_bench(lines, res, args.rounds, args.iters),
-             "grouped": lambda: grouped_bench(lines, res, args.rounds, args.iters)}[sec]()
+             "grouped": lambda: grouped_bench(lines, res, args.rounds, args.iters),
+             "tgrouped": lambda: tgrouped_bench(lines, res, args.rounds, args.iters),
+             "experts": lambda: experts_bench(lines, res, args.rounds, args.iters)}[sec]()
         except Exception:
             lines.append(f"\n{sec} failed:\n```\n{traceback.format_exc()[-1500:]}\n```")
         with open(os.path.join(args.out, "results_fp8.md"), "w") as f:

@@ -117,3 +117,16 @@ def test_fp8_experts_through_the_triton_grouped_gemm(triton_device, monkeypatch)
         scale = b.abs().max().item()
         assert ((a - b).abs() <= 2 ** -7 * b.abs() + 1e-3 * scale).all(), ((a - b).abs().max().item(), scale)
     assert len(launches) == 4                               # h1, y (Fprop), da, dx (Dgrad): all four through it
+
+
+@pytest.mark.gpu
+def test_triton_grouped_gemm_makes_no_host_sync():
+    """The point of the device-side schedule: CUDA's sync debug mode raises on any synchronising call."""
+    qa, sa, qw, sw, offs = [t.cuda() for t in _case([100, 0, 300, 7], 256, 512, tail=9)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = fp8_grouped_gemm_triton(qa, sa, qw, sw, offs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    _check_against_float64(out.cpu(), qa.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), offs.cpu(), torch.bfloat16)

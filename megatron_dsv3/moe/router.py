@@ -74,6 +74,31 @@ def route(logits: torch.Tensor, moe: MoEConfig, expert_bias: Optional[torch.Tens
     return topk_idx, gates * moe.routed_scaling_factor, scores
 
 
+class _Float32Logits(torch.autograd.Function):
+    """x W^T computed in float32 from a bf16/fp16 x, keeping x itself (the MoE block's input, kept anyway) rather
+    than its float32 copy for backward: the upcast is exact, so forward and both gradients are bit-identical to
+    F.linear(x.float(), W.float()), and the layer keeps 4h bytes per token less (28 KB at h = 7168)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.float(), weight.float())                                                # [T, E] fp32
+
+    @staticmethod
+    def backward(ctx, dlogits):
+        x, weight = ctx.saved_tensors
+        dx = (dlogits @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None           # [T, h]
+        dw = (dlogits.t() @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None       # [E, h]
+        return dx, dw
+
+
+def float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[T, h] x [E, h] -> float32 [T, E] router logits (section 3.3: gating in high precision)."""
+    if x.dtype in (torch.float32, torch.float64):
+        return F.linear(x.float(), weight.float())
+    return _Float32Logits.apply(x, weight)
+
+
 def tokens_per_expert(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[T, k] expert ids -> [E] int64 counts. A scatter-add rather than torch.bincount: CUDA's bincount reads the
     largest id back to the host (a sync per MoE layer, twice with the dispatch plan); integer sums are exact, so the
@@ -264,7 +289,7 @@ class Router(MegatronModule):
         The balance loss (when configured and training) rides on the gates through AuxLossScaler.
         """
         s, b, h = hidden_states.shape
-        logits = F.linear(hidden_states.reshape(s * b, h).float(), self.weight.float())            # [T, E] fp32
+        logits = float32_logits(hidden_states.reshape(s * b, h), self.weight)                      # [T, E] fp32
         gate_logits = logits
         if self.gate_grad_group is not None:
             from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region

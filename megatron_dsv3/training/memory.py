@@ -94,24 +94,42 @@ FP8_WEIGHT_CACHE_BYTES = 2 * (1 + 4 / 128 ** 2)   # two e4m3 copies of a weight 
 
 def activation_bytes_per_token(cfg, moe_layer: bool, recompute_up_proj: bool, act_bytes: int = 2,
                                fp8: bool = False) -> float:
-    h, m, moe = cfg.hidden_size, cfg.mla, cfg.moe
+    """Bytes one layer keeps for backward per token (its input included). Checked against the H200 at V3 width
+    (bench/results.md, 2026-11-29, bf16, 32 experts top-8 + 1 shared, no recomputation; measured = allocated after
+    the forward minus before, so without the block's input): MLA alone 181,032 + the 14,336-byte input against this
+    estimate's attention part 197,760 (1% over); DeepSeekMoE alone 377,512, of which 28,672 was the router's float32
+    copy of its input (no longer kept: moe/router.py float32_logits), against this estimate's MoE part less input and
+    norm output, 340,096 (2.5% under)."""
+    return (attention_elements_per_token(cfg, recompute_up_proj) * act_bytes
+            + mlp_bytes_per_token(cfg, moe_layer, act_bytes, fp8))
+
+
+def attention_elements_per_token(cfg, recompute_up_proj: bool) -> float:
+    """MLA's kept activations per token, in elements of the activation dtype (softmax stats converted)."""
+    h, m = cfg.hidden_size, cfg.mla
     tp = cfg.parallel.tensor_model_parallel_size
     H = cfg.num_attention_heads / tp
-    attn = 2 * h + (m.q_lora_rank or 0) + m.kv_lora_rank + m.qk_rope_head_dim     # norm in/out, latents
+    norm_out = 0 if cfg.recompute_norms else h                                      # section 3.2.2
+    attn = h + norm_out + (m.q_lora_rank or 0) + m.kv_lora_rank + m.qk_rope_head_dim   # norm in/out, latents
     if not recompute_up_proj:
         attn += H * (2 * m.qk_head_dim + m.v_head_dim)                            # q, k, v up-projected
-    attn += H * m.v_head_dim + 2 * H * 4 / act_bytes                               # attention out, softmax stats
-    routed = 0.0
-    if moe_layer:
-        f, fs = moe.expert_ffn_hidden_size, moe.num_shared_experts * moe.expert_ffn_hidden_size / tp
-        mlp = 2 * h + 3 * fs + moe.num_experts * 4 / act_bytes
-        if fp8 and "experts" not in cfg.fp8.bf16_modules:       # x and h1 in FP8 tiles, a recomputed
-            routed = moe.top_k * (h + 2 * f) * FP8_TILE_BYTES
-        else:                                                   # x, h1 = [gate, up], a = SwiGLU(h1)
-            mlp += moe.top_k * (h + 3 * f)
-    else:
-        mlp = 2 * h + 3 * moe.dense_ffn_hidden_size / tp
-    return (attn + mlp) * act_bytes + routed
+    return attn + H * m.v_head_dim + 2 * H * 2                                    # attention out, fp32 softmax stats
+
+
+def mlp_bytes_per_token(cfg, moe_layer: bool, act_bytes: int = 2, fp8: bool = False) -> float:
+    """The MLP block's kept activations per token, in bytes (its input and pre-MLP norm output included)."""
+    h, moe = cfg.hidden_size, cfg.moe
+    tp = cfg.parallel.tensor_model_parallel_size
+    norm_out = 0 if cfg.recompute_norms else h
+    if not moe_layer:
+        return (h + norm_out + 3 * moe.dense_ffn_hidden_size / tp) * act_bytes
+    f, fs = moe.expert_ffn_hidden_size, moe.num_shared_experts * moe.expert_ffn_hidden_size / tp
+    # shared experts (h1 = [gate, up], SwiGLU output), fp32 router scores; and per routed copy of a token: the
+    # expert output row the weighted combine keeps for the gates' gradient (moe/dispatch.py), in BF16 also in FP8
+    mlp = (h + norm_out + 3 * fs + moe.num_experts * 4 / act_bytes + moe.top_k * h) * act_bytes
+    if fp8 and "experts" not in cfg.fp8.bf16_modules:           # x and h1 in FP8 tiles, a recomputed
+        return mlp + moe.top_k * (h + 2 * f) * FP8_TILE_BYTES
+    return mlp + moe.top_k * (h + 3 * f) * act_bytes            # x, h1 = [gate, up], a = SwiGLU(h1)
 
 
 def estimate_memory(cfg, micro_batch_size: int, data_parallel_size: int, seq_length: Optional[int] = None,

@@ -251,3 +251,25 @@ def test_placement_groups_follow_nodes():
         node_scores = [c[g == n].topk(2)[0].sum() for n in (0, 1)]
         best = int(torch.stack(node_scores).argmax())
         assert all(int(g[e]) == best for e in row.tolist())
+
+
+def test_float32_logits_keep_the_bf16_input_and_match_the_float32_linear():
+    """The router's float32 logits from a bf16 input: forward and both gradients bit-identical to
+    F.linear(x.float(), W.float()) under autograd, while backward keeps the bf16 x (not a float32 copy)."""
+    import torch.nn.functional as F
+    from megatron_dsv3.moe.router import float32_logits
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 64, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(8, 64, generator=g) * 0.1).bfloat16().requires_grad_()
+    dl = torch.randn(37, 8, generator=g)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = float32_logits(x, w)
+    assert all(t.dtype == torch.bfloat16 for t in kept) and out.dtype == torch.float32
+    got = torch.autograd.grad(out, (x, w), dl)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = F.linear(x2.float(), w2.float())
+    want = torch.autograd.grad(ref, (x2, w2), dl)
+    assert torch.equal(out, ref)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -72,3 +72,23 @@ def test_main_prints_the_moments_dtype(capsys):
     assert "BF16 Adam moments as the paper (--adam-moments-dtype bf16)" in fp32
     assert "--fp8" in paper and "being built" not in paper
     assert "(routed experts in FP8)" in fp8 and "FP8 training as the paper" not in fp8
+
+
+def test_activation_estimate_matches_the_h200_measurement():
+    """The per-layer activation estimate at V3 width (32 experts top-8 + 1 shared, bf16, no recomputation) against
+    what bench/bench_stack.py measured kept on the H200 (2026-11-29): MLA alone 181,032 B/token without its input;
+    DeepSeekMoE alone 377,512 minus the router's float32 input copy since removed (28,672). Within 5%: the omission
+    this caught (the expert output rows the weighted combine keeps, 114,688 B/token) was 30% of the block."""
+    from megatron_dsv3.training.memory import attention_elements_per_token, mlp_bytes_per_token
+    cfg = DSV3Config.from_preset("dsv3-671b").replace(
+        recompute_norms=False, mla={"recompute_up_proj": False},
+        moe=dict(num_experts=32, n_group=8, topk_group=4, top_k=8, first_k_dense_replace=1))
+    h = cfg.hidden_size
+    mla = attention_elements_per_token(cfg, False) * 2 - 2 * h            # less the input
+    moe = mlp_bytes_per_token(cfg, True) - 2 * (2 * h)                    # less the input and the pre-MLP norm output
+    assert mla == pytest.approx(181_032, rel=0.05)
+    assert moe == pytest.approx(377_512 - 28_672, rel=0.05)
+    # the paper's recomputation drops both norm outputs and the q/k/v up-projections
+    rec = cfg.replace(recompute_norms=True, mla={"recompute_up_proj": True})
+    saved = activation_bytes_per_token(cfg, True, False) - activation_bytes_per_token(rec, True, True)
+    assert saved == 2 * (2 * h + cfg.num_attention_heads * (2 * cfg.mla.qk_head_dim + cfg.mla.v_head_dim))

@@ -25,6 +25,21 @@ setup_model_and_optimizer):
   per-layer MaxVio, bias spread, balance loss) on the writer rank — the same routine our trainer runs.
 * The model's TransformerConfig gets moe_router_enable_expert_bias=False: megatron's own bias update would
   otherwise find our routers' `expert_bias` buffers and update them a second time.
+* `get_forward_backward_func` in megatron.training.training (train() and evaluate() call it by that module global,
+  imported from megatron.core.pipeline_parallel, in core_v0.16.1 and core_v0.19.0) is wrapped: with
+  --dsv3-pipeline-schedule dualpipe|dualpipev it returns `forward_backward_megatron_lm` (DualPipe/DualPipeV,
+  pipeline/megatron_schedule.py), else Megatron-LM's own.
+
+DualPipe(V) in Megatron-LM's loop (--dsv3-pipeline-schedule). Megatron-LM builds one model per rank when no
+virtual stages are set; our provider then returns the rank's two chunks (`ModelChunks`, placed by the schedule:
+V shape or mirrored stages, layers numbered globally), which get_model keeps as its list of chunks (wrapped,
+DDP'd and checkpointed one by one, as with virtual stages). Each chunk's forward_step_func call runs in the
+chunk's pipeline role (`_stage_role`: megatron-core's parallel_state says first/last/middle stage for that chunk,
+so pretrain_gpt's get_batch reads what the chunk needs), and the loss reports are moved to the last pipeline rank,
+where train_step and evaluate read them (the streams end on rank 0 under DualPipeV). Refused in one line naming
+the flag: PP < 2, odd PP for dualpipe, virtual stages, --overlap-grad-reduce, --overlap-moe-expert-parallel-comm,
+--pipeline-model-parallel-layout, --variable-seq-lengths, too few micro-batches, --reset-position-ids with more
+than 2 stages.
 
 Flags Megatron-LM must be given for our model: --num-layers/--hidden-size/--num-attention-heads/--seq-length/
 --max-position-embeddings as the preset (they override it), --untie-embeddings-and-output-weights,
@@ -38,6 +53,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from functools import partial
 from typing import Optional
 
@@ -73,6 +89,9 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--dsv3-yarn-beta-slow", type=float, default=None)
     g.add_argument("--dsv3-recompute-mla-up-proj", action="store_true")
     g.add_argument("--dsv3-recompute-norms", action="store_true", help="recompute RMSNorms in backward (3.2.2)")
+    g.add_argument("--dsv3-pipeline-schedule", default=None, choices=["dualpipe", "dualpipev"],
+                   help="DeepSeek-V3's bidirectional pipeline (section 3.2.1) as Megatron-LM's forward_backward_func: "
+                        "two model chunks per rank placed by the schedule (default: Megatron-LM's own schedules)")
     _escape_stray_percent(parser)
     install_hooks()
     return parser
@@ -130,17 +149,68 @@ def config_from_megatron_args(args) -> DSV3Config:
     if n_exp is not None and n_exp != cfg.moe.num_experts:
         raise ValueError(f"--num-experts {n_exp} differs from the model's {cfg.moe.num_experts} (--dsv3-preset "
                          f"{_get(args, 'dsv3_preset')}); pass the model's count or leave it out")
-    par = parallel_from_args(args)
+    par = parallel_from_args(args, prefix="dsv3_")
+    if par["pipeline_schedule"] in _DUALPIPE:
+        check_dualpipe_args(args, par)
     cfg = cfg.replace(**top, parallel=par)
-    if _get(args, "reset_position_ids") and par["pipeline_model_parallel_size"] > 2:
+    stages = len(cfg.pipeline_layers()) if par["pipeline_schedule"] in _DUALPIPE else par["pipeline_model_parallel_size"]
+    if _get(args, "reset_position_ids") and stages > 2:
         # Megatron-LM's get_batch gives middle pipeline stages no position_ids: their MLA would use 0..s-1
-        raise ValueError("--reset-position-ids with --pipeline-model-parallel-size > 2: Megatron-LM gives middle "
-                         "pipeline stages no position_ids, so their rope would ignore the document resets; use "
-                         "pipeline size <= 2 or leave out --reset-position-ids")
+        raise ValueError("--reset-position-ids with more than 2 pipeline stages (--pipeline-model-parallel-size; "
+                         "--dsv3-pipeline-schedule dualpipev has 2 per rank): Megatron-LM gives middle pipeline "
+                         "stages no position_ids, so their rope would ignore the document resets; use 2 stages or "
+                         "leave out --reset-position-ids")
     if cfg.mtp.num_layers and par["pipeline_model_parallel_size"] > 1 and _get(args, "mtp_num_layers") is None:
         raise ValueError("MTP with pipeline parallelism under Megatron-LM needs --mtp-num-layers "
                          f"{cfg.mtp.num_layers}: without it Megatron-LM's get_batch gives the last stage no tokens")
     return cfg
+
+
+_DUALPIPE = ("dualpipe", "dualpipev")
+
+
+def check_dualpipe_args(args, par: dict) -> None:
+    """What --dsv3-pipeline-schedule dualpipe|dualpipev needs of Megatron-LM's flags, as one-line errors naming them."""
+    from megatron_dsv3.pipeline.megatron_schedule import check_microbatches
+    name, pp = par["pipeline_schedule"], par["pipeline_model_parallel_size"]
+    what = f"--dsv3-pipeline-schedule {name}"
+    if pp < 2:
+        raise ValueError(f"{what} needs --pipeline-model-parallel-size >= 2, got {pp}")
+    if name == "dualpipe" and pp % 2:
+        raise ValueError(f"{what} needs an even --pipeline-model-parallel-size (stage s and PP-1-s share a rank), "
+                         f"got {pp}")
+    refused = (("overlap_grad_reduce", "--overlap-grad-reduce", "the gradients are reduced after the schedule "
+                "(weight gradients are deferred to the bubbles)"),
+               ("overlap_moe_expert_parallel_comm", "--overlap-moe-expert-parallel-comm", "that is megatron-core's "
+                "combined-1F1B overlap; DualPipe overlaps the all-to-alls itself (Figure 4)"),
+               ("pipeline_model_parallel_layout", "--pipeline-model-parallel-layout", "the schedule places the "
+                "layers itself (V shape / mirrored stages); use --decoder-first/last-pipeline-num-layers"),
+               ("variable_seq_lengths", "--variable-seq-lengths", "the P2P shapes are fixed"))
+    for attr, flag, why in refused:
+        if _get(args, attr):
+            raise ValueError(f"{flag} with {what}: {why}; leave out {flag}")
+    gbs, mbs, dp = _get(args, "global_batch_size"), _get(args, "micro_batch_size"), _get(args, "data_parallel_size")
+    if gbs and mbs and dp:
+        ramp = _get(args, "rampup_batch_size")
+        sizes = {gbs}
+        if ramp:
+            start, inc = int(ramp[0]), int(ramp[1])
+            sizes |= set(range(start, gbs, inc)) if inc > 0 else {start}
+        for b in sorted(sizes):
+            if b % (mbs * dp) == 0:
+                check_microbatches(name, pp, b // (mbs * dp), f"--global-batch-size {b} / (--micro-batch-size "
+                                                              f"{mbs} x data-parallel size {dp})")
+
+
+class ModelChunks(list):
+    """The two chunks of a DualPipe(V) rank, returned by the model provider where Megatron-LM's get_model expects
+    one model (no virtual stages): get_model sets model_type on what it gets (passed on to each chunk) and keeps
+    a list as the list of chunks, which is what the rest of Megatron-LM's loop iterates."""
+
+    def __setattr__(self, name, value):
+        for chunk in self:
+            setattr(chunk, name, value)
+        super().__setattr__(name, value)
 
 
 # ---- model ------------------------------------------------------------------------------------------------------
@@ -154,10 +224,23 @@ def dsv3_builder(args, pre_process, post_process, vp_stage=None, config=None, pg
     backend = "te" if impl == "transformer_engine" else "local"
     # the init is a function of (seed, global name) only: the same on every stage whatever Megatron-LM's per-stage
     # torch seed offset (init.py)
-    model = build_model(cfg, pre_process=pre_process, post_process=post_process, backend=backend,
-                        pg_collection=pg_collection, vp_stage=vp_stage, seed=_get(args, "seed", 1234))
-    model.config.moe_router_enable_expert_bias = False    # our routers update their bias in after_global_batch
+    seed = _get(args, "seed", 1234)
     _CONFIG = cfg
+    if cfg.parallel.pipeline_schedule in _DUALPIPE:
+        # both chunks of this rank, placed by the schedule (pre/post_process follow the placement, not this rank)
+        from megatron.core import parallel_state as ps
+
+        from megatron_dsv3.pipeline.megatron_schedule import build_chunks
+        pp = getattr(pg_collection, "pp", None) if pg_collection is not None else None
+        pp_rank = pp.rank() if pp is not None else ps.get_pipeline_model_parallel_rank()
+        chunks = build_chunks(cfg, lambda **kw: build_model(cfg, backend=backend, pg_collection=pg_collection,
+                                                            seed=seed, **kw), pp_rank)
+        for m in chunks:
+            m.config.moe_router_enable_expert_bias = False
+        return ModelChunks(chunks)
+    model = build_model(cfg, pre_process=pre_process, post_process=post_process, backend=backend,
+                        pg_collection=pg_collection, vp_stage=vp_stage, seed=seed)
+    model.config.moe_router_enable_expert_bias = False    # our routers update their bias in after_global_batch
     return model
 
 
@@ -246,9 +329,93 @@ def _optimizer_factory_with_dsv3(orig):
     return get_megatron_optimizer
 
 
+# ---- DualPipe(V) as Megatron-LM's schedule -----------------------------------------------------------------------
+@contextmanager
+def _stage_role(model):
+    """While a chunk's forward_step_func runs: megatron-core's parallel_state answers is_pipeline_first_stage /
+    is_pipeline_last_stage (and so Megatron-LM's get_batch, MTP-on-this-rank) for the chunk, not for the rank:
+    first for the chunk with the embedding, last for the one with the head and MTP, neither for a middle one. A
+    DualPipeV rank 0 holds the first and the last stage, and Megatron-LM's get_batch (with TP > 1) would give
+    its last-stage chunk no labels, a middle stage on the last rank labels it does not need."""
+    from megatron.core import parallel_state as ps
+
+    place = _unwrap_placement(model)
+    if place is None:
+        yield
+        return
+    saved = ps._MPU_PIPELINE_MODEL_PARALLEL_RANK, ps._MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE
+    ps.set_pipeline_model_parallel_world_size(3)
+    ps.set_pipeline_model_parallel_rank(0 if place.pre_process else 2 if place.post_process else 1)
+    try:
+        yield
+    finally:
+        ps._MPU_PIPELINE_MODEL_PARALLEL_RANK, ps._MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE = saved
+
+
+def _unwrap_placement(model):
+    """The ChunkPlacement of a (wrapped) DualPipe(V) chunk, None for any other model."""
+    from megatron_dsv3.pipeline.megatron_schedule import _unwrap
+    return getattr(_unwrap(model), "placement", None)
+
+
+def _moved(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to(device)
+    if isinstance(obj, dict):
+        return {k: _moved(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_moved(v, device) for v in obj)
+    return obj
+
+
+def _to_last_pipeline_rank(variant: str, reports: list, pp_group, device) -> list:
+    """The micro-batches' loss reports where Megatron-LM's train_step and evaluate read them: on the last pipeline
+    rank, in micro-batch order (the streams end on rank 0 under DualPipeV, on ranks PP-1 and 0 under DualPipe)."""
+    import torch.distributed as dist
+    n = dist.get_world_size(pp_group)
+    everyone = [None] * n
+    dist.all_gather_object(everyone, _moved(reports, "cpu"), group=pp_group)
+    if dist.get_rank(pp_group) != n - 1:
+        return []
+    order = [n - 1, 0] if variant == "dualpipe" else [0]
+    return [_moved(r, device) for src in order for r in everyone[src]]
+
+
+def forward_backward_megatron_lm(variant: str, *, forward_step_func, model, pg_collection=None, **kwargs) -> list:
+    """megatron_schedule's forward_backward_dualpipe(v) in Megatron-LM's loop (the function our
+    get_forward_backward_func hands train_step and evaluate): forward_step_func runs in its chunk's pipeline role
+    (_stage_role), and the loss reports come back on the last pipeline rank."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_dsv3.pipeline import megatron_schedule as MS
+
+    def forward_step(data_iterator, chunk, *a, **kw):
+        with _stage_role(chunk):
+            return forward_step_func(data_iterator, chunk, *a, **kw)
+    fb = MS.forward_backward_dualpipe if variant == "dualpipe" else MS.forward_backward_dualpipev
+    reports = fb(forward_step_func=forward_step, model=model, pg_collection=pg_collection, **kwargs)
+    pp_group = getattr(pg_collection, "pp", None) or ps.get_pipeline_model_parallel_group()
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    device = next(p.device for c in chunks for p in c.parameters())
+    return _to_last_pipeline_rank(variant, reports, pp_group, device)
+
+
+def _schedule_factory_with_dsv3(orig):
+    """megatron.training.training.get_forward_backward_func: ours under --dsv3-pipeline-schedule, else
+    Megatron-LM's (any arguments it is called with: core_v0.19 passes schedule_pg_collection=)."""
+    def get_forward_backward_func(*args, **kwargs):
+        variant = _get(get_args(), "dsv3_pipeline_schedule")
+        if variant in _DUALPIPE:
+            return partial(forward_backward_megatron_lm, variant)
+        return orig(*args, **kwargs)
+    get_forward_backward_func.__wrapped__ = orig
+    return get_forward_backward_func
+
+
 def install_hooks() -> bool:
-    """Wrap megatron.training.training.get_megatron_optimizer (setup_model_and_optimizer calls it by that module
-    global; idempotent). False when Megatron-LM is absent."""
+    """Wrap megatron.training.training's get_megatron_optimizer (setup_model_and_optimizer calls it by that module
+    global) and get_forward_backward_func (train and evaluate call it so; core_v0.16.1 and core_v0.19.0 alike);
+    idempotent. False when Megatron-LM is absent."""
     global _HOOKED
     if _HOOKED:
         return True
@@ -257,6 +424,7 @@ def install_hooks() -> bool:
     except ImportError:
         return False
     T.get_megatron_optimizer = _optimizer_factory_with_dsv3(T.get_megatron_optimizer)
+    T.get_forward_backward_func = _schedule_factory_with_dsv3(T.get_forward_backward_func)
     _HOOKED = True
     return True
 

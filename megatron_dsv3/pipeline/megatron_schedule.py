@@ -273,6 +273,11 @@ class _MegatronStep(_Step):
             output = cap.like_returned(output, returned) if self._is_last(c) else output
         else:
             output, loss_func = self.forward_step_func(it, model)
+            if not self._is_last(c) and output.dtype != self.dtype:
+                # a wrapper that decides by the rank's real pipeline position (megatron's Float16Module: float32
+                # outputs on the last pipeline rank) cast a middle chunk's hidden states: undo it (exact, bf16 ->
+                # float32 -> bf16) so the P2P and the next chunk get the pipeline dtype
+                output = output.to(self.dtype)
         last = self._is_last(c)
         store: List[Any] = []
         output, n_tokens = forward_step_calc_loss(

@@ -419,17 +419,19 @@ _PARALLEL_DEFAULTS = {"sequence_parallel": False, "virtual_pipeline_model_parall
                       "num_layers_in_first_pipeline_stage": None, "num_layers_in_last_pipeline_stage": None}
 
 
-def parallel_from_args(args) -> dict:
-    """ParallelConfig fields from parsed args (ours or Megatron-LM's)."""
+def parallel_from_args(args, prefix: str = "") -> dict:
+    """ParallelConfig fields from parsed args (ours or Megatron-LM's; the schedule from --pipeline-schedule, or
+    with prefix 'dsv3_' from Megatron-LM's --dsv3-pipeline-schedule)."""
     out = {}
     for field, attr in PARALLEL_ARGS:
         v = getattr(args, attr, None)
         out[field] = _PARALLEL_DEFAULTS.get(field, 1) if v is None else v
     out["sequence_parallel"] = bool(out["sequence_parallel"])
-    schedule = getattr(args, "pipeline_schedule", None)
+    schedule = getattr(args, prefix + "pipeline_schedule", None)
     if out["virtual_pipeline_model_parallel_size"]:
         if schedule not in (None, "interleaved"):
-            raise ValueError(f"--pipeline-schedule {schedule} with --num-virtual-stages-per-pipeline-rank: the "
+            raise ValueError(f"--{prefix.replace('_', '-')}pipeline-schedule {schedule} with "
+                             f"--num-virtual-stages-per-pipeline-rank: the "
                              f"virtual stages run megatron-core's interleaved 1F1B; leave one of them out")
         schedule = "interleaved"
     out["pipeline_schedule"] = schedule or "1f1b"

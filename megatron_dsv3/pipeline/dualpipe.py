@@ -32,8 +32,11 @@ Design note.
     mirror rank PP-1-r and adds the mirror's: chunk 0 (stage r) += peer's chunk 1 (stage r), and vice versa. a + b
     == b + a in IEEE arithmetic, so both copies end bit-identical. Only this step's contribution is exchanged: a
     `.grad` already present when the step starts (gradient accumulation over steps) is set aside and added back
-    after the exchange. `reduce_mirror_grads=False` skips it, for code written for DeepSeek's package, whose
-    `step()` leaves the mirrored copies unreduced and which sums them itself (its example does).
+    after the exchange. It is opt-in (`DualPipe(..., reduce_mirror_grads=True)`): the default is DeepSeek's
+    package's behaviour, whose `step()` leaves the mirrored copies unreduced and whose users sum them themselves
+    (its example all-gathers the grads and adds the mirror's); a default True would make such ported code add the
+    mirror twice. Our trainer and Megatron-LM do not use this class: megatron_schedule.py exchanges main_grad and
+    the routers' token counts itself (reduce_mirrored_copies).
 """
 from __future__ import annotations
 
@@ -397,7 +400,10 @@ class DualPipe(nn.Module):
     rank's labels belong to the last rank's inputs and vice versa. Returns (loss, outputs): the stacked per-micro-batch
     losses (and the outputs, concatenated along batch_dim) of the stream that ENDS on this rank (first rank: the last
     rank's inputs); (None, None) on the other ranks. Forward-only when autograd is disabled (torch.no_grad()).
-    Unlike DeepSeek's, the two copies' gradients are summed at the end of a training step (reduce_mirror_grads).
+    The mirrored copies' gradients: as DeepSeek's, left unreduced by step() (the caller sums stage s's copies on
+    ranks s and PP-1-s, as DeepSeek's example does); reduce_mirror_grads=True makes step() sum them (exchanged
+    with the mirror rank, both copies bit-identical), for code that does not. Default False so that code ported
+    from DeepSeek's package, which does its own sum, is not summed twice.
     overlap: interleave each forward&backward pair as the paper's Figure 4 where the chunks expose sub-stages
     (pipeline/overlap.py; e.g. a LayerStack of DeepSeek-V3 MoE layers); other chunks run F then B either way.
     """
@@ -405,7 +411,7 @@ class DualPipe(nn.Module):
     def __init__(self, modules: Tuple[nn.Module, nn.Module], batch_dim: int = 0,
                  process_group: Optional[dist.ProcessGroup] = None, rank_mapping: Optional[List[int]] = None, *,
                  p2p_tensor_shapes: Optional[Sequence[Tuple[int, ...]]] = None,
-                 p2p_tensor_dtype: Optional[torch.dtype] = None, reduce_mirror_grads: bool = True,
+                 p2p_tensor_dtype: Optional[torch.dtype] = None, reduce_mirror_grads: bool = False,
                  overlap: bool = True):
         super().__init__()
         self.module = nn.ModuleList(modules)

@@ -77,7 +77,8 @@ def _rank(rank, variant, n_ranks, m, drop_w=False):
     set_p2p_tensor_shapes([(MBS, WIDTH)])      # the DeepSeek-compatible defaults, before constructing
     set_p2p_tensor_dtype(torch.float64)
     cls = DualPipe if variant == "dualpipe" else DualPipeV
-    pipe = cls(modules)
+    # DualPipe: the copies summed by the engine (opt-in); the default, DeepSeek's, is checked below as raw
+    pipe = cls(modules, reduce_mirror_grads=True) if variant == "dualpipe" else cls(modules)
     if drop_w:     # a broken list: the last W left out
         ops = pipe.schedule(m)
         i = max(k for k, op in enumerate(ops) if isinstance(op, W))
@@ -98,8 +99,8 @@ def _rank(rank, variant, n_ranks, m, drop_w=False):
         out["eval_loss"], out["eval_outputs"] = pipe.step(*inputs, num_chunks=m, criterion=criterion,
                                                           labels=labels, return_outputs=True)
     out["eval_grads"] = _grads(pipe)
-    if variant == "dualpipe":   # DeepSeek's behaviour: the copies' gradients left unreduced
-        raw = DualPipe([copy.deepcopy(full[s]) for s in _stage_ids(variant, pp, rank)], reduce_mirror_grads=False)
+    if variant == "dualpipe":   # the default, DeepSeek's behaviour: the copies' gradients left unreduced
+        raw = DualPipe([copy.deepcopy(full[s]) for s in _stage_ids(variant, pp, rank)])
         raw.step(*inputs, num_chunks=m, criterion=criterion, labels=labels)
         out["raw_grads"] = _grads(raw)
     return out

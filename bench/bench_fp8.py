@@ -1,10 +1,11 @@
 """FP8 kernels on a Hopper GPU: what cuBLAS's block-scaled GEMM accepts, FP32 accumulation at K = 16384, quantiser
 bandwidth against a device copy, GEMM TFLOP/s per DeepSeek-V3 shape against bf16 and raw torch._scaled_mm.
 
-    python bench/bench_fp8.py --out DIR [--sections probe,accum,quant,gemm,grouped,tgrouped,experts] [--rounds 3]
+    python bench/bench_fp8.py --out DIR [--sections probe,accum,quant,gemm,grouped,wquant,tgrouped,experts]
 
 tgrouped: the Triton grouped GEMM (fp8/grouped_gemm.py) vs the host loop vs bf16 _grouped_mm, per expert shape and
-launch config, uniform and skewed loads, and its host-sync check; experts: FP8 experts fwd+bwd, weight cache on/off,
+launch config, uniform and skewed loads, and its host-sync check; wquant: the 128x128 weight quantiser (Triton,
+with and without the transposed copy) vs quant.py; experts: FP8 experts fwd+bwd, weight cache on/off,
 host loop vs Triton, against BF16. (The default --sections keeps the older five.)
 
 Writes DIR/results_fp8.md (and .json). Variants of one section alternate within each round (round-robin), the
@@ -277,6 +278,38 @@ def quant_bench(lines, res, rounds, iters):
             res.setdefault("quant", {})[f"{M}x{K} {k}"] = (t, gbs, exact.get(k))
 
 
+def wquant_bench(lines, res, rounds, iters, dev="cuda", shapes=((32, 7168, 4096), (32, 2048, 7168), (1, 18432, 7168))):
+    """The weight quantiser (kernels.quantize_blocks_triton: 128x128 blocks, a stack of experts in one launch, with
+    and without the transposed copy from the same read) against quant.quantize_blocks (what ran before) and a copy.
+    Once per optimizer step with the weight cache; every micro-batch without it."""
+    lines.append("\n## Weight quantiser, 128x128 blocks, bf16 weights (GB/s = bytes read + written / time)\n")
+    lines.append("| weights | variant | bit-exact vs quant.py | ms | GB/s | % of copy |\n|---|---|---|---|---|---|")
+    for (E, N, K) in shapes:
+        w = torch.randn(E, N, K, device=dev, dtype=torch.bfloat16)
+        y = torch.empty_like(w)
+        ref = quant.quantize_blocks(w[0])
+        nb = 3 * E * N * K
+        variants = {"device copy": lambda: y.copy_(w),
+                    "quant.quantize_blocks (plain torch, per expert)": lambda: [quant.quantize_blocks(we) for we in w]}
+        nbytes = {"device copy": 4 * E * N * K, "quant.quantize_blocks (plain torch, per expert)": nb}
+        exact = {}
+        for nw in (4, 8, 16):
+            for tr in (False, True):
+                name = f"quantize_blocks_triton warps={nw}{' + transposed copy' if tr else ''}"
+                variants[name] = (lambda nw=nw, tr=tr: kernels.quantize_blocks_triton(w, False, tr, nw))
+                nbytes[name] = nb + (E * N * K if tr else 0)
+                got = kernels.quantize_blocks_triton(w, False, tr, nw)
+                exact[name] = _eq(got[0][0], ref[0]) and _eq(got[1][0], ref[1]) and (
+                    not tr or _eq(got[2][0], ref[0].t().contiguous()))
+        ms = alternate(variants, rounds, iters)
+        copy = nbytes["device copy"] / ms["device copy"] / 1e6
+        for k, t in ms.items():
+            gbs = nbytes[k] / t / 1e6
+            lines.append(f"| {E}x{N}x{K} | {k} | {exact.get(k, '')} | {t:.3f} | {gbs:.0f} | {100 * gbs / copy:.0f}% |")
+            res.setdefault("wquant", {})[f"{E}x{N}x{K} {k}"] = (t, gbs, exact.get(k))
+        del w, y
+
+
 def _eq(u, v):
     if u.dtype == FP8:
         return torch.equal(u.view(torch.uint8), v.view(torch.uint8))
@@ -489,6 +522,7 @@ def main():
              "gemm": lambda: gemm_bench(lines, res, args.rounds, args.iters),
              "grouped": lambda: grouped_bench(lines, res, args.rounds, args.iters),
              "tgrouped": lambda: tgrouped_bench(lines, res, args.rounds, args.iters),
+             "wquant": lambda: wquant_bench(lines, res, args.rounds, args.iters),
              "experts": lambda: experts_bench(lines, res, args.rounds, args.iters)}[sec]()
         except Exception:
             lines.append(f"\n{sec} failed:\n```\n{traceback.format_exc()[-1500:]}\n```")

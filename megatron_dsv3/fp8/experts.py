@@ -33,32 +33,18 @@ from megatron_dsv3.fp8.linear import quantizer
 from megatron_dsv3.moe.experts import GroupedExperts
 from megatron_dsv3.moe.kernels import swiglu
 
-__all__ = ["FP8GroupedExperts", "fp8_expert_mlp", "quantize_expert_weights"]
-
-
-def quantize_expert_weights(w: torch.Tensor):
-    """w [E, A, B] -> (q [E, A, B] e4m3, scale [E, A/128, B/128]): 128x128 blocks of each expert's matrix."""
-    E, A, B = w.shape
-    qb = quantizer("quantize_blocks")
-    if A % 128 == 0:                         # blocks never straddle two experts: one call over [E*A, B]
-        q, s = qb(w.reshape(E * A, B))
-        return q.view(E, A, B), s.view(E, A // 128, -1)
-    qs = [qb(w[e]) for e in range(E)]
-    return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
-
-
-def _t(q: torch.Tensor, s: torch.Tensor):
-    """Per-expert transpose of block-quantised weights: the blocks of W^T are W's blocks transposed."""
-    return q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous()
+__all__ = ["FP8GroupedExperts", "fp8_expert_mlp", "expert_weight_blocks"]
 
 
 def expert_weight_blocks(w: torch.Tensor, transposed: bool, cache: bool = False):
-    """quantize_expert_weights(w) ([E, A, B] blocks) or its per-expert transpose ([E, B, A]), from the per-step cache
-    when cache is on (fp8/weight_cache.py)."""
+    """w [E, A, B] -> the 128x128 blocks of each expert's matrix (q [E, A, B], s [E, A/128, B/128]), or with
+    transposed=True those of its transpose (q [E, B, A], s [E, B/128, A/128]); from the per-step cache when cache is
+    on (fp8/weight_cache.py)."""
+    from megatron_dsv3.fp8.kernels import quantize_blocks_and_transpose_fast
     from megatron_dsv3.fp8.weight_cache import cached
-    if not transposed:
-        return cached(w, "expert_blocks", quantize_expert_weights, cache)
-    return cached(w, "expert_blocks_t", lambda w: _t(*expert_weight_blocks(w, False, cache)), cache)
+    # both copies from one read (Fprop takes the transposed one, Dgrad the other): made once per step with the cache
+    both = cached(w, "expert_blocks_and_t", quantize_blocks_and_transpose_fast, cache)
+    return both[2:] if transposed else both[:2]
 
 
 def _swiglu_and_grad(h1: torch.Tensor, da: torch.Tensor):

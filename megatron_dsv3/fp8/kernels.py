@@ -8,6 +8,9 @@ One kernel, one read of x per [BM, 128] tile, writes what its flags ask for:
   128 j : 128 (j + 1) of qt, zeros past cnt[j] -- quant.quantize_columns_grouped's per-expert layout, the tiles
   restarting at each expert's first row.
 
+A second kernel quantises weights in 128x128 blocks (quant.quantize_blocks; a stack of experts' weights in one
+launch), optionally writing the transposed blocks (Dgrad's copy) from the same read.
+
 The arithmetic is quant.py's, in its order: float32, amax (NaN-propagating), scale = amax / 448 rounded to nearest
 (div_rn), pow2 rounding up by exponent bits (exact, subnormals included), zero tile -> 1.0, underflow -> 2^-149,
 x / scale rounded to nearest, clamp to +-448 (NaN kept), round-to-nearest-even cast to e4m3: the hardware's
@@ -123,6 +126,35 @@ if HAVE_TRITON:
             tl.store(st_ptr + c.to(tl.int64) * ST_STRIDE_K + pid_m * ST_STRIDE_T, st, mask=cmask)
 
 
+if HAVE_TRITON:
+    @triton.jit
+    def _block_quant_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, stride_we, stride_wn,
+                            NB: tl.constexpr, KB: tl.constexpr, TRANSPOSE: tl.constexpr, POW2: tl.constexpr,
+                            HW_CAST: tl.constexpr, B: tl.constexpr):
+        """One 128x128 block (i, j) of expert e: quant.quantize_blocks' scale and bytes, and with TRANSPOSE the same
+        block transposed into W^T's [K, N] (its scale at [j, i])."""
+        i = tl.program_id(0)
+        j = tl.program_id(1)
+        e = tl.program_id(2).to(tl.int64)
+        r = i * B + tl.arange(0, B)
+        c = j * B + tl.arange(0, B)
+        mask = (r < N)[:, None] & (c < K)[None, :]
+        x = tl.load(w_ptr + e * stride_we + r[:, None].to(tl.int64) * stride_wn + c[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        row_amax = _amax(x, 1)                                                      # [B], NaN-propagating
+        nan = tl.max((row_amax != row_amax).to(tl.int32), 0)
+        blk = tl.where(nan > 0, float("nan"), tl.max(row_amax, 0))
+        s = _scale(tl.zeros([B], tl.float32) + blk, POW2)                          # [B], all the block's scale
+        q = _cast(x, s[:, None], HW_CAST)
+        NK = N * K
+        tl.store(q_ptr + e * NK + r[:, None].to(tl.int64) * K + c[None, :], q, mask=mask)
+        first = tl.arange(0, B) == 0
+        tl.store(s_ptr + e * NB * KB + i * KB + j + tl.arange(0, B) * 0, s, mask=first)
+        if TRANSPOSE:
+            tl.store(qt_ptr + e * NK + c[None, :].to(tl.int64) * N + r[:, None], q, mask=mask)
+            tl.store(st_ptr + e * NB * KB + j * NB + i + tl.arange(0, B) * 0, s, mask=first)
+
+
 def _launch(x, q, s, qt, st, src, cnt, M, qt_stride, grid, rows, cols, grouped, pow2, bm, num_warps=None):
     dummy = x
     s_strides = s.stride() if s is not None else (0, 0)
@@ -212,6 +244,32 @@ def quantize_columns_grouped_triton(x: torch.Tensor, offs: torch.Tensor, pow2_sc
     return qt, st, offs_p
 
 
+def quantize_blocks_triton(w: torch.Tensor, pow2_scales: bool = False, transpose: bool = False,
+                           num_warps: Optional[int] = None):
+    """quant.quantize_blocks of w [N, K], or of each w[e] of a stack [E, N, K] (any N, K), one read of w ->
+    (q [.., N, K], s [.., N/128, K/128]) and with transpose=True also (qt [.., K, N], st [.., K/128, N/128]): the
+    blocks of W^T, i.e. W's blocks transposed (the Dgrad copy), from the same read."""
+    if w.dim() not in (2, 3):
+        raise ValueError(f"quantize_blocks needs a 2-D weight or a 3-D stack of them, got shape {tuple(w.shape)}")
+    w3 = w if w.dim() == 3 else w.unsqueeze(0)
+    if w3.stride(2) != 1:
+        w3 = w3.contiguous()
+    E, N, K = w3.shape
+    NB, KB = triton.cdiv(N, TILE), triton.cdiv(K, TILE)
+    q = torch.empty(E, N, K, dtype=FP8, device=w.device)
+    s = torch.empty(E, NB, KB, dtype=torch.float32, device=w.device)
+    qt = torch.empty(E, K, N, dtype=FP8, device=w.device) if transpose else None
+    st = torch.empty(E, KB, NB, dtype=torch.float32, device=w.device) if transpose else None
+    if E and N and K:
+        kw = {"num_warps": num_warps or 8} if w.is_cuda else {}
+        _block_quant_kernel[(NB, KB, E)](w3, q.view(torch.uint8), s, qt.view(torch.uint8) if transpose else q,
+                                         st if transpose else s, N, K, w3.stride(0), w3.stride(1),
+                                         NB=NB, KB=KB, TRANSPOSE=transpose, POW2=pow2_scales, HW_CAST=w.is_cuda,
+                                         B=TILE, **kw)
+    out = (q, s, qt, st) if transpose else (q, s)
+    return out if w.dim() == 3 else tuple(t[0] for t in out)
+
+
 # ---- dispatchers: Triton on CUDA, the reference elsewhere ------------------------------------------------------------
 def use_triton(x: torch.Tensor) -> bool:
     return HAVE_TRITON and x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -235,3 +293,21 @@ def quantize_columns_grouped_fast(x: torch.Tensor, offs: torch.Tensor, pow2_scal
     if use_triton(x):
         return quantize_columns_grouped_triton(x, offs, pow2_scales)
     return quant.quantize_columns_grouped(x, offs, pow2_scales=pow2_scales)
+
+
+def quantize_blocks_fast(w: torch.Tensor, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(w) and w.dim() == 2:
+        return quantize_blocks_triton(w, pow2_scales)
+    return quant.quantize_blocks(w, pow2_scales=pow2_scales)
+
+
+def quantize_blocks_and_transpose_fast(w: torch.Tensor, pow2_scales: bool = False):
+    """w [N, K] or a stack [E, N, K] -> (q, s, qt, st): quant.quantize_blocks of each weight and the same blocks
+    transposed (W^T's, for Dgrad). One Triton pass on CUDA; elsewhere the reference and a transpose."""
+    if use_triton(w) and w.dim() in (2, 3):
+        return quantize_blocks_triton(w, pow2_scales, transpose=True)
+    ws = w if w.dim() == 3 else w.unsqueeze(0)
+    qs = [quant.quantize_blocks(we, pow2_scales=pow2_scales) for we in ws]
+    q, s = torch.stack([a for a, _ in qs]), torch.stack([b for _, b in qs])
+    out = (q, s, q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous())
+    return out if w.dim() == 3 else tuple(t[0] for t in out)

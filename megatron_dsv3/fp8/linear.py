@@ -54,15 +54,15 @@ def quantize_weight(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def weight_blocks(w: torch.Tensor, transposed: bool = False, cache: bool = False):
-    """quantize_weight(w), or its transpose (W^T's blocks, for Dgrad), from the per-step cache when cache is on."""
+    """quantize_weight(w), or its transpose (W^T's blocks, for Dgrad). With the per-step cache on, both copies are
+    made by one pass at the first use (kernels.quantize_blocks_and_transpose_fast) and kept for the step."""
+    from megatron_dsv3.fp8.kernels import quantize_blocks_and_transpose_fast
     from megatron_dsv3.fp8.weight_cache import cached
-    if not transposed:
-        return cached(w, "blocks", quantize_weight, cache)
-
-    def make(w):
-        q, s = weight_blocks(w, False, cache)
-        return q.t().contiguous(), s.t().contiguous()
-    return cached(w, "blocks_t", make, cache)
+    if cache:
+        both = cached(w, "blocks_and_t", quantize_blocks_and_transpose_fast)
+        return both[2:] if transposed else both[:2]
+    with torch.no_grad():
+        return quantize_blocks_and_transpose_fast(w)[2:] if transposed else quantize_weight(w)
 
 
 def _gemm(a_q, a_s, b_q, b_s, out_dtype):

@@ -99,3 +99,24 @@ def test_dispatchers_use_the_reference_off_cuda():
         _same(got, ref)
     for got, ref in zip(kernels.quantize_tiles_fast(x), quant.quantize_tiles(x)):
         _same(got, ref)
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (128, 256), (3, 130, 260)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_blocks_triton_bit_exact_with_its_transpose(triton_device, shape, pow2):
+    """quantize_blocks_triton = quant.quantize_blocks per weight (bytes and scales), with a zero block, NaN, inf,
+    underflowing and subnormal-scale blocks; the transposed copy = the reference's bytes and scales transposed."""
+    from megatron_dsv3.fp8.kernels import quantize_blocks_triton
+    w = _hard_input(shape[-2] * (shape[0] if len(shape) == 3 else 1), shape[-1], torch.bfloat16, "cpu")
+    w = w.view(shape).to(triton_device)
+    q, s, qt, st = quantize_blocks_triton(w, pow2_scales=pow2, transpose=True)
+    ws = w if w.dim() == 3 else w[None]
+    qs, ss, qts, sts = (q, s, qt, st) if w.dim() == 3 else (q[None], s[None], qt[None], st[None])
+    for e in range(ws.shape[0]):
+        rq, rs = quant.quantize_blocks(ws[e].cpu(), pow2_scales=pow2)
+        _same(qs[e].cpu(), rq)
+        _same(ss[e].cpu(), rs)
+        _same(qts[e].cpu(), rq.t().contiguous())
+        _same(sts[e].cpu(), rs.t().contiguous())
+    q2, s2 = quantize_blocks_triton(w, pow2_scales=pow2)
+    _same(q2.cpu(), q.cpu())

@@ -235,7 +235,6 @@ class _Step:
         roots, grads = self._roots(mb, c)
         inputs = self.inputs[c].pop(mb)
         xs = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-        params = [p for p in self.modules[c].parameters() if p.requires_grad]
         run = self.runs.pop((mb, c), None)
         if run is not None:      # segment by segment; the inputs' gradients land in x.grad either way
             for x in xs:
@@ -251,7 +250,10 @@ class _Step:
         else:
             for x in xs:
                 x.grad = None
-            torch.autograd.backward(roots, grads, inputs=xs + params)
+            # no inputs=: the chunk's inputs are detached leaves, so its graph reaches only them and its (and a
+            # shared embedding's) parameters; and a recompute hook that refuses autograd.grad / inputs= (megatron-
+            # core's CheckpointWithoutOutput, --recompute-norms) runs here
+            torch.autograd.backward(roots, grads)
             gx = [x.grad for x in xs]
         if self._is_last(c):
             self.stage_losses[c][mb] = self.stage_losses[c][mb].detach()

@@ -446,6 +446,37 @@ def tgrouped_bench(lines, res, rounds, iters, dev="cuda", E=32, R=4096 * 8, shap
                          f" | {err:.1e} |")
             res.setdefault("tgrouped", {})[f"{name} {K}->{N} {loads}"] = dict(tf, rel_err=err)
             del a, w, qa, sa, qw, sw, q, s
+    # Wgrad: dW_e [N, K] = dy_e^T x_e over each expert's tokens (128x1 tiles, padded per expert), fp32 out
+    from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_wgrad_triton
+    wconfigs = [(8, 3), (8, 4), (4, 3)]
+    wcols = ["bf16 `_grouped_mm`", "host loop"] + [f"triton w={w} s={st}" for w, st in wconfigs]
+    lines.append("\n| Wgrad (tokens x N, tokens x K -> [E, N, K] fp32) | loads | " + " | ".join(wcols) +
+                 " | triton vs host loop rel err |")
+    lines.append("|---|---|" + "---|" * len(wcols) + "---|")
+    wshapes = [("dW1", 4096, 7168), ("dW2", 7168, 2048)] if shapes is None else [(n, N, K) for n, K, N in shapes]
+    for loads in ("uniform", "skewed"):
+        counts = torch.full((E,), R // E) if loads == "uniform" else _skewed_counts(E, R)
+        offs = counts.cumsum(0).to(torch.int32).to(dev)
+        for name, N, K in wshapes:
+            dy = torch.randn(R, N, device=dev, dtype=torch.bfloat16)
+            x = torch.randn(R, K, device=dev, dtype=torch.bfloat16)
+            dqt, dst, offs_p = kernels.quantize_columns_grouped_fast(dy, offs)
+            xqt, xst, _ = kernels.quantize_columns_grouped_fast(x, offs)
+            dw = torch.empty(E, N, K, device=dev, dtype=torch.float32)
+            v = {wcols[0]: lambda: torch._grouped_mm(dy.t(), x, offs=offs),
+                 wcols[1]: lambda: gemm.fp8_grouped_wgrad(dqt, dst, xqt, xst, offs_p, torch.float32, out=dw)}
+            for c, (nw, st) in zip(wcols[2:], wconfigs):
+                v[c] = (lambda nw=nw, st=st: fp8_grouped_wgrad_triton(dqt, dst, xqt, xst, offs_p, torch.float32,
+                                                                      out=dw, num_warps=nw, num_stages=st))
+            ms = alternate(v, rounds, iters)
+            tf = {k: 2 * R * N * K / t / 1e9 for k, t in ms.items()}
+            ref = gemm.fp8_grouped_wgrad(dqt, dst, xqt, xst, offs_p, torch.float32)
+            got = fp8_grouped_wgrad_triton(dqt, dst, xqt, xst, offs_p, torch.float32)
+            err = rel_err(got, ref.double())
+            lines.append(f"| {name} {N}x{K} | {loads} | " + " | ".join(f"{tf[c]:.0f}" for c in wcols) +
+                         f" | {err:.1e} |")
+            res.setdefault("tgrouped", {})[f"wgrad {name} {N}x{K} {loads}"] = dict(tf, rel_err=err)
+            del dy, x, dqt, xqt, dw, ref, got
     if dev != "cuda":
         return
     # no host sync: CUDA's sync debug mode raises on any synchronising call

@@ -87,7 +87,7 @@ class FP8ExpertsFunction(torch.autograd.Function):
 
         from megatron_dsv3.fp8 import gemm
         fp8_grouped_gemm = partial(gemm.fp8_grouped_gemm, backend=ctx.grouped)
-        fp8_grouped_wgrad = gemm.fp8_grouped_wgrad
+        fp8_grouped_wgrad = partial(gemm.fp8_grouped_wgrad, backend=ctx.grouped)
         tiles, columns = quantizer("quantize_tiles"), quantizer("quantize_columns_grouped")
         deq = quantizer("dequantize_tiles")
         offs, offs_p, xt_q, xt_s, h1_q, h1_s, weight1, weight2 = ctx.saved_tensors
@@ -114,7 +114,7 @@ def fp8_expert_mlp(x, counts: torch.Tensor, weight1: torch.Tensor, weight2: torc
                    weight_cache: bool = False, grouped_gemm: str = "host_loop") -> torch.Tensor:
     """SwiGLU(x @ weight1[e]) @ weight2[e] per expert block in FP8. x [N, h] sorted by expert, or (rows, q, s) as
     dispatched in FP8 (module docstring); counts [E] -> [N, h]. weight_cache: fp8/weight_cache.py; grouped_gemm:
-    the Fprop/Dgrad grouped GEMM's backend (gemm.fp8_grouped_gemm)."""
+    the grouped GEMMs' backend (gemm.fp8_grouped_gemm / fp8_grouped_wgrad: host_loop | triton)."""
     x_fp8 = ()
     if not isinstance(x, torch.Tensor):
         x, *x_fp8 = x                                                                   # rows, q [N, h], s

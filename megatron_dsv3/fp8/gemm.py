@@ -29,8 +29,8 @@ Where the work runs:
   but within a chunk the tensor core's accumulator is narrower than FP32 (an FP32 sum would give 1e-7), exactly
   the paper's split. Operands whose sizes it does not take (_ALIGN) are zero-padded, never truncated.
   The grouped forms loop over experts on the host (the offsets are read once per call; experts whose row counts
-  are multiples of 4 go straight into _scaled_mm(out=...)); fp8_grouped_gemm(backend="triton") is instead one
-  Triton launch with the offsets on the device (fp8/grouped_gemm.py; FP8Config.grouped_gemm).
+  are multiples of 4 go straight into _scaled_mm(out=...)); backend="triton" makes each of them one Triton launch
+  with the offsets on the device instead (fp8/grouped_gemm.py; FP8Config.grouped_gemm).
 - elsewhere (CPU, float64 outputs, no block-scaled _scaled_mm): the emulation, the same arithmetic written plainly:
   for each 128-wide chunk of K, the float32 product of the e4m3 chunks (exact products) times that chunk's scales,
   added to a float32 accumulator. A float64 out_dtype computes all of it in float64 instead (the exact value of the
@@ -261,11 +261,17 @@ def fp8_grouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor
 
 def fp8_grouped_wgrad(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: torch.Tensor, x_st: torch.Tensor,
                       offs_padded: torch.Tensor, out_dtype: torch.dtype = torch.float32,
-                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      out: Optional[torch.Tensor] = None, backend: str = "host_loop") -> torch.Tensor:
     """The routed experts' Wgrad: dW[e] = deq(dy_qt[:, g_e]) @ deq(x_qt[:, g_e]).T, g_e = offs_padded[e-1]:
     offs_padded[e], the layout of quant.quantize_columns_grouped (dy_qt [N, Rp], dy_st [N, Rp/128], x_qt [K, Rp],
     x_st [K, Rp/128]; every offs_padded a multiple of 128). -> dW [E, N, K] out_dtype; an expert without tokens
-    gets zeros. `out` (an [E, N, K] tensor of out_dtype) is written in place when given."""
+    gets zeros. `out` (an [E, N, K] tensor of out_dtype) is written in place when given. backend as
+    fp8_grouped_gemm's: "triton" is fp8/grouped_gemm.py's one launch (offs_padded not read back, not validated)."""
+    if backend not in GROUPED_BACKENDS:
+        raise ValueError(f"backend must be one of {GROUPED_BACKENDS}, got {backend!r}")
+    if backend == "triton" and out_dtype != torch.float64 and (dy_qt.is_cuda or _triton_interpreted()):
+        from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_wgrad_triton
+        return fp8_grouped_wgrad_triton(dy_qt, dy_st, x_qt, x_st, offs_padded, out_dtype, out)
     (N, Rp), (K, Rp2) = dy_qt.shape, x_qt.shape
     if Rp != Rp2 or Rp % TILE:
         raise ValueError(f"dy_qt {tuple(dy_qt.shape)} and x_qt {tuple(x_qt.shape)} need the same token dim, a multiple "

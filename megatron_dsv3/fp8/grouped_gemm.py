@@ -20,6 +20,10 @@ order. BN = 128 so each program's columns sit in one 128-row block of B (one sca
 
 On CPU (Triton's interpreter, the test suite) the e4m3 bytes are decoded to float32 by their bits (exact) and the
 partial products are float32 dots (the output cast by torch: the interpreter truncates to bf16); on a GPU tl.dot takes the e4m3 operands directly (wgmma, FP32 accumulate).
+fp8_grouped_wgrad_triton is the experts' Wgrad in one launch too (gemm.fp8_grouped_wgrad's contract): grid
+(N/128, K/128, E), each program looping over its expert's 128-token blocks of the padded per-expert column layout
+(quant.quantize_columns_grouped), both operands scaled per 1x128 token tile; an expert without tokens gets zeros.
+
 `offs` must be non-decreasing within R (torch._grouped_mm's convention); it is not checked (a check would read it
 back). tests/fp8/test_grouped_gemm.py: against the emulation and float64, ragged and empty experts, the tail.
 """
@@ -38,7 +42,7 @@ try:
 except ImportError:
     HAVE_TRITON = False
 
-__all__ = ["fp8_grouped_gemm_triton", "tile_schedule"]
+__all__ = ["fp8_grouped_gemm_triton", "fp8_grouped_wgrad_triton", "tile_schedule"]
 
 
 def tile_schedule(offs: torch.Tensor, rows: int, block_m: int):
@@ -108,6 +112,96 @@ if HAVE_TRITON:
                 acc += part * sa[:, None] * sb                          # promotion: scale the chunk, add in FP32
         out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+if HAVE_TRITON:
+    @triton.jit
+    def _wgrad_block(acc, a_rows, b_rows, as_rows, bs_rows, tb, rmask, cmask, stride_ast, stride_bst,
+                     FP8_DOT: tl.constexpr, BK: tl.constexpr):
+        """acc += (A[:, tb] B[:, tb]^T) * a_scale[:, tb] b_scale[:, tb]^T for one 128-token block tb."""
+        kk = tb.to(tl.int64) * BK + tl.arange(0, BK)
+        a = tl.load(a_rows + kk[None, :], mask=rmask[:, None], other=0)                      # [BM, BK]
+        b = tl.load(b_rows + kk[None, :], mask=cmask[:, None], other=0)                      # [BN, BK]
+        if FP8_DOT:
+            part = tl.dot(a.to(tl.float8e4nv, bitcast=True), tl.trans(b.to(tl.float8e4nv, bitcast=True)))
+        else:
+            part = tl.dot(_e4m3_to_f32(a), tl.trans(_e4m3_to_f32(b)), input_precision="ieee")
+        sa = tl.load(as_rows + tb * stride_ast, mask=rmask, other=0.0)
+        sb = tl.load(bs_rows + tb * stride_bst, mask=cmask, other=0.0)
+        return acc + part * sa[:, None] * sb[None, :]
+
+    @triton.jit
+    def _wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, offs_ptr, M, N,
+                      stride_am, stride_asm, stride_ast, stride_bn, stride_bsn, stride_bst,
+                      stride_oe, stride_om, INTERPRET: tl.constexpr, FP8_DOT: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.program_id(2)
+        tb0 = tl.load(offs_ptr + e - 1, mask=e > 0, other=0) // BK
+        tb1 = tl.load(offs_ptr + e) // BK
+        rows = pid_m * BM + tl.arange(0, BM)
+        cols = pid_n * BN + tl.arange(0, BN)
+        rmask = rows < M
+        cmask = cols < N
+        a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am
+        b_rows = b_ptr + cols.to(tl.int64)[:, None] * stride_bn
+        as_rows = as_ptr + rows.to(tl.int64) * stride_asm
+        bs_rows = bs_ptr + cols.to(tl.int64) * stride_bsn
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if INTERPRET:            # the interpreter takes no loop bound loaded from memory in range(); a while loop
+            tb = tb0
+            while tb < tb1:
+                acc = _wgrad_block(acc, a_rows, b_rows, as_rows, bs_rows, tb, rmask, cmask, stride_ast, stride_bst,
+                                   FP8_DOT, BK)
+                tb += 1
+        else:                    # range() over the expert's token blocks: software-pipelined on the GPU
+            for tb in range(tb0, tb1):
+                acc = _wgrad_block(acc, a_rows, b_rows, as_rows, bs_rows, tb, rmask, cmask, stride_ast, stride_bst,
+                                   FP8_DOT, BK)
+        out = out_ptr + e.to(tl.int64) * stride_oe + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+def fp8_grouped_wgrad_triton(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: torch.Tensor, x_st: torch.Tensor,
+                             offs_padded: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+                             out: Optional[torch.Tensor] = None, num_warps: Optional[int] = None,
+                             num_stages: Optional[int] = None) -> torch.Tensor:
+    """gemm.fp8_grouped_wgrad's contract in one launch: dW[e] = deq(dy_qt[:, g_e]) deq(x_qt[:, g_e])^T over expert
+    e's 128-padded token columns g_e (quant.quantize_columns_grouped's layout), both operands in 1x128 tiles along
+    the tokens. Grid (N/128, K/128, E); each program walks its expert's token blocks, promoting each block's product
+    into FP32 with the two operands' scales (gemm.fp8_gemm_emulated's order). offs_padded stays on the device."""
+    if not HAVE_TRITON:
+        raise RuntimeError("fp8_grouped_wgrad_triton needs Triton")
+    (N, Rp), (K, Rp2) = dy_qt.shape, x_qt.shape
+    if dy_qt.dtype != FP8 or x_qt.dtype != FP8:
+        raise TypeError(f"dy_qt and x_qt must be float8_e4m3fn, got {dy_qt.dtype}, {x_qt.dtype}")
+    if Rp != Rp2 or Rp % TILE or tuple(dy_st.shape) != (N, Rp // TILE) or tuple(x_st.shape) != (K, Rp // TILE):
+        raise ValueError(f"dy_qt {tuple(dy_qt.shape)}, dy_st {tuple(dy_st.shape)}, x_qt {tuple(x_qt.shape)}, x_st "
+                         f"{tuple(x_st.shape)}: need the same token dim, a multiple of {TILE}, and 1x{TILE} scales")
+    E = offs_padded.numel()
+    if out is None:
+        out = torch.empty(E, N, K, dtype=out_dtype, device=dy_qt.device)
+    elif tuple(out.shape) != (E, N, K) or out.dtype != out_dtype or out.stride(2) != 1:
+        raise ValueError(f"out must be [E, N, K] = {(E, N, K)} {out_dtype} (K contiguous), got {tuple(out.shape)} "
+                         f"{out.dtype}")
+    if dy_qt.stride(1) != 1:
+        dy_qt = dy_qt.contiguous()
+    if x_qt.stride(1) != 1:
+        x_qt = x_qt.contiguous()
+    target = out
+    if not dy_qt.is_cuda and out_dtype != torch.float32:     # the interpreter truncates to bf16: torch rounds
+        target = torch.empty(E, N, K, dtype=torch.float32, device=out.device)
+    if E and N and K:
+        kw = dict(num_warps=num_warps or 8, num_stages=num_stages or 3) if dy_qt.is_cuda else {}
+        _wgrad_kernel[(triton.cdiv(N, TILE), triton.cdiv(K, TILE), E)](
+            dy_qt.view(torch.uint8), dy_st, x_qt.view(torch.uint8), x_st, target, offs_padded.to(torch.int32),
+            N, K, dy_qt.stride(0), dy_st.stride(0), dy_st.stride(1), x_qt.stride(0), x_st.stride(0), x_st.stride(1),
+            target.stride(0), target.stride(1), INTERPRET=not dy_qt.is_cuda, FP8_DOT=dy_qt.is_cuda,
+            BM=TILE, BN=TILE, BK=TILE, **kw)
+    if target is not out:
+        out.copy_(target)
+    return out
 
 
 def fp8_grouped_gemm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,

@@ -1,4 +1,4 @@
-"""The Triton grouped FP8 GEMM (fp8/grouped_gemm.py) against the float64 product of the dequantised operands, expert
+"""The Triton grouped FP8 GEMMs (fp8/grouped_gemm.py: Fprop/Dgrad and Wgrad) against the float64 product of the dequantised operands, expert
 by expert, and against gemm.py's grouped GEMM (the emulation on CPU, cuBLAS per expert on the H200). Runs on CPU
 through Triton's interpreter (fixture triton_device).
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from megatron_dsv3.fp8 import quant
-from megatron_dsv3.fp8.gemm import fp8_grouped_gemm
-from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_gemm_triton, tile_schedule
+from megatron_dsv3.fp8.gemm import fp8_grouped_gemm, fp8_grouped_wgrad
+from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_gemm_triton, fp8_grouped_wgrad_triton, tile_schedule
 
-from tests.fp8.test_gemm import _bound
+from tests.fp8.test_gemm import U32, _bound
 
 
 def _case(counts, N, K, tail=0, seed=0):
@@ -91,7 +91,7 @@ def test_shapes_are_checked():
 
 
 def test_fp8_experts_through_the_triton_grouped_gemm(triton_device, monkeypatch):
-    """FP8Config.grouped_gemm = "triton" end to end in the experts (Fprop h1, y; Dgrad da, dx): the same outputs and
+    """FP8Config.grouped_gemm = "triton" end to end in the experts (Fprop h1, y; Dgrad da, dx; Wgrad): the same outputs and
     gradients as the host loop up to the float32 summation order (bf16 outputs: a rounding flip, 2^-7 relative)."""
     from megatron_dsv3.fp8 import grouped_gemm
     from megatron_dsv3.fp8.experts import fp8_expert_mlp
@@ -99,6 +99,9 @@ def test_fp8_experts_through_the_triton_grouped_gemm(triton_device, monkeypatch)
     launches = []
     orig = grouped_gemm.fp8_grouped_gemm_triton
     monkeypatch.setattr(grouped_gemm, "fp8_grouped_gemm_triton", lambda *a, **k: (launches.append(1), orig(*a, **k))[1])
+    wgrads = []
+    orig_w = grouped_gemm.fp8_grouped_wgrad_triton
+    monkeypatch.setattr(grouped_gemm, "fp8_grouped_wgrad_triton", lambda *a, **k: (wgrads.append(1), orig_w(*a, **k))[1])
     g = torch.Generator().manual_seed(5)
     E, h, f = 3, 256, 128
     counts = torch.tensor([90, 0, 40])
@@ -117,6 +120,7 @@ def test_fp8_experts_through_the_triton_grouped_gemm(triton_device, monkeypatch)
         scale = b.abs().max().item()
         assert ((a - b).abs() <= 2 ** -7 * b.abs() + 1e-3 * scale).all(), ((a - b).abs().max().item(), scale)
     assert len(launches) == 4                               # h1, y (Fprop), da, dx (Dgrad): all four through it
+    assert len(wgrads) == 2                                 # dW1, dW2
 
 
 @pytest.mark.gpu
@@ -130,3 +134,44 @@ def test_triton_grouped_gemm_makes_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     _check_against_float64(out.cpu(), qa.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), offs.cpu(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("counts", [[70, 0, 200, 1], [0, 0, 128]])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_triton_grouped_wgrad_matches_float64_and_gemm_py(triton_device, counts, out_dtype):
+    """dW[e] = dy_e^T x_e over expert e's tokens in 128x1 tiles restarting at its first token; an expert without
+    tokens gets zeros (the output starts as garbage: torch.empty). Bound: test_gemm's wgrad bound."""
+    import math
+    g = torch.Generator().manual_seed(11)
+    N, K = 200, 136
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    R = int(offs[-1]) + 3
+    x = torch.randn(R, K, generator=g, dtype=torch.float64)
+    dy = torch.randn(R, N, generator=g, dtype=torch.float64) * torch.logspace(-2, 2, R, dtype=torch.float64)[:, None]
+    dqt, dst, offs_p = quant.quantize_columns_grouped(dy, offs)
+    xqt, xst, _ = quant.quantize_columns_grouped(x, offs)
+    dev = triton_device
+    out = torch.full((len(counts), N, K), float("nan"), dtype=out_dtype, device=dev)
+    dw = fp8_grouped_wgrad_triton(dqt.to(dev), dst.t().contiguous().t().to(dev), xqt.to(dev), xst.to(dev),
+                                  offs_p.to(dev), out_dtype, out=out)
+    assert dw is out
+    dw = dw.cpu()
+    ref = fp8_grouped_wgrad(dqt.to(dev), dst.to(dev), xqt.to(dev), xst.to(dev), offs_p.to(dev), out_dtype).cpu()
+    a = 0
+    for e, b in enumerate(offs.tolist()):
+        if b == a:
+            assert (dw[e] == 0).all()
+            continue
+        qd, sd = quant.quantize_columns(dy[a:b])
+        qx, sx = quant.quantize_columns(x[a:b])
+        D, X = (quant.dequantize_columns(qd, sd, dtype=torch.float64), quant.dequantize_columns(qx, sx,
+                                                                                               dtype=torch.float64))
+        exact, mag = D.T @ X, D.abs().T @ X.abs()
+        n = b - a
+        bound = (n + math.ceil(n / 128) + 3) * U32 * mag + (2.0 ** -9 * mag if dev == "cuda" else 0)
+        if out_dtype != torch.float32:
+            bound = bound + 2.0 ** -8 * (exact.abs() + bound)
+        assert ((dw[e].double() - exact).abs() <= bound + 1e-30).all(), f"expert {e}"
+        a = b
+    tol = 1e-5 if out_dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(dw.float(), ref.float(), rtol=tol, atol=1e-5 * ref.float().abs().max().item())

@@ -229,7 +229,7 @@ class _MegatronStep(_Step):
         self.overlap_chunks = [bool(o) and self.training for o in overlap_chunks]
         self.data_store: Dict[int, Any] = {}
         self.whole_b: set = set()            # last-stage B's run whole though the list splits them
-        self.unsplit_b = [norm_recompute_layers(m) > 0 for m in models]
+        self.recomputing = [norm_recompute_layers(m) > 0 for m in models]
         self.num_tokens = torch.zeros((), dtype=torch.int)
 
     def _records(self, c: int) -> bool:
@@ -299,10 +299,11 @@ class _MegatronStep(_Step):
     def backward(self, mb: int, c: int, split_w: bool) -> None:
         # the loss of a stream's last stage consumes its logits in place (cross_entropy.py on CUDA; megatron-core's
         # vocab-parallel cross entropy writes its saved softmax in place in backward), so that graph (head, MTP)
-        # cannot be walked twice: its backward is never split, its W is a no-op. Neither is a chunk whose layers
-        # recompute their norms through megatron-core's CheckpointWithoutOutput (--recompute-norms): its recompute
-        # hook refuses autograd.grad, which the split B uses
-        if split_w and (self._is_last(c) or self.unsplit_b[c]):
+        # cannot be walked twice: its backward is never split, its W is a no-op. Neither is a micro-batch's chunk
+        # that ran its plain forward while its layers recompute their norms (--recompute-norms): megatron-core's
+        # CheckpointWithoutOutput hook refuses autograd.grad, which the split B uses (run as overlap pieces, the
+        # norms are recomputed by overlap.py instead, which the split B can run)
+        if split_w and (self._is_last(c) or (self.recomputing[c] and (mb, c) not in self.runs)):
             self.whole_b.add((mb, c))
             split_w = False
         super().backward(mb, c, split_w)
@@ -316,25 +317,24 @@ class _MegatronStep(_Step):
 
 def norm_recompute_layers(model: nn.Module) -> int:
     """Layers of a chunk recomputing a norm with megatron-core's selective "layernorm" recompute
-    (DSV3Config.recompute_norms): their B cannot be split (autograd.grad), nor their MLP cut for Figure 4."""
+    (DSV3Config.recompute_norms): run through their plain forward, their B cannot be split (autograd.grad)."""
     return sum(1 for m in _unwrap(model).modules()
                if getattr(m, "recompute_pre_mlp_layernorm", False) or getattr(m, "recompute_input_layernorm", False))
 
 
-def _say_once(models: Sequence[nn.Module], variant: str, overlap: bool) -> None:
-    """One line at the first step, never silently: what --recompute-norms costs this schedule."""
+def _say_once(models: Sequence[nn.Module], variant: str, overlapped: Sequence[bool]) -> None:
+    """One line at the first step, never silently: what --recompute-norms costs this schedule where a chunk does
+    not run as overlap pieces (overlap off, or a stage without MoE layers)."""
     inner = [_unwrap(m) for m in models]
     if any(getattr(m, "_dsv3_schedule_noted", False) for m in inner):
         return
     for m in inner:
         object.__setattr__(m, "_dsv3_schedule_noted", True)
-    if not any(norm_recompute_layers(m) for m in models):
-        return
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(f"note: {variant} with --recompute-norms: layers recomputing their norms run their backward unsplit "
-              f"(no weight-gradient deferral: megatron-core's norm recompute refuses autograd.grad)"
-              + (" and are not cut for the Figure 4 overlap (their F&B pairs run F then B)" if overlap else ""),
-              flush=True)
+    plain = [c for c, m in enumerate(models) if norm_recompute_layers(m) and not overlapped[c]]
+    if plain and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        print(f"note: {variant} with --recompute-norms: chunks not run as overlap pieces (overlap off, or no MoE "
+              f"layer) run their backward unsplit (no weight-gradient deferral: megatron-core's norm recompute "
+              f"refuses autograd.grad)", flush=True)
 
 
 def supports_overlap(model: nn.Module) -> bool:
@@ -465,7 +465,7 @@ def _forward_backward(variant: str, *, forward_step_func, data_iterator, model, 
                          num_microbatches=m, collect_non_loss_data=collect_non_loss_data, first_mb_of_stream=first_mb,
                          overlap_chunks=[overlap and not forward_only and supports_overlap(c) for c in models])
     if not forward_only:
-        _say_once(models, variant, overlap)
+        _say_once(models, variant, step.overlap_chunks)
     grad = nullcontext() if not forward_only else torch.no_grad()
     with grad:
         step.run(ops)

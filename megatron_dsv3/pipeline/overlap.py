@@ -23,6 +23,15 @@ Design note.
   * Zero-bubble split. backward(split_w=True) computes per segment the gradients of its input leaves only
     (`autograd.grad`, graph retained); weight() then runs each compute segment's backward for the parameters. The
     communication halves hold no parameters (LayerStages contract), so W never re-enters an all-to-all.
+  * Norm recompute (section 3.2.2; DSV3Config.recompute_norms, megatron-core's selective "layernorm" recompute).
+    megatron-core's CheckpointWithoutOutput refills a discarded norm output from a hook that refuses
+    `autograd.grad` and `backward(inputs=)`, which the split backward uses. So while a layer with those flags runs
+    as pieces, `_NormRecompute` turns its flags off and puts its norms behind `_NormFn` (y = norm(x) without a
+    graph, only x kept; backward recomputes norm(x) and differentiates it), and a saved-tensors hook replaces every
+    tensor autograd would keep that shares y's storage (the MLA down-projections', router's and shared expert's
+    inputs, views included) by a recipe: recompute norm(x) without a graph (bit-identical: the same call) and
+    rebuild the view. The pre-MLP norm output also crosses cuts (the shared expert and the dispatch read it), so its
+    storage is freed once the MLP piece has read it; the segments keep it as an autograd handle only.
   * Devices. CPU: gloo's async work runs on its own threads while this thread computes. GPU (not run here): NCCL
     runs async_op collectives on ProcessGroupNCCL's own stream, and `Work.wait()` makes the current (compute) stream
     wait for it without blocking the host, so the host order above is the stream order. Each post is issued right
@@ -34,6 +43,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, runtime_checkable
+
+import weakref
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -59,40 +71,165 @@ class LayerStages(Protocol):
     def output(self, state: Dict[str, Any]) -> torch.Tensor: ...        # state["combined"] -> the layer output
 
 
+# ---- section 3.2.2's norm recompute, in a form the split backward can run -----------------------------------
+_NORM_FLAGS = (("recompute_input_layernorm", "input_layernorm"), ("recompute_pre_mlp_layernorm", "pre_mlp_layernorm"))
+
+
+class _NormFn(torch.autograd.Function):
+    """y = norm(x) without a graph; keeps x only. Backward recomputes norm(x) with a graph and returns the
+    gradients of x and the norm's parameters (so autograd.grad and backward(inputs=) route them as usual)."""
+
+    @staticmethod
+    def forward(ctx, norm, x, *params):
+        ctx.norm, ctx.params = norm, params
+        ctx.save_for_backward(x)
+        return norm(x)                                      # grad mode is off in a Function's forward
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        need = ctx.needs_input_grad[1:]
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(need[0])
+            wanted = [t for t, n in zip((xr,) + ctx.params, need) if n]
+            got = iter(torch.autograd.grad(ctx.norm(xr), wanted, grad, allow_unused=True) if wanted else ())
+        return (None,) + tuple(next(got) if n else None for n in need)
+
+
+class _Recipe:
+    """What a saved view of a norm output is replaced by: the norm, its input, and the view's geometry."""
+    __slots__ = ("norm", "x", "x_version", "size", "stride", "offset")
+
+    def __init__(self, norm, x, x_version, t):
+        self.norm, self.x, self.x_version = norm, x, x_version
+        self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
+
+    def rebuild(self) -> torch.Tensor:
+        if self.x._version != self.x_version:
+            raise RuntimeError("a recomputed norm's input was modified in place between forward and backward")
+        with torch.no_grad():
+            y = self.norm(self.x)                           # the forward's call (_NormFn), so the same bits
+        return y.as_strided(self.size, self.stride, self.offset)
+
+
+class _RecomputedNorm(nn.Module):
+    """Stands in for a layer's norm module while its pieces run (an nn.Module: megatron-core 0.19 checks)."""
+
+    def __init__(self, norm: nn.Module, owner: "_NormRecompute"):
+        super().__init__()
+        object.__setattr__(self, "norm", norm)              # not a submodule: the layer's names stay its own
+        object.__setattr__(self, "owner", owner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _NormFn.apply(self.norm, x, *self.norm.parameters())
+        self.owner.register(y, self.norm, x)
+        return y
+
+
+class _NormRecompute:
+    """A layer's norm outputs kept out of autograd's saved tensors (module doc, "Norm recompute"). Outputs are
+    recognised by storage (data pointer) while the output tensor itself lives (a weak reference: a freed
+    storage's address may be reused)."""
+
+    def __init__(self, layer: nn.Module, flags):
+        self.layer, self.flags = layer, list(flags)
+        self.stand_ins = {name: _RecomputedNorm(getattr(layer, name), self) for _, name in self.flags}
+        self.outputs: Dict[int, tuple] = {}                 # storage address -> (weakref(y), version, norm, x, x_version)
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> Optional["_NormRecompute"]:
+        flags = [(f, n) for f, n in _NORM_FLAGS if getattr(layer, f, False)]
+        return cls(layer, flags) if flags else None
+
+    def register(self, y: torch.Tensor, norm, x: torch.Tensor) -> None:
+        if y.is_contiguous() and y.storage_offset() == 0 and y.untyped_storage().nbytes() > 0:
+            self.outputs[y.untyped_storage().data_ptr()] = (weakref.ref(y), y._version, norm, x, x._version)
+
+    def _pack(self, t: torch.Tensor):
+        try:
+            entry = self.outputs.get(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):      # tensors without a storage
+            return t
+        if entry is None:
+            return t
+        y = entry[0]()
+        if y is None or t.dtype != y.dtype or t._version != entry[1]:
+            return t
+        return _Recipe(entry[2], entry[3], entry[4], t)
+
+    @staticmethod
+    def _unpack(packed):
+        return packed.rebuild() if isinstance(packed, _Recipe) else packed
+
+    @contextmanager
+    def active(self):
+        """While the layer's pieces run: megatron-core's flags off, the norms behind _NormFn, the hook on."""
+        modules = self.layer._modules
+        for flag, name in self.flags:
+            modules[name] = self.stand_ins[name]
+            setattr(self.layer, flag, False)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            for flag, name in self.flags:
+                modules[name] = self.stand_ins[name].norm
+                setattr(self.layer, flag, True)
+            self.outputs = {k: e for k, e in self.outputs.items() if e[0]() is not None}
+
+    def release(self, y: torch.Tensor) -> None:
+        """Frees a norm output that the cuts still reference (every saved copy of it is a recipe)."""
+        key = y.untyped_storage().data_ptr()
+        if key in self.outputs:
+            del self.outputs[key]
+            y.untyped_storage().resize_(0)
+
+
 class DSV3LayerStages:
     """megatron-core's TransformerLayer (our MLA as self_attention, DeepSeekMoE as mlp) as LayerStages: the same
-    calls as TransformerLayer.forward -> DeepSeekMoE.forward, cut at the MoE seams. The pre-MLP RMSNorm runs
-    without megatron-core's selective recompute (it would discard an output that crosses a segment boundary)."""
+    calls as TransformerLayer.forward -> DeepSeekMoE.forward, cut at the MoE seams. With megatron-core's norm
+    recompute flags, the norms are recomputed by _NormRecompute instead (module doc)."""
 
     def __init__(self, layer: nn.Module, **layer_kwargs):
         # layer_kwargs: what TransformerBlock passes every layer of this forward (attention_mask, rotary_pos_emb)
         self.layer, self.moe, self.kwargs = layer, layer.mlp, layer_kwargs
+        self.norms = _NormRecompute.of(layer)
+
+    def _recompute(self):
+        return nullcontext() if self.norms is None else self.norms.active()
 
     def attention(self, state):
-        h1, _ = self.layer._forward_attention(state["hidden"], **self.kwargs)   # input norm, MLA, residual [s, b, h]
-        u = self.layer.pre_mlp_layernorm(h1)                               # [s, b, h]
-        x, topk_idx, gates = self.moe.route(u)                             # [T', h], [T', k], [T', k]
+        with self._recompute():
+            h1, _ = self.layer._forward_attention(state["hidden"], **self.kwargs)   # input norm, MLA, residual
+            u = self.layer.pre_mlp_layernorm(h1)                               # [s, b, h]
+            x, topk_idx, gates = self.moe.route(u)                             # [T', h], [T', k], [T', k]
         return {"residual": h1, "normed": u, "tokens": x, "gates": gates, "plan": self.moe.plan(topk_idx)}
 
     def dispatch(self, state):
-        return self.moe.dispatch(state["tokens"], state["plan"], async_op=True)
+        with self._recompute():
+            return self.moe.dispatch(state["tokens"], state["plan"], async_op=True)
 
     def mlp(self, state):
-        return {"routed": self.moe.compute_experts(state["dispatched"], state["plan"]),
-                "shared": self.moe.shared(state["normed"])}
+        with self._recompute():
+            out = {"routed": self.moe.compute_experts(state["dispatched"], state["plan"]),
+                   "shared": self.moe.shared(state["normed"])}
+        if self.norms is not None:                         # the last read of u (and of its view, the tokens)
+            self.norms.release(state["normed"])
+        return out
 
     def combine(self, state):
         return self.moe.combine(state["routed"], state["plan"], state["gates"], async_op=True)
 
     def output(self, state):
         out = self.moe.finish(state["combined"], state["shared"], state["normed"].shape)
-        return self.layer._forward_post_mlp((out, None), state["residual"])
+        with self._recompute():                            # _forward_post_mlp with the flags off
+            return self.layer._forward_post_mlp((out, None), state["residual"])
 
 
 def layer_stages(layer: nn.Module, **layer_kwargs) -> Optional[LayerStages]:
     """The sub-stages of a layer: its own `overlap_stages(**layer_kwargs)`, ours for a TransformerLayer whose mlp is
     DeepSeekMoE, else None (the layer runs as one piece). Layers with megatron-core options that reach across the
-    cut (MLP recompute, the pre-MLP norm's selective recompute, activation offloading) are not split.
+    cut (MLP recompute, activation offloading) are not split; the norms' selective recompute is done our way.
     layer_kwargs: the layer's forward arguments besides the hidden states (attention_mask, rotary_pos_emb)."""
     own = getattr(layer, "overlap_stages", None)
     if own is not None:
@@ -102,27 +239,28 @@ def layer_stages(layer: nn.Module, **layer_kwargs) -> Optional[LayerStages]:
     if not (isinstance(mlp, DeepSeekMoE) and hasattr(layer, "_forward_attention")
             and hasattr(layer, "_forward_post_mlp")):
         return None
-    # recompute_pre_mlp_layernorm: _forward_post_mlp would discard a norm output that the MLP segment still reads
-    if any(getattr(layer, flag, False) for flag in ("recompute_mlp", "recompute_pre_mlp_layernorm",
-                                                    "offload_attn_norm", "offload_mlp_norm")):
+    if any(getattr(layer, flag, False) for flag in ("recompute_mlp", "offload_attn_norm", "offload_mlp_norm")):
         return None
     return DSV3LayerStages(layer, **layer_kwargs)
 
 
 class _Whole:
-    """A layer without sub-stages: one compute piece (megatron-core layers return (hidden, context))."""
+    """A layer without sub-stages: one compute piece (megatron-core layers return (hidden, context)). As a piece
+    (recompute=True), a layer with megatron-core's norm recompute flags recomputes them our way (module doc)."""
 
-    def __init__(self, layer: nn.Module, **layer_kwargs):
+    def __init__(self, layer: nn.Module, recompute: bool = False, **layer_kwargs):
         self.layer, self.kwargs = layer, layer_kwargs
+        self.norms = _NormRecompute.of(layer) if recompute else None
 
     def __call__(self, *inputs):
-        out = self.layer(*inputs, **self.kwargs)
+        with nullcontext() if self.norms is None else self.norms.active():
+            out = self.layer(*inputs, **self.kwargs)
         return out[0] if isinstance(out, tuple) and len(out) == 2 and not isinstance(out[1], torch.Tensor) else out
 
 
 def layer_piece(layer: nn.Module, **layer_kwargs):
     """One layer as a piece of a chunk: its LayerStages, else the whole layer as one compute piece."""
-    return layer_stages(layer, **layer_kwargs) or _Whole(layer, **layer_kwargs)
+    return layer_stages(layer, **layer_kwargs) or _Whole(layer, recompute=True, **layer_kwargs)
 
 
 class LayerStack(nn.Module):

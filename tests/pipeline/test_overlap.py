@@ -31,14 +31,15 @@ def test_pending_cut_splits_backward_at_the_post():
 H, S, BATCH = 32, 6, 2
 
 
-def _stack(ep: int, seed: int = 0):
+def _stack(ep: int, seed: int = 0, recompute_norms: bool = False):
     """[dense, MoE, MoE] DeepSeek-V3 layers (tiny, float64), the same seeded weights on every rank (each EP rank
-    holds its own slice of the experts, here filled with the same draws)."""
+    holds its own slice of the experts, here filled with the same draws). recompute_norms: megatron-core's
+    selective norm recompute flags on every layer (DSV3Config.recompute_norms)."""
     from megatron.core.transformer.spec_utils import build_module
     from megatron_dsv3.config import DSV3Config
     from megatron_dsv3.pipeline.overlap import LayerStack
     from megatron_dsv3.specs import get_layer_spec
-    cfg = DSV3Config.from_preset("tiny", hidden_size=H, moe=dict(
+    cfg = DSV3Config.from_preset("tiny", hidden_size=H, recompute_norms=recompute_norms, moe=dict(
         num_experts=8, top_k=3, n_group=4, topk_group=2, num_shared_experts=1, expert_ffn_hidden_size=16,
         seq_aux_loss_coeff=1e-2), parallel=dict(expert_model_parallel_size=ep))
     tc = cfg.to_transformer_config()
@@ -200,6 +201,114 @@ def test_dualpipev_step_with_overlap_equals_sequential_ep2():
             assert r["loss"] <= 1e-12 and r["grads"] <= 1e-12, (overlap, r)
         assert res[True]["fb"] > 0 and res[True]["interleaved"] == ["figure4"] * res[True]["fb"]
         assert res[False]["interleaved"] == []
+
+
+def _held_after_forward(run) -> int:
+    """Bytes a ChunkRun's forward leaves allocated (what autograd and the cuts keep), from the profiler's CPU
+    memory events: allocations minus frees while it ran."""
+    import gc
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run.run_forward()
+        gc.collect()
+    return sum(e.self_cpu_memory_usage for e in prof.events())
+
+
+def test_recompute_norms_split_pieces_equal_unsplit_and_keep_no_norm_outputs():
+    """Layers with megatron-core's norm recompute flags (DSV3Config.recompute_norms) run as pieces: overlap.py
+    recomputes the norms itself, so the split backward (autograd.grad per segment, then W by backward(inputs=))
+    runs, which megatron-core's CheckpointWithoutOutput refuses. Reference: the same weights without recompute, the
+    layers' own forward, one backward. Outputs bit-equal (the same norm call), input and parameter gradients
+    1e-12 (float64; segments sum in another association). Memory: the same pieces without recompute keep, per
+    norm, at least its output [s, b, h] more (autograd's saved inputs of MLA, router and shared expert, and the
+    pre-MLP norm output that crosses the cuts); the layers' flags and modules are restored."""
+    from megatron_dsv3.pipeline.overlap import ChunkRun, overlap_pieces
+    from megatron_dsv3.testing import single_process
+    gen = torch.Generator().manual_seed(5)
+    x, g = (torch.randn(S, BATCH, H, generator=gen, dtype=torch.float64) for _ in range(2))
+    with single_process():
+        ref = _stack(ep=1)
+        rx = x.clone().requires_grad_()
+        out = ref(rx)
+        out.backward(g)
+        ref_grads = _grads(ref)
+
+        m = _stack(ep=1, recompute_norms=True)
+        norms = [(type(l.input_layernorm), type(l.pre_mlp_layernorm)) for l in m.layers]
+        assert all(l.recompute_input_layernorm and l.recompute_pre_mlp_layernorm for l in m.layers)
+        for split_w in (True, False):
+            m.zero_grad(set_to_none=True)
+            pieces = overlap_pieces(m)
+            assert [type(p).__name__ for p in pieces] == ["_Whole", "DSV3LayerStages", "DSV3LayerStages"]
+            a = x.clone().requires_grad_()
+            run = ChunkRun(pieces, [a])
+            (y,) = run.run_forward()
+            assert torch.equal(y, out.detach())
+            run.run_backward([y], [g], split_w=split_w)
+            if split_w:
+                assert all(p.grad is None for p in m.parameters())       # B computed input gradients only
+                run.weight(list(m.parameters()))
+            assert float((a.grad - rx.grad).abs().max()) <= 1e-12
+            got = _grads(m)
+            assert got.keys() == ref_grads.keys()
+            for k in ref_grads:
+                assert float((got[k] - ref_grads[k]).abs().max()) <= 1e-12, (split_w, k)
+        assert all(l.recompute_input_layernorm and l.recompute_pre_mlp_layernorm for l in m.layers)
+        assert [(type(l.input_layernorm), type(l.pre_mlp_layernorm)) for l in m.layers] == norms
+
+        kept_plain = _held_after_forward(ChunkRun(overlap_pieces(ref), [x.clone().requires_grad_()]))
+        kept_recompute = _held_after_forward(ChunkRun(overlap_pieces(m), [x.clone().requires_grad_()]))
+    norm_outputs = 2 * len(m.layers) * S * BATCH * H * x.element_size()
+    assert kept_plain - kept_recompute >= norm_outputs, (kept_plain, kept_recompute, norm_outputs)
+
+
+def test_recomputed_norm_saved_views_rebuilt():
+    """overlap._NormRecompute: a consumer saving a view (transposed, offset) of a norm output gets the view
+    rebuilt from the recomputed norm; the gradient equals the plain one; an in-place change of the norm's input
+    between forward and backward is refused, not silently recomputed from the new values."""
+    import torch.nn as nn
+    from megatron_dsv3.norm import RMSNorm
+    from megatron_dsv3.pipeline.overlap import _NormRecompute
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.input_layernorm = RMSNorm(hidden_size=6).double()
+            self.recompute_input_layernorm = True
+
+    gen = torch.Generator().manual_seed(1)
+    layer, w = Layer(), torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        layer.input_layernorm.weight.copy_(torch.rand(6, generator=gen, dtype=torch.float64) + 0.5)
+    x0 = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+
+    def f(y):
+        return (y.t()[1:5, 2:5] @ w.t()).sin().sum()          # mm saves a strided view at an offset (for w's grad)
+
+    x = x0.clone().requires_grad_()
+    f(layer.input_layernorm(x)).backward()
+    want = (x.grad, layer.input_layernorm.weight.grad, w.grad)
+    layer.input_layernorm.weight.grad = w.grad = None
+    rec = _NormRecompute.of(layer)
+    packed = []
+    rec._pack = (lambda pack: lambda t: packed.append(pack(t)) or packed[-1])(rec._pack)
+    x = x0.clone().requires_grad_()
+    with rec.active():
+        assert not layer.recompute_input_layernorm
+        loss = f(layer.input_layernorm(x))
+    assert layer.recompute_input_layernorm and isinstance(layer.input_layernorm, RMSNorm)
+    assert sum(type(p).__name__ == "_Recipe" for p in packed) == 1
+    loss.backward()
+    got = (x.grad, layer.input_layernorm.weight.grad, w.grad)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+    x = x0.clone()                                            # a non-leaf input, changed in place after forward
+    with rec.active():
+        xi = x * 1.0
+        loss = f(layer.input_layernorm(xi))
+    xi.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
 
 
 class _Log(torch.autograd.Function):

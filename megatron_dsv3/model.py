@@ -257,7 +257,15 @@ class DSV3Model(LanguageModule):
         from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
         metadata = ensure_metadata_has_dp_cp_group(metadata)
-        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        # megatron-core >= 0.19's LanguageModule ties an MTP stage's embedding copy itself, reading self.embedding,
+        # which a DualPipe chunk sharing its rank's embedding does not have; the tie is done once, below, for
+        # every version
+        mtp_process = self.mtp_process
+        object.__setattr__(self, "mtp_process", False)
+        try:
+            sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        finally:
+            object.__setattr__(self, "mtp_process", mtp_process)
         sd.pop(f"{prefix}output_layer._extra_state", None)
         if self.placement is not None and self.placement.mirror:
             _second_replica(sd)           # DualPipe's mirror copy: the stage's main replica is on the other rank

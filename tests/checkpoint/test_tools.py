@@ -132,8 +132,12 @@ def test_bad_input_is_one_line_status_2_nothing_written(hf_tiny, fp32_round_trip
     _one_error_line(capsys, os.path.join(bad, "config.json"))
     # a damaged megatron-core checkpoint: the file is named
     mc = fp32_round_trip["mc"]
+    present = set(os.listdir(os.path.join(mc, "release")))
+    assert {"__0_0.distcp", ".metadata"} <= present, present
     for damaged, cut in (("__0_0.distcp", True), (".metadata", False), ("metadata.json", False),
                          ("common.pt", False)):
+        if damaged not in present:      # megatron-core 0.19 writes no common.pt for this model
+            continue
         d = str(tmp_path / f"mc-{damaged}")
         shutil.copytree(mc, d)
         f = os.path.join(d, "release", damaged)

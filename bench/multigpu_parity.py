@@ -373,7 +373,9 @@ def compare(run, layout, ref, got, resume_job, resume_res, steps):
         row["loss"] = f"{early:.1e} / {whole:.1e}" + ("" if same else " (ranks disagree)")
         ok &= loss_ok and same
         if not loss_ok:
-            row["notes"] += f"loss over tolerance {early_tol:g} / {all_tol:g}; "
+            first = next((i + 1 for i, d in enumerate(diffs) if d > early_tol), None)
+            row["notes"] += (f"loss over tolerance {early_tol:g} / {all_tol:g} (first step over {early_tol:g}: "
+                             f"{first}; diffs by step: {' '.join('%.0e' % d for d in diffs)}); ")
     # bias: bit-identical on every rank holding the layer, after every step
     diff_steps = set()
     for s in range(len(last["bias_digest"])):

@@ -4,7 +4,9 @@
                                                    power-of-2 scales -- the FP8 experts' own Fprop recipe for x
     payload = [q | s] [T', h + 4 h/128] uint8      one buffer, rows permuted by global expert [T*k, h + 4 h/128]
     all-to-all(payload)                            h + 4 h/128 bytes a row against 2h for BF16: 0.516x at h = 7168
-    FP8Rows(rows, q [N, h], s [N, h/128])          received, regrouped by local expert: the experts' Fprop operand
+    FP8Rows(rows, q [N, h], s [N, h/128], gates)   received, regrouped by local expert: the experts' Fprop operand
+                                                   and the rows' gates [N] float32 (moe/dispatch.py's side tensor:
+                                                   a small all-to-all of their own, their gradient sent back)
 
 The FP8 experts (fp8/experts.py) take q, s as they come (no second quantisation: quantising rows before or after
 a row permutation gives the same bytes, so Fprop and Dgrad are bit-identical to the BF16-dispatch FP8 path).
@@ -39,6 +41,7 @@ class FP8Rows(NamedTuple):
     rows: torch.Tensor      # [N, h] ghost in x's dtype (stride 0): carries the rows' gradient, never read
     q: torch.Tensor         # [N, h] float8_e4m3fn
     scale: torch.Tensor     # [N, ceil(h/128)] float32, powers of 2
+    gates: torch.Tensor     # [N] float32: each row's gate (the experts scale its SwiGLU output by it)
 
 
 def payload_bytes_per_row(h: int) -> int:
@@ -86,12 +89,13 @@ class _PayloadStart(_Start):
     Backward inherited: wait for the reverse all-to-all of the rows' gradient (posted by _Wait's backward)."""
 
     @staticmethod
-    def forward(ctx, ghost: torch.Tensor, comm: _Comm) -> torch.Tensor:
+    def forward(ctx, ghost: torch.Tensor, comm: _Comm, *side: torch.Tensor) -> torch.Tensor:
         payload, comm.payload = comm.payload, None
         comm.recv = payload.new_empty((sum(comm.out_splits), payload.shape[1]))
         comm.send = payload
         comm.work = dist.all_to_all_single(comm.recv, payload, comm.out_splits, comm.in_splits, group=comm.group,
                                            async_op=True)
+        comm.post_side(side)
         ctx.comm = comm
         return _ghost(ghost, sum(comm.out_splits))
 
@@ -104,28 +108,30 @@ def _unpack(payload: torch.Tensor, h: int, rows=None):
     return q.contiguous().view(FP8), s.contiguous().view(torch.float32)
 
 
-def fp8_dispatch(x: torch.Tensor, plan: DispatchPlan, async_op: bool = False):
-    """x [T, h] -> FP8Rows of this rank's expert input rows (a Pending with async_op), the FP8 counterpart of
-    moe.dispatch.dispatch: the same rows, in the same order."""
+def fp8_dispatch(x: torch.Tensor, plan: DispatchPlan, gates: torch.Tensor, async_op: bool = False):
+    """x [T, h], gates [T, k] -> FP8Rows of this rank's expert input rows and their gates (a Pending with async_op),
+    the FP8 counterpart of moe.dispatch.dispatch: the same rows, in the same order."""
     from megatron_dsv3.fp8.linear import quantizer
     h = x.shape[1]
     with torch.no_grad():
         q, s = quantizer("quantize_tiles")(x.detach(), pow2_scales=True)              # [T, h], [T, h/128]
     ghost = _GhostPermute.apply(x, plan.pos)                                         # [T*k, h]
+    g_sorted = gates.reshape(-1).index_select(0, plan.order)                          # [T*k]
     if plan.ep == 1:
         q, s = q.index_select(0, plan.token_of_row), s.index_select(0, plan.token_of_row)
-        p = Pending(ghost, then=lambda g: FP8Rows(g, q, s))              # cut() needs a tensor in flight
+        p = Pending(ghost, then=lambda g: FP8Rows(g, q, s, g_sorted))    # cut() needs a tensor in flight
         return p if async_op else p.wait()
     payload = torch.cat([q.view(torch.uint8), s.contiguous().view(torch.uint8)], dim=1)   # [T, h + 4 h/128]
     comm = _Comm(plan.recv_splits, plan.send_splits, plan.group)
     comm.payload = payload.index_select(0, plan.token_of_row)                         # [T*k, ...] by global expert
     regroup = plan.regroup
 
-    def received(g: torch.Tensor) -> FP8Rows:                                          # (src, e) -> (e, src)
+    def received(g: torch.Tensor, row_gates: torch.Tensor) -> FP8Rows:                # (src, e) -> (e, src)
         recv, comm.recv = comm.recv, None
-        return FP8Rows(_GhostRegroup.apply(g, regroup), *_unpack(recv, h, regroup))
+        return FP8Rows(_GhostRegroup.apply(g, regroup), *_unpack(recv, h, regroup),
+                       row_gates.index_select(0, regroup))
 
-    p = Pending(_PayloadStart.apply(ghost, comm), comm, then=received)
+    p = Pending(_PayloadStart.apply(ghost, comm, g_sorted), comm, then=received)
     return p if async_op else p.wait()
 
 
@@ -140,6 +146,12 @@ class FP8DispatchMoE(DeepSeekMoE):
             raise ValueError(f"FP8DispatchMoE sends the tokens in FP8 for FP8GroupedExperts, got "
                              f"{type(self.experts).__name__}: keep FP8Config.dispatch_fp8 for FP8 experts only")
 
-    def dispatch(self, x: torch.Tensor, plan: DispatchPlan, async_op: bool = False):
-        """[T', h] -> FP8Rows of this rank's expert input rows (a Pending with async_op)."""
-        return fp8_dispatch(x, plan, async_op=async_op)
+    def dispatch(self, x: torch.Tensor, plan: DispatchPlan, gates: torch.Tensor, async_op: bool = False):
+        """[T', h], gates [T', k] -> FP8Rows of this rank's expert input rows and their gates (a Pending with
+        async_op)."""
+        return fp8_dispatch(x, plan, gates, async_op=async_op)
+
+    def compute_experts(self, rows: FP8Rows, plan: DispatchPlan) -> torch.Tensor:
+        """FP8Rows (or the list the overlap executor makes of it) -> the gate-scaled expert outputs [N, h]."""
+        ghost, q, s, gates = rows
+        return self.experts((ghost, q, s), plan.local_counts, gates)

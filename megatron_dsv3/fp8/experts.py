@@ -4,11 +4,13 @@
 Per expert e, on its rows (x sorted by local expert, offs = cumulative counts), W1 = weight1[e] [h, 2f], W2 = weight2[e]:
 
     Fprop  h1 = x @ W1              x in 1x128 tiles, power-of-2 scales (section 3.3.3: the MoE up-projection's input)
-           a  = SwiGLU(h1)          h1 kept for backward in FP8 (1x128 tiles); a is not kept, it is recomputed
+           a  = g * SwiGLU(h1)      g [N]: the rows' gates (row_scale; moe/dispatch.py), applied before a's FP8
+                                    quantisation as in the BF16 experts; h1 kept for backward in FP8 (1x128 tiles);
+                                    a is not kept, it is recomputed
            y  = a @ W2              a in 1x128 tiles
     Dgrad  da  = dy @ W2^T          dy in 1x128 tiles, power-of-2 scales (the activation gradient before the
                                     down-projection, section 3.3.3)
-           dh1 = SwiGLU'(h1) da     from the FP8 copy of h1, which also gives a again
+           dh1 = g SwiGLU'(h1) da   from the FP8 copy of h1, which also gives a again and dg = <da, SwiGLU(h1)>
            dx  = dh1 @ W1^T         dh1 in 1x128 tiles
     Wgrad  dW2 = a^T @ dy, dW1 = x^T @ dh1: contracted over each expert's tokens, both operands in 128x1 tiles that
            restart at the expert's first row (quant.quantize_columns_grouped; gemm.fp8_grouped_wgrad)
@@ -47,19 +49,21 @@ def expert_weight_blocks(w: torch.Tensor, transposed: bool, cache: bool = False)
     return both[2:] if transposed else both[:2]
 
 
-def _swiglu_and_grad(h1: torch.Tensor, da: torch.Tensor):
-    """(SwiGLU(h1), dh1 = SwiGLU'(h1)^T da) through moe.kernels.swiglu's own backward (Triton on CUDA)."""
+def _swiglu_and_grad(h1: torch.Tensor, da: torch.Tensor, row_scale=None):
+    """(a = g SwiGLU(h1), dh1, dg = <da, SwiGLU(h1)> per row, float32; None without g) through moe.kernels.swiglu's
+    own backward (Triton on CUDA)."""
     with torch.enable_grad():
         h1 = h1.detach().requires_grad_()
-        a = swiglu(h1)
-        (dh1,) = torch.autograd.grad(a, h1, da)
-    return a.detach(), dh1
+        g = None if row_scale is None else row_scale.detach().requires_grad_()
+        a = swiglu(h1, g)
+        grads = torch.autograd.grad(a, [h1] if g is None else [h1, g], da)
+    return a.detach(), grads[0], (grads[1] if g is not None else None)
 
 
 class FP8ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
-                x_q=None, x_s=None, weight_cache: bool = False, grouped: str = "host_loop"):
+                x_q=None, x_s=None, weight_cache: bool = False, grouped: str = "host_loop", row_scale=None):
         from functools import partial
 
         from megatron_dsv3.fp8 import gemm
@@ -73,11 +77,11 @@ class FP8ExpertsFunction(torch.autograd.Function):
         else:                                   # dispatched in FP8: x is the gradient's stand-in, never read
             x = quantizer("dequantize_tiles")(x_q, x_s, dtype=x.dtype)                 # exact (e4m3 x 2^n)
         h1 = fp8_grouped_gemm(x_q, x_s, *w1t, offs, out_dtype=x.dtype)                # [N, 2f]
-        a = swiglu(h1)                                                                  # [N, f]
+        a = swiglu(h1, row_scale)                                                       # [N, f] = g SwiGLU(h1)
         y = fp8_grouped_gemm(*tiles(a), *w2t, offs, out_dtype=x.dtype)                 # [N, h]
         h1_q, h1_s = tiles(h1)                                                          # SwiGLU input, FP8
         xt_q, xt_s, offs_p = columns(x, offs, pow2_scales=True)                         # [h, Np]: Wgrad operand
-        ctx.save_for_backward(offs, offs_p, xt_q, xt_s, h1_q, h1_s, weight1, weight2)
+        ctx.save_for_backward(offs, offs_p, xt_q, xt_s, h1_q, h1_s, weight1, weight2, row_scale)
         ctx.x_dtype, ctx.weight_cache, ctx.grouped = x.dtype, weight_cache, grouped
         return y
 
@@ -90,14 +94,14 @@ class FP8ExpertsFunction(torch.autograd.Function):
         fp8_grouped_wgrad = partial(gemm.fp8_grouped_wgrad, backend=ctx.grouped)
         tiles, columns = quantizer("quantize_tiles"), quantizer("quantize_columns_grouped")
         deq = quantizer("dequantize_tiles")
-        offs, offs_p, xt_q, xt_s, h1_q, h1_s, weight1, weight2 = ctx.saved_tensors
+        offs, offs_p, xt_q, xt_s, h1_q, h1_s, weight1, weight2, row_scale = ctx.saved_tensors
         dt = ctx.x_dtype
         dy = dy.contiguous()
         # down-projection: Dgrad (dy pow2 1x128 x W2's blocks), then Wgrad from the recomputed SwiGLU output
         w2_q, w2_s = expert_weight_blocks(weight2, False, ctx.weight_cache)            # [E, f, h] blocks
         dy_q, dy_s = tiles(dy, pow2_scales=True)
         da = fp8_grouped_gemm(dy_q, dy_s, w2_q, w2_s, offs, out_dtype=dt)              # [N, f]
-        a, dh1 = _swiglu_and_grad(deq(h1_q, h1_s, dtype=dt), da)                        # [N, f], [N, 2f]
+        a, dh1, dg = _swiglu_and_grad(deq(h1_q, h1_s, dtype=dt), da, row_scale)        # [N, f], [N, 2f], [N]
         dyt_q, dyt_s, _ = columns(dy, offs, pow2_scales=True)                           # [h, Np]
         at_q, at_s, _ = columns(a, offs)                                                # [f, Np]
         dw2 = fp8_grouped_wgrad(dyt_q, dyt_s, at_q, at_s, offs_p)                       # [E, h, f] = (a^T dy)^T
@@ -107,23 +111,27 @@ class FP8ExpertsFunction(torch.autograd.Function):
         dx = fp8_grouped_gemm(*tiles(dh1), w1_q, w1_s, offs, out_dtype=dt)             # [N, h]
         dh1t_q, dh1t_s, _ = columns(dh1, offs)                                          # [2f, Np]
         dw1 = fp8_grouped_wgrad(dh1t_q, dh1t_s, xt_q, xt_s, offs_p)                     # [E, 2f, h] = (x^T dh1)^T
-        return (dx, None, dw1.transpose(1, 2).to(weight1.dtype), dw2.transpose(1, 2).to(weight2.dtype), None, None, None, None)
+        return (dx, None, dw1.transpose(1, 2).to(weight1.dtype), dw2.transpose(1, 2).to(weight2.dtype), None, None,
+                None, None, dg)
 
 
 def fp8_expert_mlp(x, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
-                   weight_cache: bool = False, grouped_gemm: str = "host_loop") -> torch.Tensor:
-    """SwiGLU(x @ weight1[e]) @ weight2[e] per expert block in FP8. x [N, h] sorted by expert, or (rows, q, s) as
-    dispatched in FP8 (module docstring); counts [E] -> [N, h]. weight_cache: fp8/weight_cache.py; grouped_gemm:
-    the grouped GEMMs' backend (gemm.fp8_grouped_gemm / fp8_grouped_wgrad: host_loop | triton)."""
+                   weight_cache: bool = False, grouped_gemm: str = "host_loop", row_scale=None) -> torch.Tensor:
+    """(row_scale * SwiGLU(x @ weight1[e])) @ weight2[e] per expert block in FP8. x [N, h] sorted by expert, or
+    (rows, q, s) as dispatched in FP8 (module docstring); counts [E]; row_scale [N] float32 (the rows' gates) or
+    None -> [N, h]. weight_cache: fp8/weight_cache.py; grouped_gemm: the grouped GEMMs' backend
+    (gemm.fp8_grouped_gemm / fp8_grouped_wgrad: host_loop | triton)."""
     x_fp8 = ()
     if not isinstance(x, torch.Tensor):
         x, *x_fp8 = x                                                                   # rows, q [N, h], s
     if x.shape[0] == 0:
         # as padded_swiglu: keep the graph (DDP wants the weights' zero gradients; the dispatch's backward is a
         # collective every EP rank must join)
-        return 0 * x + 0 * (weight1.sum() + weight2.sum())
+        out = 0 * x + 0 * (weight1.sum() + weight2.sum())
+        return out if row_scale is None else out + 0 * row_scale.sum()
     x_q, x_s = x_fp8 if x_fp8 else (None, None)
-    return FP8ExpertsFunction.apply(x, counts, weight1, weight2, x_q, x_s, bool(weight_cache), grouped_gemm)
+    return FP8ExpertsFunction.apply(x, counts, weight1, weight2, x_q, x_s, bool(weight_cache), grouped_gemm,
+                                    row_scale)
 
 
 class FP8GroupedExperts(GroupedExperts):
@@ -131,7 +139,7 @@ class FP8GroupedExperts(GroupedExperts):
     fp8_weight_cache = True                  # fp8/weight_cache.py; weight_cache.configure sets both from FP8Config
     fp8_grouped_gemm = "host_loop"           # FP8Config.grouped_gemm
 
-    def expert_mlp(self, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor,
-                   weight2: torch.Tensor) -> torch.Tensor:
+    def expert_mlp(self, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
+                   row_scale=None) -> torch.Tensor:
         return fp8_expert_mlp(x, counts, weight1, weight2, weight_cache=self.fp8_weight_cache,
-                              grouped_gemm=self.fp8_grouped_gemm)
+                              grouped_gemm=self.fp8_grouped_gemm, row_scale=row_scale)

@@ -4,7 +4,9 @@ Layout (per EP rank; local expert e is global expert ep_rank * E_local + e):
     weight1 [E_local, h, 2f]   x @ weight1[e] = [gate | up]   (HF gate_proj.weight = weight1[e, :, :f].T,
                                                                up_proj.weight = weight1[e, :, f:].T)
     weight2 [E_local, f, h]    (HF down_proj.weight = weight2[e].T)
-Tokens arrive sorted by local expert with `counts` [E_local] tokens each. Fast path: torch._grouped_mm (CUDA,
+Tokens arrive sorted by local expert with `counts` [E_local] tokens each, and with their gates g [N] (row_scale):
+each row's output is g * SwiGLU(x W1) W2, the gate applied to the SwiGLU output before the down-projection
+(moe/dispatch.py says why; kernels.swiglu fuses it and returns dg). Fast path: torch._grouped_mm (CUDA,
 bf16, 16-byte aligned rows); elsewhere a padded batched matmul ([E_local, max count, h] @ [E_local, h, 2f]).
 `experts_loop_reference` is the plain per-expert loop both are tested against.
 """
@@ -23,12 +25,14 @@ __all__ = ["GroupedExperts", "grouped_swiglu", "padded_swiglu", "experts_loop_re
 
 
 def experts_loop_reference(x: torch.Tensor, counts: Sequence[int], weight1: torch.Tensor,
-                           weight2: torch.Tensor) -> torch.Tensor:
-    """The plain reference: one SwiGLU per expert over its contiguous block of tokens. x [N, h] -> [N, h]."""
+                           weight2: torch.Tensor, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The plain reference: one SwiGLU per expert over its contiguous block of tokens, each output row times its
+    row_scale (None: 1). x [N, h] -> [N, h]."""
     outs, start = [], 0
     for e, n in enumerate(int(c) for c in counts):
         gate, up = (x[start:start + n] @ weight1[e]).chunk(2, dim=-1)                 # [n, f] each
-        outs.append((F.silu(gate) * up) @ weight2[e])                                  # [n, h]
+        y = (F.silu(gate) * up) @ weight2[e]                                           # [n, h]
+        outs.append(y if row_scale is None else y * row_scale[start:start + n, None].to(y.dtype))
         start += n
     return torch.cat(outs, dim=0) if outs else x.new_zeros(0, weight2.shape[-1])
 
@@ -40,30 +44,36 @@ def can_use_grouped_mm(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Te
             and all(d % 8 == 0 for d in (weight1.shape[1], weight1.shape[2], weight2.shape[1], weight2.shape[2])))
 
 
-def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm path: x [N, h] sorted by expert, counts [E_local] (on x's device) -> [N, h]."""
+def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
+                   row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """torch._grouped_mm path: x [N, h] sorted by expert, counts [E_local] (on x's device), row_scale [N] -> [N, h]."""
     offs = torch.cumsum(counts, dim=0).to(torch.int32)                                 # group end offsets
     h1 = torch._grouped_mm(x, weight1, offs=offs)                                      # [N, 2f] = [gate | up]
-    return torch._grouped_mm(swiglu(h1), weight2, offs=offs)                           # [N, h]
+    return torch._grouped_mm(swiglu(h1, row_scale), weight2, offs=offs)                # [N, h]
 
 
 def padded_swiglu(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
-                  max_count: Optional[int] = None) -> torch.Tensor:
+                  row_scale: Optional[torch.Tensor] = None, max_count: Optional[int] = None) -> torch.Tensor:
     """Batched path for any device/dtype: scatter into [E_local, C, h] (C = largest count), two bmm's, gather.
-    Padding rows are zero, so they produce zero output and zero gradient."""
+    Padding rows are zero (scale 0), so they produce zero output and zero gradient."""
     N, h = x.shape
     E = weight1.shape[0]
     if N == 0:
         # keep the graph: DDP wants the weights' (zero) gradients, and the dispatch all-to-all's backward is a
         # collective that must run on every EP rank, also on one that received no token ([0, h] from x)
-        return 0 * x + 0 * (weight1.sum() + weight2.sum())
+        out = 0 * x + 0 * (weight1.sum() + weight2.sum())
+        return out if row_scale is None else out + 0 * row_scale.sum()
     C = int(counts.max()) if max_count is None else max_count
     expert = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=N)        # [N]
     starts = torch.cumsum(counts, dim=0) - counts                                                       # [E]
     pos = torch.arange(N, device=x.device) - starts[expert]                                            # [N]
     padded = x.new_zeros(E, C, h).index_put((expert, pos), x)                                          # [E, C, h]
-    gate, up = torch.bmm(padded, weight1).chunk(2, dim=-1)                                             # [E, C, f]
-    out = torch.bmm(F.silu(gate) * up, weight2)                                                         # [E, C, h]
+    h1 = torch.bmm(padded, weight1)                                                                     # [E, C, 2f]
+    s = None
+    if row_scale is not None:
+        s = row_scale.new_zeros(E, C).index_put((expert, pos), row_scale).view(E * C)                  # [E*C]
+    a = swiglu(h1.view(E * C, -1), s).view(E, C, -1)                                                   # [E, C, f]
+    out = torch.bmm(a, weight2)                                                                         # [E, C, h]
     return out[expert, pos]                                                                             # [N, h]
 
 
@@ -109,17 +119,18 @@ class GroupedExperts(MegatronModule):
             self.weight1[e].copy_(w1)
             self.weight2[e].copy_(w2)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [N, h] sorted by local expert, counts [E_local] -> [N, h]."""
-        return self.expert_mlp(x, counts, self.weight1, self.weight2)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [N, h] sorted by local expert, counts [E_local], row_scale [N] (the rows' gates) -> [N, h]."""
+        return self.expert_mlp(x, counts, self.weight1, self.weight2, row_scale)
 
-    def expert_mlp(self, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor,
-                   weight2: torch.Tensor) -> torch.Tensor:
-        """THE expert GEMM hook: SwiGLU(x @ weight1[e]) @ weight2[e] per expert block. A subclass replaces this one
-        method to change the GEMMs' precision (the FP8 experts) and nothing else."""
+    def expert_mlp(self, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
+                   row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """THE expert GEMM hook: (row_scale * SwiGLU(x @ weight1[e])) @ weight2[e] per expert block (row_scale [N]
+        float32 or None). A subclass replaces this one method to change the GEMMs' precision (the FP8 experts) and
+        nothing else."""
         if can_use_grouped_mm(x, weight1, weight2):
-            return grouped_swiglu(x, counts, weight1, weight2)
-        return padded_swiglu(x, counts, weight1, weight2)
+            return grouped_swiglu(x, counts, weight1, weight2, row_scale)
+        return padded_swiglu(x, counts, weight1, weight2, row_scale)
 
     @staticmethod
     def _group_rank(group, name: str) -> int:

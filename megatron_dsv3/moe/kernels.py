@@ -1,20 +1,21 @@
-"""Triton kernels of the MoE permutation, beside their plain-torch references (dispatch.py uses whichever fits).
+"""Triton kernels of the MoE permutation and the experts' SwiGLU, beside their plain-torch references.
 
-Both directions of the token <-> expert-row permutation reduce to two row operations, where `pos` [T*k] gives, for
-choice (t, j) (flat index t*k + j), its row in the expert-sorted order (the inverse of DispatchPlan.order):
+Both directions of the token <-> expert-row permutation are one row operation and a gather, where `pos` [T*k] gives,
+for choice (t, j) (flat index t*k + j), its row in the expert-sorted order (the inverse of DispatchPlan.order):
 
-    sum_rows(src [R, h], pos, w [T, k] | None) -> out [T, h]      out[t] = sum_j w[t, j] * src[pos[t*k + j]]
-        the combine's forward (w = gates) and the dispatch permutation's backward (w = None: a plain sum)
-    scatter_rows(dout [T, h], pos, w) -> (dsrc [R, h], dw [T, k])  dsrc[pos[t*k + j]] = w[t, j] * dout[t];
-                                                                   dw[t, j] = <dout[t], src[pos[t*k + j]]>
-        the combine's backward
+    sum_rows(src [R, h], pos, T) -> out [T, h]      out[t] = sum_j src[pos[t*k + j]]
+        the (unweighted) combine's forward and the dispatch permutation's backward; their other directions are
+        gathers (index_select)
 
 Each output row is written by exactly one program, with float32 accumulation in registers: no atomics, no float32
-copy of [T, k, h] in memory (the references below materialise what the kernels avoid; tests compare them).
+copy of [T, k, h] in memory (the reference below materialises what the kernel avoids; tests compare them).
 
-And the experts' SwiGLU on the first GEMM's output h1 = [gate | up] [N, 2f] (DeepSeek-V3's FFN):
+And the experts' SwiGLU on the first GEMM's output h1 = [gate | up] [N, 2f] (DeepSeek-V3's FFN), each row scaled by
+its gate g (so the down-projection computes g * FFN(x) and the combine is a plain sum: sum_j g_j (a_j W2) =
+sum_j (g_j a_j) W2):
 
-    swiglu(h1) -> silu(gate) * up [N, f]; its backward recomputes silu from h1 (saved: h1 only, the GEMM's output)
+    swiglu(h1, g) -> g[:, None] * silu(gate) * up [N, f]; its backward recomputes silu from h1 (saved: h1 and g)
+                     and gives dg_n = <dout_n, silu(gate_n) * up_n> as one float32 dot per row
 """
 from __future__ import annotations
 
@@ -30,73 +31,31 @@ except ImportError:  # CPU machines: the torch references are used
     HAVE_TRITON = False
 
 
-# ---- plain-torch references --------------------------------------------------------------------------------------
-def sum_rows_reference(src: torch.Tensor, pos: torch.Tensor, T: int, w: Optional[torch.Tensor] = None,
-                       chunk: int = 4096) -> torch.Tensor:
-    """out[t] = sum_j w[t, j] * src[pos[t*k + j]], float32 (float64 stays) products and sums, in chunks of tokens."""
-    k = pos.numel() // T
+# ---- plain-torch reference ---------------------------------------------------------------------------------------
+def sum_rows_reference(src: torch.Tensor, pos: torch.Tensor, T: int, chunk: int = 4096) -> torch.Tensor:
+    """out[t] = sum_j src[pos[t*k + j]], float32 (float64 stays) sums, in chunks of tokens."""
+    k = pos.numel() // T if T else 0
     acc_dtype = torch.promote_types(src.dtype, torch.float32)
     out = torch.empty(T, src.shape[1], dtype=src.dtype, device=src.device)
     for a in range(0, T, chunk):
         b = min(a + chunk, T)
         rows = src.index_select(0, pos[a * k:b * k]).view(b - a, k, -1).to(acc_dtype)    # [t, k, h]
-        if w is not None:
-            rows = rows * w[a:b].to(acc_dtype).unsqueeze(-1)
         out[a:b] = rows.sum(1).to(src.dtype)
     return out
-
-
-def scatter_rows_reference(dout: torch.Tensor, src: torch.Tensor, pos: torch.Tensor, w: torch.Tensor,
-                           chunk: int = 4096) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(dsrc [R, h], dw [T, k]) of out = sum_rows(src, pos, w)."""
-    T, k = w.shape
-    acc_dtype = torch.promote_types(src.dtype, torch.float32)
-    dsrc = torch.empty_like(src)
-    dw = torch.empty(T, k, dtype=acc_dtype, device=src.device)
-    for a in range(0, T, chunk):
-        b = min(a + chunk, T)
-        p = pos[a * k:b * k]
-        d = dout[a:b].to(acc_dtype).unsqueeze(1)                                           # [t, 1, h]
-        dsrc[p] = (d * w[a:b].to(acc_dtype).unsqueeze(-1)).reshape(-1, src.shape[1]).to(src.dtype)
-        dw[a:b] = (d * src.index_select(0, p).view(b - a, k, -1).to(acc_dtype)).sum(-1)
-    return dsrc, dw
 
 
 # ---- Triton --------------------------------------------------------------------------------------------------------
 if HAVE_TRITON:
     @triton.jit
-    def _sum_rows_kernel(src_ptr, pos_ptr, w_ptr, out_ptr, H, K: tl.constexpr, HAS_W: tl.constexpr,
-                         BLOCK: tl.constexpr):
+    def _sum_rows_kernel(src_ptr, pos_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr):
         t = tl.program_id(0)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < H
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for j in tl.static_range(K):
             r = tl.load(pos_ptr + t * K + j).to(tl.int64)
-            v = tl.load(src_ptr + r * H + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_W:
-                v = v * tl.load(w_ptr + t * K + j).to(tl.float32)
-            acc += v
+            acc += tl.load(src_ptr + r * H + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + t.to(tl.int64) * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _scatter_rows_kernel(dout_ptr, src_ptr, pos_ptr, w_ptr, dsrc_ptr, dw_ptr, H: tl.constexpr,
-                             K: tl.constexpr, BLOCK: tl.constexpr):
-        # H is constexpr (one compile per hidden size): a runtime loop bound also fails in Triton's interpreter
-        # under numpy 2
-        t = tl.program_id(0).to(tl.int64)
-        for j in tl.static_range(K):
-            r = tl.load(pos_ptr + t * K + j).to(tl.int64)
-            g = tl.load(w_ptr + t * K + j).to(tl.float32)
-            dot = tl.zeros([BLOCK], dtype=tl.float32)
-            for h0 in range(0, H, BLOCK):
-                offs = h0 + tl.arange(0, BLOCK)
-                mask = offs < H
-                d = tl.load(dout_ptr + t * H + offs, mask=mask, other=0.0).to(tl.float32)
-                v = tl.load(src_ptr + r * H + offs, mask=mask, other=0.0).to(tl.float32)
-                tl.store(dsrc_ptr + r * H + offs, (g * d).to(dsrc_ptr.dtype.element_ty), mask=mask)
-                dot += d * v
-            tl.store(dw_ptr + t * K + j, tl.sum(dot, axis=0))
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -105,101 +64,142 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return HAVE_TRITON and all(t.is_cuda for t in tensors) and tensors[0].dtype != torch.float64
 
 
-def sum_rows(src: torch.Tensor, pos: torch.Tensor, T: int, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sum_rows(src: torch.Tensor, pos: torch.Tensor, T: int) -> torch.Tensor:
     if not use_triton(src, pos):
-        return sum_rows_reference(src, pos, T, w)
-    return sum_rows_triton(src, pos, T, w)
+        return sum_rows_reference(src, pos, T)
+    return sum_rows_triton(src, pos, T)
 
 
-def sum_rows_triton(src: torch.Tensor, pos: torch.Tensor, T: int, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sum_rows_triton(src: torch.Tensor, pos: torch.Tensor, T: int) -> torch.Tensor:
     src, pos = src.contiguous(), pos.contiguous()
-    H, K = src.shape[1], pos.numel() // T
+    H = src.shape[1]
     out = torch.empty(T, H, dtype=src.dtype, device=src.device)
     if T:
         BLOCK = 1024
-        _sum_rows_kernel[(T, triton.cdiv(H, BLOCK))](src, pos, w.contiguous() if w is not None else pos, out, H,
-                                                     K=K, HAS_W=w is not None, BLOCK=BLOCK)
+        _sum_rows_kernel[(T, triton.cdiv(H, BLOCK))](src, pos, out, H, K=pos.numel() // T, BLOCK=BLOCK)
     return out
 
 
-def scatter_rows(dout: torch.Tensor, src: torch.Tensor, pos: torch.Tensor,
-                 w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    if not use_triton(dout, src, pos):
-        return scatter_rows_reference(dout, src, pos, w)
-    return scatter_rows_triton(dout, src, pos, w)
+# ---- SwiGLU on [gate | up], each row scaled by its gate -------------------------------------------------------------
+def swiglu_reference(h1: torch.Tensor, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[N, 2f] -> s_n * silu(h1[:, :f]) * h1[:, f:] [N, f] (plain torch; autograd gives its backward). row_scale
+    s [N] (float32, the rows' gates) or None (s = 1); products in float32 (float64 stays), one rounding to h1's
+    dtype."""
+    acc = torch.promote_types(h1.dtype, torch.float32)
+    gate, up = h1.to(acc).chunk(2, dim=-1)
+    a = torch.nn.functional.silu(gate) * up
+    if row_scale is not None:
+        a = a * row_scale.to(acc).unsqueeze(-1)
+    return a.to(h1.dtype)
 
 
-def scatter_rows_triton(dout: torch.Tensor, src: torch.Tensor, pos: torch.Tensor,
-                        w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    T, K = w.shape
-    dsrc = torch.empty_like(src)
-    dw = torch.empty(T, K, dtype=torch.float32, device=src.device)
-    if T:
-        _scatter_rows_kernel[(T,)](dout.contiguous(), src.contiguous(), pos.contiguous(), w.contiguous(), dsrc, dw,
-                                   src.shape[1], K=K, BLOCK=1024)
-    return dsrc, dw
+def _swiglu_torch_forward(h1: torch.Tensor, row_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    return swiglu_reference(h1, row_scale)
 
 
-# ---- SwiGLU on [gate | up] ---------------------------------------------------------------------------------------
-def swiglu_reference(h1: torch.Tensor) -> torch.Tensor:
-    """[N, 2f] -> silu(h1[:, :f]) * h1[:, f:] [N, f] (plain torch; autograd gives its backward)."""
-    gate, up = h1.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
+def _swiglu_torch_backward(h1: torch.Tensor, row_scale: Optional[torch.Tensor],
+                           dout: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(dh1 [N, 2f] in h1's dtype, ds [N] float32 or None) of out = s * silu(gate) * up, from h1 and s alone."""
+    acc = torch.promote_types(h1.dtype, torch.float32)
+    gate, up = h1.to(acc).chunk(2, dim=-1)
+    d = dout.to(acc)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    ds = None
+    if row_scale is not None:
+        ds = (d * silu * up).sum(-1).to(torch.promote_types(row_scale.dtype, torch.float32))   # <dout, a>
+        d = d * row_scale.to(acc).unsqueeze(-1)
+    dh1 = torch.cat([d * up * sig * (1 + gate * (1 - sig)), d * silu], dim=-1)
+    return dh1.to(h1.dtype), ds
 
 
 if HAVE_TRITON:
     @triton.jit
-    def _swiglu_fwd_kernel(h1_ptr, out_ptr, F, BLOCK: tl.constexpr):
+    def _swiglu_fwd_kernel(h1_ptr, s_ptr, out_ptr, F, HAS_S: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < F
         g = tl.load(h1_ptr + row * 2 * F + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(h1_ptr + row * 2 * F + F + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * F + offs, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=mask)
+        a = g * tl.sigmoid(g) * u
+        if HAS_S:
+            a = a * tl.load(s_ptr + row).to(tl.float32)
+        tl.store(out_ptr + row * F + offs, a.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_bwd_kernel(h1_ptr, dout_ptr, dh1_ptr, F, BLOCK: tl.constexpr):
+    def _swiglu_bwd_kernel(h1_ptr, s_ptr, dout_ptr, dh1_ptr, ds_ptr, F, NB, HAS_S: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        # ds: one float32 partial dot <dout, silu(gate) * up> per (row, block), summed over the blocks after
+        # (deterministic, no atomics)
         row = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        blk = tl.program_id(1)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < F
         g = tl.load(h1_ptr + row * 2 * F + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(h1_ptr + row * 2 * F + F + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.load(dout_ptr + row * F + offs, mask=mask, other=0.0).to(tl.float32)
         s = tl.sigmoid(g)
+        if HAS_S:
+            tl.store(ds_ptr + row * NB + blk, tl.sum(d * g * s * u, axis=0))
+            d = d * tl.load(s_ptr + row).to(tl.float32)
         dg = d * u * s * (1.0 + g * (1.0 - s))          # d silu(g) / dg = s (1 + g (1 - s))
         du = d * g * s
         tl.store(dh1_ptr + row * 2 * F + offs, dg.to(dh1_ptr.dtype.element_ty), mask=mask)
         tl.store(dh1_ptr + row * 2 * F + F + offs, du.to(dh1_ptr.dtype.element_ty), mask=mask)
 
 
+def _swiglu_triton_forward(h1: torch.Tensor, row_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    N, F2 = h1.shape
+    out = torch.empty(N, F2 // 2, dtype=h1.dtype, device=h1.device)
+    if N:
+        s = row_scale.contiguous() if row_scale is not None else h1
+        _swiglu_fwd_kernel[(N, triton.cdiv(F2 // 2, 1024))](h1, s, out, F2 // 2, HAS_S=row_scale is not None,
+                                                           BLOCK=1024)
+    return out
+
+
+def _swiglu_triton_backward(h1: torch.Tensor, row_scale: Optional[torch.Tensor],
+                            dout: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    N, F2 = h1.shape
+    nb = triton.cdiv(F2 // 2, 1024)
+    dh1 = torch.empty_like(h1)
+    ds = None if row_scale is None else torch.zeros(N, nb, dtype=torch.float32, device=h1.device)
+    if N:
+        s = row_scale.contiguous() if row_scale is not None else h1
+        _swiglu_bwd_kernel[(N, nb)](h1, s, dout.contiguous(), dh1, ds if ds is not None else h1, F2 // 2, nb,
+                                    HAS_S=row_scale is not None, BLOCK=1024)
+    return dh1, (None if ds is None else ds.sum(1))
+
+
 class _SwiGLU(torch.autograd.Function):
+    """out = s * silu(gate) * up, saving h1 and s only; the backward recomputes silu and gives ds = <dout, a>
+    (a = silu(gate) * up) as one float32 dot per row. Triton kernels (triton=True) or the torch formulas."""
+
     @staticmethod
-    def forward(ctx, h1):
-        ctx.save_for_backward(h1)
-        N, F2 = h1.shape
-        out = torch.empty(N, F2 // 2, dtype=h1.dtype, device=h1.device)
-        if N:
-            _swiglu_fwd_kernel[(N, triton.cdiv(F2 // 2, 1024))](h1, out, F2 // 2, BLOCK=1024)
-        return out
+    def forward(ctx, h1, row_scale, triton_path: bool):
+        ctx.save_for_backward(h1, row_scale)
+        ctx.triton_path = triton_path
+        fwd = _swiglu_triton_forward if triton_path else _swiglu_torch_forward
+        return fwd(h1, row_scale)
 
     @staticmethod
     def backward(ctx, dout):
-        (h1,) = ctx.saved_tensors
-        N, F2 = h1.shape
-        dh1 = torch.empty_like(h1)
-        if N:
-            _swiglu_bwd_kernel[(N, triton.cdiv(F2 // 2, 1024))](h1, dout.contiguous(), dh1, F2 // 2, BLOCK=1024)
-        return dh1
+        h1, row_scale = ctx.saved_tensors
+        bwd = _swiglu_triton_backward if ctx.triton_path else _swiglu_torch_backward
+        dh1, ds = bwd(h1, row_scale, dout)
+        if ds is not None and row_scale is not None:
+            ds = ds.to(row_scale.dtype)
+        return dh1, ds, None
 
 
-def swiglu(h1: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of h1 = [gate | up] [N, 2f]: one Triton pass each way on CUDA, the reference elsewhere."""
-    if not use_triton(h1) or not h1.is_contiguous():
-        return swiglu_reference(h1)
-    return _SwiGLU.apply(h1)
+def swiglu(h1: torch.Tensor, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """row_scale[:, None] * silu(gate) * up of h1 = [gate | up] [N, 2f] (row_scale [N] float32, the rows' gates, or
+    None): one Triton pass each way on CUDA, the same Function over torch formulas elsewhere; keeps h1 and row_scale
+    only. Gradients: dh1 in h1's dtype, d row_scale in float32."""
+    triton_path = use_triton(h1) and h1.is_contiguous()
+    return _SwiGLU.apply(h1, row_scale, triton_path)
 
 
-def swiglu_triton(h1: torch.Tensor) -> torch.Tensor:
-    """The Triton path on any device (CPU tensors under TRITON_INTERPRET=1); h1 contiguous."""
-    return _SwiGLU.apply(h1.contiguous())
-
+def swiglu_triton(h1: torch.Tensor, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The Triton path on any device (CPU tensors under TRITON_INTERPRET=1)."""
+    return _SwiGLU.apply(h1.contiguous(), row_scale, True)

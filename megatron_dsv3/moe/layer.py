@@ -30,7 +30,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_dsv3.compat import get_process_group_collection
 from megatron_dsv3.config import MoEConfig
-from megatron_dsv3.moe.dispatch import DispatchPlan, combine, dispatch, plan_dispatch
+from megatron_dsv3.moe.dispatch import DispatchPlan, Rows, combine, dispatch, plan_dispatch
 from megatron_dsv3.moe.router import placement_groups
 
 __all__ = ["DeepSeekMoE", "DeepSeekMoESubmodules", "resolve_ranks_per_node"]
@@ -132,7 +132,7 @@ class DeepSeekMoE(MegatronModule):
     # steps of two micro-batches (DualPipe, Figure 4) and a precision can replace the expert GEMMs
     # (GroupedExperts.expert_mlp). forward() runs them in order, the shared experts while the dispatch is in flight.
     def route(self, hidden_states: torch.Tensor):
-        """[s, b, h] -> (x [T', h], topk_idx [T', k], gates [T', k] float32): the rows this rank sends to the
+        """[s, b, h] -> (x [T', h], topk_idx [T', k], gates [T', k] float32): the tokens this rank sends to the
         experts (under TP without SP its 1/tp share of the tokens, module docstring); counted for the bias update."""
         s, b, h = hidden_states.shape
         topk_idx, gates = self.router(hidden_states)                       # [T, k] int64, [T, k] fp32
@@ -151,17 +151,21 @@ class DeepSeekMoE(MegatronModule):
         """Dispatch metadata for these choices (the layer's one host sync under EP: the split sizes)."""
         return plan_dispatch(topk_idx, self.moe.num_experts, self.ep_group)
 
-    def dispatch(self, x: torch.Tensor, plan: DispatchPlan, async_op: bool = False):
-        """[T', h] -> this rank's expert input rows [N, h] (a Pending with async_op)."""
-        return dispatch(x, plan, async_op=async_op)
+    def dispatch(self, x: torch.Tensor, plan: DispatchPlan, gates: torch.Tensor, async_op: bool = False):
+        """[T', h], gates [T', k] -> Rows(x [N, h], gates [N]): this rank's expert input rows and their gates (a
+        Pending with async_op)."""
+        return dispatch(x, plan, gates, async_op=async_op)
 
-    def compute_experts(self, x_rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """[N, h] -> [N, h]: the routed experts of this rank (GroupedExperts.expert_mlp)."""
-        return self.experts(x_rows, plan.local_counts)
+    def compute_experts(self, rows: Rows, plan: DispatchPlan) -> torch.Tensor:
+        """Rows (or the [x, gates] list the overlap executor makes of it) -> g_{t,j} FFN_{t,j}(u_t) [N, h]: the
+        routed experts of this rank (GroupedExperts.expert_mlp), each row scaled by its gate."""
+        x, gates = rows
+        return self.experts(x, plan.local_counts, gates)
 
-    def combine(self, y_rows: torch.Tensor, plan: DispatchPlan, gates: torch.Tensor, async_op: bool = False):
-        """[N, h] -> sum_k g_{t,k} FFN_{t,k}(u_t) for this rank's rows [T', h] (a Pending with async_op)."""
-        return combine(y_rows, plan, gates, async_op=async_op)
+    def combine(self, y_rows: torch.Tensor, plan: DispatchPlan, async_op: bool = False):
+        """[N, h] gate-scaled -> sum_k g_{t,k} FFN_{t,k}(u_t) for this rank's rows [T', h] (a Pending with
+        async_op): an unweighted sum, its backward a gather."""
+        return combine(y_rows, plan, async_op=async_op)
 
     def shared(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
         """[s, b, h] -> the shared experts' output [s, b, h] (None without shared experts)."""
@@ -191,8 +195,8 @@ class DeepSeekMoE(MegatronModule):
         padded positions are routed like any token (DeepSeek-V3 packs documents, no padding)."""
         x, topk_idx, gates = self.route(hidden_states)
         plan = self.plan(topk_idx)
-        sent = self.dispatch(x, plan, async_op=True)
+        sent = self.dispatch(x, plan, gates, async_op=True)
         shared = self.shared(hidden_states)                # computed while the dispatch all-to-all is in flight
         y = self.compute_experts(sent.wait(), plan)
-        routed = self.combine(y, plan, gates)
+        routed = self.combine(y, plan)
         return self.finish(routed, shared, hidden_states.shape), None

@@ -2,8 +2,9 @@
 
 Design note.
   * Sub-stages. A layer that exposes `LayerStages` runs as the paper's four pieces: ATTENTION (norms, MLA, residual,
-    router, dispatch plan), DISPATCH (permute + all-to-all), MLP (routed experts on the received rows + the shared
-    expert), COMBINE (all-to-all back + gate-weighted unpermute), then a small OUTPUT (shared + routed + residual).
+    router, dispatch plan), DISPATCH (permute + all-to-all of the rows and their gates), MLP (routed experts on the
+    received rows, gate-scaled, + the shared expert), COMBINE (all-to-all back + unpermute, a plain sum), then a
+    small OUTPUT (shared + routed + residual).
     Our DeepSeek-V3 layer (megatron-core's TransformerLayer with MLA and DeepSeekMoE) provides them through the MoE
     seams (`DSV3LayerStages`); any other layer is one opaque compute piece.
   * Autograd segments. Every tensor crossing from one piece to the next is detached into a fresh leaf; an
@@ -60,9 +61,10 @@ ORDERS = ("figure4", "forward_first", "sequential")
 @runtime_checkable
 class LayerStages(Protocol):
     """One layer as Figure 4's sub-stages. `state` holds plain tensors (the executor's detached leaves) and
-    non-tensor metadata; each method returns new entries or a Pending (moe/dispatch.py) whose wait() gives one
-    tensor. The executor names the waited results "dispatched" and "combined". dispatch() and combine(), and what
-    their wait() runs, must hold no parameters (weight-gradient deferral skips them)."""
+    non-tensor metadata; each method returns new entries or a Pending (moe/dispatch.py) whose wait() gives a tensor
+    or a tuple of tensors (the dispatched rows and their gates; a list of leaves once cut). The executor names the
+    waited results "dispatched" and "combined". dispatch() and combine(), and what their wait() runs, must hold no
+    parameters (weight-gradient deferral skips them)."""
 
     def attention(self, state: Dict[str, Any]) -> Dict[str, Any]: ...   # state["hidden"] -> entries
     def dispatch(self, state: Dict[str, Any]): ...                      # -> Pending: rows for this rank's experts
@@ -207,7 +209,7 @@ class DSV3LayerStages:
 
     def dispatch(self, state):
         with self._recompute():
-            return self.moe.dispatch(state["tokens"], state["plan"], async_op=True)
+            return self.moe.dispatch(state["tokens"], state["plan"], state["gates"], async_op=True)
 
     def mlp(self, state):
         with self._recompute():
@@ -218,7 +220,7 @@ class DSV3LayerStages:
         return out
 
     def combine(self, state):
-        return self.moe.combine(state["routed"], state["plan"], state["gates"], async_op=True)
+        return self.moe.combine(state["routed"], state["plan"], async_op=True)
 
     def output(self, state):
         out = self.moe.finish(state["combined"], state["shared"], state["normed"].shape)
@@ -299,8 +301,11 @@ class _Segment:
 
 
 def _leaves_of(values) -> List[torch.Tensor]:
+    """The grad-requiring leaves among values (a dict or a sequence), one level of lists/tuples inside included
+    (the dispatched rows and their gates are a list of leaves)."""
     vs = values.values() if isinstance(values, dict) else values
-    return [v for v in vs if isinstance(v, torch.Tensor) and v.requires_grad and v.is_leaf]
+    flat = [t for v in vs for t in (v if isinstance(v, (list, tuple)) else (v,))]
+    return [v for v in flat if isinstance(v, torch.Tensor) and v.requires_grad and v.is_leaf]
 
 
 class ChunkRun:

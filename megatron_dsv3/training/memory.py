@@ -98,8 +98,10 @@ def activation_bytes_per_token(cfg, moe_layer: bool, recompute_up_proj: bool, ac
     (bench/results.md, 2026-11-29, bf16, 32 experts top-8 + 1 shared, no recomputation; measured = allocated after
     the forward minus before, so without the block's input): MLA alone 181,032 + the 14,336-byte input against this
     estimate's attention part 197,760 (1% over); DeepSeekMoE alone 377,512, of which 28,672 was the router's float32
-    copy of its input (no longer kept: moe/router.py float32_logits), against this estimate's MoE part less input and
-    norm output, 340,096 (2.5% under)."""
+    copy of its input (no longer kept: moe/router.py float32_logits) and 114,688 the expert output rows the weighted
+    combine kept for the gates' gradient (no longer kept: the gates scale the SwiGLU output, moe/dispatch.py), so an
+    estimated 234,152 against this estimate's MoE part less input and norm output, 225,440 (3.7% under; not measured
+    on the GPU since)."""
     return (attention_elements_per_token(cfg, recompute_up_proj) * act_bytes
             + mlp_bytes_per_token(cfg, moe_layer, act_bytes, fp8))
 
@@ -124,9 +126,9 @@ def mlp_bytes_per_token(cfg, moe_layer: bool, act_bytes: int = 2, fp8: bool = Fa
     if not moe_layer:
         return (h + norm_out + 3 * moe.dense_ffn_hidden_size / tp) * act_bytes
     f, fs = moe.expert_ffn_hidden_size, moe.num_shared_experts * moe.expert_ffn_hidden_size / tp
-    # shared experts (h1 = [gate, up], SwiGLU output), fp32 router scores; and per routed copy of a token: the
-    # expert output row the weighted combine keeps for the gates' gradient (moe/dispatch.py), in BF16 also in FP8
-    mlp = (h + norm_out + 3 * fs + moe.num_experts * 4 / act_bytes + moe.top_k * h) * act_bytes
+    # shared experts (h1 = [gate, up], SwiGLU output), fp32 router scores; per routed copy of a token its float32
+    # gate (the experts scale the SwiGLU output by it: the combine keeps no expert output rows, moe/dispatch.py)
+    mlp = (h + norm_out + 3 * fs + (moe.num_experts + moe.top_k) * 4 / act_bytes) * act_bytes
     if fp8 and "experts" not in cfg.fp8.bf16_modules:           # x and h1 in FP8 tiles, a recomputed
         return mlp + moe.top_k * (h + 2 * f) * FP8_TILE_BYTES
     return mlp + moe.top_k * (h + 3 * f) * act_bytes            # x, h1 = [gate, up], a = SwiGLU(h1)

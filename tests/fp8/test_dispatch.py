@@ -46,13 +46,13 @@ def test_experts_on_fp8_rows_against_float64():
     dy = torch.randn(N, h, generator=g)
     q, s = quantize_tiles(x, pow2_scales=True)
     got, today = [], []
-    for inp, out in ((lambda: FP8Rows(_ghost_rows(x), q, s), got), (lambda: x.clone().requires_grad_(), today)):
+    for inp, out in ((lambda: (_ghost_rows(x), q, s), got), (lambda: x.clone().requires_grad_(), today)):
         xi, a, b = inp(), w1.clone().requires_grad_(), w2.clone().requires_grad_()
         y = fp8_expert_mlp(xi, counts, a, b)
         y.backward(dy)
-        dx = xi.rows.grad if isinstance(xi, FP8Rows) else xi.grad
+        dx = xi[0].grad if isinstance(xi, tuple) else xi.grad
         out.extend([y, dx, a.grad, b.grad])
-    ry, rdx, rdw1, rdw2 = reference(dq_tiles(x, pow2=True), counts, w1, w2, dy)
+    ry, rdx, rdw1, rdw2, _ = reference(dq_tiles(x, pow2=True), counts, w1, w2, dy)
     for a, r in zip(got, (ry, rdx, rdw1, rdw2)):
         close(a, r)
     close(got[2][:, small], rdw1[:, small])
@@ -193,10 +193,10 @@ def _ep2(rank):
     for name, fn in (("bf16", dispatch), ("fp8", fp8_dispatch)):
         xi = x_bf16.clone().requires_grad_()
         with _counting_all_to_all() as fwd:
-            rows = fn(xi, plan)
-        grad_rows = torch.ones(rows[0].shape if name == "fp8" else rows.shape, dtype=torch.bfloat16)
+            rows = fn(xi, plan, gates.clone().requires_grad_())
+        grad_rows = torch.ones(rows[0].shape, dtype=torch.bfloat16)
         with _counting_all_to_all() as bwd:
-            (rows.rows if name == "fp8" else rows).backward(grad_rows)
+            rows[0].backward(grad_rows)
         sizes[name] = (fwd, bwd)
         if name == "fp8":
             res["ghost_stride"] = rows.rows.stride()
@@ -205,17 +205,19 @@ def _ep2(rank):
 
     # overlap (pipeline/overlap.py): cut between post and wait; the executor's leaves turn FP8Rows into a list
     gy = torch.randn(x2d.shape, generator=torch.Generator().manual_seed(rank))
-    x_plain = x2d.clone().requires_grad_()
-    layer.combine(layer.compute_experts(layer.dispatch(x_plain, plan), plan), plan, gates).backward(gy)
-    x_cut = x2d.clone().requires_grad_()
-    pending = layer.dispatch(x_cut, plan, async_op=True)
+    x_plain, g_plain = x2d.clone().requires_grad_(), gates.clone().requires_grad_()
+    layer.combine(layer.compute_experts(layer.dispatch(x_plain, plan, g_plain), plan), plan).backward(gy)
+    x_cut, g_cut = x2d.clone().requires_grad_(), gates.clone().requires_grad_()
+    pending = layer.dispatch(x_cut, plan, g_cut, async_op=True)
     in_flight, leaf = pending.cut()
     got = pending.wait()
-    rows = [got[0].detach().requires_grad_(), got[1], got[2]]              # ChunkRun._cut's "recv" leaves
-    layer.combine(layer.compute_experts(rows, plan), plan, gates).backward(gy)
-    torch.autograd.backward(got[0], rows[0].grad)                          # posts the reverse all-to-all
-    torch.autograd.backward(in_flight, leaf.grad)                          # waits for it
-    res["cut_equal"] = torch.equal(x_cut.grad, x_plain.grad)
+    rows = [got[0].detach().requires_grad_(), got[1], got[2], got[3].detach().requires_grad_()]   # ChunkRun._cut
+    layer.combine(layer.compute_experts(rows, plan), plan).backward(gy)
+    torch.autograd.backward([got[0], got[3]], [rows[0].grad, rows[3].grad])   # posts the reverse all-to-alls
+    assert x_cut.grad is None and g_cut.grad is None
+    torch.autograd.backward(in_flight, leaf.grad)                          # waits for them
+    res["cut_equal"] = torch.equal(x_cut.grad, x_plain.grad) and torch.equal(g_cut.grad, g_plain.grad)
+    res["gate_grad"] = float(g_plain.grad.abs().max())
     dist.barrier()
     return res
 
@@ -233,11 +235,15 @@ def test_fp8_dispatch_ep2_equals_ep1_and_halves_the_bytes():
         assert res["fp8_dtypes"][:2] == (torch.float8_e4m3fn, torch.float32)
         (bf16_fwd, bf16_bwd), (fp8_fwd, fp8_bwd) = res["sizes"]["bf16"], res["sizes"]["fp8"]
         n = res["rows_sent"]
-        assert bf16_fwd == [(n * H * 2, torch.bfloat16)]
-        assert fp8_fwd == [(n * per_row, torch.uint8)]         # one all-to-all: e4m3 bytes and scales together
+        gates = (n * 4, torch.float32)                         # the rows' gates beside them, and their gradient
+        assert bf16_fwd == [(n * H * 2, torch.bfloat16), gates]
+        assert fp8_fwd == [(n * per_row, torch.uint8), gates]  # one all-to-all: e4m3 bytes and scales together
         assert fp8_fwd[0][0] / bf16_fwd[0][0] == per_row / (2 * H) < 0.52
         assert fp8_bwd == bf16_bwd and fp8_bwd[0][1] == torch.bfloat16     # the gradient stays BF16
-        assert res["cut_equal"], f"rank {r}: Pending.cut() changed the input gradient"
+        m = fp8_bwd[0][0] // (2 * H)                           # rows received: their gradients go back
+        assert fp8_bwd == [(m * H * 2, torch.bfloat16), (m * 4, torch.float32)]
+        assert res["cut_equal"], f"rank {r}: Pending.cut() changed the input or gate gradient"
+        assert res["gate_grad"] > 0
 
 
 def test_cut_at_ep1():
@@ -252,18 +258,19 @@ def test_cut_at_ep1():
     gates = torch.rand(T, k, generator=g)
     w1, w2 = torch.randn(E_, h, 2 * f, generator=g) * 0.05, torch.randn(E_, f, h, generator=g) * 0.05
     plan = plan_dispatch(idx, E_)
-    x = x0.clone().requires_grad_()
-    combine(fp8_expert_mlp(fp8_dispatch(x, plan), plan.local_counts, w1, w2), plan, gates).backward(gy)
-    xc = x0.clone().requires_grad_()
-    pending = fp8_dispatch(xc, plan, async_op=True)
+    x, gt = x0.clone().requires_grad_(), gates.clone().requires_grad_()
+    rows = fp8_dispatch(x, plan, gt)
+    combine(fp8_expert_mlp(rows[:3], plan.local_counts, w1, w2, row_scale=rows.gates), plan).backward(gy)
+    xc, gc = x0.clone().requires_grad_(), gates.clone().requires_grad_()
+    pending = fp8_dispatch(xc, plan, gc, async_op=True)
     in_flight, leaf = pending.cut()
     got = pending.wait()
     rows = [got[0].detach().requires_grad_(), got[1], got[2]]
-    combine(fp8_expert_mlp(rows, plan.local_counts, w1, w2), plan, gates).backward(gy)
-    assert xc.grad is None
+    combine(fp8_expert_mlp(rows, plan.local_counts, w1, w2, row_scale=got.gates), plan).backward(gy)
+    assert xc.grad is None and gc.grad.abs().max() > 0      # the gates' path is not cut at EP = 1 (no comm)
     torch.autograd.backward(got[0], rows[0].grad)
     torch.autograd.backward(in_flight, leaf.grad)
-    assert x.grad.abs().max() > 0 and torch.equal(xc.grad, x.grad)
+    assert x.grad.abs().max() > 0 and torch.equal(xc.grad, x.grad) and torch.equal(gc.grad, gt.grad)
 
 
 def _overlap_pair(rank):
@@ -336,8 +343,9 @@ def _nccl_ep2(rank, port, out):
     def run(x, i, gt, gy, a, b, group):
         x, a, b = (t.clone().requires_grad_() for t in (x, a, b))
         plan = plan_dispatch(i, E_, group)
-        y = fp8_expert_mlp(fp8_dispatch(x, plan), plan.local_counts, a, b)
-        o = combine(y, plan, gt)
+        rows = fp8_dispatch(x, plan, gt)
+        y = fp8_expert_mlp(rows[:3], plan.local_counts, a, b, row_scale=rows.gates)
+        o = combine(y, plan)
         o.backward(gy)
         return o, x.grad, a.grad, b.grad
 

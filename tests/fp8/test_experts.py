@@ -2,8 +2,9 @@
 DeepSeekMoE against the BF16 experts.
 
 The reference follows the paper's recipe step by step, one expert at a time, with quant.py's plain quantisers and
-float64 products: x in 1x128 tiles with power-of-2 scales, weights in 128x128 blocks, a = SwiGLU(h1) in 1x128 tiles,
-dy in 1x128 tiles with power-of-2 scales; backward recomputes a and SwiGLU' from the FP8 copy of h1; Wgrad operands
+float64 products: x in 1x128 tiles with power-of-2 scales, weights in 128x128 blocks, a = g SwiGLU(h1) in 1x128 tiles
+(g: the rows' gates), dy in 1x128 tiles with power-of-2 scales; backward recomputes a, SwiGLU' and dg from the FP8
+copy of h1; Wgrad operands
 in 128x1 tiles restarting at each expert's first token. The module differs from it by FP32 accumulation (and, rarely,
 an e4m3 rounding that FP32 vs float64 intermediates push to the other side): bound 1e-4 of the largest output.
 Against the unquantised float64 computation the error is the e4m3 rounding: ~3.7% in Frobenius norm per product of
@@ -40,25 +41,30 @@ def swiglu64(h1):
     return F.silu(g) * u
 
 
-def reference(x, counts, w1, w2, dy):
-    """float64 per-expert loop of the recipe (module docstring) -> y, dx, dw1, dw2."""
+def reference(x, counts, w1, w2, dy, g=None):
+    """float64 per-expert loop of the recipe (module docstring) -> y, dx, dw1, dw2, dg (g: the rows' gates [N] or
+    None; dg None then)."""
     xq, dyq = dq_tiles(x, pow2=True), dq_tiles(dy, pow2=True)
     ys, dxs, dw1, dw2 = [], [], torch.zeros_like(w1, dtype=torch.float64), torch.zeros_like(w2, dtype=torch.float64)
+    gs = torch.ones(x.shape[0], dtype=torch.float64) if g is None else g.double()
+    dgs = []
     start = 0
     for e, n in enumerate(counts.tolist()):
         r = slice(start, start + n)
         start += n
         W1, W2 = dq_blocks(w1[e]), dq_blocks(w2[e])                       # [h, 2f], [f, h]
         h1 = xq[r] @ W1
-        ys.append(dq_tiles(swiglu64(h1)) @ W2)
+        ys.append(dq_tiles(gs[r, None] * swiglu64(h1)) @ W2)             # the gate before a's quantisation
         da = dyq[r] @ W2.T                                                 # [n, f]
         h1c = dq_tiles(h1).requires_grad_()                                # the FP8 cache of the SwiGLU input
-        a = swiglu64(h1c)
-        (dh1,) = torch.autograd.grad(a, h1c, da)
+        gc = gs[r].clone().requires_grad_()
+        a = gc[:, None] * swiglu64(h1c)
+        dh1, dg = torch.autograd.grad(a, (h1c, gc), da)
+        dgs.append(dg)
         dw2[e] = dq_columns(a.detach()).T @ dq_columns(dy[r], pow2=True)   # [f, h]
         dxs.append(dq_tiles(dh1) @ W1.T)
         dw1[e] = dq_columns(x[r], pow2=True).T @ dq_columns(dh1)          # [h, 2f]
-    return torch.cat(ys), torch.cat(dxs), dw1, dw2
+    return torch.cat(ys), torch.cat(dxs), dw1, dw2, (torch.cat(dgs) if g is not None else None)
 
 
 def close(got, ref, rel=TOL):
@@ -70,10 +76,12 @@ def rel_fro(got, ref):
     return ((got.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("counts, h, f", [([130, 0, 57, 200], 256, 128),    # ragged groups, an empty expert
                                           ([5, 3], 128, 256),               # groups far below one tile
                                           ([300], 384, 128)])
-def test_fp8_experts_forward_and_gradients_against_float64(counts, h, f):
+def test_fp8_experts_forward_and_gradients_against_float64(counts, h, f, scaled):
+    """scaled: each row's SwiGLU output times its gate (row_scale, float32), its gradient dg from the recomputed a."""
     g = torch.Generator().manual_seed(0)
     E, N = len(counts), sum(counts)
     counts = torch.tensor(counts)
@@ -81,21 +89,28 @@ def test_fp8_experts_forward_and_gradients_against_float64(counts, h, f):
     x[:, 7] *= 30                                                         # an outlier channel
     w1 = (torch.randn(E, h, 2 * f, generator=g) * 0.05).requires_grad_()
     w2 = (torch.randn(E, f, h, generator=g) * 0.05).requires_grad_()
+    s = (torch.rand(N, generator=g) * 0.9 + 0.1).requires_grad_() if scaled else None
     x.requires_grad_()
-    y = fp8_expert_mlp(x, counts, w1, w2)
+    y = fp8_expert_mlp(x, counts, w1, w2, row_scale=s)
     dy = torch.randn(N, h, generator=g)
     y.backward(dy)
-    ry, rdx, rdw1, rdw2 = reference(x.detach(), counts, w1.detach(), w2.detach(), dy)
+    ry, rdx, rdw1, rdw2, rdg = reference(x.detach(), counts, w1.detach(), w2.detach(), dy,
+                                         s.detach() if scaled else None)
     close(y, ry)
     close(x.grad, rdx)
     close(w1.grad, rdw1)
     close(w2.grad, rdw2)
     assert w1.grad.dtype == w1.dtype and x.grad.dtype == x.dtype
+    if scaled:
+        assert s.grad.dtype == torch.float32
+        close(s.grad, rdg)
     # the unquantised float64 experts: within the e4m3 rounding
     x64, w164, w264 = (t.detach().double().requires_grad_() for t in (x, w1, w2))
-    y64 = experts_loop_reference(x64, counts, w164, w264)
+    s64 = s.detach().double().requires_grad_() if scaled else None
+    y64 = experts_loop_reference(x64, counts, w164, w264, s64)
     y64.backward(dy.double())
-    for got, ref in ((y, y64), (x.grad, x64.grad), (w1.grad, w164.grad), (w2.grad, w264.grad)):
+    pairs = [(y, y64), (x.grad, x64.grad), (w1.grad, w164.grad), (w2.grad, w264.grad)]
+    for got, ref in pairs + ([(s.grad, s64.grad)] if scaled else []):
         assert rel_fro(got, ref) < QUANT
 
 
@@ -171,7 +186,7 @@ def test_fp8_experts_on_cuda_match_the_float64_reference():
         y = fp8_expert_mlp(xc, counts.to(dev), w1c, w2c)
         y.backward(dy.to(dev))
         runs.append([t.detach().cpu() for t in (y, xc.grad, w1c.grad, w2c.grad)])
-    refs = reference(x.float(), counts, w1, w2, dy.float())
+    refs = reference(x.float(), counts, w1, w2, dy.float())[:4]
     for got, emu, ref in zip(*runs, refs):
         assert rel_fro(got, ref) <= 4e-2, rel_fro(got, ref)
         assert rel_fro(got, emu) <= 2.5e-2, rel_fro(got, emu)

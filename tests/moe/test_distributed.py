@@ -349,12 +349,12 @@ def _no_tokens_for_one_rank(rank):
     # EP=1 reference over both ranks' tokens (the experts' gradients sum over every sender)
     x_ref, w1_ref, w2_ref = (t.clone().requires_grad_() for t in (torch.cat(xs), w1, w2))
     dispatch_combine(x_ref, torch.cat([idx, idx]), torch.cat([gates, gates]),
-                     lambda x, c: padded_swiglu(x, c, w1_ref, w2_ref), E).sum().backward()
+                     lambda x, c, s: padded_swiglu(x, c, w1_ref, w2_ref, s), E).sum().backward()
     # EP=2: this rank holds experts [2*rank, 2*rank+2)
     x = xs[rank].clone().requires_grad_()
     lw1 = w1[2 * rank:2 * rank + 2].clone().requires_grad_()
     lw2 = w2[2 * rank:2 * rank + 2].clone().requires_grad_()
-    out = dispatch_combine(x, idx, gates, lambda x_, c: padded_swiglu(x_, c, lw1, lw2), E,
+    out = dispatch_combine(x, idx, gates, lambda x_, c, s: padded_swiglu(x_, c, lw1, lw2, s), E,
                            ep_group=ps.get_expert_model_parallel_group())
     out.sum().backward()
     dist.barrier()

@@ -115,19 +115,24 @@ def test_deepseek_moe_matches_hf_v2_softmax(mcore_single):
     assert _rel(ours(x)[0].transpose(0, 1), hf(x.transpose(0, 1).contiguous())) < 1e-5
 
 
-def test_grouped_paths_match_loop_reference():
+@pytest.mark.parametrize("scaled", [False, True])
+def test_grouped_paths_match_loop_reference(scaled):
+    """scaled: each row's output times its gate (row_scale), applied inside to the SwiGLU output; the loop
+    reference scales the expert's output (a W2) instead."""
     torch.manual_seed(3)
     E, h, f = 5, 16, 8
     counts = torch.tensor([4, 0, 7, 1, 3])                              # an expert without tokens
     x = torch.randn(int(counts.sum()), h, dtype=torch.float64, requires_grad=True)
     w1 = torch.randn(E, h, 2 * f, dtype=torch.float64, requires_grad=True)
     w2 = torch.randn(E, f, h, dtype=torch.float64, requires_grad=True)
-    ref = experts_loop_reference(x, counts.tolist(), w1, w2)
-    got = padded_swiglu(x, counts, w1, w2)
+    s = torch.rand(x.shape[0], dtype=torch.float64, requires_grad=True) if scaled else None
+    inputs = (x, w1, w2) + ((s,) if scaled else ())
+    ref = experts_loop_reference(x, counts.tolist(), w1, w2, s)
+    got = padded_swiglu(x, counts, w1, w2, s)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)       # float64: round-off only
     g = torch.randn_like(ref)
-    grads_ref = torch.autograd.grad(ref, (x, w1, w2), g)
-    grads = torch.autograd.grad(got, (x, w1, w2), g)
+    grads_ref = torch.autograd.grad(ref, inputs, g)
+    grads = torch.autograd.grad(got, inputs, g)
     for a, r in zip(grads, grads_ref):
         torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
     # torch._grouped_mm (the CUDA bf16 fast path) also runs forward in float32 on CPU: same numbers

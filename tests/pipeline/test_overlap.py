@@ -17,10 +17,10 @@ def test_pending_cut_splits_backward_at_the_post():
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     plan = plan_dispatch(torch.tensor([[1, 0], [0, 2], [2, 1], [1, 2]]), 3)
     g = torch.randn(8, 3, dtype=torch.float64)
-    p = dispatch(x * 2, plan, async_op=True)
+    p = dispatch(x * 2, plan, torch.rand(4, 2), async_op=True)
     in_flight, leaf = p.cut()
     assert leaf.is_leaf and leaf.requires_grad and not in_flight.is_leaf
-    y = p.wait() * 3
+    y = p.wait().x * 3
     y.backward(g)
     assert x.grad is None and leaf.grad is not None          # stopped at the cut
     torch.autograd.backward(in_flight, leaf.grad)

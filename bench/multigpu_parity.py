@@ -237,7 +237,7 @@ def trainer_argv(run: str, a, data_prefix: str, cache: str) -> list:
             "--log-interval", "100000", "--generate-tokens", "0", "--no-progress-bar", "--bias-update-rate", "0.01",
             "--data-path", data_prefix, "--data-cache-path", cache, "--seed", "1234",
             "--bf16" if dtype == "bf16" else "--fp32", "--distributed-timeout-minutes", "5"]
-    return argv + (["--cpu"] if a.cpu else [])
+    return argv + (["--cpu"] if a.cpu else []) + a.extra.split()
 
 
 def plan_jobs(a, runs, layouts, data_prefix, cache, ckdir):
@@ -428,6 +428,8 @@ def main(argv=None) -> int:
     p.add_argument("--job-timeout", type=float, default=300, help="a launch with no job finished for this long is "
                    "killed and restarted for the jobs left (default 300)")
     p.add_argument("--workdir", default=None, help="checkpoints, logs, per-rank results (default: a temp dir)")
+    p.add_argument("--extra", default="", help="trainer flags appended to every run, e.g. '--bias-update-rate 0:0' "
+                                                "(later flags win over the defaults above)")
     p.add_argument("--out", default=None, help="markdown file for the table")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--plan", default=None, help=argparse.SUPPRESS)

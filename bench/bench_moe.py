@@ -25,6 +25,8 @@ MATMUL_TFLOPS = 779.0
 
 def child(a) -> dict:
     sys.path.insert(0, os.path.abspath(a.child))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from timing import time_steps
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     import torch
     import torch.distributed as dist
@@ -62,19 +64,9 @@ def child(a) -> dict:
             out, _ = layer(x)
             out.backward(go)
 
-        for _ in range(a.warmup):
-            step()
-        times = []
+        times = time_steps(step, a.warmup, a.iters)
+        kept, peak = 0, 0.0
         if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            for _ in range(a.iters):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                step()
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e))
             layer.zero_grad(set_to_none=False)
             x.grad = None
             torch.cuda.synchronize()
@@ -83,13 +75,6 @@ def child(a) -> dict:
             kept = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
             out.backward(go)
             peak = torch.cuda.max_memory_allocated() / 2 ** 30
-        else:
-            import time
-            for _ in range(a.iters):
-                t0 = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t0) * 1e3)
-            kept, peak = 0, 0.0
     T, h, f, k = a.seq * a.mb, a.hidden, a.ffn, 8
     flops = 3 * 2 * T * (h * a.experts + k * 3 * h * f + 3 * h * f)     # router + routed + 1 shared
     return {"ms": statistics.median(times), "all_ms": times, "peak_gib": peak, "kept_gib": kept / 2 ** 30,

@@ -156,9 +156,9 @@ def _first(out):
 def child(a) -> dict:
     sys.path.insert(0, REPO)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    import time
     import torch
     from megatron_dsv3.compat import get_process_group_collection
+    from timing import time_steps
     from megatron_dsv3.testing import single_process
 
     cuda = torch.cuda.is_available()
@@ -180,24 +180,7 @@ def child(a) -> dict:
                 go = torch.randn_like(out) if out.dim() else torch.ones_like(out)
             out.backward(go)
 
-        for _ in range(a.warmup):
-            step()
-        times = []
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(a.iters):
-            if cuda:
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                step()
-                e.record()
-                torch.cuda.synchronize()
-                times.append(s.elapsed_time(e))
-            else:
-                t0 = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t0) * 1e3)
+        times = time_steps(step, a.warmup, a.iters)
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
         kept = 0
         if cuda:   # what one forward keeps for backward (grads already allocated, so they do not count)

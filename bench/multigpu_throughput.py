@@ -44,6 +44,7 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [REPO, HERE]
 
 from multigpu_parity import header, torchrun_cmd, versions  # noqa: E402
+from timing import time_steps  # noqa: E402
 
 IMPLS = ("ours", "ours-fp8", "mcore-te", "mcore-te-fp8")
 NAMES = {"ours": "ours BF16", "ours-fp8": "ours FP8 (native)", "mcore-te": "megatron-core + TE BF16",
@@ -123,25 +124,7 @@ def child(a) -> None:
     def step():
         loss_of().backward()
 
-    for _ in range(a.warmup):
-        step()
-    times = []
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(a.iters):
-        dist.barrier()
-        if cuda:
-            st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            st.record()
-            step()
-            en.record()
-            torch.cuda.synchronize()
-            times.append(st.elapsed_time(en))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+    times = time_steps(step, a.warmup, a.iters, before_each=dist.barrier)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
     # one profiled step: all-to-all time; and the bytes handed to all_to_all_single
     from torch.profiler import ProfilerActivity, profile

@@ -20,7 +20,7 @@ is a fresh `--child` process; the order of impls alternates per round; per proce
 `--warmup`; the table gives every round's median and their median. Columns: ms, model TFLOP/s (megatron_dsv3.accounting:
 3 x (activated matmul FLOPs + causal attention)) and its share of the H200's measured bf16 matmul rate (779), peak GiB,
 and the bytes one forward keeps for backward per token per layer (allocated after the forward minus before, output
-excluded, over tokens and layers). `--profile PART` adds the top CUDA kernels of one step of ours.
+excluded, over tokens and layers). `--profile PART` adds the top CUDA kernels of one step of each of our implementations.
 """
 from __future__ import annotations
 
@@ -196,7 +196,7 @@ def child(a) -> dict:
             with profile(activities=[ProfilerActivity.CUDA]) as p:
                 step()
                 torch.cuda.synchronize()
-            prof = p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+            prof = p.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
     from megatron_dsv3 import accounting as acc
     T = a.seq
     attn = 3 * (2.0 * acc.attention_matmul_params(cfg) + acc.attention_flops_per_token(cfg, a.seq))
@@ -234,7 +234,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--smoke", action="store_true", help="tiny preset, float32, seq 32, 1 round (CPU check)")
-    p.add_argument("--profile", default="", help="comma list of parts whose first `ours` run prints a kernel table")
+    p.add_argument("--profile", default="", help="comma list of parts whose first run of each of our implementations prints a kernel table")
     p.add_argument("--out", default=None, help="markdown file for the table")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--part", default="stack", help=argparse.SUPPRESS)
@@ -268,7 +268,7 @@ def main(argv=None):
                        "--warmup", str(a.warmup), "--iters", str(a.iters), "--seq", str(a.seq)]
                 if a.smoke:
                     cmd.append("--smoke")
-                if part in profile and impl == "ours" and r == 0:
+                if part in profile and impl.startswith("ours") and r == 0:
                     cmd += ["--profile", part]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -278,7 +278,7 @@ def main(argv=None):
                     res = json.loads(line[0][7:])
                     info = {k: res[k] for k in ("device", "torch")}
                     if res.get("profile"):
-                        profiles[part] = res.pop("profile")
+                        profiles[(part, impl)] = res.pop("profile")
                 runs[(part, impl)].append(res)
                 print(part, impl, r, "%.2f ms" % res["ms"] if "ms" in res else res["error"], flush=True)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -310,8 +310,8 @@ def main(argv=None):
             lines.append(f"| {TITLES[part]} | {name} | {', '.join('%.1f' % x['ms'] for x in ok)} | {med[impl]:.2f} | "
                          f"{tf:.0f} | {100 * tf / MATMUL_TFLOPS:.0f}% | {max(x['peak_gib'] for x in ok):.2f} | "
                          f"{statistics.median(x['kept_bytes_per_token_layer'] for x in ok):,.0f} | {ratio} |")
-    for part, table in profiles.items():
-        lines += ["", f"## Profile of one step of ours: {TITLES[part]}", "", "```", table, "```"]
+    for (part, impl), table in profiles.items():
+        lines += ["", f"## Profile of one step: {TITLES[part]}, {NAMES[impl]}", "", "```", table, "```"]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

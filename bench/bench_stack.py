@@ -37,10 +37,11 @@ MATMUL_TFLOPS = 779.0
 PARTS = ("stack", "dense", "moe_layer", "mla", "moe")
 TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense": "dense layer (MLA + MLP)",
           "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
-IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8", "ours-recompute")
+IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8", "ours-recompute", "ours-fp8-tgrouped")
 NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16", "ours-fp8": "ours FP8 (native)",
          "ours-recompute": "ours BF16, the paper's recomputation (norms + MLA up-projections)",
-         "mcore-te-fp8": "megatron-core + TE FP8 (Float8BlockScaling)"}
+         "mcore-te-fp8": "megatron-core + TE FP8 (Float8BlockScaling)",
+         "ours-fp8-tgrouped": "ours FP8 (native), Triton grouped GEMMs (FP8Config.grouped_gemm='triton')"}
 
 
 def bench_config(smoke: bool, num_layers: int = 4):
@@ -83,10 +84,13 @@ def build(part: str, impl: str, cfg, dev, pg):
     import torch
     from megatron.core.transformer.spec_utils import build_module
 
+    grouped = "host_loop"
+    if impl == "ours-fp8-tgrouped":       # the routed experts' FP8 GEMMs as one Triton launch each (fp8/grouped_gemm.py)
+        impl, grouped = "ours-fp8", "triton"
     fp8 = impl.endswith("-fp8")
     impl = impl[:-4] if fp8 else impl
     if fp8 and impl == "ours":
-        cfg = cfg.replace(fp8={"enabled": True, "backend": "native"})
+        cfg = cfg.replace(fp8={"enabled": True, "backend": "native", "grouped_gemm": grouped})
     if impl == "ours-recompute":          # section 3.2.2, as the dsv3-671b preset (bench_config turns it off)
         impl, cfg = "ours", cfg.replace(recompute_norms=True, mla={"recompute_up_proj": True})
 
@@ -134,6 +138,9 @@ def build(part: str, impl: str, cfg, dev, pg):
             spec = moe_spec if part == "moe_layer" else dense_spec
             mod = build_module(spec, config=tc, layer_number=2 if part == "moe_layer" else 1, pg_collection=pg)
     mod = mod.to(dev)
+    if fp8 and impl == "ours":               # as build_model does: FP8Config's weight cache and grouped backend
+        from megatron_dsv3.fp8.weight_cache import configure
+        configure(mod, cfg.fp8)
     if part in ("dense", "moe_layer"):
         call = lambda m: m(hidden_states=x, attention_mask=None)
     else:

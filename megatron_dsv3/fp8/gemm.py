@@ -157,7 +157,7 @@ def _pad_scale_cols(s: torch.Tensor, n: int) -> torch.Tensor:
     return s if s.shape[1] == n else torch.nn.functional.pad(s, (0, n - s.shape[1]), value=1.0)
 
 
-def _scaled_mm_blockwise(a_q, a_scale, b_q, b_scale, scaling: str, out_dtype) -> torch.Tensor:
+def _scaled_mm_blockwise(a_q, a_scale, b_q, b_scale, scaling: str, out_dtype, out=None) -> torch.Tensor:
     """torch._scaled_mm with A in 1x128 tiles and B in 128x128 blocks or 1x128 tiles; operands padded to _ALIGN.
 
     Layouts it checks (aten ScaledBlas.cpp): A's scales [M, K/128] outer-dim-major (stride (1, M)); B passed as
@@ -177,21 +177,31 @@ def _scaled_mm_blockwise(a_q, a_scale, b_q, b_scale, scaling: str, out_dtype) ->
         sb = _pad_rows(b_scale, Np, 1.0).t().contiguous()          # [Tp, Np]; .t() is [Np, Tp] stride (1, Np)
     else:
         sb = _pad_rows(b_scale, _cdiv(Np, TILE), 1.0).contiguous().t()  # .t() of [Np/128, Tp] row-major
-    out = torch._scaled_mm(a_q, b_q.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=False)
-    return _crop(out, M, N)
+    if out is not None and (Mp, Np) == (M, N) and out.is_contiguous():
+        # straight into the caller's buffer (the experts' Wgrad writes each expert's dW in place: no copy)
+        return torch._scaled_mm(a_q, b_q.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=False,
+                                out=out)
+    res = _crop(torch._scaled_mm(a_q, b_q.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, use_fast_accum=False),
+                M, N)
+    return res if out is None else out.copy_(res)
 
 
 def fp8_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
-             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+             out_dtype: torch.dtype = torch.bfloat16, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """deq(a) @ deq(b).T -> [M, N] out_dtype. a_q [M, K] e4m3 with 1x128 scales [M, ceil(K/128)]; b_q [N, K] e4m3
     with 128x128 scales [ceil(N/128), ceil(K/128)] or 1x128 scales [N, ceil(K/128)] (told apart by shape).
-    cuBLAS's block-scaled GEMM on Hopper; the float32 emulation elsewhere and for float64 outputs."""
+    cuBLAS's block-scaled GEMM on Hopper; the float32 emulation elsewhere and for float64 outputs. `out` ([M, N]
+    of out_dtype): written and returned (by cuBLAS itself where no operand needs padding)."""
     scaling = _check_operands(a_q, a_scale, b_q, b_scale)
+    if out is not None and (tuple(out.shape) != (a_q.shape[0], b_q.shape[0]) or out.dtype != out_dtype):
+        raise ValueError(f"out must be {(a_q.shape[0], b_q.shape[0])} {out_dtype}, got {tuple(out.shape)} {out.dtype}")
     if out_dtype == torch.float64 or not _blockwise_available(a_q):
-        return fp8_gemm_emulated(a_q, a_scale, b_q, b_scale, out_dtype)
-    if a_q.shape[0] == 0 or b_q.shape[0] == 0 or a_q.shape[1] == 0:
-        return torch.zeros(a_q.shape[0], b_q.shape[0], dtype=out_dtype, device=a_q.device)
-    return _scaled_mm_blockwise(a_q, a_scale, b_q, b_scale, scaling, out_dtype)
+        res = fp8_gemm_emulated(a_q, a_scale, b_q, b_scale, out_dtype)
+    elif a_q.shape[0] == 0 or b_q.shape[0] == 0 or a_q.shape[1] == 0:
+        res = torch.zeros(a_q.shape[0], b_q.shape[0], dtype=out_dtype, device=a_q.device)
+    else:
+        return _scaled_mm_blockwise(a_q, a_scale, b_q, b_scale, scaling, out_dtype, out)
+    return res if out is None else out.copy_(res)
 
 
 # ---- the routed experts --------------------------------------------------------------------------------------------
@@ -288,5 +298,5 @@ def fp8_grouped_wgrad(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: torch.Tens
             out[e] = 0
             continue
         t = slice(a // TILE, b // TILE)
-        out[e] = fp8_gemm(dy_qt[:, a:b], dy_st[:, t], x_qt[:, a:b], x_st[:, t], out_dtype)
+        fp8_gemm(dy_qt[:, a:b], dy_st[:, t], x_qt[:, a:b], x_st[:, t], out_dtype, out=out[e])
     return out

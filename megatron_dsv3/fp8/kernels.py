@@ -151,7 +151,12 @@ if HAVE_TRITON:
         first = tl.arange(0, B) == 0
         tl.store(s_ptr + e * NB * KB + i * KB + j + tl.arange(0, B) * 0, s, mask=first)
         if TRANSPOSE:
-            tl.store(qt_ptr + e * NK + c[None, :].to(tl.int64) * N + r[:, None], q, mask=mask)
+            # W^T's block cast from the transposed float32 block (one scale per block, so the same bytes as q
+            # transposed): the uint8 q stored at transposed addresses, or tl.trans(q), came back wrong on the H200
+            # (Triton 3.6: a quarter to a third of the bytes, NaNs among them), while the interpreter was exact
+            qt = _cast(tl.trans(x), s[None, :], HW_CAST)                              # [B (c), B (r)]
+            tmask = (c < K)[:, None] & (r < N)[None, :]
+            tl.store(qt_ptr + e * NK + c[:, None].to(tl.int64) * N + r[None, :], qt, mask=tmask)
             tl.store(st_ptr + e * NB * KB + j * NB + i + tl.arange(0, B) * 0, s, mask=first)
 
 

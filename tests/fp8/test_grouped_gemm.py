@@ -57,9 +57,13 @@ def test_triton_grouped_gemm_matches_float64_and_gemm_py(triton_device, counts, 
     assert out.shape == (qa.shape[0], N) and out.dtype == out_dtype
     _check_against_float64(out, qa, sa, qw, sw, offs, out_dtype)
     ref = fp8_grouped_gemm(qa.to(dev), sa.to(dev), qw.to(dev), sw.to(dev), offs.to(dev), out_dtype).cpu()
-    # the same arithmetic up to the order of the float32 sums inside a chunk (and a bf16 rounding it may flip)
+    # the same arithmetic up to the order of the float32 sums inside a chunk (and a bf16 rounding it may flip); on
+    # CUDA the reference is cuBLAS, whose in-chunk accumulation is narrower than float32 (~5.5e-4 relative,
+    # bench/results_fp8.md; seen 8.6e-5 of max |ref| on the H200 for the N = 136 case), while the Triton kernel is
+    # the one checked against float64 above
     tol = 1e-5 if out_dtype == torch.float32 else 2 ** -7
-    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=1e-5 * ref.float().abs().max().item())
+    atol = (1e-5 if dev == "cpu" else 1e-3) * ref.float().abs().max().item()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=atol)
 
 
 def test_triton_grouped_gemm_no_experts_with_rows_and_no_rows(triton_device):

@@ -120,3 +120,22 @@ def test_quantize_blocks_triton_bit_exact_with_its_transpose(triton_device, shap
         _same(sts[e].cpu(), rs.t().contiguous())
     q2, s2 = quantize_blocks_triton(w, pow2_scales=pow2)
     _same(q2.cpu(), q.cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_block_dispatch_on_cuda_is_bit_exact(dtype):
+    """What the FP8 layers call for their weights (both copies), for the weight dtypes training uses: float32 input
+    once came back with wrong bytes and NaNs from the Triton kernel on the H200 (bf16 was exact), which broke every
+    FP8 GEMM of float32 parameters; the dispatcher now sends float32 to the reference."""
+    from megatron_dsv3.fp8 import kernels
+    w = (torch.randn(3, 256, 384, generator=torch.Generator().manual_seed(3)) * 0.05).to(dtype)
+    q, s, qt, st = kernels.quantize_blocks_and_transpose_fast(w.cuda())
+    for e in range(3):
+        rq, rs = quant.quantize_blocks(w[e])
+        _same(q[e].cpu(), rq)
+        _same(s[e].cpu(), rs)
+        _same(qt[e].cpu(), rq.t().contiguous())
+        _same(st[e].cpu(), rs.t().contiguous())
+    q2, s2 = kernels.quantize_blocks_fast(w[1].cuda())
+    _same(q2.cpu(), quant.quantize_blocks(w[1])[0])

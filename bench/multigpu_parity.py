@@ -398,7 +398,9 @@ def compare(run, layout, ref, got, resume_job, resume_res, steps):
         row["resume"] = "not run"
     else:
         rerr, rlast = _one(resume_res) if resume_res is not None else ("not run (budget)", None)
-        if rerr:
+        if resume_res is None:          # the budget ended before the next layout ran: nothing was checked
+            row["resume"] = f"not run (budget; under {resume_job['under']})"
+        elif rerr:
             row["resume"], ok = f"error ({resume_job['under']}): {rerr}", False
         else:
             k = steps // 2

@@ -194,8 +194,9 @@ class FP8Config:
                                         # all-to-all, half its bytes (section 3.3.4; fp8/dispatch.py); combine BF16
     weight_cache: bool = True           # FP8 weight copies (blocks + transposed) made once per optimizer step and
                                         # shared by the micro-batches: +2 bytes/FP8 param (fp8/weight_cache.py)
-    grouped_gemm: str = "host_loop"     # routed experts' GEMMs on CUDA: "host_loop" (cuBLAS per expert) | "triton"
-                                        # (Fprop/Dgrad/Wgrad one launch each, offsets on the device: fp8/grouped_gemm.py)
+    grouped_gemm: str = "triton"        # routed experts' GEMMs on CUDA: "triton" (Fprop/Dgrad/Wgrad one launch each,
+                                        # offsets on the device: fp8/grouped_gemm.py; measured faster on the H200,
+                                        # bench/results_fp8.md) | "host_loop" (one cuBLAS call per expert)
 
     def __post_init__(self):
         _check(self.backend in ("auto", "te", "native"), f"FP8Config.backend must be auto|te|native, got {self.backend!r}")

@@ -139,7 +139,7 @@ def fp8_expert_mlp(x, counts: torch.Tensor, weight1: torch.Tensor, weight2: torc
 class FP8GroupedExperts(GroupedExperts):
     """GroupedExperts whose expert GEMMs run in FP8 (module docstring); specs.py picks it when FP8 is on."""
     fp8_weight_cache = True                  # fp8/weight_cache.py; weight_cache.configure sets both from FP8Config
-    fp8_grouped_gemm = "host_loop"           # FP8Config.grouped_gemm
+    fp8_grouped_gemm = "triton"              # FP8Config.grouped_gemm (its default)
 
     def expert_mlp(self, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
                    row_scale=None) -> torch.Tensor:

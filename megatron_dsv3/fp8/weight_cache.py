@@ -84,7 +84,7 @@ def configure(model_chunks, fp8_config) -> None:
     """Applies FP8Config to the chunks' FP8 modules: weight_cache on those with the ENABLE_ATTR switch, grouped_gemm
     on the FP8 experts (their `fp8_grouped_gemm`: gemm.fp8_grouped_gemm's backend)."""
     on = bool(getattr(fp8_config, "weight_cache", True))
-    grouped = getattr(fp8_config, "grouped_gemm", "host_loop")
+    grouped = getattr(fp8_config, "grouped_gemm", "triton")
     for m in _modules(model_chunks):
         if hasattr(m, ENABLE_ATTR):
             setattr(m, ENABLE_ATTR, on)

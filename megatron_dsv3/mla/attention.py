@@ -20,8 +20,11 @@ gradient (and through it the input's and W^KR's) must be summed over TP, as the 
 latents. (Reading megatron-core 0.16.1's MLA, its duplicated-down-projection path without sequence parallel
 has no such reduction; not run here, since that path needs TE.)
 
-Recompute (V3 section 3.2.2, MLAConfig.recompute_up_proj): the latent norms and up-projections run under a
-non-reentrant activation checkpoint; only their inputs (the down-projected latents) are kept for backward.
+Recompute (V3 section 3.2.2, MLAConfig.recompute_up_proj): the latent norms, up-projections and the q/k/v
+assembly run under a non-reentrant activation checkpoint, and the attention core's saved q, k, v are replaced by a
+recipe (RecomputedQKV) that makes them again from the latents in backward: only the latents (and k^R) are kept,
+H (2 (d_h + d_h^R) + d_v) elements a token fewer (131,072 bytes at V3 width). Backward runs the up-projections
+twice (once for the core's q, k, v, once inside the checkpoint for their gradients).
 
 Layout: activations [s, b, h]; per-head tensors [s, b, n, d]. Rope and YaRN come from MLAConfig (rope.py).
 Positions: 0..s-1, or the rope angles [s, b, 1, d_h^R/2] that DSV3Model computes once per forward from
@@ -31,6 +34,7 @@ cover the full sequence: rope is applied after the up-projections (and k^R's gat
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -50,6 +54,42 @@ from megatron_dsv3.mla.rope import RotaryEmbedding
 
 # DeepSeek's reference and HF build the latent RMSNorms with their default eps, whatever rms_norm_eps says
 LATENT_NORM_EPS = 1e-6
+
+
+class RecomputedQKV:
+    """Keeps q, k, v out of what the attention core saves for backward (DeepSeek-V3 section 3.2.2: the MLA
+    up-projections are recomputed, so only the latents stay): a saved-tensors hook stores, for any saved tensor
+    living in q's, k's or v's storage (the tensors themselves or the core's views of them), which one it was and
+    its geometry; the first unpack in backward runs make(*inputs) again without a graph (the same calls on the same
+    inputs: the same bits) and every saved view is rebuilt from it. Anything else the core saves stays as it is."""
+
+    def __init__(self, make, inputs, outputs):
+        self.make, self.inputs = make, inputs
+        self.index = {t.untyped_storage().data_ptr(): i for i, t in enumerate(outputs)}
+        self.versions = [t._version for t in outputs]
+        self.again = None
+
+    def pack(self, t: torch.Tensor):
+        i = self.index.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+        if i is None:
+            return t
+        return (self, i, t.size(), t.stride(), t.storage_offset(), t.dtype)
+
+    @staticmethod
+    def unpack(obj):
+        if not isinstance(obj, tuple):
+            return obj
+        self, i, size, stride, offset, dtype = obj
+        if self.again is None:
+            with torch.no_grad():
+                self.again = self.make(*self.inputs)
+        base = self.again[i]
+        if base.dtype != dtype:
+            raise RuntimeError("MLA up-projection recompute: a recomputed tensor changed dtype")
+        return base.as_strided(size, stride, offset)
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
 @dataclass
@@ -129,22 +169,22 @@ class MLASelfAttention(MegatronModule):
     def qkv(self, hidden_states: torch.Tensor, rope_angles: Optional[torch.Tensor] = None):
         """hidden [s', b, h] (s' = s/tp under sequence parallel) -> q, k [s, b, n, d_h+d_h^R], v [s, b, n, d_v].
         rope_angles [s, b|1, 1, d_h^R/2] (RotaryEmbedding.angles); None: positions 0..s-1."""
-        mla, n = self.mla, self.num_heads
-        d_nope, d_rope, d_v = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
+        return self._qkv(hidden_states, rope_angles)[0]
+
+    def _qkv(self, hidden_states: torch.Tensor, rope_angles: Optional[torch.Tensor] = None):
+        """-> ((q, k, v), recipe): recipe is None, or with the up-projection recompute on, the (function, inputs)
+        that make q, k, v again (forward() keeps the attention core from storing them: section 3.2.2)."""
+        mla = self.mla
+        d_rope = mla.qk_rope_head_dim
 
         # down-projections on this rank's tokens
         kv_combined, _ = self.linear_kv_down_proj(hidden_states)               # [s', b, kv_lora + d_h^R]  eq. 1, 3
         kv_latent, k_rope = torch.split(kv_combined, [mla.kv_lora_rank, d_rope], dim=-1)
-        q_latent = None
+        q_latent = q_direct = None
         if mla.q_lora_rank is not None:
             q_latent, _ = self.linear_q_down_proj(hidden_states)               # [s', b, q_lora]  eq. 6
-
-        if mla.recompute_up_proj and torch.is_grad_enabled():
-            q, kv = checkpoint(self._norm_up, q_latent, kv_latent, use_reentrant=False)
         else:
-            q, kv = self._norm_up(q_latent, kv_latent)
-        if q is None:
-            q, _ = self.linear_q_proj(hidden_states)                           # [s, b, n*(d_h+d_h^R)]
+            q_direct, _ = self.linear_q_proj(hidden_states)                    # [s, b, n*(d_h+d_h^R)]
         # k^R leaves the duplicated region into per-rank heads: each rank's gradient covers its heads only,
         # so the backward must sum over TP (the column-parallel up-projections do the same for the latents)
         if self.sequence_parallel:
@@ -152,19 +192,34 @@ class MLASelfAttention(MegatronModule):
         elif self.tp_size > 1:
             k_rope = copy_to_tensor_model_parallel_region(k_rope, group=self.tp_group)   # backward: all-reduce
 
-        s, b = q.shape[:2]
+        s, b = k_rope.shape[:2]
+        dtype = kv_latent.dtype
         if rope_angles is None:
-            cos, sin = self.rotary.cos_sin(s, q.device, q.dtype)              # [s, 1, 1, d_h^R/2]
+            cos, sin = self.rotary.cos_sin(s, kv_latent.device, dtype)         # [s, 1, 1, d_h^R/2]
         else:
             if rope_angles.dim() != 4 or rope_angles.shape[0] != s or rope_angles.shape[1] not in (1, b) \
                     or rope_angles.shape[2:] != (1, d_rope // 2):
                 raise ValueError(f"MLASelfAttention: rope angles (rotary_pos_emb) must be [s={s}, b={b} or 1, 1, "
                                  f"qk_rope_head_dim/2={d_rope // 2}], got {tuple(rope_angles.shape)}")
-            cos, sin = self.rotary.cos_sin_from_angles(rope_angles, q.dtype)   # [s, b|1, 1, d_h^R/2]
+            cos, sin = self.rotary.cos_sin_from_angles(rope_angles, dtype)     # [s, b|1, 1, d_h^R/2]
+        inputs = (q_latent, kv_latent, k_rope, cos, sin, q_direct)
+        if mla.recompute_up_proj and torch.is_grad_enabled():
+            # only the latents (and k^R, the angles) are kept: the latent norms, up-projections and the assembly
+            # run again in backward (non-reentrant checkpoint); forward() keeps q, k, v out of the attention core
+            return checkpoint(self._up_and_assemble, *inputs, use_reentrant=False), inputs
+        return self._up_and_assemble(*inputs), None
+
+    def _up_and_assemble(self, q_latent, kv_latent, k_rope, cos, sin, q_direct):
+        """Latents -> q, k [s, b, n, d_h+d_h^R], v [s, b, n, d_v] (the part section 3.2.2 recomputes)."""
+        mla, n = self.mla, self.num_heads
+        q, kv = self._norm_up(q_latent, kv_latent)
+        if q is None:
+            q = q_direct
+        s, b = q.shape[:2]
         # eqs. 3-5, 8-9: query [q^C | RoPE(q^R)], key [k^C | RoPE(k^R) shared by all heads], value v; one fused
         # pass on CUDA (mla/kernels.py), the plain-torch reference elsewhere
-        return assemble_qkv(q.view(s, b, n, mla.qk_head_dim), kv.view(s, b, n, d_nope + d_v), k_rope, cos, sin,
-                            d_nope, self.rotary.interleaved)
+        return assemble_qkv(q.view(s, b, n, mla.qk_head_dim), kv.view(s, b, n, mla.qk_nope_head_dim + mla.v_head_dim),
+                            k_rope, cos, sin, mla.qk_nope_head_dim, self.rotary.interleaved)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 key_value_states=None, inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,
@@ -185,8 +240,10 @@ class MLASelfAttention(MegatronModule):
             raise NotImplementedError("MLASelfAttention: megatron-core inference contexts are not supported")
         if packed_seq_params is not None:
             raise NotImplementedError("MLASelfAttention: packed sequences are not supported yet")
-        query, key, value = self.qkv(hidden_states, rotary_pos_emb)
+        (query, key, value), recipe = self._qkv(hidden_states, rotary_pos_emb)
         # [s, b, n, d] x3 -> [s, b, n*d_v]                                       eq. 10
-        out = self.core_attention(query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
-                                  attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        with (nullcontext() if recipe is None else RecomputedQKV(self._up_and_assemble, recipe,
+                                                                 (query, key, value)).hooks()):
+            out = self.core_attention(query, key, value, attention_mask, attn_mask_type=self.attn_mask_type,
+                                      attention_bias=attention_bias, packed_seq_params=packed_seq_params)
         return self.linear_proj(out)                                            # eq. 11: ([s', b, h], bias)

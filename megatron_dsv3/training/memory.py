@@ -9,8 +9,9 @@ Counted per pipeline stage (the largest is reported):
                 --adam-moments-dtype stores (training/optimizer.py): 4 bytes each in fp32, 2 in bf16 (the paper,
                 section 3.3.3; the default of --preset dsv3-671b);
 * activations   per layer and token: what backward needs (bf16), from the layer's shapes; 1F1B keeps
-                PP - stage micro-batches in flight on a stage; MLA up-projection recompute (paper section
-                3.2.2) drops the up-projected q, k, v; full recomputation keeps only layer inputs; plus the fp32
+                PP - stage micro-batches in flight on a stage; the paper's recomputation (section 3.2.2) drops
+                the RMSNorm outputs, the latent norms' outputs and the attention core's q, k, v; full
+                recomputation keeps only layer inputs; plus the fp32
                 logits of one micro-batch on the last stage. With --fp8 the routed experts keep what fp8/experts.py
                 keeps: their input and the SwiGLU input in FP8 with 1x128 FP32 scales (1 + 4/128 bytes an element),
                 the SwiGLU output recomputed, against input, SwiGLU input and output in BF16. The other FP8 linears
@@ -101,7 +102,11 @@ def activation_bytes_per_token(cfg, moe_layer: bool, recompute_up_proj: bool, ac
     copy of its input (no longer kept: moe/router.py float32_logits) and 114,688 the expert output rows the weighted
     combine kept for the gates' gradient (no longer kept: the gates scale the SwiGLU output, moe/dispatch.py), so an
     estimated 234,152 against this estimate's MoE part less input and norm output, 225,440 (3.7% under; not measured
-    on the GPU since)."""
+    on the GPU since). The paper's recomputation (norms + MLA up-projections) freed 98,224 B/token/layer on the 4-layer
+    stack (H200, 2026-11-29), 0.1% from what that code dropped: the two norm outputs (2 x 14,336), the latent norm
+    outputs (4,096) and the float32 copy and normalised x that norm.py's RMSNorm kept then (65,536); q, k, v
+    (131,072) stayed in the attention core then. Since: RMSNorm keeps only x and rstd, and the recompute also drops
+    q, k, v (mla/attention.py): this estimate's saving, 163,840, not yet measured on the GPU."""
     return (attention_elements_per_token(cfg, recompute_up_proj) * act_bytes
             + mlp_bytes_per_token(cfg, moe_layer, act_bytes, fp8))
 
@@ -112,9 +117,12 @@ def attention_elements_per_token(cfg, recompute_up_proj: bool) -> float:
     tp = cfg.parallel.tensor_model_parallel_size
     H = cfg.num_attention_heads / tp
     norm_out = 0 if cfg.recompute_norms else h                                      # section 3.2.2
-    attn = h + norm_out + (m.q_lora_rank or 0) + m.kv_lora_rank + m.qk_rope_head_dim   # norm in/out, latents
+    latents = (m.q_lora_rank or 0) + m.kv_lora_rank
+    attn = h + norm_out + latents + m.qk_rope_head_dim                           # norm in/out, latents (+ k^R)
     if not recompute_up_proj:
-        attn += H * (2 * m.qk_head_dim + m.v_head_dim)                            # q, k, v up-projected
+        # the latent norms' outputs (the up-projections' inputs) and q, k, v as the attention core keeps them;
+        # section 3.2.2's recompute makes all of them again from the latents (mla/attention.py, RecomputedQKV)
+        attn += latents + H * (2 * m.qk_head_dim + m.v_head_dim)
     return attn + H * m.v_head_dim + 2 * H * 2                                    # attention out, fp32 softmax stats
 
 

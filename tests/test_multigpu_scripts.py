@@ -43,3 +43,17 @@ def test_bad_flags_are_one_line_errors(script, args, message):
     assert r.returncode == 2
     last = r.stderr.strip().splitlines()[-1]
     assert message in last, r.stderr
+
+
+def test_a_resume_the_budget_never_ran_is_not_a_failure():
+    """Seen on 2 H200s: a layout whose checkpoint the next (budget-skipped) layout never loaded was FAILED."""
+    sys.path.insert(0, BENCH)
+    from multigpu_parity import compare
+    rank = {"loss": [2.0, 1.5, 1.2, 1.1], "bias_digest": [{"1": "a"}] * 4, "bias_final": {"1": [0.0]},
+            "wall_s": 1.0, "step_s": [0.1] * 4, "iterations": [1, 2, 3, 4]}
+    ref = [dict(rank)]
+    job = {"under": "pp2-interleaved", "key": "tiny:fp32|pp2-1f1b|resume"}
+    row = compare("tiny:fp32", "pp2-1f1b", ref, [dict(rank), dict(rank)], job, None, 4)
+    assert row["status"] == "ok" and row["resume"].startswith("not run (budget"), row
+    bad = compare("tiny:fp32", "pp2-1f1b", ref, [dict(rank), dict(rank)], job, {"error": "boom"}, 4)
+    assert bad["status"] == "FAILED" and "boom" in bad["resume"], bad

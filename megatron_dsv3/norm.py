@@ -36,7 +36,9 @@ class _RMSNormFunction(torch.autograd.Function):
     the input, 6h bytes against 2h + 4 -- at V3 width 57,344 bytes a token per layer for the two RMSNorms (and
     8,192 for MLA's latent norms), measured on the H200 (bench/results.md) as what the norm recompute freed.
     Backward: the RMSNorm gradient in float32 (float64 stays), dx = rstd (gy - x^ mean(gy x^)), gy = g w,
-    x^ = x rstd; dw = sum over tokens of g x^, one rounding to the weight's dtype."""
+    x^ = x rstd; dw = sum over tokens of g x^ (the unrounded x^: closer to float64 than autograd through the bf16
+    forward), one rounding to the weight's dtype. About as many passes over [tokens, h] as autograd's (ten), the
+    per-token mean as one GEMV."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,13 +51,14 @@ class _RMSNormFunction(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         ct = rstd.dtype                                                        # float32 (float64 for float64 x)
+        h = x.shape[-1]
         xhat = (x if x.dtype == ct else x.to(ct)) * rstd                        # [..., h]
         gf = g.to(ct)
-        dx = dw = None
-        if ctx.needs_input_grad[1]:
-            # the reference multiplies by the bf16-rounded x^: so does this (the same forward value)
-            dw = (gf * xhat.to(x.dtype).to(ct)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        wf = weight.to(ct)
+        p = gf * xhat                                                           # [..., h]
+        dw = p.reshape(-1, h).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dx = None
         if ctx.needs_input_grad[0]:
-            gy = gf * weight.to(ct)
-            dx = (rstd * (gy - xhat * (gy * xhat).mean(-1, keepdim=True))).to(x.dtype)
+            m = (p @ wf).unsqueeze(-1) / h                                      # mean(gy x^) [..., 1], gy = g w
+            dx = (rstd * torch.addcmul(gf * wf, xhat, m, value=-1)).to(x.dtype)
         return dx, dw, None

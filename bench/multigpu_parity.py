@@ -107,9 +107,18 @@ def header(title: str, vers: dict, world: int, cpu: bool) -> list:
             f"{vers['transformer-engine']}; commit {vers['commit']}"]
 
 
+# SIGTERM (the `timeout` of a device call) stops the runs and still writes the table of what finished
+_STOPPED = []
+
+
+def _stop(signum, frame):
+    _STOPPED.append(signum)
+
+
 def run_launch(cmd, env, done, expected, job_timeout, deadline, log):
-    """Run one launch; kill it when no job finishes for `job_timeout` s or at `deadline`. Returns the exit code
-    (None when killed). `done()` counts the finished jobs; `expected` is the number the launch should finish."""
+    """Run one launch; kill it when no job finishes for `job_timeout` s, at `deadline` (time.time()) or on SIGTERM.
+    Returns the exit code (None when killed). `done()` counts the finished jobs; `expected` is the number the launch
+    should finish."""
     with open(log, "a") as f:
         p = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
         last, t_last = done(), time.monotonic()
@@ -118,10 +127,10 @@ def run_launch(cmd, env, done, expected, job_timeout, deadline, log):
             n = done()
             if n != last:
                 last, t_last = n, time.monotonic()
-            if time.monotonic() - t_last > job_timeout or time.monotonic() > deadline:
+            if time.monotonic() - t_last > job_timeout or time.time() > deadline or _STOPPED:
                 os.killpg(p.pid, signal.SIGKILL)        # torchrun and its ranks: the session this call started
                 p.wait()
-                f.write(f"\n[killed: no job finished for {job_timeout:.0f} s or past the budget]\n")
+                f.write(f"\n[killed: no job finished for {job_timeout:.0f} s, past the budget or stopped]\n")
                 return None
         return p.returncode
 
@@ -292,7 +301,7 @@ def execute(jobs, world, a, workdir, results, deadline, tag):
     def files(key):
         return sorted(glob.glob(os.path.join(results, glob.escape(key) + ".rank*.json")))
 
-    while left and time.time() < deadline:
+    while left and time.time() < deadline and not _STOPPED:
         plan = os.path.join(workdir, f"{tag}-plan.json")
         with open(plan, "w") as f:
             json.dump({"jobs": left, "deadline": deadline, "results": results, "data_dir": a.data_dir,
@@ -315,7 +324,7 @@ def execute(jobs, world, a, workdir, results, deadline, tag):
                 still.append(j)
         if not still:
             break
-        if time.time() >= deadline:
+        if time.time() >= deadline or _STOPPED:
             break
         # the first unfinished job is the one the launch died in (or the launch failed to start)
         bad = still[0]
@@ -480,6 +489,7 @@ def main(argv=None) -> int:
     shutil.rmtree(ckdir, ignore_errors=True)
     os.makedirs(cache, exist_ok=True)
     deadline = t_start + a.budget_s
+    signal.signal(signal.SIGTERM, _stop)
     ref_jobs, par_jobs = plan_jobs(a, runs, run_layouts, a.data_prefix, cache, ckdir)
     print(f"work directory {workdir}; {len(ref_jobs)} reference and {len(par_jobs)} layout jobs on {a.gpus} ranks",
           flush=True)

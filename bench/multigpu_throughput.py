@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import statistics
+import signal
 import subprocess
 import sys
 import time
@@ -208,10 +209,12 @@ def main(argv=None) -> int:
     if a.cpu:
         env.update(TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
     runs = {impl: [] for impl in impls}
+    stopped = []                       # SIGTERM (a device call's `timeout`): stop and still write the table
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
     for r in range(a.rounds):
         for impl in (impls if r % 2 == 0 else impls[::-1]):
-            if time.time() - t_start > a.budget_s:
-                runs[impl].append({"error": "skipped (budget)"})
+            if time.time() - t_start > a.budget_s or stopped:
+                runs[impl].append({"error": "skipped (budget)" if not stopped else "skipped (stopped by SIGTERM)"})
                 continue
             args = ["--child", "--impl", impl, "--seq", str(a.seq), "--warmup", str(a.warmup), "--iters", str(a.iters)]
             args += (["--smoke"] if a.smoke else []) + (["--cpu"] if a.cpu else [])

@@ -28,6 +28,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -268,9 +269,13 @@ def main(argv=None):
     runs = {(part, impl): [] for part in parts for impl in impls}
     info = {}
     profiles = {}
+    stopped = []                       # SIGTERM (a device call's `timeout`): stop and still write the table
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
     for r in range(a.rounds):
         for part in parts:
             for impl in (impls if r % 2 == 0 else impls[::-1]):
+                if stopped:
+                    continue
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", "--part", part, "--impl", impl,
                        "--warmup", str(a.warmup), "--iters", str(a.iters), "--seq", str(a.seq)]
                 if a.smoke:
@@ -279,6 +284,8 @@ def main(argv=None):
                     cmd += ["--profile", part]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                if stopped and not line:
+                    continue
                 if proc.returncode or not line:
                     res = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
                 else:
@@ -310,7 +317,8 @@ def main(argv=None):
             ok = [x for x in rs if "ms" in x]
             name = NAMES[impl]
             if not ok:
-                lines.append(f"| {TITLES[part]} | {name} | error: {rs[-1].get('error')} | | | | | | |")
+                why = f"error: {rs[-1].get('error')}" if rs else "not run (stopped by SIGTERM)"
+                lines.append(f"| {TITLES[part]} | {name} | {why} | | | | | | |")
                 continue
             tf = statistics.median(x["tflops"] for x in ok)
             ratio = (f"**{med['mcore-te'] / med[impl]:.2f}x**" if impl != "mcore-te" and "mcore-te" in med else "")

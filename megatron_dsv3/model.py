@@ -43,7 +43,7 @@ from megatron_dsv3.compat import get_process_group_collection
 from megatron_dsv3.cross_entropy import vocab_parallel_cross_entropy
 from megatron_dsv3.config import DSV3Config
 from megatron_dsv3.mla.rope import RotaryEmbedding
-from megatron_dsv3.output_head import OutputHead
+from megatron_dsv3.fused_wgrad import OutputHead
 from megatron_dsv3.specs import check_backend, get_decoder_block_spec, get_mtp_block_spec
 
 __all__ = ["DSV3Model", "build_model"]

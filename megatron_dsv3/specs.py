@@ -45,10 +45,11 @@ def _linear(config, backend: str, kind: str, name: str):
     if in_fp8:                       # native FP8
         from megatron_dsv3.fp8.linear import FP8ColumnParallelLinear, FP8DuplicatedLinear, FP8RowParallelLinear
         return {"column": FP8ColumnParallelLinear, "row": FP8RowParallelLinear, "duplicated": FP8DuplicatedLinear}[kind]
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
+    # megatron-core's Column/RowParallelLinear with the weight gradient accumulated by the GEMM (fused_wgrad.py)
+    from megatron_dsv3.fused_wgrad import FusedWgradColumnParallelLinear, FusedWgradRowParallelLinear
     from megatron_dsv3.mla.linear import DuplicatedLinear
-    return {"column": ColumnParallelLinear, "row": RowParallelLinear, "duplicated": DuplicatedLinear}[kind]
+    return {"column": FusedWgradColumnParallelLinear, "row": FusedWgradRowParallelLinear,
+            "duplicated": DuplicatedLinear}[kind]
 
 
 def get_mla_spec(config, backend: str = "local"):

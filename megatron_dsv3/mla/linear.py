@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_dsv3.fused_wgrad import fused_wgrad_applies, matmul_fused_wgrad
+
 
 class DuplicatedLinear(torch.nn.Module):
     def __init__(self, input_size: int, output_size: int, *, config, init_method, bias: bool = False,
@@ -32,6 +34,8 @@ class DuplicatedLinear(torch.nn.Module):
             p.allreduce = True                                      # and the usual DP reduction
 
     def forward(self, x: torch.Tensor):
+        if self.bias is None and fused_wgrad_applies(self.weight):
+            return matmul_fused_wgrad(x, self.weight), None        # weight gradient accumulated by the GEMM
         if self.skip_bias_add:
             return F.linear(x, self.weight), self.bias
         return F.linear(x, self.weight, self.bias), None

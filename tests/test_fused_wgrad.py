@@ -1,7 +1,8 @@
-"""OutputHead: the weight gradient accumulated in place equals a plain linear's, once, on every path."""
+"""fused_wgrad.py: the weight gradient accumulated in place equals a plain linear's, once, on every path (the output
+head, and the column / row / duplicated linears of the local specs)."""
 import torch
 
-from megatron_dsv3.output_head import OutputHead
+from megatron_dsv3.fused_wgrad import OutputHead
 
 
 def _head(mcore_single_cfg):
@@ -63,3 +64,37 @@ def test_main_grad_path_follows_megatron_ddp_convention(mcore_single):
     assert head.weight.grad_added_to_main_grad
     torch.testing.assert_close(head.weight.main_grad, 0.5 + dy.reshape(-1, 24).t() @ x.reshape(-1, 16),
                                rtol=0, atol=1e-12)
+
+
+def test_column_row_and_duplicated_linears_equal_megatrons(mcore_single):
+    """The spec's local linears (fused_wgrad.py's column/row, mla/linear.py's duplicated) against megatron-core's
+    own Column/RowParallelLinear with the same weights: outputs, input gradients, and weight gradients over two
+    backward steps (the second accumulated in place into .grad), float64."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_dsv3.fused_wgrad import FusedWgradColumnParallelLinear, FusedWgradRowParallelLinear
+    from megatron_dsv3.mla.linear import DuplicatedLinear
+    cfg = _cfg()
+    kw = dict(config=cfg, init_method=torch.nn.init.normal_, bias=False)
+    pairs = [(FusedWgradColumnParallelLinear(16, 24, gather_output=False, skip_bias_add=False, **kw),
+              ColumnParallelLinear(16, 24, gather_output=False, skip_bias_add=False, **kw)),
+             (FusedWgradRowParallelLinear(16, 24, input_is_parallel=True, skip_bias_add=True, **kw),
+              RowParallelLinear(16, 24, input_is_parallel=True, skip_bias_add=True, **kw)),
+             (DuplicatedLinear(16, 24, **kw), ColumnParallelLinear(16, 24, gather_output=False, **kw))]
+    for ours, theirs in pairs:
+        ours, theirs = ours.double(), theirs.double()
+        with torch.no_grad():
+            theirs.weight.copy_(ours.weight)
+        for step in range(2):
+            x = torch.randn(5, 2, 16, dtype=torch.float64)
+            dy = torch.randn(5, 2, 24, dtype=torch.float64)
+            outs = []
+            for m in (ours, theirs):
+                xi = x.clone().requires_grad_()
+                y, b = m(xi)
+                assert b is None
+                y.backward(dy)
+                outs.append((y.detach(), xi.grad))
+            for a, b in zip(*outs):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+            torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=0, atol=1e-12)

@@ -1,0 +1,138 @@
+"""Linears whose weight gradient the GEMM accumulates in place (megatron-core's gradient_accumulation_fusion, which
+needs apex's fused kernel, done with torch's GEMM epilogue instead).
+
+A plain linear's backward allocates a fresh [N, K] weight gradient and AccumulateGrad then adds it into `.grad` (or
+megatron's DDP hook adds it into `main_grad`): a transient of the weight's size and a read-read-write pass. For the
+output head (V x h = 129280 x 7168, 1.85 GB in bf16) that transient came at the very start of backward, when every
+activation is still alive, where a 4-layer V3-width stack peaked on the H200; across the stack's other linears the
+adds took ~8 ms of a 179 ms step (profile, bench/results.md). Here the weight-gradient GEMM accumulates straight
+into the buffer that holds the gradient (beta = 1: `addmm_`), as megatron-core's fusion does with apex and TE does in
+its linears:
+  * `main_grad` present (megatron DDP): accumulated into it (float32 main_grad from bf16 operands through torch's
+    `addmm(out_dtype=float32)` where the build has it, else a matmul and an add), `grad_added_to_main_grad` set and
+    megatron's dummy returned so DDP's hook still fires and skips its add;
+  * else `.grad` already there (gradient accumulation, or a benchmark's repeated steps): `.grad.addmm_`;
+  * else (first micro-batch): the gradient is returned as usual.
+Only when the engine will run the weight's AccumulateGrad in this backward (torch._C._will_engine_execute_node):
+an input-gradient-only pass (`torch.autograd.grad(..., inputs=activations)`, DualPipe's B of a split backward)
+computes no weight gradient at all and leaves `.grad` alone, so its W pass later counts it exactly once.
+
+The classes: FusedWgradColumnParallelLinear / FusedWgradRowParallelLinear are megatron-core's Column/Row parallel
+linears (same parameters, init, checkpoint layout) with this matmul on their bias-free paths and megatron's own
+tensor-parallel mappings around it (column: the input copy whose backward all-reduces; row: the all-reduce, or the
+reduce-scatter under sequence parallelism). A column linear under sequence parallelism keeps megatron-core's path
+(its Function re-gathers the input in backward instead of keeping the gathered copy), as does anything with a bias,
+gather_output, a weight passed in, expert communication or CPU offloading. OutputHead is the column class (the
+model's output layer). mla/linear.py's DuplicatedLinear uses the matmul too.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+
+__all__ = ["OutputHead", "FusedWgradColumnParallelLinear", "FusedWgradRowParallelLinear", "accumulate_wgrad",
+           "matmul_fused_wgrad", "fused_wgrad_applies"]
+
+
+def accumulate_wgrad(buf: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor) -> None:
+    """buf [N, K] += grad_out[T, N]^T @ inp [T, K], in the GEMM where dtypes allow."""
+    if buf.dtype == grad_out.dtype:
+        buf.addmm_(grad_out.t(), inp)
+        return
+    if buf.is_cuda and buf.dtype == torch.float32:
+        try:   # bf16/fp16 operands, float32 accumulate-into (torch >= 2.8 on CUDA)
+            torch.addmm(buf, grad_out.t(), inp, out_dtype=torch.float32, out=buf)
+            return
+        except (RuntimeError, TypeError):
+            pass
+    buf.add_(torch.mm(grad_out.t(), inp).to(buf.dtype))
+
+
+def _acc_node(weight: torch.Tensor):
+    return weight.view_as(weight).grad_fn.next_functions[0][0]          # the weight's AccumulateGrad node
+
+
+class _FusedWgradMatmul(torch.autograd.Function):
+    """x [..., K] @ W^T -> [..., N]; backward: dx = dy W, dW accumulated in place (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, acc_node):
+        ctx.save_for_backward(x, weight)
+        ctx.acc_node = acc_node
+        return torch.matmul(x, weight.t())                                 # [s, b, K] -> [s, b, N]
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dx = torch.matmul(dy, weight) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1] and torch._C._will_engine_execute_node(ctx.acc_node):
+            g2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])     # [T, N], [T, K]
+            main: Optional[torch.Tensor] = getattr(weight, "main_grad", None)
+            if main is not None:
+                accumulate_wgrad(main, g2, x2)
+                if hasattr(weight, "grad_added_to_main_grad"):
+                    # megatron DDP's convention (tensor_parallel.layers): a dummy gradient so its hook runs on this
+                    # thread, and the flag so the hook does not add it
+                    weight.grad_added_to_main_grad = True
+                    dw = torch.empty_like(weight)
+            elif weight.grad is not None and weight.grad.dtype == dy.dtype and weight.grad.is_contiguous():
+                weight.grad.addmm_(g2.t(), x2)
+            else:
+                dw = torch.mm(g2.t(), x2)
+        return dx, dw, None
+
+
+def fused_wgrad_applies(weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and weight.requires_grad
+
+
+def matmul_fused_wgrad(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T with the weight gradient accumulated in place (module docstring). The weight's AccumulateGrad
+    node is looked up per call: autograd makes it on demand and may drop it between steps."""
+    return _FusedWgradMatmul.apply(x, weight, _acc_node(weight))
+
+
+def _tp_size(module) -> int:
+    g = getattr(module, "tp_group", None)
+    return g.size() if g is not None else 1
+
+
+def _plain(module, weight, bias_free: bool) -> bool:
+    cfg = module.config
+    return (weight is None and bias_free and fused_wgrad_applies(module.weight)
+            and not getattr(module, "explicit_expert_comm", False)
+            and getattr(cfg, "_cpu_offloading_context", None) is None
+            and not getattr(cfg, "delay_wgrad_compute", False)
+            and not getattr(cfg, "defer_embedding_wgrad_compute", False))
+
+
+class FusedWgradColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None, runtime_gather_output=None,
+                **kwargs):
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        if not _plain(self, weight, self.bias is None) or self.sequence_parallel or gather:
+            return super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs)
+        if _tp_size(self) > 1:      # identity forward, all-reduce of the input gradient backward
+            input_ = tensor_parallel.copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        return matmul_fused_wgrad(input_, self.weight), None              # [s, b, h] -> [s, b, N/tp]
+
+
+class FusedWgradRowParallelLinear(tensor_parallel.RowParallelLinear):
+    def forward(self, input_: torch.Tensor, *args, **kwargs):
+        if args or kwargs or not self.input_is_parallel or not _plain(self, None, self.bias is None):
+            return super().forward(input_, *args, **kwargs)
+        out = matmul_fused_wgrad(input_, self.weight)                     # [s, b, K/tp] -> [s, b, h] (partial)
+        if _tp_size(self) > 1:
+            if self.sequence_parallel:
+                out = tensor_parallel.reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
+            else:
+                out = tensor_parallel.reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        return out, None
+
+
+class OutputHead(FusedWgradColumnParallelLinear):
+    """The model's output layer: the column linear above (its weight gradient, 1.85 GB at V3 width, never a
+    separate tensor)."""

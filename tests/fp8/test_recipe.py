@@ -31,9 +31,9 @@ def test_native_to_transformer_config_has_no_te_fp8(monkeypatch):
 
 
 def test_specs_pick_fp8_classes_except_bf16_modules(monkeypatch):
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
     from megatron_dsv3.fp8.experts import FP8GroupedExperts
+    from megatron_dsv3.fused_wgrad import FusedWgradColumnParallelLinear as ColumnParallelLinear
+    from megatron_dsv3.fused_wgrad import FusedWgradRowParallelLinear as RowParallelLinear
     from megatron_dsv3.fp8.linear import FP8ColumnParallelLinear, FP8DuplicatedLinear, FP8RowParallelLinear
     from megatron_dsv3.moe.experts import GroupedExperts
     from megatron_dsv3.specs import get_dense_mlp_spec, get_mla_spec, get_moe_spec, get_mtp_block_spec

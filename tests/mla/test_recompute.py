@@ -28,21 +28,30 @@ def _saved_activation_bytes(module, fn, monkeypatch):
     return out, sum(seen.values())
 
 
-def test_recompute_same_grads_fewer_saved_bytes(mcore_single, monkeypatch):
+def _with_and_without(monkeypatch, seed, core=None):
+    """{recompute: (loss, dx, parameter grads, saved bytes)} for the v3_yarn MLA, float32, s=40, b=2; `core`
+    (a factory of a core attention module) replaces SDPAttention when given."""
     mla, heads, hidden, seq = CONFIGS["v3_yarn"]
     hf, _ = hf_attention(mla, heads, hidden, seq)
     state = full_state(hf)
-    x = torch.randn(seq, 2, hidden, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(seq, 2, hidden, generator=torch.Generator().manual_seed(seed))
     results = {}
     for recompute in (False, True):
         ours = build_ours(dsv3_config(dataclasses.replace(mla, recompute_up_proj=recompute), heads, hidden))
         load_ours(ours, state)
+        if core is not None:
+            ours.core_attention = core(mla)
         xi = x.clone().requires_grad_()
         out, nbytes = _saved_activation_bytes(ours, lambda: ours(xi)[0], monkeypatch)
         loss = out.square().mean()
         loss.backward()
         results[recompute] = (loss.detach(), xi.grad, {k: p.grad for k, p in ours.named_parameters()}, nbytes)
+    return results
 
+
+def test_recompute_same_grads_fewer_saved_bytes(mcore_single, monkeypatch):
+    mla, heads, hidden, seq = CONFIGS["v3_yarn"]
+    results = _with_and_without(monkeypatch, 3)
     (l0, dx0, g0, b0), (l1, dx1, g1, b1) = results[False], results[True]
     # recompute runs the same float32 ops again: equal to float32 rounding (measured 0)
     assert rel_err(l1, l0) < 1e-6 and rel_err(dx1, dx0) < 1e-6
@@ -91,19 +100,8 @@ def test_recompute_drops_what_the_core_saves(mcore_single, monkeypatch):
     """With a core attention that saves q, k, v (views of them) as the GPU kernels do, the recompute drops all of
     q, k, v: H (2 (d_h + d_h^R) + d_v) elements a token (131,072 bytes at V3 width), and gradients are unchanged."""
     mla, heads, hidden, seq = CONFIGS["v3_yarn"]
-    hf, _ = hf_attention(mla, heads, hidden, seq)
-    state = full_state(hf)
-    x = torch.randn(seq, 2, hidden, generator=torch.Generator().manual_seed(4))
-    results = {}
-    for recompute in (False, True):
-        ours = build_ours(dsv3_config(dataclasses.replace(mla, recompute_up_proj=recompute), heads, hidden))
-        load_ours(ours, state)
-        ours.core_attention = _CoreKeepingQKV(mla.softmax_scale())
-        xi = x.clone().requires_grad_()
-        out, nbytes = _saved_activation_bytes(ours, lambda: ours(xi)[0], monkeypatch)
-        out.square().mean().backward()
-        results[recompute] = (xi.grad, {k: p.grad for k, p in ours.named_parameters()}, nbytes)
-    (dx0, g0, b0), (dx1, g1, b1) = results[False], results[True]
+    results = _with_and_without(monkeypatch, 4, core=lambda m: _CoreKeepingQKV(m.softmax_scale()))
+    (_, dx0, g0, b0), (_, dx1, g1, b1) = results[False], results[True]
     assert rel_err(dx1, dx0) < 1e-6 and all(rel_err(g1[k], g0[k]) < 1e-6 for k in g0)
     tokens = seq * 2
     qkv = tokens * heads * (2 * mla.qk_head_dim + mla.v_head_dim) * 4

@@ -66,11 +66,10 @@ class RecomputedQKV:
     def __init__(self, make, inputs, outputs):
         self.make, self.inputs = make, inputs
         self.index = {t.untyped_storage().data_ptr(): i for i, t in enumerate(outputs)}
-        self.versions = [t._version for t in outputs]
         self.again = None
 
     def pack(self, t: torch.Tensor):
-        i = self.index.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+        i = self.index.get(t.untyped_storage().data_ptr())
         if i is None:
             return t
         return (self, i, t.size(), t.stride(), t.storage_offset(), t.dtype)

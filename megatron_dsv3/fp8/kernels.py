@@ -9,7 +9,9 @@ One kernel, one read of x per [BM, 128] tile, writes what its flags ask for:
   restarting at each expert's first row.
 
 A second kernel quantises weights in 128x128 blocks (quant.quantize_blocks; a stack of experts' weights in one
-launch), optionally writing the transposed blocks (Dgrad's copy) from the same read.
+launch), optionally writing the transposed blocks (Dgrad's copy) from the same read. A third dequantises 1x128
+tiles (quant.dequantize_tiles) in one pass: the reference's float32 temporaries of [M, K] (4 passes) are what the
+FP8 experts paid for their dispatched input and their SwiGLU input in backward.
 
 The arithmetic is quant.py's, in its order: float32, amax (NaN-propagating), scale = amax / 448 rounded to nearest
 (div_rn), pow2 rounding up by exponent bits (exact, subnormals included), zero tile -> 1.0, underflow -> 2^-149,
@@ -159,6 +161,31 @@ if HAVE_TRITON:
             tl.store(st_ptr + e * NB * KB + j * NB + i + tl.arange(0, B) * 0, s, mask=first)
 
 
+if HAVE_TRITON:
+    @triton.jit
+    def _dequant_kernel(q_ptr, s_ptr, y_ptr, M, K, S_STRIDE_M, S_STRIDE_T, BM: tl.constexpr, BK: tl.constexpr):
+        """y = e4m3(q) * s per 1x128 tile, float32 products rounded once to y's dtype (quant.dequantize_tiles).
+        The e4m3 decode written out in integer ops (exact: sign, 4-bit exponent biased 7, 3-bit mantissa,
+        subnormals m * 2^-9, 0x7F / 0xFF NaN), the same on a GPU and under Triton's interpreter."""
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        r = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+        c = pid_k * BK + tl.arange(0, BK)
+        rmask = r < M
+        mask = rmask[:, None] & (c < K)[None, :]
+        b = tl.load(q_ptr + r[:, None] * K + c[None, :], mask=mask, other=0).to(tl.int32)
+        e = (b >> 3) & 0xF
+        m = b & 0x7
+        normal = (((b & 0x80) << 24) | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+        sub = m.to(tl.float32) * 0.001953125                                          # m * 2^-9
+        # the sign as a bit (Triton negates as 0 - x, which loses -0.0)
+        sub = (sub.to(tl.int32, bitcast=True) | ((b & 0x80) << 24)).to(tl.float32, bitcast=True)
+        v = tl.where(e == 0, sub, normal)
+        v = tl.where((b & 0x7F) == 0x7F, float("nan"), v)
+        sc = tl.load(s_ptr + r * S_STRIDE_M + pid_k * S_STRIDE_T, mask=rmask, other=1.0)
+        tl.store(y_ptr + r[:, None] * K + c[None, :], (v * sc[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 def _launch(x, q, s, qt, st, src, cnt, M, qt_stride, grid, rows, cols, grouped, pow2, bm, num_warps=None):
     dummy = x
     s_strides = s.stride() if s is not None else (0, 0)
@@ -212,6 +239,28 @@ def quantize_tiles_and_transpose_triton(x: torch.Tensor, pow2_scales: bool = Fal
         _launch(x, q, s, qt, st, None, None, M, M, (TM, T), True, True, False,
                 pow2_scales, TILE, num_warps)
     return q, s, qt, st
+
+
+def dequantize_tiles_triton(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32,
+                            block_m: int = 32) -> torch.Tensor:
+    """quant.dequantize_tiles(q [..., K], scale [..., ceil(K/128)], dtype) in one pass (any scale strides: the
+    quantisers' (1, M)-strided [M, T] views are read as they are)."""
+    if q.dtype != FP8:
+        raise TypeError(f"q must be float8_e4m3fn, got {q.dtype}")
+    lead, K = q.shape[:-1], q.shape[-1]
+    T = triton.cdiv(K, TILE)
+    if tuple(scale.shape) != (*lead, T):
+        raise ValueError(f"scale has shape {tuple(scale.shape)}; data of shape {tuple(q.shape)} in 1x{TILE} tiles "
+                         f"needs {(*lead, T)}")
+    q2 = q.reshape(-1, K).contiguous()
+    s2 = scale.reshape(-1, T) if scale.dim() != 2 else scale
+    M = q2.shape[0]
+    y = torch.empty(M, K, dtype=dtype, device=q.device)
+    if M and K:
+        kw = {"num_warps": 4} if q.is_cuda else {}
+        _dequant_kernel[(triton.cdiv(M, block_m), T)](q2.view(torch.uint8), s2, y, M, K, s2.stride(0), s2.stride(1),
+                                                      BM=block_m, BK=TILE, **kw)
+    return y.view(*lead, K)
 
 
 def grouped_row_tiles(offs: torch.Tensor, tile: int = TILE) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -283,6 +332,13 @@ def quantize_tiles_fast(x: torch.Tensor, pow2_scales: bool = False) -> Tuple[tor
     if use_triton(x) and x.dim() >= 1:
         return quantize_tiles_triton(x, pow2_scales)
     return quant.quantize_tiles(x, pow2_scales=pow2_scales)
+
+
+def dequantize_tiles_fast(q: torch.Tensor, scale: torch.Tensor, tile: int = TILE,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if HAVE_TRITON and q.is_cuda and tile == TILE and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return dequantize_tiles_triton(q, scale, dtype)
+    return quant.dequantize_tiles(q, scale, tile=tile, dtype=dtype)
 
 
 def quantize_tiles_and_transpose_fast(x: torch.Tensor, pow2_scales: bool = False

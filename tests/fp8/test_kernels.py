@@ -139,3 +139,35 @@ def test_weight_block_dispatch_on_cuda_is_bit_exact(dtype):
         _same(st[e].cpu(), rs.t().contiguous())
     q2, s2 = kernels.quantize_blocks_fast(w[1].cuda())
     _same(q2.cpu(), quant.quantize_blocks(w[1])[0])
+
+
+@pytest.mark.parametrize("shape", [(40, 150), (3, 8, 256), (130, 384)])
+@pytest.mark.parametrize("pow2, dtype", [(True, torch.bfloat16), (False, torch.float32), (True, torch.float32),
+                                         (False, torch.bfloat16)])
+def test_dequantize_tiles_triton_equals_the_reference(triton_device, shape, pow2, dtype):
+    """One pass instead of the reference's float32 temporaries: the same values (bit for bit where no rounding is
+    left: float32 output, or power-of-2 scales, whose products e4m3 x 2^n bf16 holds exactly); with bf16 output
+    and free scales within one bf16 rounding (Triton's interpreter truncates float32 -> bf16, a GPU rounds to
+    nearest as torch: exact there). Includes a zero tile, NaN, subnormal e4m3 codes and the scales' (1, M) layout."""
+    from megatron_dsv3.fp8.kernels import dequantize_tiles_triton, quantize_tiles_fast
+    x = _hard_input(int(torch.tensor(shape[:-1]).prod()), shape[-1], torch.float32, "cpu").view(shape)
+    q, s = quant.quantize_tiles(x, pow2_scales=pow2)
+    q = q.clone()
+    q.view(torch.uint8).view(-1)[:8] = torch.tensor([0x00, 0x80, 0x01, 0x81, 0x07, 0x7F, 0xFF, 0x08],
+                                                     dtype=torch.uint8)       # zeros, subnormals, NaN, 2^-6
+    ref = quant.dequantize_tiles(q, s, dtype=dtype)
+    if len(shape) == 2:
+        s = s.t().contiguous().t()                                 # the quantisers' GEMM layout
+    got = dequantize_tiles_triton(q.to(triton_device), s.to(triton_device), dtype).cpu()
+    assert got.dtype == dtype and got.shape == ref.shape
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(got), nan)
+    keep = ~nan
+    if dtype == torch.bfloat16 and triton_device == "cpu":
+        # the interpreter also mis-converts float32 subnormals to bf16 (the underflowing tile's e4m3 x 2^-149)
+        keep &= (q.float() * s.repeat_interleave(128, -1)[..., :shape[-1]]).abs() >= 2 ** -126
+    if dtype == torch.float32 or pow2 or triton_device == "cuda":
+        assert torch.equal(got[keep].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           ref[keep].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    else:
+        torch.testing.assert_close(got[keep].float(), ref[keep].float(), rtol=2 ** -7, atol=0)

@@ -66,10 +66,11 @@ def test_quantize_tiles_leading_dims_and_strides(triton_device):
 
 
 @pytest.mark.parametrize("pow2", [False, True])
-@pytest.mark.parametrize("M,K", [(130, 300), (128, 128), (5, 140)])
-def test_quantize_tiles_and_transpose_bit_exact(triton_device, M, K, pow2):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])      # float32: the block kernel's GPU bug was
+@pytest.mark.parametrize("M,K", [(130, 300), (128, 128), (5, 140)])      # float32-only (test_weight_block_dispatch...)
+def test_quantize_tiles_and_transpose_bit_exact(triton_device, M, K, pow2, dtype):
     from megatron_dsv3.fp8.kernels import quantize_tiles_and_transpose_triton
-    x = _hard_input(M, K, torch.bfloat16, triton_device, seed=1)
+    x = _hard_input(M, K, dtype, triton_device, seed=1)
     q, s, qt, st = quantize_tiles_and_transpose_triton(x, pow2)
     assert qt.shape == (K, M) and st.shape == (K, -(-M // 128))
     rq, rs = quant.quantize_tiles(x, pow2_scales=pow2)

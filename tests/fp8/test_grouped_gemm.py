@@ -13,7 +13,7 @@ from megatron_dsv3.fp8 import quant
 from megatron_dsv3.fp8.gemm import fp8_grouped_gemm, fp8_grouped_wgrad
 from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_gemm_triton, fp8_grouped_wgrad_triton, tile_schedule
 
-from tests.fp8.test_gemm import U32, _bound
+from tests.fp8.test_gemm import U32, _bound, check_expert_wgrad
 
 
 def _case(counts, N, K, tail=0, seed=0):
@@ -145,7 +145,6 @@ def test_triton_grouped_gemm_makes_no_host_sync():
 def test_triton_grouped_wgrad_matches_float64_and_gemm_py(triton_device, counts, out_dtype):
     """dW[e] = dy_e^T x_e over expert e's tokens in 128x1 tiles restarting at its first token; an expert without
     tokens gets zeros (the output starts as garbage: torch.empty). Bound: test_gemm's wgrad bound."""
-    import math
     g = torch.Generator().manual_seed(11)
     N, K = 200, 136
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
@@ -166,16 +165,7 @@ def test_triton_grouped_wgrad_matches_float64_and_gemm_py(triton_device, counts,
         if b == a:
             assert (dw[e] == 0).all()
             continue
-        qd, sd = quant.quantize_columns(dy[a:b])
-        qx, sx = quant.quantize_columns(x[a:b])
-        D, X = (quant.dequantize_columns(qd, sd, dtype=torch.float64), quant.dequantize_columns(qx, sx,
-                                                                                               dtype=torch.float64))
-        exact, mag = D.T @ X, D.abs().T @ X.abs()
-        n = b - a
-        bound = (n + math.ceil(n / 128) + 3) * U32 * mag + (2.0 ** -9 * mag if dev == "cuda" else 0)
-        if out_dtype != torch.float32:
-            bound = bound + 2.0 ** -8 * (exact.abs() + bound)
-        assert ((dw[e].double() - exact).abs() <= bound + 1e-30).all(), f"expert {e}"
+        check_expert_wgrad(dw[e], dy[a:b], x[a:b], out_dtype, 2.0 ** -9 if dev == "cuda" else 0.0, f"expert {e}")
         a = b
     tol = 1e-5 if out_dtype == torch.float32 else 2 ** -7
     torch.testing.assert_close(dw.float(), ref.float(), rtol=tol, atol=1e-5 * ref.float().abs().max().item())

@@ -13,7 +13,7 @@ from megatron_dsv3.fp8 import quant
 from megatron_dsv3.fp8.gemm import fp8_grouped_gemm, fp8_grouped_wgrad
 from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_gemm_triton, fp8_grouped_wgrad_triton, tile_schedule
 
-from tests.fp8.test_gemm import U32, _bound, check_expert_wgrad
+from tests.fp8.test_gemm import _bound, check_expert_wgrad
 
 
 def _case(counts, N, K, tail=0, seed=0):

@@ -112,10 +112,15 @@ def make_transformer_config(cfg, **overrides):
         # consumer's forward and recomputes them before its backward (CheckpointWithoutOutput), any consumer class
         kw.update(recompute_granularity="selective", recompute_modules=["layernorm"])
         fix_checkpoint_without_output_fp8()
-    if not torch.cuda.is_available():
-        # gloo delivers megatron's batched isend/irecv pairs out of order under interleaved pipelining
-        # (micro-batches swap at PP=2 x VPP=2); single sends are exact
-        kw["batch_p2p_comm"] = False
+    if par.virtual_pipeline_model_parallel_size:
+        # Megatron-LM's setting for the interleaved schedule (its --overlap-p2p-communication default). Batched
+        # P2P there puts a send-next and a send-prev into one batch; at PP=2 both go to the same rank and are
+        # matched in posting order, so activations and gradients swap: NCCL on 2 H200s gave 7e-4 on the first
+        # loss and 4e-1 by step 20 (bench/results.md), gloo swapped micro-batches. Megatron-LM refuses PP=2
+        # interleaving without the overlap for that reason.
+        kw.update(overlap_p2p_comm=True, batch_p2p_comm=False)
+    elif not torch.cuda.is_available():
+        kw["batch_p2p_comm"] = False   # gloo: one isend/irecv at a time (no batched P2P there to gain from)
     kw.update(overrides)
     known = _fields_of(MLATransformerConfig)
     dropped = {k for k in kw if k not in known}

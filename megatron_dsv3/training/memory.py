@@ -96,17 +96,11 @@ FP8_WEIGHT_CACHE_BYTES = 2 * (1 + 4 / 128 ** 2)   # two e4m3 copies of a weight 
 def activation_bytes_per_token(cfg, moe_layer: bool, recompute_up_proj: bool, act_bytes: int = 2,
                                fp8: bool = False) -> float:
     """Bytes one layer keeps for backward per token (its input included). Checked against the H200 at V3 width
-    (bench/results.md, 2026-11-29, bf16, 32 experts top-8 + 1 shared, no recomputation; measured = allocated after
-    the forward minus before, so without the block's input): MLA alone 181,032 + the 14,336-byte input against this
-    estimate's attention part 197,760 (1% over); DeepSeekMoE alone 377,512, of which 28,672 was the router's float32
-    copy of its input (no longer kept: moe/router.py float32_logits) and 114,688 the expert output rows the weighted
-    combine kept for the gates' gradient (no longer kept: the gates scale the SwiGLU output, moe/dispatch.py), so an
-    estimated 234,152 against this estimate's MoE part less input and norm output, 225,440 (3.7% under; not measured
-    on the GPU since). The paper's recomputation (norms + MLA up-projections) freed 98,224 B/token/layer on the 4-layer
-    stack (H200, 2026-11-29), 0.1% from what that code dropped: the two norm outputs (2 x 14,336), the latent norm
-    outputs (4,096) and the float32 copy and normalised x that norm.py's RMSNorm kept then (65,536); q, k, v
-    (131,072) stayed in the attention core then. Since: RMSNorm keeps only x and rstd, and the recompute also drops
-    q, k, v (mla/attention.py): this estimate's saving, 163,840, not yet measured on the GPU."""
+    (bench/results.md, 2026-11-29, bf16, 32 experts top-8 + 1 shared; measured = allocated after the forward minus
+    before, so without the block's input; tests/training/test_memory.py): MLA alone 172,584 (this estimate less
+    input and norm output: 173,184), with the paper's recomputation 37,504 (38,016); DeepSeekMoE alone 234,056
+    (225,440: 3.7% under); the recomputation (norms + MLA up-projections) frees 163,760 B/token/layer on the 4-layer
+    stack (523,496 -> 359,736), this estimate 163,840."""
     return (attention_elements_per_token(cfg, recompute_up_proj) * act_bytes
             + mlp_bytes_per_token(cfg, moe_layer, act_bytes, fp8))
 

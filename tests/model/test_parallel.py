@@ -114,9 +114,9 @@ def train_step(rank, parallel, state, batches):
                     glob = chunk_info[name.replace("expert_bias", "weight")][0].replace("weight", "expert_bias")
                     buf.copy_(state[glob])
         model.config.moe_router_enable_expert_bias = False  # our routers update their bias in their own hook
-        # gloo + megatron's batched P2P: with PP=2 the previous and next stage are the same rank, and the
-        # interleaved schedule's batched send-next/send-prev pairs arrive swapped (megatron's own GPTModel
-        # too: micro-batches 3-4 differ); unbatched P2P is exact
+        # megatron's batched P2P under the interleaved schedule at PP=2: previous and next stage are the same
+        # rank, and a batch's send-next/send-prev pairs arrive swapped (megatron's own GPTModel too; NCCL as
+        # gloo). make_transformer_config sets Megatron-LM's unbatched, overlapped P2P for interleaving
         model.config.batch_p2p_comm = False
         ddps.append(DistributedDataParallel(model.config, DistributedDataParallelConfig(), model,
                                             disable_bucketing=i > 0))

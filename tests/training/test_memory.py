@@ -76,28 +76,30 @@ def test_main_prints_the_moments_dtype(capsys):
 
 
 def test_activation_estimate_matches_the_h200_measurement():
-    """The per-layer activation estimate at V3 width (32 experts top-8 + 1 shared, bf16, no recomputation) against
-    what bench/bench_stack.py measured kept on the H200 (2026-11-29): MLA alone 181,032 B/token without its input;
-    DeepSeekMoE alone 377,512 minus what has been removed since: the router's float32 input copy (28,672) and the
-    expert output rows the weighted combine kept for the gates' gradient (114,688 = top-8 x 7168 x 2; the gates now
-    scale the SwiGLU output, tests/moe/test_dispatch.py measures that saving on CPU). Within 5%."""
+    """The per-layer activation estimate at V3 width (32 experts top-8 + 1 shared, bf16) against what
+    bench/bench_stack.py measured kept on the H200 (2026-11-29, session 4, commit 01f49bf; bytes per token after the
+    forward minus before, so without the block's input): MLA alone (the attention module: its input is the norm
+    output) 172,584 B/token, with the paper's recomputation 37,504; DeepSeekMoE alone 234,056; the 4-layer stack
+    523,496 without and 359,736 B/token/layer with the recomputation (norms + MLA up-projections).
+    Earlier code measured there, for the record: MLA alone 181,032 (RMSNorm kept a float32 copy of x and the
+    normalised x, 6 bytes an element where it keeps 2 now), DeepSeekMoE 377,512 (the router's float32 input copy and
+    the expert output rows kept for the gates' gradient, both gone), a recompute saving of 98,224 (q, k, v stayed)."""
     from megatron_dsv3.training.memory import attention_elements_per_token, mlp_bytes_per_token
     cfg = DSV3Config.from_preset("dsv3-671b").replace(
         recompute_norms=False, mla={"recompute_up_proj": False},
         moe=dict(num_experts=32, n_group=8, topk_group=4, top_k=8, first_k_dense_replace=1))
-    h = cfg.hidden_size
-    mla = attention_elements_per_token(cfg, False) * 2 - 2 * h            # less the input
-    moe = mlp_bytes_per_token(cfg, True) - 2 * (2 * h)                    # less the input and the pre-MLP norm output
-    assert mla == pytest.approx(181_032, rel=0.05)
-    assert moe == pytest.approx(377_512 - 28_672 - 8 * h * 2, rel=0.05)
-    # the paper's recomputation drops both norm outputs, the latent norms' outputs and q, k, v. Measured on the H200's
-    # 4-layer stack (2026-11-29): 98,224 B/token/layer freed by the code then, which dropped the norm outputs, the
-    # latent norm outputs and the float32 copy and normalised x of every norm (its RMSNorm kept 6 bytes an element
-    # where it keeps 2 now, tests/test_norm.py) but left q, k, v in the attention core (tests/mla/test_recompute.py)
     rec = cfg.replace(recompute_norms=True, mla={"recompute_up_proj": True})
+    h = cfg.hidden_size
+    mla = attention_elements_per_token(cfg, False) * 2 - 2 * (2 * h)          # less the input and the norm output
+    mla_rec = attention_elements_per_token(rec, True) * 2 - 2 * h             # less the input (no norm output kept)
+    moe = mlp_bytes_per_token(cfg, True) - 2 * (2 * h)                        # less the input and the pre-MLP norm output
+    assert mla == pytest.approx(172_584, rel=0.01)
+    assert mla_rec == pytest.approx(37_504, rel=0.02)
+    assert moe == pytest.approx(234_056, rel=0.05)
+    # the paper's recomputation drops both norm outputs, the latent norms' outputs and q, k, v: on the stack
     saved = activation_bytes_per_token(cfg, True, False) - activation_bytes_per_token(rec, True, True)
     latents = cfg.mla.q_lora_rank + cfg.mla.kv_lora_rank
     qkv = cfg.num_attention_heads * (2 * cfg.mla.qk_head_dim + cfg.mla.v_head_dim)
     assert saved == 2 * (2 * h) + 2 * (latents + qkv)
-    then = saved - 2 * qkv + 2 * (6 * h - 2 * h) + (6 * latents - 2 * latents)
-    assert then == pytest.approx(98_224, rel=1e-3)
+    assert saved == activation_bytes_per_token(cfg, False, False) - activation_bytes_per_token(rec, False, True)
+    assert saved == pytest.approx(523_496 - 359_736, rel=1e-3)

@@ -17,6 +17,12 @@ Only when the engine will run the weight's AccumulateGrad in this backward (torc
 an input-gradient-only pass (`torch.autograd.grad(..., inputs=activations)`, DualPipe's B of a split backward)
 computes no weight gradient at all and leaves `.grad` alone, so its W pass later counts it exactly once.
 
+The routed experts' grouped GEMMs likewise (`grouped_mm_fused_wgrad`, used by moe/experts.py): torch._grouped_mm
+has no accumulate-into output, so where a buffer exists the weight gradient is one GEMM per expert with beta = 1
+into that expert's slice; the per-expert row counts reach the host by an asynchronous copy started in forward
+(waited in backward, long done by then: no stall). Without a buffer it stays one grouped GEMM. The adds this
+removes were 2.1 ms of DeepSeekMoE's 17.8 ms of CUDA time on the H200 (bench/results.md, session 4).
+
 The classes: FusedWgradColumnParallelLinear / FusedWgradRowParallelLinear are megatron-core's Column/Row parallel
 linears (same parameters, init, checkpoint layout) with this matmul on their bias-free paths and megatron's own
 tensor-parallel mappings around it (column: the input copy whose backward all-reduces; row: the all-reduce, or the
@@ -33,7 +39,7 @@ import torch
 from megatron.core import tensor_parallel
 
 __all__ = ["OutputHead", "FusedWgradColumnParallelLinear", "FusedWgradRowParallelLinear", "accumulate_wgrad",
-           "matmul_fused_wgrad", "fused_wgrad_applies"]
+           "matmul_fused_wgrad", "fused_wgrad_applies", "grouped_mm_fused_wgrad", "HostCounts"]
 
 
 def accumulate_wgrad(buf: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor) -> None:
@@ -93,6 +99,74 @@ def matmul_fused_wgrad(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T with the weight gradient accumulated in place (module docstring). The weight's AccumulateGrad
     node is looked up per call: autograd makes it on demand and may drop it between steps."""
     return _FusedWgradMatmul.apply(x, weight, _acc_node(weight))
+
+
+class HostCounts:
+    """Per-group row counts on the host without a sync: an asynchronous device->host copy into pinned memory,
+    started now (forward) and waited for when read (backward)."""
+
+    def __init__(self, counts: torch.Tensor):
+        self.event = None
+        if counts.is_cuda:
+            self.buf = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+            self.buf.copy_(counts, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.buf = counts
+
+    def get(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.buf.tolist()
+
+
+def _wgrad_buffer(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """Where the weight gradient accumulates: megatron DDP's main_grad, else an existing .grad we can add into."""
+    main = getattr(weight, "main_grad", None)
+    if main is not None:
+        return main
+    g = weight.grad
+    return g if g is not None and g.is_contiguous() else None
+
+
+class _GroupedMMFusedWgrad(torch.autograd.Function):
+    """x [N, K] (rows sorted by group) @ weight[g] [K, M] for each group's rows -> [N, M]; backward: dx one grouped
+    GEMM, dW accumulated in place per group where a buffer exists (module docstring), else one grouped GEMM."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offs, host_counts, acc_node):
+        ctx.save_for_backward(x, weight, offs)
+        ctx.host_counts, ctx.acc_node = host_counts, acc_node
+        return torch._grouped_mm(x, weight, offs=offs)                                   # [N, M]
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = torch._grouped_mm(dy, weight.transpose(-2, -1), offs=offs) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1] and torch._C._will_engine_execute_node(ctx.acc_node):
+            buf = _wgrad_buffer(weight)
+            if buf is None:
+                dw = torch._grouped_mm(x.t(), dy, offs=offs)                             # [G, K, M]
+            else:
+                start = 0
+                for g, n in enumerate(ctx.host_counts.get()):
+                    if n:
+                        accumulate_wgrad(buf[g], x[start:start + n], dy[start:start + n])   # [K, M] += x_g^T dy_g
+                    start += n
+                if buf is not weight.grad and hasattr(weight, "grad_added_to_main_grad"):
+                    weight.grad_added_to_main_grad = True     # megatron DDP: its hook runs, skips its add
+                    dw = torch.empty_like(weight)
+        return dx, dw, None, None, None
+
+
+def grouped_mm_fused_wgrad(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor,
+                           host_counts: HostCounts) -> torch.Tensor:
+    """torch._grouped_mm(x, weight, offs=offs) with the weight gradient accumulated in place (module docstring).
+    x [N, K] rows sorted by group, weight [G, K, M], offs [G] int32 group end offsets, host_counts their sizes."""
+    return _GroupedMMFusedWgrad.apply(x, weight, offs, host_counts, _acc_node(weight))
 
 
 def _tp_size(module) -> int:

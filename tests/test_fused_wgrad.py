@@ -1,5 +1,6 @@
 """fused_wgrad.py: the weight gradient accumulated in place equals a plain linear's, once, on every path (the output
 head, and the column / row / duplicated linears of the local specs)."""
+import pytest
 import torch
 
 from megatron_dsv3.fused_wgrad import OutputHead
@@ -98,3 +99,109 @@ def test_column_row_and_duplicated_linears_equal_megatrons(mcore_single):
             for a, b in zip(*outs):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
             torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=0, atol=1e-12)
+
+
+# ---- the routed experts' grouped GEMM (grouped_mm_fused_wgrad; torch._grouped_mm runs on CPU in float32) ----------
+def _grouped_case(seed, counts=(3, 0, 5, 2)):
+    g = torch.Generator().manual_seed(seed)
+    N, K, M = sum(counts), 16, 8
+    x = torch.randn(N, K, generator=g, requires_grad=True)
+    w = torch.randn(len(counts), K, M, generator=g).requires_grad_()
+    dy = torch.randn(N, M, generator=g)
+    c = torch.tensor(counts)
+    return x, w, dy, c, torch.cumsum(c, 0).to(torch.int32)
+
+
+def _grouped_reference(x, w, dy, counts):
+    """float64 per-group loop: y, dx, dW."""
+    y, dx, dw, s = [], [], torch.zeros(w.shape, dtype=torch.float64), 0
+    X, W, DY = x.detach().double(), w.detach().double(), dy.double()
+    for e, n in enumerate(counts.tolist()):
+        y.append(X[s:s + n] @ W[e])
+        dx.append(DY[s:s + n] @ W[e].t())
+        dw[e] = X[s:s + n].t() @ DY[s:s + n]
+        s += n
+    return torch.cat(y), torch.cat(dx), dw
+
+
+def test_grouped_weight_gradient_accumulates_in_place():
+    """Without a buffer: output and gradients bit-equal to autograd through torch._grouped_mm. With .grad there
+    (the second step): the per-group GEMMs add into it (same storage), matching the float64 loop; empty groups
+    included."""
+    from megatron_dsv3.fused_wgrad import HostCounts, grouped_mm_fused_wgrad
+    x, w, dy, c, offs = _grouped_case(0)
+    y = grouped_mm_fused_wgrad(x, w, offs, HostCounts(c))
+    y.backward(dy)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    torch._grouped_mm(x2, w2, offs=offs).backward(dy)
+    assert torch.equal(y, torch._grouped_mm(x2, w2, offs=offs)) and torch.equal(x.grad, x2.grad)
+    assert torch.equal(w.grad, w2.grad)
+    ry, rdx, rdw = _grouped_reference(x, w, dy, c)
+    torch.testing.assert_close(y.double(), ry, rtol=1e-5, atol=1e-5)
+    first, storage = w.grad.double(), w.grad.data_ptr()
+    x.grad = None
+    grouped_mm_fused_wgrad(x, w, offs, HostCounts(c)).backward(2 * dy)
+    assert w.grad.data_ptr() == storage                                    # accumulated where it was
+    torch.testing.assert_close(w.grad.double(), first + 2 * rdw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), 2 * rdx, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_input_gradient_only_pass_and_main_grad():
+    """An input-gradient-only pass (DualPipe's B) leaves .grad alone and the W pass adds once; with megatron DDP's
+    main_grad + grad_added_to_main_grad the gradient lands in the float32 main_grad and the flag is set."""
+    from megatron_dsv3.fused_wgrad import HostCounts, grouped_mm_fused_wgrad
+    x, w, dy, c, offs = _grouped_case(1, counts=(4, 1, 3))
+    _, rdx, rdw = _grouped_reference(x, w, dy, c)
+    w.grad = torch.ones_like(w)
+    y = grouped_mm_fused_wgrad(x, w, offs, HostCounts(c))
+    (dx,) = torch.autograd.grad(y, x, dy, retain_graph=True)
+    torch.testing.assert_close(dx.double(), rdx, rtol=1e-5, atol=1e-5)
+    assert torch.equal(w.grad, torch.ones_like(w))
+    torch.autograd.backward(y, dy, inputs=[w])
+    torch.testing.assert_close(w.grad.double(), 1 + rdw, rtol=1e-5, atol=1e-5)
+
+    w.grad = None
+    w.main_grad = torch.full(w.shape, 0.5)
+    w.grad_added_to_main_grad = False
+    grouped_mm_fused_wgrad(x, w, offs, HostCounts(c)).backward(dy)
+    assert w.grad_added_to_main_grad
+    torch.testing.assert_close(w.main_grad.double(), 0.5 + rdw, rtol=1e-5, atol=1e-5)
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the experts' grouped path runs on CUDA")
+def test_grouped_experts_fused_wgrad_on_cuda():
+    """moe/experts.grouped_swiglu in bf16 at uneven loads (one expert empty), two accumulating steps: the fused
+    weight gradients (per-expert GEMMs into .grad, then into a float32 main_grad as megatron's DDP sets it up) equal
+    the unfused grouped path's (autograd + add) within bf16 rounding, and dx is bit-equal."""
+    from megatron_dsv3.moe.experts import grouped_swiglu
+    g = torch.Generator(device="cuda").manual_seed(0)
+    E, h, f = 4, 256, 128
+    counts = torch.tensor([300, 0, 129, 83], device="cuda")
+    N = int(counts.sum())
+    w1 = (0.05 * torch.randn(E, h, 2 * f, device="cuda", generator=g)).bfloat16()
+    w2 = (0.05 * torch.randn(E, f, h, device="cuda", generator=g)).bfloat16()
+    xs = [torch.randn(N, h, device="cuda", generator=g).bfloat16() for _ in range(2)]
+    dys = [torch.randn(N, h, device="cuda", generator=g).bfloat16() for _ in range(2)]
+    scale = torch.rand(N, device="cuda", generator=g)
+
+    def run(fuse, main_grad=False):
+        a, b = w1.clone().requires_grad_(), w2.clone().requires_grad_()
+        if main_grad:
+            for p in (a, b):
+                p.main_grad, p.grad_added_to_main_grad = torch.zeros(p.shape, device="cuda"), False
+        dx = []
+        for x, dy in zip(xs, dys):
+            x = x.clone().requires_grad_()
+            grouped_swiglu(x, counts, a, b, scale, fuse_wgrad=fuse).backward(dy)
+            dx.append(x.grad)
+        grads = [p.main_grad if main_grad else p.grad for p in (a, b)]
+        return dx, grads
+
+    dx0, ref = run(False)
+    for main_grad in (False, True):
+        dx, got = run(True, main_grad)
+        assert all(torch.equal(a, b) for a, b in zip(dx, dx0))
+        for r, o in zip(ref, got):
+            torch.testing.assert_close(o.float(), r.float(), rtol=2e-2, atol=2e-2 * float(r.float().abs().max()))
+            assert float(o[1].abs().max()) == 0.0                 # the empty expert gets nothing

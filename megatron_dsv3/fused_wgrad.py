@@ -15,7 +15,8 @@ its linears:
   * else (first micro-batch): the gradient is returned as usual.
 Only when the engine will run the weight's AccumulateGrad in this backward (torch._C._will_engine_execute_node):
 an input-gradient-only pass (`torch.autograd.grad(..., inputs=activations)`, DualPipe's B of a split backward)
-computes no weight gradient at all and leaves `.grad` alone, so its W pass later counts it exactly once.
+computes no weight gradient at all and leaves `.grad` alone, so its W pass later counts it exactly once; and that
+W pass computes no input gradient (as torch's own ops skip an output the pass does not need).
 
 The routed experts' grouped GEMMs likewise (`grouped_mm_fused_wgrad`, used by moe/experts.py): torch._grouped_mm
 has no accumulate-into output, so where a buffer exists the weight gradient is one GEMM per expert with beta = 1
@@ -56,25 +57,41 @@ def accumulate_wgrad(buf: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tenso
     buf.add_(torch.mm(grad_out.t(), inp).to(buf.dtype))
 
 
-def _acc_node(weight: torch.Tensor):
-    return weight.view_as(weight).grad_fn.next_functions[0][0]          # the weight's AccumulateGrad node
+NOT_NEEDED, ACCUMULATE, CAPTURED = 0, 1, 2
+
+
+def _need(ctx, i: int) -> int:
+    """What this backward pass does with input i's gradient: NOT_NEEDED (the engine will not run the node it goes
+    to: DualPipe's B pass for a weight, its W pass for an activation), ACCUMULATE (it will), or CAPTURED (a leaf
+    that torch.autograd.grad(..., inputs=) returns: it must come back as the output, never added into a buffer)."""
+    if not ctx.needs_input_grad[i]:
+        return NOT_NEEDED
+    node = ctx.next_functions[i][0]
+    if node is None:
+        return NOT_NEEDED
+    try:
+        return ACCUMULATE if torch._C._will_engine_execute_node(node) else NOT_NEEDED
+    except RuntimeError:   # torch refuses the query for a leaf autograd.grad captures
+        return CAPTURED
 
 
 class _FusedWgradMatmul(torch.autograd.Function):
     """x [..., K] @ W^T -> [..., N]; backward: dx = dy W, dW accumulated in place (module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, weight, acc_node):
+    def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
-        ctx.acc_node = acc_node
         return torch.matmul(x, weight.t())                                 # [s, b, K] -> [s, b, N]
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        dx = torch.matmul(dy, weight) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1] and torch._C._will_engine_execute_node(ctx.acc_node):
+        # only what this backward pass will use: DualPipe's B pass wants dx alone, its W pass dW alone
+        dx = torch.matmul(dy, weight) if _need(ctx, 0) != NOT_NEEDED else None
+        dw, need_w = None, _need(ctx, 1)
+        if need_w == CAPTURED:
+            dw = torch.mm(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
+        elif need_w == ACCUMULATE:
             g2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])     # [T, N], [T, K]
             main: Optional[torch.Tensor] = getattr(weight, "main_grad", None)
             if main is not None:
@@ -88,7 +105,7 @@ class _FusedWgradMatmul(torch.autograd.Function):
                 weight.grad.addmm_(g2.t(), x2)
             else:
                 dw = torch.mm(g2.t(), x2)
-        return dx, dw, None
+        return dx, dw
 
 
 def fused_wgrad_applies(weight: torch.Tensor) -> bool:
@@ -96,9 +113,8 @@ def fused_wgrad_applies(weight: torch.Tensor) -> bool:
 
 
 def matmul_fused_wgrad(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T with the weight gradient accumulated in place (module docstring). The weight's AccumulateGrad
-    node is looked up per call: autograd makes it on demand and may drop it between steps."""
-    return _FusedWgradMatmul.apply(x, weight, _acc_node(weight))
+    """x @ weight^T with the weight gradient accumulated in place (module docstring)."""
+    return _FusedWgradMatmul.apply(x, weight)
 
 
 class HostCounts:
@@ -135,19 +151,20 @@ class _GroupedMMFusedWgrad(torch.autograd.Function):
     GEMM, dW accumulated in place per group where a buffer exists (module docstring), else one grouped GEMM."""
 
     @staticmethod
-    def forward(ctx, x, weight, offs, host_counts, acc_node):
+    def forward(ctx, x, weight, offs, host_counts):
         ctx.save_for_backward(x, weight, offs)
-        ctx.host_counts, ctx.acc_node = host_counts, acc_node
+        ctx.host_counts = host_counts
         return torch._grouped_mm(x, weight, offs=offs)                                   # [N, M]
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, offs = ctx.saved_tensors
         dy = dy.contiguous()
-        dx = torch._grouped_mm(dy, weight.transpose(-2, -1), offs=offs) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1] and torch._C._will_engine_execute_node(ctx.acc_node):
-            buf = _wgrad_buffer(weight)
+        # only what this backward pass will use: DualPipe's B pass wants dx alone, its W pass dW alone
+        dx = torch._grouped_mm(dy, weight.transpose(-2, -1), offs=offs) if _need(ctx, 0) != NOT_NEEDED else None
+        dw, need_w = None, _need(ctx, 1)
+        if need_w != NOT_NEEDED:
+            buf = _wgrad_buffer(weight) if need_w == ACCUMULATE else None
             if buf is None:
                 dw = torch._grouped_mm(x.t(), dy, offs=offs)                             # [G, K, M]
             else:
@@ -159,14 +176,14 @@ class _GroupedMMFusedWgrad(torch.autograd.Function):
                 if buf is not weight.grad and hasattr(weight, "grad_added_to_main_grad"):
                     weight.grad_added_to_main_grad = True     # megatron DDP: its hook runs, skips its add
                     dw = torch.empty_like(weight)
-        return dx, dw, None, None, None
+        return dx, dw, None, None
 
 
 def grouped_mm_fused_wgrad(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor,
                            host_counts: HostCounts) -> torch.Tensor:
     """torch._grouped_mm(x, weight, offs=offs) with the weight gradient accumulated in place (module docstring).
     x [N, K] rows sorted by group, weight [G, K, M], offs [G] int32 group end offsets, host_counts their sizes."""
-    return _GroupedMMFusedWgrad.apply(x, weight, offs, host_counts, _acc_node(weight))
+    return _GroupedMMFusedWgrad.apply(x, weight, offs, host_counts)
 
 
 def _tp_size(module) -> int:

@@ -205,3 +205,43 @@ def test_grouped_experts_fused_wgrad_on_cuda():
         for r, o in zip(ref, got):
             torch.testing.assert_close(o.float(), r.float(), rtol=2e-2, atol=2e-2 * float(r.float().abs().max()))
             assert float(o[1].abs().max()) == 0.0                 # the empty expert gets nothing
+
+
+def test_each_pass_computes_only_what_it_returns(monkeypatch):
+    """DualPipe's W pass (backward with inputs=[weight]) runs no input-gradient GEMM, its B pass no weight-gradient
+    GEMM; torch.autograd.grad asking for the weight gets it returned, .grad untouched. Both fused forms."""
+    from megatron_dsv3 import fused_wgrad as FW
+    x, w, dy, c, offs = _grouped_case(2, counts=(2, 3))
+    _, rdx, rdw = _grouped_reference(x, w, dy, c)
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs=None: calls.append(b.dim()) or real(a, b, offs=offs))
+    y = FW.grouped_mm_fused_wgrad(x * 1, w, offs, FW.HostCounts(c))           # x * 1: an activation, as in a layer
+    calls.clear()
+    torch.autograd.backward(y, dy, inputs=[w], retain_graph=True)             # W pass, no .grad yet: one grouped dW
+    assert calls == [2] and x.grad is None
+    torch.testing.assert_close(w.grad.double(), rdw, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    (dx,) = torch.autograd.grad(y, x, dy, retain_graph=True)                   # B pass: dx only
+    assert calls == [3]
+    torch.testing.assert_close(dx.double(), rdx, rtol=1e-5, atol=1e-5)
+    before = w.grad.clone()
+    dx2, dw2 = torch.autograd.grad(y, [x, w], dy)                             # the weight captured: returned
+    torch.testing.assert_close(dw2.double(), rdw, rtol=1e-5, atol=1e-5)
+    assert torch.equal(w.grad, before)
+
+    W = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    d = torch.randn(4, 6, dtype=torch.float64)
+    mm = []
+    real_mm = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda p, q: mm.append(1) or real_mm(p, q))
+    out = FW.matmul_fused_wgrad(a * 1, W)
+    mm.clear()
+    torch.autograd.backward(out, d, inputs=[W], retain_graph=True)
+    assert mm == [] and a.grad is None                                        # no dx matmul in the W pass
+    torch.testing.assert_close(W.grad, d.t() @ a.detach(), rtol=0, atol=1e-12)
+    g = W.grad.clone()
+    _, dW = torch.autograd.grad(out, [a, W], d)
+    torch.testing.assert_close(dW, d.t() @ a.detach(), rtol=0, atol=1e-12)
+    assert torch.equal(W.grad, g)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_dsv3.fp8.kernels import grouped_row_tiles, use_triton
 from megatron_dsv3.fp8.linear import quantizer
 from megatron_dsv3.moe.experts import GroupedExperts
 from megatron_dsv3.moe.kernels import swiglu
@@ -81,9 +82,16 @@ class FP8ExpertsFunction(torch.autograd.Function):
         a = swiglu(h1, row_scale)                                                       # [N, f] = g SwiGLU(h1)
         y = fp8_grouped_gemm(*tiles(a), *w2t, offs, out_dtype=x.dtype)                 # [N, h]
         h1_q, h1_s = tiles(h1)                                                          # SwiGLU input, FP8
-        xt_q, xt_s, offs_p = columns(x, offs, pow2_scales=True)                         # [h, Np]: Wgrad operand
+        # the padded 128-row tiles of the experts' groups, read on the host once for this layer's four Wgrad
+        # operands (backward then makes no host sync)
+        row_tiles = None
+        if use_triton(x):
+            row_tiles = grouped_row_tiles(offs)
+            if offs.numel() and int(offs[-1]) > x.shape[0]:
+                raise ValueError(f"counts sum to {int(offs[-1])} rows but x has {x.shape[0]}")
+        xt_q, xt_s, offs_p = columns(x, offs, pow2_scales=True, row_tiles=row_tiles)   # [h, Np]: Wgrad operand
         ctx.save_for_backward(offs, offs_p, xt_q, xt_s, h1_q, h1_s, weight1, weight2, row_scale)
-        ctx.x_dtype, ctx.weight_cache, ctx.grouped = x.dtype, weight_cache, grouped
+        ctx.x_dtype, ctx.weight_cache, ctx.grouped, ctx.row_tiles = x.dtype, weight_cache, grouped, row_tiles
         return y
 
     @staticmethod
@@ -103,6 +111,7 @@ class FP8ExpertsFunction(torch.autograd.Function):
         dy_q, dy_s = tiles(dy, pow2_scales=True)
         da = fp8_grouped_gemm(dy_q, dy_s, w2_q, w2_s, offs, out_dtype=dt)              # [N, f]
         a, dh1, dg = _swiglu_and_grad(deq(h1_q, h1_s, dtype=dt), da, row_scale)        # [N, f], [N, 2f], [N]
+        columns = partial(columns, row_tiles=ctx.row_tiles)
         dyt_q, dyt_s, _ = columns(dy, offs, pow2_scales=True)                           # [h, Np]
         at_q, at_s, _ = columns(a, offs)                                                # [f, Np]
         # operands ordered so that dW comes out in the parameter's [E, f, h] layout and dtype: no transposed

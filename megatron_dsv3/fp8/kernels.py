@@ -280,15 +280,20 @@ def grouped_row_tiles(offs: torch.Tensor, tile: int = TILE) -> Tuple[torch.Tenso
 
 
 def quantize_columns_grouped_triton(x: torch.Tensor, offs: torch.Tensor, pow2_scales: bool = False,
-                                    num_warps: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quant.quantize_columns_grouped(x [R, K], offs) -> (qt [K, Rp], st [K, Rp/128], offs_padded)."""
+                                    num_warps: Optional[int] = None, row_tiles=None
+                                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quant.quantize_columns_grouped(x [R, K], offs) -> (qt [K, Rp], st [K, Rp/128], offs_padded).
+    row_tiles: grouped_row_tiles(offs) made earlier for the same offs (and checked against a tensor of x's rows):
+    the routed experts' four Wgrad operands of a layer share one, so only the first reads the host."""
     if x.dim() != 2:
         raise ValueError(f"quantize_columns_grouped needs a 2-D [R, K] input, got shape {tuple(x.shape)}")
     x = _as_rows(x)
     K = x.shape[1]
-    offs_p, src, cnt, Rp = grouped_row_tiles(offs)
-    if offs.numel() and int(offs[-1]) > x.shape[0]:
-        raise ValueError(f"offs ends at row {int(offs[-1])} but x has {x.shape[0]} rows")
+    if row_tiles is None:
+        row_tiles = grouped_row_tiles(offs)
+        if offs.numel() and int(offs[-1]) > x.shape[0]:
+            raise ValueError(f"offs ends at row {int(offs[-1])} but x has {x.shape[0]} rows")
+    offs_p, src, cnt, Rp = row_tiles
     qt = torch.empty(K, Rp, dtype=FP8, device=x.device)
     st = _scales_for_mm(K, Rp // TILE, x.device)
     if Rp and K:
@@ -348,10 +353,11 @@ def quantize_tiles_and_transpose_fast(x: torch.Tensor, pow2_scales: bool = False
     return quant.quantize_tiles_and_transpose(x, pow2_scales=pow2_scales)
 
 
-def quantize_columns_grouped_fast(x: torch.Tensor, offs: torch.Tensor, pow2_scales: bool = False
+def quantize_columns_grouped_fast(x: torch.Tensor, offs: torch.Tensor, pow2_scales: bool = False, row_tiles=None
                                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """row_tiles: see quantize_columns_grouped_triton (the reference pads on its own and ignores it)."""
     if use_triton(x):
-        return quantize_columns_grouped_triton(x, offs, pow2_scales)
+        return quantize_columns_grouped_triton(x, offs, pow2_scales, row_tiles=row_tiles)
     return quant.quantize_columns_grouped(x, offs, pow2_scales=pow2_scales)
 
 

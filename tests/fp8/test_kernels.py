@@ -92,6 +92,20 @@ def test_quantize_columns_grouped_bit_exact(triton_device, counts, pow2):
     _same(st, rst)
 
 
+def test_quantize_columns_grouped_reuses_its_row_tiles(triton_device, monkeypatch):
+    """The FP8 experts make grouped_row_tiles once a layer (the host read) and hand it to the four column
+    quantisations: with it given, the kernel reads nothing back and gives the same bytes for another input."""
+    from megatron_dsv3.fp8 import kernels
+    offs = torch.tensor([5, 120, 120, 150], dtype=torch.int32, device=triton_device)
+    row_tiles = kernels.grouped_row_tiles(offs)
+    monkeypatch.setattr(kernels, "grouped_row_tiles", lambda *a: pytest.fail("row tiles made again"))
+    for seed, cols in ((3, 300), (4, 128)):
+        x = _hard_input(150, cols, torch.float32, triton_device, seed=seed)
+        got = kernels.quantize_columns_grouped_triton(x, offs, True, row_tiles=row_tiles)
+        for g, r in zip(got, quant.quantize_columns_grouped(x, offs, pow2_scales=True)):
+            _same(g, r)
+
+
 def test_dispatchers_use_the_reference_off_cuda():
     from megatron_dsv3.fp8 import kernels
     x = _hard_input(40, 150, torch.float32, "cpu")

@@ -40,7 +40,8 @@ import torch
 from megatron.core import tensor_parallel
 
 __all__ = ["OutputHead", "FusedWgradColumnParallelLinear", "FusedWgradRowParallelLinear", "accumulate_wgrad",
-           "matmul_fused_wgrad", "fused_wgrad_applies", "grouped_mm_fused_wgrad", "HostCounts"]
+           "matmul_fused_wgrad", "fused_wgrad_applies", "grouped_mm_fused_wgrad", "HostCounts", "grad_need",
+           "NOT_NEEDED", "ACCUMULATE", "CAPTURED"]
 
 
 def accumulate_wgrad(buf: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor) -> None:
@@ -60,8 +61,9 @@ def accumulate_wgrad(buf: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tenso
 NOT_NEEDED, ACCUMULATE, CAPTURED = 0, 1, 2
 
 
-def _need(ctx, i: int) -> int:
-    """What this backward pass does with input i's gradient: NOT_NEEDED (the engine will not run the node it goes
+def grad_need(ctx, i: int) -> int:
+    """In a custom autograd Function's backward (ours with a GEMM per gradient: these, FP8Linear, the FP8 experts),
+    what this pass does with input i's gradient: NOT_NEEDED (the engine will not run the node it goes
     to: DualPipe's B pass for a weight, its W pass for an activation), ACCUMULATE (it will), or CAPTURED (a leaf
     that torch.autograd.grad(..., inputs=) returns: it must come back as the output, never added into a buffer)."""
     if not ctx.needs_input_grad[i]:
@@ -87,8 +89,8 @@ class _FusedWgradMatmul(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         # only what this backward pass will use: DualPipe's B pass wants dx alone, its W pass dW alone
-        dx = torch.matmul(dy, weight) if _need(ctx, 0) != NOT_NEEDED else None
-        dw, need_w = None, _need(ctx, 1)
+        dx = torch.matmul(dy, weight) if grad_need(ctx, 0) != NOT_NEEDED else None
+        dw, need_w = None, grad_need(ctx, 1)
         if need_w == CAPTURED:
             dw = torch.mm(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
         elif need_w == ACCUMULATE:
@@ -161,8 +163,8 @@ class _GroupedMMFusedWgrad(torch.autograd.Function):
         x, weight, offs = ctx.saved_tensors
         dy = dy.contiguous()
         # only what this backward pass will use: DualPipe's B pass wants dx alone, its W pass dW alone
-        dx = torch._grouped_mm(dy, weight.transpose(-2, -1), offs=offs) if _need(ctx, 0) != NOT_NEEDED else None
-        dw, need_w = None, _need(ctx, 1)
+        dx = torch._grouped_mm(dy, weight.transpose(-2, -1), offs=offs) if grad_need(ctx, 0) != NOT_NEEDED else None
+        dw, need_w = None, grad_need(ctx, 1)
         if need_w != NOT_NEEDED:
             buf = _wgrad_buffer(weight) if need_w == ACCUMULATE else None
             if buf is None:

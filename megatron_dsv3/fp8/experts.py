@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from megatron_dsv3.fp8.kernels import grouped_row_tiles, use_triton
+from megatron_dsv3.fused_wgrad import NOT_NEEDED, grad_need
 from megatron_dsv3.fp8.linear import quantizer
 from megatron_dsv3.moe.experts import GroupedExperts
 from megatron_dsv3.moe.kernels import swiglu
@@ -106,23 +107,29 @@ class FP8ExpertsFunction(torch.autograd.Function):
         offs, offs_p, xt_q, xt_s, h1_q, h1_s, weight1, weight2, row_scale = ctx.saved_tensors
         dt = ctx.x_dtype
         dy = dy.contiguous()
+        # only what this pass uses (DualPipe's B pass: dx and the gates' gradient; its W pass: dW1, dW2)
+        need_x, need_w1, need_w2 = (grad_need(ctx, i) != NOT_NEEDED for i in (0, 2, 3))
+        dx = dw1 = dw2 = None
         # down-projection: Dgrad (dy pow2 1x128 x W2's blocks), then Wgrad from the recomputed SwiGLU output
         w2_q, w2_s = expert_weight_blocks(weight2, False, ctx.weight_cache)            # [E, f, h] blocks
         dy_q, dy_s = tiles(dy, pow2_scales=True)
         da = fp8_grouped_gemm(dy_q, dy_s, w2_q, w2_s, offs, out_dtype=dt)              # [N, f]
         a, dh1, dg = _swiglu_and_grad(deq(h1_q, h1_s, dtype=dt), da, row_scale)        # [N, f], [N, 2f], [N]
         columns = partial(columns, row_tiles=ctx.row_tiles)
-        dyt_q, dyt_s, _ = columns(dy, offs, pow2_scales=True)                           # [h, Np]
-        at_q, at_s, _ = columns(a, offs)                                                # [f, Np]
-        # operands ordered so that dW comes out in the parameter's [E, f, h] layout and dtype: no transposed
-        # float32 copy (at V3 width that copy was a 5 ms strided cast per MoE layer on the H200)
-        dw2 = fp8_grouped_wgrad(at_q, at_s, dyt_q, dyt_s, offs_p, out_dtype=weight2.dtype)   # [E, f, h] = a^T dy
+        if need_w2:
+            dyt_q, dyt_s, _ = columns(dy, offs, pow2_scales=True)                       # [h, Np]
+            at_q, at_s, _ = columns(a, offs)                                            # [f, Np]
+            # operands ordered so that dW comes out in the parameter's [E, f, h] layout and dtype: no transposed
+            # float32 copy (at V3 width that copy was a 5 ms strided cast per MoE layer on the H200)
+            dw2 = fp8_grouped_wgrad(at_q, at_s, dyt_q, dyt_s, offs_p, out_dtype=weight2.dtype)  # [E, f, h] = a^T dy
         # up-projection: Dgrad (dh1 1x128 x W1's blocks) and Wgrad
-        w1_q, w1_s = expert_weight_blocks(weight1, False, ctx.weight_cache)            # [E, h, 2f] blocks
         dh1 = dh1.to(dt)
-        dx = fp8_grouped_gemm(*tiles(dh1), w1_q, w1_s, offs, out_dtype=dt)             # [N, h]
-        dh1t_q, dh1t_s, _ = columns(dh1, offs)                                          # [2f, Np]
-        dw1 = fp8_grouped_wgrad(xt_q, xt_s, dh1t_q, dh1t_s, offs_p, out_dtype=weight1.dtype)  # [E, h, 2f] = x^T dh1
+        if need_x:
+            w1_q, w1_s = expert_weight_blocks(weight1, False, ctx.weight_cache)        # [E, h, 2f] blocks
+            dx = fp8_grouped_gemm(*tiles(dh1), w1_q, w1_s, offs, out_dtype=dt)         # [N, h]
+        if need_w1:
+            dh1t_q, dh1t_s, _ = columns(dh1, offs)                                      # [2f, Np]
+            dw1 = fp8_grouped_wgrad(xt_q, xt_s, dh1t_q, dh1t_s, offs_p, out_dtype=weight1.dtype)  # [E, h, 2f]
         return dx, None, dw1, dw2, None, None, None, None, dg
 
 

@@ -29,6 +29,7 @@ import torch
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+from megatron_dsv3.fused_wgrad import ACCUMULATE, NOT_NEEDED, grad_need
 from megatron_dsv3.mla.linear import DuplicatedLinear
 
 __all__ = ["fp8_linear", "quantizer", "FP8LinearFunction", "FP8ColumnParallelLinear", "FP8RowParallelLinear",
@@ -94,15 +95,17 @@ class FP8LinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, N)                                             # [M, N]
         g_q, g_s, gt_q, gt_s = _tiles_and_transpose(dy2)
         dx = dw = None
-        if ctx.needs_input_grad[0]:
+        # only what this pass uses (DualPipe's B pass: dx; its W pass: dW, once, fused_wgrad.grad_need)
+        need_x, need_w = grad_need(ctx, 0), grad_need(ctx, 1)
+        if need_x != NOT_NEEDED:
             # Dgrad: dy [M, N] @ W [N, K]; W^T [K, N] in 128x128 blocks is W's blocks transposed (the same bits as
             # Fprop's, cached or made again)
             wt_q, wt_s = weight_blocks(weight, transposed=True, cache=ctx.weight_cache)
             dx = _gemm(g_q, g_s, wt_q, wt_s, ctx.x_dtype).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
+        if need_w != NOT_NEEDED:
             # Wgrad: dy^T [N, M] @ x [M, K], contracted over the M tokens in 1x128 tiles of the transposed copies
             dw32 = _gemm(gt_q, gt_s, qt, st, torch.float32)                 # [N, K]
-            dw = _to_weight_grad(weight, dw32, ctx.into_main_grad)
+            dw = _to_weight_grad(weight, dw32, ctx.into_main_grad and need_w == ACCUMULATE)
         return dx, dw, None, None
 
 

@@ -114,6 +114,36 @@ def test_fp8_experts_forward_and_gradients_against_float64(counts, h, f, scaled)
         assert rel_fro(got, ref) < QUANT
 
 
+def test_split_backward_computes_each_gradient_once(monkeypatch):
+    """DualPipe's split backward: the B pass (autograd.grad to x and the gates) runs no Wgrad, the W pass
+    (backward(inputs=weights)) no Dgrad of x; together they give the plain backward's gradients bit for bit."""
+    from megatron_dsv3.fp8 import gemm
+    g = torch.Generator().manual_seed(5)
+    counts = torch.tensor([40, 0, 88])
+    x = torch.randn(128, 128, generator=g, requires_grad=True)
+    s = torch.rand(128, generator=g, requires_grad=True)
+    w1 = (0.1 * torch.randn(3, 128, 256, generator=g)).requires_grad_()
+    w2 = (0.1 * torch.randn(3, 128, 128, generator=g)).requires_grad_()
+    dy = torch.randn(128, 128, generator=g)
+    fp8_expert_mlp(x * 1, counts, w1, w2, row_scale=s * 1).backward(dy)
+    want = [t.grad.clone() for t in (x, s, w1, w2)]
+    for t in (x, s, w1, w2):
+        t.grad = None
+    calls = []
+    for name in ("fp8_grouped_gemm", "fp8_grouped_wgrad"):
+        real = getattr(gemm, name)
+        monkeypatch.setattr(gemm, name, lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k))
+    y = fp8_expert_mlp(x * 1, counts, w1, w2, row_scale=s * 1)
+    calls.clear()
+    dx, ds = torch.autograd.grad(y, [x, s], dy, retain_graph=True)
+    assert calls == ["fp8_grouped_gemm", "fp8_grouped_gemm"]              # da and dx, no Wgrad
+    calls.clear()
+    torch.autograd.backward(y, dy, inputs=[w1, w2])
+    assert calls == ["fp8_grouped_gemm", "fp8_grouped_wgrad", "fp8_grouped_wgrad"]   # da (for dh1), dW2, dW1
+    for got, ref in zip((dx, ds, w1.grad, w2.grad), want):
+        assert torch.equal(got, ref)
+
+
 def test_swiglu_input_kept_in_fp8_and_output_not_kept():
     """Backward holds: x transposed in FP8 (+ column scales), h1 in FP8 (+ tile scales), offsets, the weights; no
     float activation of size N x h, N x 2f or N x f."""

@@ -129,6 +129,24 @@ def test_gradient_accumulation_into_main_grad():
     assert w.grad_added_to_main_grad
 
 
+def test_split_backward_adds_the_weight_gradient_once():
+    """DualPipe's split backward with gradient_accumulation_fusion: the B pass (autograd.grad to the input) must not
+    touch main_grad, the W pass (backward(inputs=[w])) adds dW once; the sum equals one plain backward's."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(32, 128, generator=g, requires_grad=True)
+    w = torch.randn(64, 128, generator=g, dtype=torch.float32).bfloat16().requires_grad_()
+    w.main_grad = torch.zeros(64, 128)
+    w.grad_added_to_main_grad = False
+    dy = torch.randn(32, 64, generator=g)
+    y = fp8_linear(x * 1, w, wgrad_into_main_grad=True)
+    (dx,) = torch.autograd.grad(y, x, dy, retain_graph=True)
+    assert not w.grad_added_to_main_grad and float(w.main_grad.abs().max()) == 0.0
+    torch.autograd.backward(y, dy, inputs=[w])
+    _, rdx, rdw = references(x.detach(), w.detach().float(), dy)
+    close(dx, rdx, ACC)
+    close(w.main_grad, rdw, ACC)
+
+
 def test_modules_are_drop_ins_for_the_bf16_linears(mcore_single):
     """Same parameters and init as megatron-core's Column/RowParallelLinear and our DuplicatedLinear; the output
     equals fp8_linear on the module's weight, close to the BF16 module's."""

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_dsv3.config import MoEConfig
+from megatron_dsv3.fused_wgrad import NOT_NEEDED, grad_need
 
 __all__ = [
     "Router", "route", "group_limited_topk", "update_expert_bias", "apply_expert_bias_update",
@@ -87,8 +88,10 @@ class _Float32Logits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dlogits):
         x, weight = ctx.saved_tensors
-        dx = (dlogits @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None           # [T, h]
-        dw = (dlogits.t() @ x.float()).to(weight.dtype) if ctx.needs_input_grad[1] else None       # [E, h]
+        # only what this pass uses (DualPipe's split backward: dx in its B pass, dW in its W pass)
+        need_x, need_w = (grad_need(ctx, i) != NOT_NEEDED for i in (0, 1))
+        dx = (dlogits @ weight.float()).to(x.dtype) if need_x else None                            # [T, h]
+        dw = (dlogits.t() @ x.float()).to(weight.dtype) if need_w else None                        # [E, h]
         return dx, dw
 
 

@@ -150,22 +150,26 @@ def _wgrad_buffer(weight: torch.Tensor) -> Optional[torch.Tensor]:
 
 class _GroupedMMFusedWgrad(torch.autograd.Function):
     """x [N, K] (rows sorted by group) @ weight[g] [K, M] for each group's rows -> [N, M]; backward: dx one grouped
-    GEMM, dW accumulated in place per group where a buffer exists (module docstring), else one grouped GEMM."""
+    GEMM, dW accumulated in place per group where a buffer exists (module docstring), else one grouped GEMM.
+    remake_fn(*remake_args): x made again for dW instead of keeping x (its inputs, kept anyway by whoever made x)."""
 
     @staticmethod
-    def forward(ctx, x, weight, offs, host_counts):
-        ctx.save_for_backward(x, weight, offs)
-        ctx.host_counts = host_counts
+    def forward(ctx, x, weight, offs, host_counts, remake_fn, *remake_args):
+        ctx.save_for_backward(None if remake_fn else x, weight, offs, *remake_args)
+        ctx.host_counts, ctx.remake_fn = host_counts, remake_fn
         return torch._grouped_mm(x, weight, offs=offs)                                   # [N, M]
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, offs = ctx.saved_tensors
+        x, weight, offs, *remake_args = ctx.saved_tensors
         dy = dy.contiguous()
         # only what this backward pass will use: DualPipe's B pass wants dx alone, its W pass dW alone
         dx = torch._grouped_mm(dy, weight.transpose(-2, -1), offs=offs) if grad_need(ctx, 0) != NOT_NEEDED else None
         dw, need_w = None, grad_need(ctx, 1)
         if need_w != NOT_NEEDED:
+            if ctx.remake_fn is not None:
+                with torch.no_grad():
+                    x = ctx.remake_fn(*remake_args)
             buf = _wgrad_buffer(weight) if need_w == ACCUMULATE else None
             if buf is None:
                 dw = torch._grouped_mm(x.t(), dy, offs=offs)                             # [G, K, M]
@@ -178,14 +182,17 @@ class _GroupedMMFusedWgrad(torch.autograd.Function):
                 if buf is not weight.grad and hasattr(weight, "grad_added_to_main_grad"):
                     weight.grad_added_to_main_grad = True     # megatron DDP: its hook runs, skips its add
                     dw = torch.empty_like(weight)
-        return dx, dw, None, None
+        return (dx, dw, None, None, None) + (None,) * len(remake_args)
 
 
-def grouped_mm_fused_wgrad(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor,
-                           host_counts: HostCounts) -> torch.Tensor:
+def grouped_mm_fused_wgrad(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, host_counts: HostCounts,
+                           remake=None) -> torch.Tensor:
     """torch._grouped_mm(x, weight, offs=offs) with the weight gradient accumulated in place (module docstring).
-    x [N, K] rows sorted by group, weight [G, K, M], offs [G] int32 group end offsets, host_counts their sizes."""
-    return _GroupedMMFusedWgrad.apply(x, weight, offs, host_counts)
+    x [N, K] rows sorted by group, weight [G, K, M], offs [G] int32 group end offsets, host_counts their sizes.
+    remake (fn, *args): fn(*args) gives x again, bit for bit: x is not kept for backward (the experts' SwiGLU
+    output, made again from h1 and the gates that the SwiGLU keeps for its own backward)."""
+    fn, args = (remake[0], remake[1:]) if remake else (None, ())
+    return _GroupedMMFusedWgrad.apply(x, weight, offs, host_counts, fn, *args)
 
 
 def _tp_size(module) -> int:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_dsv3.fused_wgrad import HostCounts, grouped_mm_fused_wgrad
-from megatron_dsv3.moe.kernels import swiglu
+from megatron_dsv3.moe.kernels import swiglu, swiglu_forward
 
 __all__ = ["GroupedExperts", "grouped_swiglu", "padded_swiglu", "experts_loop_reference", "can_use_grouped_mm"]
 
@@ -49,13 +49,16 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor,
                    row_scale: Optional[torch.Tensor] = None, fuse_wgrad: bool = True) -> torch.Tensor:
     """torch._grouped_mm path: x [N, h] sorted by expert, counts [E_local] (on x's device), row_scale [N] -> [N, h].
     fuse_wgrad: the weight gradients accumulated in place by per-expert GEMMs where a buffer exists
-    (fused_wgrad.grouped_mm_fused_wgrad); False: autograd through torch._grouped_mm (a fresh [E, ...] gradient
-    that AccumulateGrad or megatron's DDP hook then adds)."""
+    (fused_wgrad.grouped_mm_fused_wgrad), and the SwiGLU output made again for dW2 instead of kept (k * f * 2 bytes
+    a token); False: autograd through torch._grouped_mm (a fresh [E, ...] gradient that AccumulateGrad or
+    megatron's DDP hook then adds; the SwiGLU output kept)."""
     offs = torch.cumsum(counts, dim=0).to(torch.int32)                                 # group end offsets
     if fuse_wgrad and torch.is_grad_enabled() and weight1.requires_grad and weight2.requires_grad:
         host = HostCounts(counts)
         h1 = grouped_mm_fused_wgrad(x, weight1, offs, host)                            # [N, 2f] = [gate | up]
-        return grouped_mm_fused_wgrad(swiglu(h1, row_scale), weight2, offs, host)      # [N, h]
+        a = swiglu(h1, row_scale)                                                       # [N, f], keeps h1 and g
+        # a is not kept: dW2 makes it again from h1 and g (as the paper recomputes the SwiGLU output)
+        return grouped_mm_fused_wgrad(a, weight2, offs, host, remake=(swiglu_forward, h1, row_scale))   # [N, h]
     h1 = torch._grouped_mm(x, weight1, offs=offs)                                      # [N, 2f] = [gate | up]
     return torch._grouped_mm(swiglu(h1, row_scale), weight2, offs=offs)                # [N, h]
 

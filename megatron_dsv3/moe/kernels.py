@@ -200,6 +200,13 @@ def swiglu(h1: torch.Tensor, row_scale: Optional[torch.Tensor] = None) -> torch.
     return _SwiGLU.apply(h1, row_scale, triton_path)
 
 
+def swiglu_forward(h1: torch.Tensor, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """swiglu's forward alone, no autograd: the same kernel and bits as swiglu(h1, row_scale) (for remaking its
+    output in backward instead of keeping it)."""
+    fwd = _swiglu_triton_forward if use_triton(h1) and h1.is_contiguous() else _swiglu_torch_forward
+    return fwd(h1, row_scale)
+
+
 def swiglu_triton(h1: torch.Tensor, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The Triton path on any device (CPU tensors under TRITON_INTERPRET=1)."""
     return _SwiGLU.apply(h1.contiguous(), row_scale, True)

@@ -99,7 +99,7 @@ def activation_bytes_per_token(cfg, moe_layer: bool, recompute_up_proj: bool, ac
     (bench/results.md, 2026-11-29, bf16, 32 experts top-8 + 1 shared; measured = allocated after the forward minus
     before, so without the block's input; tests/training/test_memory.py): MLA alone 172,584 (this estimate less
     input and norm output: 173,184), with the paper's recomputation 37,504 (38,016); DeepSeekMoE alone 234,056
-    (225,440: 3.7% under); the recomputation (norms + MLA up-projections) frees 163,760 B/token/layer on the 4-layer
+    (225,440: 3.7% under), of which the SwiGLU output (k * f * 2 = 32,768) is no longer kept; the recomputation (norms + MLA up-projections) frees 163,760 B/token/layer on the 4-layer
     stack (523,496 -> 359,736), this estimate 163,840."""
     return (attention_elements_per_token(cfg, recompute_up_proj) * act_bytes
             + mlp_bytes_per_token(cfg, moe_layer, act_bytes, fp8))
@@ -133,7 +133,8 @@ def mlp_bytes_per_token(cfg, moe_layer: bool, act_bytes: int = 2, fp8: bool = Fa
     mlp = (h + norm_out + 3 * fs + (moe.num_experts + moe.top_k) * 4 / act_bytes) * act_bytes
     if fp8 and "experts" not in cfg.fp8.bf16_modules:           # x and h1 in FP8 tiles, a recomputed
         return mlp + moe.top_k * (h + 2 * f) * FP8_TILE_BYTES
-    return mlp + moe.top_k * (h + 3 * f) * act_bytes            # x, h1 = [gate, up], a = SwiGLU(h1)
+    # x, h1 = [gate, up]; a = SwiGLU(h1) is made again for dW2 (moe/experts.grouped_swiglu), not kept
+    return mlp + moe.top_k * (h + 2 * f) * act_bytes
 
 
 def estimate_memory(cfg, micro_batch_size: int, data_parallel_size: int, seq_length: Optional[int] = None,

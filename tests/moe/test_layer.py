@@ -149,8 +149,8 @@ def test_grouped_paths_match_loop_reference(scaled):
 def test_grouped_path_remakes_the_swiglu_output_and_accumulates_in_place():
     """The grouped path (torch._grouped_mm runs in float32 on CPU): with fuse_wgrad the SwiGLU output is not kept
     (N * f elements fewer saved for backward: dW2 makes it again from h1 and the gates) and the weight gradients
-    are added into the existing .grad by per-expert GEMMs; outputs and input/gate gradients bit-equal to the
-    unfused path, weight gradients equal to float32 round-off, over two accumulating steps."""
+    are added into the existing .grad by per-expert GEMMs; outputs bit-equal to the unfused path, gradients equal
+    to float32 round-off, over two accumulating steps."""
     torch.manual_seed(5)
     E, h, f = 4, 16, 8
     counts = torch.tensor([6, 0, 9, 3])
@@ -162,18 +162,19 @@ def test_grouped_path_remakes_the_swiglu_output_and_accumulates_in_place():
     def run(fuse):
         x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
         w1, w2 = w10.clone().requires_grad_(), w20.clone().requires_grad_()
-        kept = {}
-
-        def pack(t):
-            kept[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-            return t
-        outs = []
+        outs, kept_per_step = [], []
         for dy in dys:
+            kept = {}        # per step: storages alive together (a later step may reuse a freed address)
+
+            def pack(t):
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 y = grouped_swiglu(x, counts, w1, w2, s, fuse_wgrad=fuse)
             y.backward(dy)
             outs.append(y.detach())
-        return outs, (x.grad, s.grad, w1.grad, w2.grad), sum(kept.values())
+            kept_per_step.append(sum(kept.values()))
+        return outs, (x.grad, s.grad, w1.grad, w2.grad), kept_per_step
 
     try:
         ref_out, ref_g, ref_bytes = run(False)
@@ -181,10 +182,9 @@ def test_grouped_path_remakes_the_swiglu_output_and_accumulates_in_place():
         pytest.skip(f"torch._grouped_mm on CPU: {e}")
     out, g, nbytes = run(True)
     assert all(torch.equal(a, b) for a, b in zip(out, ref_out))
-    assert torch.equal(g[0], ref_g[0]) and torch.equal(g[1], ref_g[1])
-    for a, r in zip(g[2:], ref_g[2:]):
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
-    assert ref_bytes - nbytes == len(dys) * N * f * 4                    # the SwiGLU output (float32) of each step
+    for a, r in zip(g, ref_g):      # dx, ds as torch's own derivative of _grouped_mm computes them (its formula
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)         # may order the sums otherwise), dW1, dW2
+    assert [r - b for r, b in zip(ref_bytes, nbytes)] == [N * f * 4] * len(dys)   # the SwiGLU output, float32
 
 
 @pytest.mark.gpu

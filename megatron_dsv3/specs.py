@@ -94,28 +94,31 @@ def _mlp_linears(config, backend: str, name: str):
 
 
 def get_dense_mlp_spec(config, backend: str = "local"):
-    """SwiGLU MLP of the first k dense layers (issue: MoE): megatron-core's MLP of width
-    MoEConfig.dense_ffn_hidden_size (= the TransformerConfig's ffn_hidden_size from to_transformer_config).
+    """SwiGLU MLP of the first k dense layers (issue: MoE): megatron-core's MLP with our SwiGLU (mlp.SwiGLUMLP) of
+    width MoEConfig.dense_ffn_hidden_size (= the TransformerConfig's ffn_hidden_size from to_transformer_config).
     Parameters: linear_fc1.weight [2*ffn/tp, h] ([gate; up] per TP rank), linear_fc2.weight [h, ffn/tp]."""
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
 
+    from megatron_dsv3.mlp import SwiGLUMLP
+
     column, row = _mlp_linears(config, check_backend(backend), "dense_mlp")
-    return ModuleSpec(module=MLP, params={"ffn_hidden_size": config.moe.dense_ffn_hidden_size},
+    return ModuleSpec(module=SwiGLUMLP, params={"ffn_hidden_size": config.moe.dense_ffn_hidden_size},
                       submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))
 
 
 def get_moe_spec(config, backend: str = "local", pg_collection=None):
     """DeepSeekMoE spec: router + routed experts + shared experts (issue: MoE). `config` is a DSV3Config.
 
-    Router and GroupedExperts are ours in both backends; the shared experts are megatron-core's MLP
-    (TE linears with backend "te") of width num_shared_experts * expert_ffn_hidden_size. pg_collection: the
-    model's process groups (megatron-core's TransformerLayer does not hand them to an MLP class it does not
+    Router and GroupedExperts are ours in both backends; the shared experts are megatron-core's MLP with our
+    SwiGLU (mlp.SwiGLUMLP; TE linears with backend "te") of width num_shared_experts * expert_ffn_hidden_size.
+    pg_collection: the model's process groups (megatron-core's TransformerLayer does not hand them to an MLP class it does not
     know, so the spec carries them: the balance group of the bias update, EP dispatch, expert replicas).
     """
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
 
+    from megatron_dsv3.mlp import SwiGLUMLP
     from megatron_dsv3.moe.experts import GroupedExperts
     from megatron_dsv3.moe.layer import DeepSeekMoE, DeepSeekMoESubmodules
     from megatron_dsv3.moe.router import Router
@@ -123,7 +126,7 @@ def get_moe_spec(config, backend: str = "local", pg_collection=None):
     column, row = _mlp_linears(config, check_backend(backend), "shared_experts")
     shared = None
     if config.moe.num_shared_experts > 0:
-        shared = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))
+        shared = ModuleSpec(module=SwiGLUMLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))
     experts, module = GroupedExperts, DeepSeekMoE
     if _fp8_backend(config) is not None and "experts" not in config.fp8.bf16_modules:
         from megatron_dsv3.fp8.experts import FP8GroupedExperts as experts

@@ -125,7 +125,7 @@ def mlp_bytes_per_token(cfg, moe_layer: bool, act_bytes: int = 2, fp8: bool = Fa
     h, moe = cfg.hidden_size, cfg.moe
     tp = cfg.parallel.tensor_model_parallel_size
     norm_out = 0 if cfg.recompute_norms else h
-    if not moe_layer:
+    if not moe_layer:      # h1 = [gate, up] and a = SwiGLU(h1) (mlp.SwiGLUMLP keeps no more; the shared experts too)
         return (h + norm_out + 3 * moe.dense_ffn_hidden_size / tp) * act_bytes
     f, fs = moe.expert_ffn_hidden_size, moe.num_shared_experts * moe.expert_ffn_hidden_size / tp
     # shared experts (h1 = [gate, up], SwiGLU output), fp32 router scores; per routed copy of a token its float32

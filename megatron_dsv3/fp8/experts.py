@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_dsv3.fp8.kernels import grouped_row_tiles, use_triton
+from megatron_dsv3.fp8.kernels import checked_row_tiles, use_triton
 from megatron_dsv3.fused_wgrad import NOT_NEEDED, grad_need
 from megatron_dsv3.fp8.linear import quantizer
 from megatron_dsv3.moe.experts import GroupedExperts
@@ -85,11 +85,7 @@ class FP8ExpertsFunction(torch.autograd.Function):
         h1_q, h1_s = tiles(h1)                                                          # SwiGLU input, FP8
         # the padded 128-row tiles of the experts' groups, read on the host once for this layer's four Wgrad
         # operands (backward then makes no host sync)
-        row_tiles = None
-        if use_triton(x):
-            row_tiles = grouped_row_tiles(offs)
-            if offs.numel() and int(offs[-1]) > x.shape[0]:
-                raise ValueError(f"counts sum to {int(offs[-1])} rows but x has {x.shape[0]}")
+        row_tiles = checked_row_tiles(offs, x.shape[0]) if use_triton(x) else None
         xt_q, xt_s, offs_p = columns(x, offs, pow2_scales=True, row_tiles=row_tiles)   # [h, Np]: Wgrad operand
         ctx.save_for_backward(offs, offs_p, xt_q, xt_s, h1_q, h1_s, weight1, weight2, row_scale)
         ctx.x_dtype, ctx.weight_cache, ctx.grouped, ctx.row_tiles = x.dtype, weight_cache, grouped, row_tiles

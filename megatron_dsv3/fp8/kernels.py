@@ -279,6 +279,13 @@ def grouped_row_tiles(offs: torch.Tensor, tile: int = TILE) -> Tuple[torch.Tenso
     return offs_p.to(torch.int32), src.to(torch.int32), cnt.to(torch.int32), J * tile
 
 
+def checked_row_tiles(offs: torch.Tensor, rows: int):
+    """grouped_row_tiles(offs), after checking that the groups end within a tensor of `rows` rows."""
+    if offs.numel() and int(offs[-1]) > rows:
+        raise ValueError(f"offs ends at row {int(offs[-1])} but x has {rows} rows")
+    return grouped_row_tiles(offs)
+
+
 def quantize_columns_grouped_triton(x: torch.Tensor, offs: torch.Tensor, pow2_scales: bool = False,
                                     num_warps: Optional[int] = None, row_tiles=None
                                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -289,11 +296,7 @@ def quantize_columns_grouped_triton(x: torch.Tensor, offs: torch.Tensor, pow2_sc
         raise ValueError(f"quantize_columns_grouped needs a 2-D [R, K] input, got shape {tuple(x.shape)}")
     x = _as_rows(x)
     K = x.shape[1]
-    if row_tiles is None:
-        row_tiles = grouped_row_tiles(offs)
-        if offs.numel() and int(offs[-1]) > x.shape[0]:
-            raise ValueError(f"offs ends at row {int(offs[-1])} but x has {x.shape[0]} rows")
-    offs_p, src, cnt, Rp = row_tiles
+    offs_p, src, cnt, Rp = row_tiles if row_tiles is not None else checked_row_tiles(offs, x.shape[0])
     qt = torch.empty(K, Rp, dtype=FP8, device=x.device)
     st = _scales_for_mm(K, Rp // TILE, x.device)
     if Rp and K:

@@ -20,7 +20,8 @@ is a fresh `--child` process; the order of impls alternates per round; per proce
 `--warmup`; the table gives every round's median and their median. Columns: ms, model TFLOP/s (megatron_dsv3.accounting:
 3 x (activated matmul FLOPs + causal attention)) and its share of the H200's measured bf16 matmul rate (779), peak GiB,
 and the bytes one forward keeps for backward per token per layer (allocated after the forward minus before, output
-excluded, over tokens and layers). `--profile PART` adds the top CUDA kernels of one step of each of our implementations.
+excluded, over tokens and layers). `--profile PART` adds, for one step of each implementation, the GPU's idle time
+inside the step (where it waited for the host) and the top CUDA kernels; `--trace DIR` keeps those steps' traces.
 """
 from __future__ import annotations
 
@@ -39,14 +40,16 @@ PARTS = ("stack", "dense", "moe_layer", "mla", "moe")
 TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense": "dense layer (MLA + MLP)",
           "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
 IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8", "ours-recompute", "ours-fp8-hostloop",
-         "ours-unfused-expert-wgrad")
+         "ours-unfused-expert-wgrad", "ours-shared-last")
 NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-fp8": "ours FP8 (native; FP8Config's defaults: Triton grouped GEMMs)",
          "ours-recompute": "ours BF16, the paper's recomputation (norms + MLA up-projections)",
          "mcore-te-fp8": "megatron-core + TE FP8 (Float8BlockScaling)",
          "ours-fp8-hostloop": "ours FP8 (native), one cuBLAS GEMM per expert (FP8Config.grouped_gemm='host_loop')",
          "ours-unfused-expert-wgrad": "ours BF16, experts' weight gradients by autograd + add (GroupedExperts.fuse_wgrad "
-                                      "False)"}
+                                      "False)",
+         "ours-shared-last": "ours BF16, the shared experts after the routing at EP = 1 too (DeepSeekMoE.shared_first "
+                             "False)"}
 
 
 def bench_config(smoke: bool, num_layers: int = 4):
@@ -86,6 +89,13 @@ def _layer_specs_peer(tc):
 
 def build(part: str, impl: str, cfg, dev, pg):
     """-> (module, call(module) -> tensor to backprop, layers counted)."""
+    if impl == "ours-shared-last":            # the order before the shared experts went first without an all-to-all
+        from megatron_dsv3.moe.layer import DeepSeekMoE
+        out = build(part, "ours", cfg, dev, pg)
+        for m in out[0].modules():
+            if isinstance(m, DeepSeekMoE):
+                m.shared_first = False
+        return out
     if impl == "ours-unfused-expert-wgrad":   # the routed experts' grouped GEMMs as before fused_wgrad's grouped form
         from megatron_dsv3.moe.experts import GroupedExperts
         out = build(part, "ours", cfg, dev, pg)
@@ -212,10 +222,15 @@ def child(a) -> dict:
         prof = None
         if a.profile and cuda:
             from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CUDA]) as p:
+            from timing import gpu_idle
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(a.trace)) as p:
                 step()
                 torch.cuda.synchronize()
             prof = p.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+            prof = gpu_idle(p.events()) + "\n" + prof
+            if a.trace:
+                os.makedirs(a.trace, exist_ok=True)
+                p.export_chrome_trace(os.path.join(a.trace, f"{a.part}_{a.impl}.json"))
     from megatron_dsv3 import accounting as acc
     T = a.seq
     attn = 3 * (2.0 * acc.attention_matmul_params(cfg) + acc.attention_flops_per_token(cfg, a.seq))
@@ -253,7 +268,9 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--smoke", action="store_true", help="tiny preset, float32, seq 32, 1 round (CPU check)")
-    p.add_argument("--profile", default="", help="comma list of parts whose first run of each of our implementations prints a kernel table")
+    p.add_argument("--profile", default="", help="comma list of parts whose first run of each implementation prints its GPU idle time and kernel table")
+    p.add_argument("--trace", default="", help="with --profile: a folder for each profiled step's Chrome trace "
+                   "(CPU ops with Python stacks, CUDA kernels), PART_IMPL.json")
     p.add_argument("--out", default=None, help="markdown file for the table")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--part", default="stack", help=argparse.SUPPRESS)
@@ -291,8 +308,8 @@ def main(argv=None):
                        "--warmup", str(a.warmup), "--iters", str(a.iters), "--seq", str(a.seq)]
                 if a.smoke:
                     cmd.append("--smoke")
-                if part in profile and impl.startswith("ours") and r == 0:
-                    cmd += ["--profile", part]
+                if part in profile and r == 0:
+                    cmd += ["--profile", part] + (["--trace", a.trace] if a.trace else [])
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
                 if stopped and not line:

@@ -11,16 +11,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_stack_smoke(tmp_path):
     out = tmp_path / "stack.md"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_stack.py"), "--smoke", "--parts", "moe,stack",
-                        "--impls", "ours,ours-unfused-expert-wgrad", "--out", str(out)],
+                        "--impls", "ours,ours-unfused-expert-wgrad,ours-shared-last", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, TORCHDYNAMO_DISABLE="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     for part in ("DeepSeekMoE alone", "4 layers"):
-        for impl in ("ours BF16 |", "ours BF16, experts' weight gradients by autograd + add"):
+        for impl in ("ours BF16 |", "ours BF16, experts' weight gradients by autograd + add",
+                     "ours BF16, the shared experts after the routing"):
             rows = [l for l in text.splitlines() if l.startswith(f"| {part}") and impl in l]
             assert len(rows) == 1, (part, impl, text)
             ms = float(rows[0].split("|")[4])
             assert ms > 0, rows[0]
     header = [l for l in text.splitlines() if l.startswith("- device:")]
     assert header and "torch " in header[0] and re.search(r"commit \S+", header[0]), text[:500]
+
+
+def test_idle_gaps():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from timing import idle_gaps
+    # kernels busy 0-10, 12-20 (overlapping 15-18), 50-60 us: two gaps, 10-12 (2 us, under the 5 us floor) and 20-50
+    kernels = [(0, 10), (12, 20), (15, 18), (50, 60)]
+    host = [(0, 25, "router"), (25, 45, "plan"), (45, 70, "experts")]
+    text = idle_gaps(kernels, host)
+    first = text.splitlines()[0]
+    assert "span 0.06 ms" in first and "busy 0.03 ms" in first and "idle 0.03 ms in 1 gaps" in first, text
+    ops = [l.split() for l in text.splitlines()[1:]]
+    assert [o[1] for o in ops] == ["plan", "router", "experts"], text       # 20, 5, 5 us of the 30 us gap
+    assert [float(o[0]) for o in ops] == [0.02, 0.005, 0.005], text
+    assert idle_gaps([], host).startswith("GPU idle: no CUDA kernels")

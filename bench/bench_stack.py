@@ -220,13 +220,16 @@ def child(a) -> dict:
             out.backward(go)
             del out
         prof = None
-        if a.profile and cuda:
+        if a.profile:
             from torch.profiler import ProfilerActivity, profile
             from timing import gpu_idle
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(a.trace)) as p:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=acts, with_stack=bool(a.trace)) as p:
                 step()
-                torch.cuda.synchronize()
-            prof = p.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+                if cuda:
+                    torch.cuda.synchronize()
+            prof = p.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40,
+                                          max_name_column_width=70)
             prof = gpu_idle(p.events()) + "\n" + prof
             if a.trace:
                 os.makedirs(a.trace, exist_ok=True)

@@ -12,6 +12,8 @@ per-token scales, TE's activation, clamped or offset GLUs, another activation) g
 """
 from __future__ import annotations
 
+import inspect
+
 import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP
 
@@ -21,6 +23,18 @@ __all__ = ["SwiGLUMLP"]
 
 
 class SwiGLUMLP(MLP):
+    def __init__(self, config, submodules, is_expert: bool = False, input_size=None, ffn_hidden_size=None,
+                 tp_group=None, pg_collection=None, is_mtp_layer: bool = False, **kwargs):
+        """MLP's arguments, also as a TransformerLayer calls a spec'd mlp module that is not MLP itself
+        (megatron-core >= 0.17: config, pg_collection, is_mtp_layer, name; it calls MLP through
+        MLP.as_mlp_submodule, which takes the TP group from pg_collection the same way)."""
+        if tp_group is None and pg_collection is not None:
+            tp_group = pg_collection.tp
+        accepted = inspect.signature(MLP.__init__).parameters
+        extra = {k: v for k, v in kwargs.items() if k in accepted}      # `name` (>= 0.17); 0.16 takes none
+        super().__init__(config=config, submodules=submodules, is_expert=is_expert, input_size=input_size,
+                         ffn_hidden_size=ffn_hidden_size, tp_group=tp_group, **extra)
+
     def _plain_swiglu(self, per_token_scale, kwargs) -> bool:
         c = self.config
         return (per_token_scale is None and not kwargs and c.gated_linear_unit and self.activation_func is F.silu

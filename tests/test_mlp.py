@@ -60,3 +60,23 @@ def test_falls_back_to_megatron_for_per_token_scales(mcore_single):
     scale = torch.rand(4, 1, dtype=torch.float64)
     torch.testing.assert_close(ours(x, per_token_scale=scale)[0], theirs(x, per_token_scale=scale)[0],
                                rtol=1e-12, atol=1e-12)
+
+
+def test_builds_as_a_transformer_layer_of_newer_megatron_core_builds_its_mlp(mcore_single):
+    """megatron-core >= 0.17's TransformerLayer calls a spec'd mlp class other than MLP itself with
+    (config=, pg_collection=, is_mtp_layer=, name=) and no tp_group (0.19.2 failed to build our stack on the H200:
+    "MLP.__init__() got an unexpected keyword argument 'pg_collection'"). Built that way here on any version."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_dsv3.compat import get_process_group_collection
+    from megatron_dsv3.config import DSV3Config
+    from megatron_dsv3.mlp import SwiGLUMLP
+    from megatron_dsv3.specs import get_dense_mlp_spec
+    cfg = DSV3Config.from_preset("tiny").replace(params_dtype="float64")
+    tc = cfg.to_transformer_config()
+    spec = get_dense_mlp_spec(cfg, "local")
+    pgs = get_process_group_collection(None)
+    m = build_module(spec, config=tc, pg_collection=pgs, is_mtp_layer=False, name="decoder.layers.0.mlp")
+    assert type(m) is SwiGLUMLP and m.tp_group is pgs.tp
+    y, _ = m(torch.randn(3, 1, cfg.hidden_size, dtype=torch.float64))
+    assert y.shape == (3, 1, cfg.hidden_size)

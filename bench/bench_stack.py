@@ -40,16 +40,14 @@ PARTS = ("stack", "dense", "moe_layer", "mla", "moe")
 TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense": "dense layer (MLA + MLP)",
           "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
 IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8", "ours-recompute", "ours-fp8-hostloop",
-         "ours-unfused-expert-wgrad", "ours-shared-last")
+         "ours-unfused-expert-wgrad")
 NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-fp8": "ours FP8 (native; FP8Config's defaults: Triton grouped GEMMs)",
          "ours-recompute": "ours BF16, the paper's recomputation (norms + MLA up-projections)",
          "mcore-te-fp8": "megatron-core + TE FP8 (Float8BlockScaling)",
          "ours-fp8-hostloop": "ours FP8 (native), one cuBLAS GEMM per expert (FP8Config.grouped_gemm='host_loop')",
          "ours-unfused-expert-wgrad": "ours BF16, experts' weight gradients by autograd + add (GroupedExperts.fuse_wgrad "
-                                      "False)",
-         "ours-shared-last": "ours BF16, the shared experts after the routing at EP = 1 too (DeepSeekMoE.shared_first "
-                             "False)"}
+                                      "False)"}
 
 
 def bench_config(smoke: bool, num_layers: int = 4):
@@ -89,13 +87,6 @@ def _layer_specs_peer(tc):
 
 def build(part: str, impl: str, cfg, dev, pg):
     """-> (module, call(module) -> tensor to backprop, layers counted)."""
-    if impl == "ours-shared-last":            # the order before the shared experts went first without an all-to-all
-        from megatron_dsv3.moe.layer import DeepSeekMoE
-        out = build(part, "ours", cfg, dev, pg)
-        for m in out[0].modules():
-            if isinstance(m, DeepSeekMoE):
-                m.shared_first = False
-        return out
     if impl == "ours-unfused-expert-wgrad":   # the routed experts' grouped GEMMs as before fused_wgrad's grouped form
         from megatron_dsv3.moe.experts import GroupedExperts
         out = build(part, "ours", cfg, dev, pg)

@@ -77,9 +77,6 @@ class DeepSeekMoE(MegatronModule):
     checkpoint replicas). `ranks_per_node`: for MoEConfig.node_limited_by_placement (see resolve_ranks_per_node).
     """
 
-    # None: the shared experts first where the dispatch has no all-to-all (forward's docstring); True/False forces it
-    shared_first: Optional[bool] = None
-
     def __init__(self, config, submodules: DeepSeekMoESubmodules, moe: MoEConfig, layer_number: Optional[int] = None,
                  pg_collection=None, ranks_per_node: Optional[int] = None, model_pg_collection=None, **kwargs):
         super().__init__(config=config)
@@ -195,20 +192,7 @@ class DeepSeekMoE(MegatronModule):
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None, **kwargs):
         """hidden_states [s, b, h] -> (routed + shared output [s, b, h], None). padding_mask is not used:
-        padded positions are routed like any token (DeepSeek-V3 packs documents, no padding).
-
-        Order: with an all-to-all (EP > 1) the shared experts run while it is in flight. Without one they run
-        first: routing, planning and permuting are ~50 small kernels whose launches outlast their GPU time, so
-        queued behind the shared experts' GEMMs the GPU does not wait for them; and autograd, which goes by
-        creation order in reverse, then runs the router's small backward kernels while the routed experts'
-        backward GEMMs are queued, and the shared experts' backward last."""
-        first = self.shared_first if self.shared_first is not None else _size(self.ep_group) == 1
-        if first:
-            shared = self.shared(hidden_states)
-            x, topk_idx, gates = self.route(hidden_states)
-            plan = self.plan(topk_idx)
-            y = self.compute_experts(self.dispatch(x, plan, gates), plan)
-            return self.finish(self.combine(y, plan), shared, hidden_states.shape), None
+        padded positions are routed like any token (DeepSeek-V3 packs documents, no padding)."""
         x, topk_idx, gates = self.route(hidden_states)
         plan = self.plan(topk_idx)
         sent = self.dispatch(x, plan, gates, async_op=True)

@@ -45,6 +45,14 @@ except ImportError:
 __all__ = ["fp8_grouped_gemm_triton", "fp8_grouped_wgrad_triton", "tile_schedule"]
 
 
+def _operand(q: torch.Tensor) -> torch.Tensor:
+    """The e4m3 operand as the kernels take it: as float8 on a GPU, loaded straight into tl.dot (loaded as bytes and
+    bitcast to e4m3 before the dot, the same kernels ran at 290-424 TFLOP/s on the H200 instead of 470-630, the same
+    bits: scratch measurement of 2026-11-30 in bench/results_fp8.md); as bytes under the interpreter, which decodes
+    them itself."""
+    return q if q.is_cuda else q.view(torch.uint8)
+
+
 def tile_schedule(offs: torch.Tensor, rows: int, block_m: int):
     """offs [E] cumulative ends -> (starts [E+1], ends [E+1], tile_end [E+1]) int32 on offs' device, no host read:
     group E is the tail rows offs[-1]:rows; group g owns row tiles tile_end[g-1]:tile_end[g]."""
@@ -75,7 +83,8 @@ if HAVE_TRITON:
                         N, stride_am, stride_asm, stride_ask, stride_be, stride_bn, stride_bk,
                         stride_bse, stride_bsn, stride_bsk, stride_om,
                         E: tl.constexpr, E_POW2: tl.constexpr, K: tl.constexpr, KT: tl.constexpr,
-                        FP8_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        FP8_DOT: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr):
         t = tl.program_id(0)
         pid_n = tl.program_id(1)
         g_idx = tl.arange(0, E_POW2)
@@ -100,12 +109,17 @@ if HAVE_TRITON:
             b_rows = b_ptr + e * stride_be + cols[:, None].to(tl.int64) * stride_bn   # [BN, 1]
             for kb in range(KT):
                 kk = kb * BK + k
-                kmask = kk < K
-                a = tl.load(a_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0)     # [BM, BK]
-                b = tl.load(b_rows + kk[None, :] * stride_bk, mask=cmask[:, None] & kmask[None, :], other=0)  # [BN, BK]
-                if FP8_DOT:                                             # e4m3 x e4m3 on the tensor cores, K-major
-                    part = tl.dot(a.to(tl.float8e4nv, bitcast=True), tl.trans(b.to(tl.float8e4nv, bitcast=True)))
+                if EVEN_K:                                              # no K mask: the loads stay plain tiles
+                    amask, bmask = rmask[:, None], cmask[:, None]
                 else:
+                    amask, bmask = rmask[:, None] & (kk < K)[None, :], cmask[:, None] & (kk < K)[None, :]
+                if FP8_DOT:                                             # e4m3 x e4m3 on the tensor cores, K-major
+                    a = tl.load(a_rows + kk[None, :], mask=amask, other=0.0)                           # [BM, BK]
+                    b = tl.load(b_rows + kk[None, :] * stride_bk, mask=bmask, other=0.0)               # [BN, BK]
+                    part = tl.dot(a, tl.trans(b))
+                else:
+                    a = tl.load(a_rows + kk[None, :], mask=amask, other=0)                             # bytes
+                    b = tl.load(b_rows + kk[None, :] * stride_bk, mask=bmask, other=0)
                     part = tl.dot(_e4m3_to_f32(a), tl.trans(_e4m3_to_f32(b)), input_precision="ieee")
                 sa = tl.load(as_ptr + rows64 * stride_asm + kb * stride_ask, mask=rmask, other=0.0)        # [BM]
                 sb = tl.load(bs_ptr + e * stride_bse + pid_n * stride_bsn + kb * stride_bsk)           # scalar
@@ -120,11 +134,13 @@ if HAVE_TRITON:
                      FP8_DOT: tl.constexpr, BK: tl.constexpr):
         """acc += (A[:, tb] B[:, tb]^T) * a_scale[:, tb] b_scale[:, tb]^T for one 128-token block tb."""
         kk = tb.to(tl.int64) * BK + tl.arange(0, BK)
-        a = tl.load(a_rows + kk[None, :], mask=rmask[:, None], other=0)                      # [BM, BK]
-        b = tl.load(b_rows + kk[None, :], mask=cmask[:, None], other=0)                      # [BN, BK]
         if FP8_DOT:
-            part = tl.dot(a.to(tl.float8e4nv, bitcast=True), tl.trans(b.to(tl.float8e4nv, bitcast=True)))
+            a = tl.load(a_rows + kk[None, :], mask=rmask[:, None], other=0.0)                # [BM, BK] e4m3
+            b = tl.load(b_rows + kk[None, :], mask=cmask[:, None], other=0.0)                # [BN, BK]
+            part = tl.dot(a, tl.trans(b))
         else:
+            a = tl.load(a_rows + kk[None, :], mask=rmask[:, None], other=0)                  # bytes
+            b = tl.load(b_rows + kk[None, :], mask=cmask[:, None], other=0)
             part = tl.dot(_e4m3_to_f32(a), tl.trans(_e4m3_to_f32(b)), input_precision="ieee")
         sa = tl.load(as_rows + tb * stride_ast, mask=rmask, other=0.0)
         sb = tl.load(bs_rows + tb * stride_bst, mask=cmask, other=0.0)
@@ -195,7 +211,7 @@ def fp8_grouped_wgrad_triton(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: tor
     if E and N and K:
         kw = dict(num_warps=num_warps or 8, num_stages=num_stages or 3) if dy_qt.is_cuda else {}
         _wgrad_kernel[(triton.cdiv(N, TILE), triton.cdiv(K, TILE), E)](
-            dy_qt.view(torch.uint8), dy_st, x_qt.view(torch.uint8), x_st, target, offs_padded.to(torch.int32),
+            _operand(dy_qt), dy_st, _operand(x_qt), x_st, target, offs_padded.to(torch.int32),
             N, K, dy_qt.stride(0), dy_st.stride(0), dy_st.stride(1), x_qt.stride(0), x_st.stride(0), x_st.stride(1),
             target.stride(0), target.stride(1), INTERPRET=not dy_qt.is_cuda, FP8_DOT=dy_qt.is_cuda,
             BM=TILE, BN=TILE, BK=TILE, **kw)
@@ -242,9 +258,9 @@ def fp8_grouped_gemm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch
     if a_q.is_cuda:
         kw = dict(num_warps=num_warps or (8 if bm >= 128 else 4), num_stages=num_stages or 3)
     _grouped_kernel[grid](
-        a_q.view(torch.uint8), a_scale, b_q.view(torch.uint8), b_scale, out, starts, ends, tile_end,
+        _operand(a_q), a_scale, _operand(b_q), b_scale, out, starts, ends, tile_end,
         N, a_q.stride(0), a_scale.stride(0), a_scale.stride(1), b_q.stride(0), b_q.stride(1), b_q.stride(2),
         b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0),
-        E=E, E_POW2=triton.next_power_of_2(E + 1), K=K, KT=KT, FP8_DOT=a_q.is_cuda,
+        E=E, E_POW2=triton.next_power_of_2(E + 1), K=K, KT=KT, FP8_DOT=a_q.is_cuda, EVEN_K=K % TILE == 0,
         BM=bm, BN=bn, BK=TILE, **kw)
     return out.to(out_dtype)

@@ -12,7 +12,8 @@ BENCH = os.path.join(REPO, "bench")
 
 
 def _run(script, *args, timeout=120):
-    env = dict(os.environ, PYTHONPATH=REPO, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)   # keep a megatron-core given by it
+    env = dict(os.environ, PYTHONPATH=path, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, os.path.join(BENCH, script), *args], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=timeout)
 

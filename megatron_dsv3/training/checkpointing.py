@@ -285,6 +285,18 @@ def save_checkpoint(root: str, iteration: int, chunks: List[torch.nn.Module], op
     return final
 
 
+def _cause(e: BaseException) -> str:
+    """'Type: first line' of what went wrong, looking through torch.distributed.checkpoint's CheckpointException,
+    whose own text is only 'CheckpointException ranks:dict_keys([0])' (failures: {rank: (exception, traceback)})."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        if isinstance(inner, BaseException):
+            e = inner
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
 def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load_optim: bool = True,
                     load_rng: bool = True, iteration: Optional[int] = None, log=print, ema=None) -> Optional[dict]:
     """Collective. Loads what `root` holds (find_checkpoint; `iteration` picks another of the trainer's) into the
@@ -305,8 +317,10 @@ def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load
     path = found.path if iteration is None else checkpoint_dir(root, iteration)
     try:
         common = dist_checkpointing.load_common_state_dict(path)
-    except (CheckpointingException, OSError, RuntimeError, EOFError) as e:
-        raise CheckpointUnusable(f"--load {root}: cannot read {path} ({type(e).__name__}: {e})") from e
+    except (CheckpointingException, OSError, RuntimeError, EOFError, TorchCheckpointException) as e:
+        # megatron-core >= 0.17 reads the common state through torch.distributed.checkpoint, whose
+        # CheckpointException (a BaseException) wraps a damaged file's EOFError with its traceback
+        raise CheckpointUnusable(f"--load {root}: cannot read {path} ({_cause(e)})") from e
     saved = dict(common.get("train_state") or {})
     if found.kind == "weights":
         load_optim = load_rng = False
@@ -339,8 +353,7 @@ def load_checkpoint(root: str, chunks: List[torch.nn.Module], optimizer, *, load
                                  f"({(str(e).splitlines() or [''])[0][:300]})") from e
     except (Exception, TorchCheckpointException) as e:  # noqa: BLE001  a damaged shard: torch's CheckpointException
         # (a BaseException) wrapping EOFError / UnpicklingError, ...
-        raise CheckpointUnusable(f"--load {root}: cannot read {path}, a file of it is damaged "
-                                 f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from e
+        raise CheckpointUnusable(f"--load {root}: cannot read {path}, a file of it is damaged ({_cause(e)})") from e
     for i, c in enumerate(chunks):
         _unwrap(c).load_state_dict(loaded[f"model{i}"], strict=True)
     if load_optim and optimizer is not None:

@@ -55,7 +55,8 @@ def test_kill_during_save_keeps_previous_checkpoint(mcore_single, tiny_data, tmp
     assert open(os.path.join(ck, "latest")).read().strip() == "2"
 
     # resume in a child process whose next save pauses after writing its shards (before the rename): kill it there
-    env = dict(os.environ, MEGATRON_DSV3_SAVE_PAUSE_S="120", TORCHDYNAMO_DISABLE="1", PYTHONPATH=REPO)
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)   # keep a megatron-core given by it
+    env = dict(os.environ, MEGATRON_DSV3_SAVE_PAUSE_S="120", TORCHDYNAMO_DISABLE="1", PYTHONPATH=path)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     argv = trainer_argv(prefix, cache, "--save", ck, "--load", ck, "--save-interval", "2", iters=4)

@@ -205,7 +205,10 @@ def test_corrupt_checkpoint_is_one_line(tiny_data, tmp_path):
     for f in (ck / "iter_0000001").glob("*.distcp"):
         f.write_bytes(f.read_bytes()[:100])
     rc, out, err = train(*base, "--train-iters", "2", "--load", str(ck), ok=False)
-    assert rc == 2 and err.strip().count("\n") == 0 and err.startswith(f"error: --load {ck}"), err
+    # one line, no traceback (megatron-core >= 0.17 logs a DDP layout warning to stderr before it: not ours)
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and "Traceback" not in err and last.startswith(f"error: --load {ck}"), err
+    assert "EOFError" in last or "UnpicklingError" in last or "damaged" in last, last    # the cause, not a wrapper
     # --debug: the traceback for a bug report
     rc, out, err = train(*base, "--train-iters", "2", "--load", str(ck), "--debug", ok=False)
     assert rc != 0 and "Traceback" in err

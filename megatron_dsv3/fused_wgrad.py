@@ -41,6 +41,7 @@ from megatron.core import tensor_parallel
 
 __all__ = ["OutputHead", "FusedWgradColumnParallelLinear", "FusedWgradRowParallelLinear", "accumulate_wgrad",
            "matmul_fused_wgrad", "fused_wgrad_applies", "grouped_mm_fused_wgrad", "HostCounts", "grad_need",
+           "wgrad_buffer",
            "NOT_NEEDED", "ACCUMULATE", "CAPTURED"]
 
 
@@ -139,7 +140,7 @@ class HostCounts:
         return self.buf.tolist()
 
 
-def _wgrad_buffer(weight: torch.Tensor) -> Optional[torch.Tensor]:
+def wgrad_buffer(weight: torch.Tensor) -> Optional[torch.Tensor]:
     """Where the weight gradient accumulates: megatron DDP's main_grad, else an existing .grad we can add into."""
     main = getattr(weight, "main_grad", None)
     if main is not None:
@@ -170,7 +171,7 @@ class _GroupedMMFusedWgrad(torch.autograd.Function):
             if ctx.remake_fn is not None:
                 with torch.no_grad():
                     x = ctx.remake_fn(*remake_args)
-            buf = _wgrad_buffer(weight) if need_w == ACCUMULATE else None
+            buf = wgrad_buffer(weight) if need_w == ACCUMULATE else None
             if buf is None:
                 dw = torch._grouped_mm(x.t(), dy, offs=offs)                             # [G, K, M]
             else:

@@ -271,17 +271,21 @@ def fp8_grouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor
 
 def fp8_grouped_wgrad(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: torch.Tensor, x_st: torch.Tensor,
                       offs_padded: torch.Tensor, out_dtype: torch.dtype = torch.float32,
-                      out: Optional[torch.Tensor] = None, backend: str = "host_loop") -> torch.Tensor:
+                      out: Optional[torch.Tensor] = None, backend: str = "host_loop",
+                      accumulate: bool = False) -> torch.Tensor:
     """The routed experts' Wgrad: dW[e] = deq(dy_qt[:, g_e]) @ deq(x_qt[:, g_e]).T, g_e = offs_padded[e-1]:
     offs_padded[e], the layout of quant.quantize_columns_grouped (dy_qt [N, Rp], dy_st [N, Rp/128], x_qt [K, Rp],
     x_st [K, Rp/128]; every offs_padded a multiple of 128). -> dW [E, N, K] out_dtype; an expert without tokens
     gets zeros. `out` (an [E, N, K] tensor of out_dtype) is written in place when given. backend as
-    fp8_grouped_gemm's: "triton" is fp8/grouped_gemm.py's one launch (offs_padded not read back, not validated)."""
+    fp8_grouped_gemm's: "triton" is fp8/grouped_gemm.py's one launch (offs_padded not read back, not validated).
+    accumulate: out += dW instead (out given: the weight-gradient buffer; old + new in FP32, rounded once)."""
+    if accumulate and out is None:
+        raise ValueError("fp8_grouped_wgrad: accumulate=True needs out (the buffer to add into)")
     if backend not in GROUPED_BACKENDS:
         raise ValueError(f"backend must be one of {GROUPED_BACKENDS}, got {backend!r}")
     if backend == "triton" and out_dtype != torch.float64 and (dy_qt.is_cuda or _triton_interpreted()):
         from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_wgrad_triton
-        return fp8_grouped_wgrad_triton(dy_qt, dy_st, x_qt, x_st, offs_padded, out_dtype, out)
+        return fp8_grouped_wgrad_triton(dy_qt, dy_st, x_qt, x_st, offs_padded, out_dtype, out, accumulate=accumulate)
     (N, Rp), (K, Rp2) = dy_qt.shape, x_qt.shape
     if Rp != Rp2 or Rp % TILE:
         raise ValueError(f"dy_qt {tuple(dy_qt.shape)} and x_qt {tuple(x_qt.shape)} need the same token dim, a multiple "
@@ -295,8 +299,14 @@ def fp8_grouped_wgrad(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: torch.Tens
         if a % TILE or b % TILE:
             raise ValueError(f"offs_padded must hold multiples of {TILE}, got {offs_padded.tolist()}")
         if b == a:
-            out[e] = 0
+            if not accumulate:
+                out[e] = 0
             continue
         t = slice(a // TILE, b // TILE)
-        fp8_gemm(dy_qt[:, a:b], dy_st[:, t], x_qt[:, a:b], x_st[:, t], out_dtype, out=out[e])
+        if accumulate:            # old + new in FP32 (float64 for a float64 buffer), rounded once to the buffer
+            wide = out.dtype if out.dtype in (torch.float32, torch.float64) else torch.float32
+            new = fp8_gemm(dy_qt[:, a:b], dy_st[:, t], x_qt[:, a:b], x_st[:, t], wide)
+            out[e] = (out[e].to(wide) + new).to(out.dtype)
+        else:
+            fp8_gemm(dy_qt[:, a:b], dy_st[:, t], x_qt[:, a:b], x_st[:, t], out_dtype, out=out[e])
     return out

@@ -149,7 +149,7 @@ if HAVE_TRITON:
     @triton.jit
     def _wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, offs_ptr, M, N,
                       stride_am, stride_asm, stride_ast, stride_bn, stride_bsn, stride_bst,
-                      stride_oe, stride_om, INTERPRET: tl.constexpr, FP8_DOT: tl.constexpr,
+                      stride_oe, stride_om, INTERPRET: tl.constexpr, FP8_DOT: tl.constexpr, ACC: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -176,17 +176,22 @@ if HAVE_TRITON:
                 acc = _wgrad_block(acc, a_rows, b_rows, as_rows, bs_rows, tb, rmask, cmask, stride_ast, stride_bst,
                                    FP8_DOT, BK)
         out = out_ptr + e.to(tl.int64) * stride_oe + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+        omask = rmask[:, None] & cmask[None, :]
+        if ACC:                  # into the gradient buffer: old + new in FP32, rounded once to its dtype
+            acc += tl.load(out, mask=omask, other=0.0).to(tl.float32)
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 def fp8_grouped_wgrad_triton(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: torch.Tensor, x_st: torch.Tensor,
                              offs_padded: torch.Tensor, out_dtype: torch.dtype = torch.float32,
                              out: Optional[torch.Tensor] = None, num_warps: Optional[int] = None,
-                             num_stages: Optional[int] = None) -> torch.Tensor:
+                             num_stages: Optional[int] = None, accumulate: bool = False) -> torch.Tensor:
     """gemm.fp8_grouped_wgrad's contract in one launch: dW[e] = deq(dy_qt[:, g_e]) deq(x_qt[:, g_e])^T over expert
     e's 128-padded token columns g_e (quant.quantize_columns_grouped's layout), both operands in 1x128 tiles along
     the tokens. Grid (N/128, K/128, E); each program walks its expert's token blocks, promoting each block's product
-    into FP32 with the two operands' scales (gemm.fp8_gemm_emulated's order). offs_padded stays on the device."""
+    into FP32 with the two operands' scales (gemm.fp8_gemm_emulated's order). offs_padded stays on the device.
+    accumulate: out += dW (out given; each element old + new in FP32, rounded once), an expert without tokens
+    leaves its slice as it is -- the weight-gradient buffer written by the GEMM, no separate add."""
     if not HAVE_TRITON:
         raise RuntimeError("fp8_grouped_wgrad_triton needs Triton")
     (N, Rp), (K, Rp2) = dy_qt.shape, x_qt.shape
@@ -196,6 +201,8 @@ def fp8_grouped_wgrad_triton(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: tor
         raise ValueError(f"dy_qt {tuple(dy_qt.shape)}, dy_st {tuple(dy_st.shape)}, x_qt {tuple(x_qt.shape)}, x_st "
                          f"{tuple(x_st.shape)}: need the same token dim, a multiple of {TILE}, and 1x{TILE} scales")
     E = offs_padded.numel()
+    if accumulate and out is None:
+        raise ValueError("fp8_grouped_wgrad_triton: accumulate=True needs out (the buffer to add into)")
     if out is None:
         out = torch.empty(E, N, K, dtype=out_dtype, device=dy_qt.device)
     elif tuple(out.shape) != (E, N, K) or out.dtype != out_dtype or out.stride(2) != 1:
@@ -207,13 +214,13 @@ def fp8_grouped_wgrad_triton(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: tor
         x_qt = x_qt.contiguous()
     target = out
     if not dy_qt.is_cuda and out_dtype != torch.float32:     # the interpreter truncates to bf16: torch rounds
-        target = torch.empty(E, N, K, dtype=torch.float32, device=out.device)
+        target = (out.float() if accumulate else torch.empty(E, N, K, dtype=torch.float32, device=out.device))
     if E and N and K:
         kw = dict(num_warps=num_warps or 8, num_stages=num_stages or 3) if dy_qt.is_cuda else {}
         _wgrad_kernel[(triton.cdiv(N, TILE), triton.cdiv(K, TILE), E)](
             _operand(dy_qt), dy_st, _operand(x_qt), x_st, target, offs_padded.to(torch.int32),
             N, K, dy_qt.stride(0), dy_st.stride(0), dy_st.stride(1), x_qt.stride(0), x_st.stride(0), x_st.stride(1),
-            target.stride(0), target.stride(1), INTERPRET=not dy_qt.is_cuda, FP8_DOT=dy_qt.is_cuda,
+            target.stride(0), target.stride(1), INTERPRET=not dy_qt.is_cuda, FP8_DOT=dy_qt.is_cuda, ACC=accumulate,
             BM=TILE, BN=TILE, BK=TILE, **kw)
     if target is not out:
         out.copy_(target)

@@ -220,3 +220,37 @@ def test_fp8_experts_on_cuda_match_the_float64_reference():
     for got, emu, ref in zip(*runs, refs):
         assert rel_fro(got, ref) <= 4e-2, rel_fro(got, ref)
         assert rel_fro(got, emu) <= 2.5e-2, rel_fro(got, emu)
+
+
+def test_weight_gradients_written_into_grad_and_main_grad(monkeypatch):
+    """Where a gradient buffer exists the Wgrad GEMM adds into it (no fresh [E, ...] gradient for AccumulateGrad to
+    add): an existing .grad keeps its storage and becomes old + dW; megatron DDP's main_grad likewise, with
+    grad_added_to_main_grad set so its hook skips its own add. Bit-equal to the fresh gradient added in FP32."""
+    g = torch.Generator().manual_seed(6)
+    counts = torch.tensor([40, 0, 88])
+    x = torch.randn(128, 128, generator=g)
+    s = torch.rand(128, generator=g)
+    w1 = (0.1 * torch.randn(3, 128, 256, generator=g)).requires_grad_()
+    w2 = (0.1 * torch.randn(3, 128, 128, generator=g)).requires_grad_()
+    dy = torch.randn(128, 128, generator=g)
+    fp8_expert_mlp(x, counts, w1, w2, row_scale=s).backward(dy)
+    fresh = [w1.grad.clone(), w2.grad.clone()]
+    old = [torch.randn(w.shape, generator=g) for w in (w1, w2)]
+    for w, o in zip((w1, w2), old):
+        w.grad = o.clone()
+    ptrs = [w.grad.data_ptr() for w in (w1, w2)]
+    from megatron_dsv3.fp8 import gemm
+    outs, real = [], gemm.fp8_grouped_wgrad
+    monkeypatch.setattr(gemm, "fp8_grouped_wgrad", lambda *a, **k: outs.append(k.get("out")) or real(*a, **k))
+    fp8_expert_mlp(x, counts, w1, w2, row_scale=s).backward(dy)
+    assert [o.data_ptr() if o is not None else None for o in outs] == ptrs[::-1]   # dW2 then dW1, into .grad
+    for w, o, f, p in zip((w1, w2), old, fresh, ptrs):
+        assert w.grad.data_ptr() == p
+        assert torch.equal(w.grad, o + f)
+    for w, o in zip((w1, w2), old):             # megatron DDP: main_grad (float32) and its flag
+        w.grad = None
+        w.main_grad = o.clone()
+        w.grad_added_to_main_grad = False
+    fp8_expert_mlp(x, counts, w1, w2, row_scale=s).backward(dy)
+    for w, o, f in zip((w1, w2), old, fresh):
+        assert w.grad_added_to_main_grad and torch.equal(w.main_grad, o + f)

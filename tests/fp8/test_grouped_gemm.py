@@ -169,3 +169,28 @@ def test_triton_grouped_wgrad_matches_float64_and_gemm_py(triton_device, counts,
         a = b
     tol = 1e-5 if out_dtype == torch.float32 else 2 ** -7
     torch.testing.assert_close(dw.float(), ref.float(), rtol=tol, atol=1e-5 * ref.float().abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["triton", "host_loop"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_wgrad_accumulates_into_the_buffer(triton_device, backend, out_dtype):
+    """accumulate=True: buf[e] += dW[e], each element old + new in FP32 rounded once (bit-equal to that sum of the
+    fresh FP32 result), an expert without tokens untouched; without out it refuses."""
+    g = torch.Generator().manual_seed(12)
+    N, K, counts = 136, 200, [70, 0, 130]
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    R = int(offs[-1])
+    dqt, dst, offs_p = quant.quantize_columns_grouped(torch.randn(R, N, generator=g), offs)
+    xqt, xst, _ = quant.quantize_columns_grouped(torch.randn(R, K, generator=g), offs)
+    dev = triton_device if backend == "triton" else "cpu"
+    ops = [t.to(dev) for t in (dqt, dst, xqt, xst, offs_p)]
+    fresh = fp8_grouped_wgrad(*ops, torch.float32, backend=backend).cpu()
+    before = torch.randn(len(counts), N, K, generator=g).to(out_dtype)
+    buf = before.clone().to(dev)
+    got = fp8_grouped_wgrad(*ops, out_dtype, out=buf, backend=backend, accumulate=True)
+    assert got is buf
+    want = (before.float() + fresh).to(out_dtype)
+    assert torch.equal(buf.cpu()[1], before[1])                       # the empty expert: left as it was
+    assert torch.equal(buf.cpu(), want)
+    with pytest.raises(ValueError, match="accumulate=True needs out"):
+        fp8_grouped_wgrad(*ops, out_dtype, backend=backend, accumulate=True)

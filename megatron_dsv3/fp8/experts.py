@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_dsv3.fp8.kernels import checked_row_tiles, use_triton
+from megatron_dsv3.fp8.kernels import bounded_row_tiles, use_triton
 from megatron_dsv3.fused_wgrad import ACCUMULATE, NOT_NEEDED, wgrad_buffer, grad_need
 from megatron_dsv3.fp8.linear import quantizer
 from megatron_dsv3.moe.experts import GroupedExperts
@@ -99,9 +99,9 @@ class FP8ExpertsFunction(torch.autograd.Function):
         a = swiglu(h1, row_scale)                                                       # [N, f] = g SwiGLU(h1)
         y = fp8_grouped_gemm(*tiles(a), *w2t, offs, out_dtype=x.dtype)                 # [N, h]
         h1_q, h1_s = tiles(h1)                                                          # SwiGLU input, FP8
-        # the padded 128-row tiles of the experts' groups, read on the host once for this layer's four Wgrad
-        # operands (backward then makes no host sync)
-        row_tiles = checked_row_tiles(offs, x.shape[0]) if use_triton(x) else None
+        # the padded 128-row tiles of the experts' groups, made once for this layer's four Wgrad operands, sized by
+        # a bound known on the host: no host sync in forward or backward
+        row_tiles = bounded_row_tiles(offs, x.shape[0]) if use_triton(x) else None
         xt_q, xt_s, offs_p = columns(x, offs, pow2_scales=True, row_tiles=row_tiles)   # [h, Np]: Wgrad operand
         ctx.save_for_backward(offs, offs_p, xt_q, xt_s, h1_q, h1_s, weight1, weight2, row_scale)
         ctx.x_dtype, ctx.weight_cache, ctx.grouped, ctx.row_tiles = x.dtype, weight_cache, grouped, row_tiles

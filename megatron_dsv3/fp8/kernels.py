@@ -279,6 +279,29 @@ def grouped_row_tiles(offs: torch.Tensor, tile: int = TILE) -> Tuple[torch.Tenso
     return offs_p.to(torch.int32), src.to(torch.int32), cnt.to(torch.int32), J * tile
 
 
+def bounded_row_tiles(offs: torch.Tensor, rows: int, tile: int = TILE):
+    """grouped_row_tiles(offs) without reading the device: J = ceil(rows / tile) + E row tiles, a bound on
+    sum_e ceil(n_e / tile) known on the host (a tile past the experts' last one reads no row, cnt 0, and writes zero
+    columns), so the FP8 experts' Wgrad operands are quantised with no host sync; offs_padded is exact (on the
+    device) and the Wgrad GEMM reads only the tiles below it. Rp = J * tile columns: at most E * tile more than the
+    exact layout. offs must end within `rows` (not checked: a check would read it back)."""
+    ends = offs.to(torch.int64)
+    E = ends.numel()
+    starts = torch.nn.functional.pad(ends, (1, 0))[:-1]
+    n = torch.clamp(ends - starts, min=0)
+    ntiles = torch.div(n + tile - 1, tile, rounding_mode="floor")                         # [E]
+    tile_end = ntiles.cumsum(0)                                                           # [E]
+    J = -(-rows // tile) + E
+    j = torch.arange(J, device=offs.device)
+    e = torch.searchsorted(tile_end, j, right=True)                                       # expert of tile j (E: none)
+    valid = e < E
+    ec = torch.clamp(e, max=max(E - 1, 0))
+    j_in_e = j - (tile_end - ntiles)[ec] if E else j
+    src = torch.where(valid, starts[ec] + j_in_e * tile, 0) if E else torch.zeros_like(j)
+    cnt = torch.where(valid, torch.clamp(n[ec] - j_in_e * tile, max=tile), 0) if E else torch.zeros_like(j)
+    return (tile_end * tile).to(torch.int32), src.to(torch.int32), cnt.to(torch.int32), J * tile
+
+
 def checked_row_tiles(offs: torch.Tensor, rows: int):
     """grouped_row_tiles(offs), after checking that the groups end within a tensor of `rows` rows."""
     if offs.numel() and int(offs[-1]) > rows:

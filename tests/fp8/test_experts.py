@@ -254,3 +254,31 @@ def test_weight_gradients_written_into_grad_and_main_grad(monkeypatch):
     fp8_expert_mlp(x, counts, w1, w2, row_scale=s).backward(dy)
     for w, o, f in zip((w1, w2), old, fresh):
         assert w.grad_added_to_main_grad and torch.equal(w.main_grad, o + f)
+
+
+def test_experts_with_the_gpu_quantisers_and_bounded_row_tiles(triton_device, monkeypatch):
+    """The CUDA path's quantisers (Triton, here under the interpreter) with the Wgrad operands laid out by
+    bounded_row_tiles (no host sync: more padded columns than the exact layout) give the reference path's output
+    and gradients bit for bit."""
+    from megatron_dsv3.fp8 import experts, kernels
+    g = torch.Generator().manual_seed(8)
+    counts = torch.tensor([40, 0, 130, 1])
+    x0 = torch.randn(171, 128, generator=g)
+    s = torch.rand(171, generator=g)
+    w1 = (0.1 * torch.randn(4, 128, 256, generator=g)).requires_grad_()
+    w2 = (0.1 * torch.randn(4, 128, 128, generator=g)).requires_grad_()
+    dy = torch.randn(171, 128, generator=g)
+    got, made = {}, []
+    real = experts.bounded_row_tiles
+    monkeypatch.setattr(experts, "bounded_row_tiles", lambda *a: made.append(1) or real(*a))
+    for forced in (False, True):
+        monkeypatch.setattr(kernels, "use_triton", lambda t, _f=forced: _f and t.dtype == torch.float32)
+        monkeypatch.setattr(experts, "use_triton", kernels.use_triton)
+        x = x0.clone().requires_grad_()
+        y = fp8_expert_mlp(x, counts, w1, w2, row_scale=s)
+        y.backward(dy)
+        got[forced] = [y.detach(), x.grad, w1.grad, w2.grad]
+        w1.grad = w2.grad = None
+    assert made == [1]                                  # the forced run only, once for the layer's four operands
+    for a, b in zip(got[True], got[False]):
+        assert torch.equal(a, b)

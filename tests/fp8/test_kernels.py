@@ -106,6 +106,28 @@ def test_quantize_columns_grouped_reuses_its_row_tiles(triton_device, monkeypatc
             _same(g, r)
 
 
+@pytest.mark.parametrize("counts, rows", [([5, 115, 0, 30], 150), ([0, 0, 129, 1], 140), ([128, 128], 256)])
+def test_bounded_row_tiles_need_no_host_read_and_give_the_same_operands(triton_device, counts, rows):
+    """bounded_row_tiles (what the FP8 experts use): made on the meta device (any read of offs back to the host
+    would raise), its column quantisation equals the exact layout's on the exact columns, zero columns (scale 1)
+    after them, and the same padded offsets."""
+    from megatron_dsv3.fp8 import kernels
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+    meta = kernels.bounded_row_tiles(offs.to("meta"), rows)
+    E, J = len(counts), -(-rows // 128) + len(counts)
+    assert [tuple(t.shape) for t in meta[:3]] == [(E,), (J,), (J,)] and meta[3] == 128 * J
+    x = _hard_input(rows, 300, torch.float32, triton_device, seed=5)
+    offs = offs.to(triton_device)
+    qt, st, offs_p = kernels.quantize_columns_grouped_triton(x, offs, True,
+                                                             row_tiles=kernels.bounded_row_tiles(offs, rows))
+    rqt, rst, roffs_p = quant.quantize_columns_grouped(x, offs, pow2_scales=True)
+    Rp = rqt.shape[1]
+    assert torch.equal(offs_p, roffs_p) and qt.shape[1] == 128 * J >= Rp
+    _same(qt[:, :Rp], rqt)
+    _same(st[:, :Rp // 128], rst)
+    assert not qt[:, Rp:].view(torch.uint8).any() and bool((st[:, Rp // 128:] == 1).all())
+
+
 def test_dispatchers_use_the_reference_off_cuda():
     from megatron_dsv3.fp8 import kernels
     x = _hard_input(40, 150, torch.float32, "cpu")

@@ -140,6 +140,29 @@ def test_triton_grouped_gemm_makes_no_host_sync():
     _check_against_float64(out.cpu(), qa.cpu(), sa.cpu(), qw.cpu(), sw.cpu(), offs.cpu(), torch.bfloat16)
 
 
+@pytest.mark.gpu
+def test_fp8_experts_make_no_host_sync():
+    """The whole FP8 expert block on the Triton path, forward and backward (with a .grad to add into), under CUDA's
+    sync debug mode: the row tiles' bound, the device-side GEMM schedules and the in-place Wgrad read nothing back."""
+    from megatron_dsv3.fp8.experts import fp8_expert_mlp
+    g = torch.Generator().manual_seed(9)
+    counts = torch.tensor([90, 0, 300, 7]).cuda()
+    x = torch.randn(397, 256, generator=g).bfloat16().cuda().requires_grad_()
+    s = torch.rand(397, generator=g).cuda().requires_grad_()
+    w1 = (0.1 * torch.randn(4, 256, 512, generator=g)).bfloat16().cuda().requires_grad_()
+    w2 = (0.1 * torch.randn(4, 256, 256, generator=g)).bfloat16().cuda().requires_grad_()
+    dy = torch.randn(397, 256, generator=g).bfloat16().cuda()
+    for w in (w1, w2):
+        w.grad = torch.zeros_like(w)
+    fp8_expert_mlp(x, counts, w1, w2, grouped_gemm="triton", row_scale=s).backward(dy)   # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fp8_expert_mlp(x, counts, w1, w2, grouped_gemm="triton", row_scale=s).backward(dy)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 @pytest.mark.parametrize("counts", [[70, 0, 200, 1], [0, 0, 128]])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_triton_grouped_wgrad_matches_float64_and_gemm_py(triton_device, counts, out_dtype):

@@ -253,6 +253,27 @@ def _versions() -> dict:
     return out
 
 
+def _read_state(path, commit: str, error) -> list:
+    """The records of a --state file ([] when it does not exist yet); a file of another commit is refused."""
+    if not path or not os.path.exists(path):
+        return []
+    recs = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                _ = (rec["part"], rec["impl"], rec["round"], rec["res"])
+            except (ValueError, KeyError, TypeError):
+                error(f"--state {path}: line {n} is not a record this script wrote")
+            if rec.get("commit") != commit:
+                error(f"--state {path} holds results of commit {rec.get('commit')}, this tree is {commit}: "
+                      f"give another file")
+            recs.append(rec)
+    return recs
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
@@ -265,6 +286,9 @@ def main(argv=None):
     p.add_argument("--profile", default="", help="comma list of parts whose first run of each implementation prints its GPU idle time and kernel table")
     p.add_argument("--trace", default="", help="with --profile: a folder for each profiled step's Chrome trace "
                    "(CPU ops with Python stacks, CUDA kernels), PART_IMPL.json")
+    p.add_argument("--state", default=None, help="JSON-lines file of finished processes: each result is appended as "
+                   "it comes, and the (part, impl, round)s already there are not run again, so the same command "
+                   "repeated finishes a table that one call's time limit cut (same commit only)")
     p.add_argument("--out", default=None, help="markdown file for the table")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--part", default="stack", help=argparse.SUPPRESS)
@@ -291,12 +315,22 @@ def main(argv=None):
     runs = {(part, impl): [] for part in parts for impl in impls}
     info = {}
     profiles = {}
+    done = set()
+    for rec in _read_state(a.state, vers["commit"], p.error):
+        key = (rec["part"], rec["impl"])
+        if key in runs and (rec["part"], rec["impl"], rec["round"]) not in done:
+            done.add((rec["part"], rec["impl"], rec["round"]))
+            runs[key].append(rec["res"])
+            if "ms" in rec["res"]:
+                info = {k: rec["res"][k] for k in ("device", "torch")}
+            if rec.get("profile"):
+                profiles[key] = rec["profile"]
     stopped = []                       # SIGTERM (a device call's `timeout`): stop and still write the table
     signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
     for r in range(a.rounds):
         for part in parts:
             for impl in (impls if r % 2 == 0 else impls[::-1]):
-                if stopped:
+                if stopped or (part, impl, r) in done:
                     continue
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", "--part", part, "--impl", impl,
                        "--warmup", str(a.warmup), "--iters", str(a.iters), "--seq", str(a.seq)]
@@ -316,6 +350,11 @@ def main(argv=None):
                     if res.get("profile"):
                         profiles[(part, impl)] = res.pop("profile")
                 runs[(part, impl)].append(res)
+                if a.state:
+                    with open(a.state, "a") as f:
+                        f.write(json.dumps({"commit": vers["commit"], "part": part, "impl": impl, "round": r,
+                                            "res": res, "profile": profiles.get((part, impl)) if r == 0 else None})
+                                + "\n")
                 print(part, impl, r, "%.2f ms" % res["ms"] if "ms" in res else res["error"], flush=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = [f"# megatron_dsv3 vs megatron-core + Transformer Engine, forward+backward ({now:%Y-%m-%d %H:%M} UTC)", "",

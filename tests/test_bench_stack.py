@@ -44,3 +44,26 @@ def test_idle_gaps():
     assert [o[1] for o in ops] == ["plan", "router", "experts"], text       # 20, 5, 5 us of the 30 us gap
     assert [float(o[0]) for o in ops] == [0.02, 0.005, 0.005], text
     assert idle_gaps([], host).startswith("GPU idle: no CUDA kernels")
+
+
+def test_state_file_resumes_a_cut_table(tmp_path):
+    """--state: a second call with the same file runs only what the first did not, and the table has both; a file
+    of another commit is refused in one line."""
+    state, out = tmp_path / "state.jsonl", tmp_path / "t.md"
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", DSV3_COMMIT="abc1234")
+
+    def run(impls, **kw):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_stack.py"), "--smoke", "--parts",
+                               "moe", "--impls", impls, "--state", str(state), "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(env, **kw))
+    r = run("ours")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(state.read_text().splitlines()) == 1
+    r = run("ours,ours-unfused-expert-wgrad")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ran = [l.split()[1] for l in r.stdout.splitlines() if l.startswith("moe ")]
+    assert ran == ["ours-unfused-expert-wgrad"], r.stdout           # "ours" came from the file
+    rows = [l for l in out.read_text().splitlines() if l.startswith("| DeepSeekMoE alone")]
+    assert len(rows) == 2 and all(float(l.split("|")[4]) > 0 for l in rows), rows
+    r = run("ours", DSV3_COMMIT="fffffff")
+    assert r.returncode == 2 and "holds results of commit abc1234" in r.stderr.strip().splitlines()[-1], r.stderr

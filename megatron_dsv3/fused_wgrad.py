@@ -41,8 +41,7 @@ from megatron.core import tensor_parallel
 
 __all__ = ["OutputHead", "FusedWgradColumnParallelLinear", "FusedWgradRowParallelLinear", "accumulate_wgrad",
            "matmul_fused_wgrad", "fused_wgrad_applies", "grouped_mm_fused_wgrad", "HostCounts", "grad_need",
-           "wgrad_buffer",
-           "NOT_NEEDED", "ACCUMULATE", "CAPTURED"]
+           "wgrad_buffer", "NOT_NEEDED", "ACCUMULATE", "CAPTURED"]
 
 
 def accumulate_wgrad(buf: torch.Tensor, grad_out: torch.Tensor, inp: torch.Tensor) -> None:

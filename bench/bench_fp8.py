@@ -418,8 +418,9 @@ def tgrouped_bench(lines, res, rounds, iters, dev="cuda", E=32, R=4096 * 8, shap
     expert loads; launch configs of the Triton kernel side by side; and a check that it makes no host sync."""
     from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_gemm_triton
     lines.append(f"\n## Triton grouped FP8 GEMM (fp8/grouped_gemm.py): {E} experts, {R} rows, TFLOP/s (bf16 out)\n")
-    configs = [(128, 8, 3), (128, 8, 4), (128, 4, 3), (64, 4, 3), (64, 4, 4)]    # (block_m, warps, stages)
-    cols = ["bf16 `_grouped_mm`", "host loop"] + [f"triton BM={m} w={w} s={st}" for m, w, st in configs]
+    # (block_m, warps, stages, group_m): group_m 0 is the 2-D program order, g > 0 groups of g row tiles (L2 reuse)
+    configs = [(128, 8, 3, 0), (128, 8, 4, 0), (128, 8, 3, 8), (128, 8, 4, 8), (128, 8, 3, 16), (64, 4, 4, 8)]
+    cols = ["bf16 `_grouped_mm`", "host loop"] + [f"triton BM={m} w={w} s={st} g={g}" for m, w, st, g in configs]
     lines.append("| GEMM (K -> N) | loads | " + " | ".join(cols) + " | triton vs host loop rel err |")
     lines.append("|---|---|" + "---|" * len(cols) + "---|")
     shapes = shapes or [("Fprop up", 7168, 4096), ("Fprop down", 2048, 7168), ("Dgrad up", 4096, 7168),
@@ -435,9 +436,10 @@ def tgrouped_bench(lines, res, rounds, iters, dev="cuda", E=32, R=4096 * 8, shap
             qw, sw = q.view(E, N, K), s.view(E, N // 128, -1)
             v = {cols[0]: lambda: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs),
                  cols[1]: lambda: gemm.fp8_grouped_gemm(qa, sa, qw, sw, offs)}
-            for c, (m, nw, st) in zip(cols[2:], configs):
-                v[c] = (lambda m=m, nw=nw, st=st:
-                        fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, block_m=m, num_warps=nw, num_stages=st))
+            for c, (m, nw, st, gm) in zip(cols[2:], configs):
+                v[c] = (lambda m=m, nw=nw, st=st, gm=gm:
+                        fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, block_m=m, num_warps=nw, num_stages=st,
+                                                group_m=gm))
             ms = alternate(v, rounds, iters)
             tf = {k: 2 * R * N * K / t / 1e9 for k, t in ms.items()}
             ref = gemm.fp8_grouped_gemm(qa, sa, qw, sw, offs, torch.float32)

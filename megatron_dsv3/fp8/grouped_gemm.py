@@ -84,9 +84,17 @@ if HAVE_TRITON:
                         stride_bse, stride_bsn, stride_bsk, stride_om,
                         E: tl.constexpr, E_POW2: tl.constexpr, K: tl.constexpr, KT: tl.constexpr,
                         FP8_DOT: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        BK: tl.constexpr):
-        t = tl.program_id(0)
-        pid_n = tl.program_id(1)
+                        BK: tl.constexpr, GROUP_M: tl.constexpr, NT, NN):
+        if GROUP_M == 0:                         # 2-D grid: row tiles fastest, each column tile in turn
+            t = tl.program_id(0)
+            pid_n = tl.program_id(1)
+        else:                                    # 1-D grid in groups of GROUP_M row tiles x every column tile
+            pid = tl.program_id(0)
+            in_group = GROUP_M * NN
+            first = (pid // in_group) * GROUP_M
+            size = tl.minimum(NT - first, GROUP_M)
+            t = first + (pid % in_group) % size
+            pid_n = (pid % in_group) // size
         g_idx = tl.arange(0, E_POW2)
         tile_end = tl.load(tile_end_ptr + g_idx, mask=g_idx <= E, other=2147483647)
         g = tl.sum((tile_end <= t).to(tl.int32), 0)                    # the group (expert, or E: the tail) of tile t
@@ -229,9 +237,14 @@ def fp8_grouped_wgrad_triton(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: tor
 
 def fp8_grouped_gemm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
                             offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, block_m: int = 128,
-                            num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
+                            num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+                            group_m: int = 0) -> torch.Tensor:
     """gemm.fp8_grouped_gemm's contract in one launch (module docstring). a_scale in any strides (the quantisers'
-    (1, R) layout included); b_q [E, N, K] K-major (stride 1 along K); offs [E] int cumulative ends."""
+    (1, R) layout included); b_q [E, N, K] K-major (stride 1 along K); offs [E] int cumulative ends.
+    group_m: the programs' order. 0: row tiles fastest for each column tile (a wave of programs shares one B tile
+    and streams ~SMs different A tiles: A [R, K] is read once per column tile). g > 0: groups of g row tiles take
+    every column tile before the next group (the matmul tutorial's grouping), so a group's A tiles and its expert's B
+    stay in L2 (A read ~once, B once per group). The same bits either way."""
     if not HAVE_TRITON:
         raise RuntimeError("fp8_grouped_gemm_triton needs Triton")
     if a_q.dtype != FP8 or b_q.dtype != FP8:
@@ -260,7 +273,10 @@ def fp8_grouped_gemm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch
         return out.to(out_dtype)
     bm, bn = block_m, TILE
     starts, ends, tile_end = tile_schedule(offs, R, bm)
-    grid = (triton.cdiv(R, bm) + E + 1, triton.cdiv(N, bn))
+    NT, NN = triton.cdiv(R, bm) + E + 1, triton.cdiv(N, bn)
+    if group_m < 0:
+        raise ValueError(f"group_m must be >= 0, got {group_m}")
+    grid = (NT, NN) if group_m == 0 else (NT * NN,)
     kw = {}
     if a_q.is_cuda:
         kw = dict(num_warps=num_warps or (8 if bm >= 128 else 4), num_stages=num_stages or 3)
@@ -269,5 +285,5 @@ def fp8_grouped_gemm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch
         N, a_q.stride(0), a_scale.stride(0), a_scale.stride(1), b_q.stride(0), b_q.stride(1), b_q.stride(2),
         b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0),
         E=E, E_POW2=triton.next_power_of_2(E + 1), K=K, KT=KT, FP8_DOT=a_q.is_cuda, EVEN_K=K % TILE == 0,
-        BM=bm, BN=bn, BK=TILE, **kw)
+        BM=bm, BN=bn, BK=TILE, GROUP_M=group_m, NT=NT, NN=NN, **kw)
     return out.to(out_dtype)

@@ -66,6 +66,19 @@ def test_triton_grouped_gemm_matches_float64_and_gemm_py(triton_device, counts, 
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=atol)
 
 
+@pytest.mark.parametrize("group_m", [1, 2, 3, 8])
+def test_grouped_program_order_gives_the_same_bits(triton_device, group_m):
+    """group_m > 0 (groups of row tiles sweeping every column tile: L2 reuse) against the 2-D order: every program
+    still computes one tile of one expert, bit for bit the same; groups that do not divide the tiles, the tail and
+    the programs past the last tile included."""
+    qa, sa, qw, sw, offs = [t.to(triton_device) for t in _case([70, 0, 130, 1, 64], 200, 200, tail=5)]
+    want = fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, torch.float32, block_m=32)
+    got = fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, torch.float32, block_m=32, group_m=group_m)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="group_m"):
+        fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, group_m=-1)
+
+
 def test_triton_grouped_gemm_no_experts_with_rows_and_no_rows(triton_device):
     qa, sa, qw, sw, offs = _case([0, 0], 128, 128, tail=7)
     out = fp8_grouped_gemm_triton(qa.to(triton_device), sa.to(triton_device), qw.to(triton_device),

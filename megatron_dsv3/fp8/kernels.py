@@ -313,8 +313,9 @@ def quantize_columns_grouped_triton(x: torch.Tensor, offs: torch.Tensor, pow2_sc
                                     num_warps: Optional[int] = None, row_tiles=None
                                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """quant.quantize_columns_grouped(x [R, K], offs) -> (qt [K, Rp], st [K, Rp/128], offs_padded).
-    row_tiles: grouped_row_tiles(offs) made earlier for the same offs (and checked against a tensor of x's rows):
-    the routed experts' four Wgrad operands of a layer share one, so only the first reads the host."""
+    row_tiles: grouped_row_tiles / bounded_row_tiles of the same offs made earlier: the routed experts' four Wgrad
+    operands of a layer share one (bounded_row_tiles: made without reading the device at all); None: made here,
+    exact, with one host read."""
     if x.dim() != 2:
         raise ValueError(f"quantize_columns_grouped needs a 2-D [R, K] input, got shape {tuple(x.shape)}")
     x = _as_rows(x)

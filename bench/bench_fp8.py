@@ -418,9 +418,12 @@ def tgrouped_bench(lines, res, rounds, iters, dev="cuda", E=32, R=4096 * 8, shap
     expert loads; launch configs of the Triton kernel side by side; and a check that it makes no host sync."""
     from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_gemm_triton
     lines.append(f"\n## Triton grouped FP8 GEMM (fp8/grouped_gemm.py): {E} experts, {R} rows, TFLOP/s (bf16 out)\n")
-    # (block_m, warps, stages, group_m): group_m 0 is the 2-D program order, g > 0 groups of g row tiles (L2 reuse)
-    configs = [(128, 8, 3, 0), (128, 8, 4, 0), (128, 8, 3, 8), (128, 8, 4, 8), (128, 8, 3, 16), (64, 4, 4, 8)]
-    cols = ["bf16 `_grouped_mm`", "host loop"] + [f"triton BM={m} w={w} s={st} g={g}" for m, w, st, g in configs]
+    # (block_m, block_n, warps, stages, group_m): group_m 0 is the 2-D program order, g > 0 groups of g row tiles
+    # (L2 reuse); the first is the default, the last the default before 2026-11-30
+    configs = [(64, 128, 4, 4, 8), (64, 128, 4, 3, 8), (64, 128, 4, 5, 8), (64, 128, 4, 4, 16), (64, 256, 8, 4, 8),
+               (128, 128, 8, 4, 8), (128, 256, 8, 3, 8), (128, 128, 8, 3, 0)]
+    cols = ["bf16 `_grouped_mm`", "host loop"] + [f"triton {m}x{n} w={w} s={st} g={g}"
+                                                  for m, n, w, st, g in configs]
     lines.append("| GEMM (K -> N) | loads | " + " | ".join(cols) + " | triton vs host loop rel err |")
     lines.append("|---|---|" + "---|" * len(cols) + "---|")
     shapes = shapes or [("Fprop up", 7168, 4096), ("Fprop down", 2048, 7168), ("Dgrad up", 4096, 7168),
@@ -436,10 +439,10 @@ def tgrouped_bench(lines, res, rounds, iters, dev="cuda", E=32, R=4096 * 8, shap
             qw, sw = q.view(E, N, K), s.view(E, N // 128, -1)
             v = {cols[0]: lambda: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs),
                  cols[1]: lambda: gemm.fp8_grouped_gemm(qa, sa, qw, sw, offs)}
-            for c, (m, nw, st, gm) in zip(cols[2:], configs):
-                v[c] = (lambda m=m, nw=nw, st=st, gm=gm:
+            for c, (m, n, nw, st, gm) in zip(cols[2:], configs):
+                v[c] = (lambda m=m, n=n, nw=nw, st=st, gm=gm:
                         fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, block_m=m, num_warps=nw, num_stages=st,
-                                                group_m=gm))
+                                                group_m=gm, block_n=n))
             ms = alternate(v, rounds, iters)
             tf = {k: 2 * R * N * K / t / 1e9 for k, t in ms.items()}
             ref = gemm.fp8_grouped_gemm(qa, sa, qw, sw, offs, torch.float32)
@@ -451,8 +454,10 @@ def tgrouped_bench(lines, res, rounds, iters, dev="cuda", E=32, R=4096 * 8, shap
             del a, w, qa, sa, qw, sw, q, s
     # Wgrad: dW_e [N, K] = dy_e^T x_e over each expert's tokens (128x1 tiles, padded per expert), fp32 out
     from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_wgrad_triton
-    wconfigs = [(8, 3), (8, 4), (4, 3)]
-    wcols = ["bf16 `_grouped_mm`", "host loop"] + [f"triton w={w} s={st}" for w, st in wconfigs]
+    # (block_m, block_n, warps, stages), the first the default
+    wconfigs = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (128, 256, 8, 4), (64, 256, 4, 4),
+                (256, 128, 8, 3), (64, 128, 4, 4)]
+    wcols = ["bf16 `_grouped_mm`", "host loop"] + [f"triton {m}x{n} w={w} s={st}" for m, n, w, st in wconfigs]
     lines.append("\n| Wgrad (tokens x N, tokens x K -> [E, N, K] fp32) | loads | " + " | ".join(wcols) +
                  " | triton vs host loop rel err |")
     lines.append("|---|---|" + "---|" * len(wcols) + "---|")
@@ -468,9 +473,10 @@ def tgrouped_bench(lines, res, rounds, iters, dev="cuda", E=32, R=4096 * 8, shap
             dw = torch.empty(E, N, K, device=dev, dtype=torch.float32)
             v = {wcols[0]: lambda: torch._grouped_mm(dy.t(), x, offs=offs),
                  wcols[1]: lambda: gemm.fp8_grouped_wgrad(dqt, dst, xqt, xst, offs_p, torch.float32, out=dw)}
-            for c, (nw, st) in zip(wcols[2:], wconfigs):
-                v[c] = (lambda nw=nw, st=st: fp8_grouped_wgrad_triton(dqt, dst, xqt, xst, offs_p, torch.float32,
-                                                                      out=dw, num_warps=nw, num_stages=st))
+            for c, (m, n, nw, st) in zip(wcols[2:], wconfigs):
+                v[c] = (lambda m=m, n=n, nw=nw, st=st: fp8_grouped_wgrad_triton(
+                    dqt, dst, xqt, xst, offs_p, torch.float32, out=dw, num_warps=nw, num_stages=st, block_m=m,
+                    block_n=n))
             ms = alternate(v, rounds, iters)
             tf = {k: 2 * R * N * K / t / 1e9 for k, t in ms.items()}
             ref = gemm.fp8_grouped_wgrad(dqt, dst, xqt, xst, offs_p, torch.float32)

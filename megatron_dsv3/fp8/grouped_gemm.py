@@ -130,8 +130,13 @@ if HAVE_TRITON:
                     b = tl.load(b_rows + kk[None, :] * stride_bk, mask=bmask, other=0)
                     part = tl.dot(_e4m3_to_f32(a), tl.trans(_e4m3_to_f32(b)), input_precision="ieee")
                 sa = tl.load(as_ptr + rows64 * stride_asm + kb * stride_ask, mask=rmask, other=0.0)        # [BM]
-                sb = tl.load(bs_ptr + e * stride_bse + pid_n * stride_bsn + kb * stride_bsk)           # scalar
-                acc += part * sa[:, None] * sb                          # promotion: scale the chunk, add in FP32
+                if BN == BK:                                            # one B block: a scalar scale
+                    sb = tl.load(bs_ptr + e * stride_bse + pid_n * stride_bsn + kb * stride_bsk)
+                    acc += part * sa[:, None] * sb                      # promotion: scale the chunk, add in FP32
+                else:                                                   # BN / BK blocks: a scale per column
+                    sb = tl.load(bs_ptr + e * stride_bse + (cols // BK) * stride_bsn + kb * stride_bsk,
+                                 mask=cmask, other=0.0)                                                # [BN]
+                    acc += part * sa[:, None] * sb[None, :]
         out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
@@ -193,7 +198,8 @@ if HAVE_TRITON:
 def fp8_grouped_wgrad_triton(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: torch.Tensor, x_st: torch.Tensor,
                              offs_padded: torch.Tensor, out_dtype: torch.dtype = torch.float32,
                              out: Optional[torch.Tensor] = None, num_warps: Optional[int] = None,
-                             num_stages: Optional[int] = None, accumulate: bool = False) -> torch.Tensor:
+                             num_stages: Optional[int] = None, accumulate: bool = False,
+                             block_m: int = TILE, block_n: int = TILE) -> torch.Tensor:
     """gemm.fp8_grouped_wgrad's contract in one launch: dW[e] = deq(dy_qt[:, g_e]) deq(x_qt[:, g_e])^T over expert
     e's 128-padded token columns g_e (quant.quantize_columns_grouped's layout), both operands in 1x128 tiles along
     the tokens. Grid (N/128, K/128, E); each program walks its expert's token blocks, promoting each block's product
@@ -225,20 +231,20 @@ def fp8_grouped_wgrad_triton(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: tor
         target = (out.float() if accumulate else torch.empty(E, N, K, dtype=torch.float32, device=out.device))
     if E and N and K:
         kw = dict(num_warps=num_warps or 8, num_stages=num_stages or 3) if dy_qt.is_cuda else {}
-        _wgrad_kernel[(triton.cdiv(N, TILE), triton.cdiv(K, TILE), E)](
+        _wgrad_kernel[(triton.cdiv(N, block_m), triton.cdiv(K, block_n), E)](
             _operand(dy_qt), dy_st, _operand(x_qt), x_st, target, offs_padded.to(torch.int32),
             N, K, dy_qt.stride(0), dy_st.stride(0), dy_st.stride(1), x_qt.stride(0), x_st.stride(0), x_st.stride(1),
             target.stride(0), target.stride(1), INTERPRET=not dy_qt.is_cuda, FP8_DOT=dy_qt.is_cuda, ACC=accumulate,
-            BM=TILE, BN=TILE, BK=TILE, **kw)
+            BM=block_m, BN=block_n, BK=TILE, **kw)
     if target is not out:
         out.copy_(target)
     return out
 
 
 def fp8_grouped_gemm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
-                            offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, block_m: int = 128,
+                            offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, block_m: int = 64,
                             num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                            group_m: int = 0) -> torch.Tensor:
+                            group_m: int = 8, block_n: int = TILE) -> torch.Tensor:
     """gemm.fp8_grouped_gemm's contract in one launch (module docstring). a_scale in any strides (the quantisers'
     (1, R) layout included); b_q [E, N, K] K-major (stride 1 along K); offs [E] int cumulative ends.
     group_m: the programs' order. 0: row tiles fastest for each column tile (a wave of programs shares one B tile
@@ -271,7 +277,9 @@ def fp8_grouped_gemm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch
     out = torch.empty(R, N, dtype=kdt, device=a_q.device)
     if R == 0 or N == 0:
         return out.to(out_dtype)
-    bm, bn = block_m, TILE
+    if block_n % TILE or block_m % 16:
+        raise ValueError(f"block_n must be a multiple of {TILE} and block_m of 16, got {block_n}, {block_m}")
+    bm, bn = block_m, block_n
     starts, ends, tile_end = tile_schedule(offs, R, bm)
     NT, NN = triton.cdiv(R, bm) + E + 1, triton.cdiv(N, bn)
     if group_m < 0:
@@ -279,7 +287,7 @@ def fp8_grouped_gemm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch
     grid = (NT, NN) if group_m == 0 else (NT * NN,)
     kw = {}
     if a_q.is_cuda:
-        kw = dict(num_warps=num_warps or (8 if bm >= 128 else 4), num_stages=num_stages or 3)
+        kw = dict(num_warps=num_warps or (8 if bm * bn >= 128 * 128 else 4), num_stages=num_stages or 4)
     _grouped_kernel[grid](
         _operand(a_q), a_scale, _operand(b_q), b_scale, out, starts, ends, tile_end,
         N, a_q.stride(0), a_scale.stride(0), a_scale.stride(1), b_q.stride(0), b_q.stride(1), b_q.stride(2),

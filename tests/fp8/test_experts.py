@@ -262,12 +262,13 @@ def test_experts_with_the_gpu_quantisers_and_bounded_row_tiles(triton_device, mo
     and gradients bit for bit."""
     from megatron_dsv3.fp8 import experts, kernels
     g = torch.Generator().manual_seed(8)
-    counts = torch.tensor([40, 0, 130, 1])
-    x0 = torch.randn(171, 128, generator=g)
-    s = torch.rand(171, generator=g)
-    w1 = (0.1 * torch.randn(4, 128, 256, generator=g)).requires_grad_()
-    w2 = (0.1 * torch.randn(4, 128, 128, generator=g)).requires_grad_()
-    dy = torch.randn(171, 128, generator=g)
+    dev = triton_device                                 # the real kernels on CUDA, the interpreter on CPU
+    counts = torch.tensor([40, 0, 130, 1], device=dev)
+    x0 = torch.randn(171, 128, generator=g).to(dev)
+    s = torch.rand(171, generator=g).to(dev)
+    w1 = (0.1 * torch.randn(4, 128, 256, generator=g)).to(dev).requires_grad_()
+    w2 = (0.1 * torch.randn(4, 128, 128, generator=g)).to(dev).requires_grad_()
+    dy = torch.randn(171, 128, generator=g).to(dev)
     got, made = {}, []
     real = experts.bounded_row_tiles
     monkeypatch.setattr(experts, "bounded_row_tiles", lambda *a: made.append(1) or real(*a))

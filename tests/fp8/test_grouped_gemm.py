@@ -72,11 +72,26 @@ def test_grouped_program_order_gives_the_same_bits(triton_device, group_m):
     still computes one tile of one expert, bit for bit the same; groups that do not divide the tiles, the tail and
     the programs past the last tile included."""
     qa, sa, qw, sw, offs = [t.to(triton_device) for t in _case([70, 0, 130, 1, 64], 200, 200, tail=5)]
-    want = fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, torch.float32, block_m=32)
+    want = fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, torch.float32, block_m=32, group_m=0)
     got = fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, torch.float32, block_m=32, group_m=group_m)
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="group_m"):
         fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, group_m=-1)
+
+
+def test_grouped_wide_column_tiles(triton_device):
+    """block_n = 256 (two B scale blocks per program: a scale per column) within the float64 bound, and equal to
+    block_n = 128 (one scalar scale) up to the order of the float32 sums inside a chunk (the interpreter's dot is a
+    BLAS matmul whose order follows the tile shape); N off the 256 grid (200, 328) masks the second block."""
+    for N in (200, 328):
+        case = _case([70, 0, 130, 1, 64], N, 256, tail=5)
+        qa, sa, qw, sw, offs = [t.to(triton_device) for t in case]
+        want = fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, torch.float32, block_m=32)
+        got = fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, torch.float32, block_m=32, block_n=256)
+        _check_against_float64(got.cpu(), *case, torch.float32)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    with pytest.raises(ValueError, match="block_n"):
+        fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, block_n=192)
 
 
 def test_triton_grouped_gemm_no_experts_with_rows_and_no_rows(triton_device):
@@ -205,6 +220,10 @@ def test_triton_grouped_wgrad_matches_float64_and_gemm_py(triton_device, counts,
         a = b
     tol = 1e-5 if out_dtype == torch.float32 else 2 ** -7
     torch.testing.assert_close(dw.float(), ref.float(), rtol=tol, atol=1e-5 * ref.float().abs().max().item())
+    for bm, bn in ((64, 256), (256, 128)):     # other program tiles: the same up to the in-chunk sum order
+        other = fp8_grouped_wgrad_triton(dqt.to(dev), dst.to(dev), xqt.to(dev), xst.to(dev), offs_p.to(dev),
+                                         out_dtype, block_m=bm, block_n=bn).cpu()
+        torch.testing.assert_close(other.float(), dw.float(), rtol=tol, atol=1e-6 * dw.float().abs().max().item())
 
 
 @pytest.mark.parametrize("backend", ["triton", "host_loop"])

@@ -420,12 +420,13 @@ def tgrouped_bench(lines, res, rounds, iters, dev="cuda", E=32, R=4096 * 8, shap
     lines.append(f"\n## Triton grouped FP8 GEMM (fp8/grouped_gemm.py): {E} experts, {R} rows, TFLOP/s (bf16 out)\n")
     # (block_m, block_n, warps, stages, group_m): group_m 0 is the 2-D program order, g > 0 groups of g row tiles
     # (L2 reuse); the first is the default, the last the default before 2026-11-30
-    configs = [(64, 128, 4, 4, 8), (64, 128, 4, 3, 8), (64, 128, 4, 5, 8), (64, 128, 4, 4, 16), (64, 256, 8, 4, 8),
+    configs = [(64, 128, 4, 4, 16), (64, 128, 4, 3, 16), (64, 128, 4, 4, 8), (64, 128, 4, 4, 32), (64, 256, 8, 4, 16),
                (128, 128, 8, 4, 8), (128, 256, 8, 3, 8), (128, 128, 8, 3, 0)]
     cols = ["bf16 `_grouped_mm`", "host loop"] + [f"triton {m}x{n} w={w} s={st} g={g}"
                                                   for m, n, w, st, g in configs]
     lines.append("| GEMM (K -> N) | loads | " + " | ".join(cols) + " | triton vs host loop rel err |")
     lines.append("|---|---|" + "---|" * len(cols) + "---|")
+    wshapes = [("dW1", 4096, 7168), ("dW2", 7168, 2048)] if shapes is None else [(n, N, K) for n, K, N in shapes]
     shapes = shapes or [("Fprop up", 7168, 4096), ("Fprop down", 2048, 7168), ("Dgrad up", 4096, 7168),
                         ("Dgrad down", 7168, 2048)]
     for loads in ("uniform", "skewed"):
@@ -461,7 +462,6 @@ def tgrouped_bench(lines, res, rounds, iters, dev="cuda", E=32, R=4096 * 8, shap
     lines.append("\n| Wgrad (tokens x N, tokens x K -> [E, N, K] fp32) | loads | " + " | ".join(wcols) +
                  " | triton vs host loop rel err |")
     lines.append("|---|---|" + "---|" * len(wcols) + "---|")
-    wshapes = [("dW1", 4096, 7168), ("dW2", 7168, 2048)] if shapes is None else [(n, N, K) for n, K, N in shapes]
     for loads in ("uniform", "skewed"):
         counts = torch.full((E,), R // E) if loads == "uniform" else _skewed_counts(E, R)
         offs = counts.cumsum(0).to(torch.int32).to(dev)

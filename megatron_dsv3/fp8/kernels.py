@@ -1,12 +1,15 @@
 """Triton versions of quant.py's quantisers, bit for bit the same bytes and scales (tests/fp8/test_kernels.py).
 
-One kernel, one read of x per [BM, 128] tile, writes what its flags ask for:
-- ROWS: the 1x128 tiles along K, q [M, K] and s [M, ceil(K/128)] (quant.quantize_tiles);
-- COLS: the 128x1 tiles along M, stored transposed, qt [K, M'] and st [K, M'/128] (quant.quantize_tiles of x.t()),
-  with BM = 128. Both at once is quantize_tiles_and_transpose: Fprop's copy and Wgrad's copy from one read.
-- GROUPED (with COLS): row tile j reads rows src[j] : src[j] + cnt[j] of x and writes padded columns
-  128 j : 128 (j + 1) of qt, zeros past cnt[j] -- quant.quantize_columns_grouped's per-expert layout, the tiles
-  restarting at each expert's first row.
+Activations (1x128 tiles along K, and 128x1 tiles along M for Wgrad), two kernels:
+- _rows_kernel: the 1x128 tiles of [BM, 128] blocks, q [M, K] and s [M, ceil(K/128)] (quant.quantize_tiles);
+- _cols_kernel: the 128x1 tiles of [128, BKC] strips, stored transposed: qt [K, M'] and st [K, M'/128]
+  (quant.quantize_tiles of x.t()). GROUPED: row tile j reads rows src[j] : src[j] + cnt[j] of x and writes padded
+  columns 128 j : 128 (j + 1) of qt, zeros past cnt[j] -- quant.quantize_columns_grouped's per-expert layout, the
+  tiles restarting at each expert's first row.
+quantize_tiles_and_transpose runs both, reading x twice: a fused kernel holding a [128, 128] float32 tile needed
+~185 registers a thread (8 warps per SM on an H200, too few loads in flight) and was 2.1x slower than the two
+small, fully occupied ones (bf16 16384 x 7168 on an H200: 638 vs 305 us) although it moves 4 bytes per element,
+not 6. The strip widths and warps (32 wide for it, 64 for the grouped layout, 2 warps) are what measured fastest.
 
 A second kernel quantises weights in 128x128 blocks (quant.quantize_blocks; a stack of experts' weights in one
 launch), optionally writing the transposed blocks (Dgrad's copy) from the same read. A third dequantises 1x128
@@ -17,7 +20,10 @@ The arithmetic is quant.py's, in its order: float32, amax (NaN-propagating), sca
 (div_rn), pow2 rounding up by exponent bits (exact, subnormals included), zero tile -> 1.0, underflow -> 2^-149,
 x / scale rounded to nearest, clamp to +-448 (NaN kept), round-to-nearest-even cast to e4m3: the hardware's
 cvt.rn.satfinite on a GPU, the same rule written out in integer ops elsewhere (Triton's interpreter mis-rounds
-its own fp8 cast; the CPU tests check the integer form, the GPU tests the hardware one).
+its own fp8 cast; the CPU tests check the integer form, the GPU tests the hardware one). The column kernel gets
+x / scale without a division per element (_qdiv: a reciprocal per scale, then a multiply and a correction, the same
+correctly rounded quotient): div_rn is a MUFU reciprocal plus a check and a call to a slow path on a GPU. The row
+kernel keeps div_rn: it is at ~73% of a copy's bandwidth, and _qdiv made it ~4% slower there.
 
 The `*_triton` functions run wherever Triton does (CPU tensors under TRITON_INTERPRET=1: the CPU test suite);
 the `*_fast` dispatchers take them on CUDA and quant.py's references elsewhere.
@@ -37,6 +43,8 @@ try:
     HAVE_TRITON = True
 except ImportError:  # CPU machines without Triton: the references are used
     HAVE_TRITON = False
+
+_I32_MAX = 2 ** 31 - 1
 
 
 if HAVE_TRITON:
@@ -69,12 +77,11 @@ if HAVE_TRITON:
         return s
 
     @triton.jit
-    def _cast(x, s, HW_CAST: tl.constexpr):
-        """e4m3(clamp(x / s, +-448)) as its bits (uint8), rounded to nearest even; c10's float -> e4m3fn rule
-        written out, since Triton's interpreter mis-rounds its own fp8 cast across a binade (124.3 -> 64)."""
-        y = tl.math.div_rn(x, s)
+    def _e4m3(y, HW: tl.constexpr):
+        """e4m3(clamp(y, +-448)) as its bits (uint8), rounded to nearest even; c10's float -> e4m3fn rule written
+        out off the GPU, since Triton's interpreter mis-rounds its own fp8 cast across a binade (124.3 -> 64)."""
         y = tl.where(y > 448.0, 448.0, tl.where(y < -448.0, -448.0, y))          # explicit saturation, NaN kept
-        if HW_CAST:                                                               # GPUs: cvt.rn.satfinite, RNE
+        if HW:                                                                    # GPUs: cvt.rn.satfinite, RNE
             return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         u = y.to(tl.int32, bitcast=True)
         sign = (u >> 24) & 0x80
@@ -88,44 +95,116 @@ if HAVE_TRITON:
         return (r | sign).to(tl.uint8)
 
     @triton.jit
-    def _quant_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, src_ptr, cnt_ptr,
-                      M, K, stride_xm, S_STRIDE_M, S_STRIDE_T, QT_STRIDE, ST_STRIDE_K, ST_STRIDE_T,
-                      ROWS: tl.constexpr, COLS: tl.constexpr, GROUPED: tl.constexpr, POW2: tl.constexpr,
-                      HW_CAST: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr):
+    def _cast(x, s, HW: tl.constexpr):
+        """e4m3 bits of clamp(x / s, +-448), the division rounded to nearest as quant.py's."""
+        return _e4m3(tl.math.div_rn(x, s), HW)
+
+    @triton.jit
+    def _fma(a, b, c, HW: tl.constexpr):
+        """RN(a * b + c), one rounding: the hardware fma on a GPU. The interpreter's tl.fma is a * b + c in float32
+        (two roundings: _qdiv's correction then leaves some quotients an ulp off), so here it is written out: the
+        float32 product is exact in float64, TwoSum gives the float64 sum and its exact error, rounding the sum to
+        odd keeps that error as a sticky bit, and the float64 -> float32 conversion then rounds once, correctly
+        (53 >= 24 + 2 bits)."""
+        if HW:
+            return tl.fma(a, b, c)
+        else:
+            p = a.to(tl.float64) * b.to(tl.float64)
+            c64 = c.to(tl.float64)
+            s = p + c64
+            bb = s - p
+            err = (p - (s - bb)) + (c64 - bb)
+            sb = s.to(tl.int64, bitcast=True)
+            fix = (err != 0.0) & ((sb & 1) == 0)
+            up = (err > 0.0) == (s > 0.0)                                          # |exact| above |s|
+            sb = tl.where(fix, tl.where(up, sb + 1, sb - 1), sb)
+            return sb.to(tl.float64, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _recip(s):
+        """Per scale (a vector, so the division here is cheap): (a, s a, RN(1 / (s a))) with a = 2^64 for
+        s < 2^-60, else 1. Scaling x and s by the same power of 2 is exact and keeps x / s; it puts s a in
+        [2^-85, 2^120] (quant's scales are >= 2^-149), where 1 / (s a) is a normal float, exact for a power of 2,
+        and _qdiv's residual cannot underflow."""
+        a = tl.where(s < 8.673617379884035e-19, 1.8446744073709552e+19, 1.0)          # 2^-60 -> 2^64
+        sa = s * a
+        return a, sa, tl.math.div_rn(tl.full(sa.shape, 1.0, tl.float32), sa)
+
+    @triton.jit
+    def _qdiv(x, a, sa, y, POW2: tl.constexpr, HW: tl.constexpr):
+        """RN(x / s) with no division, (a, sa, y) = _recip(s) broadcast against x; s > 0, inf or NaN (quant's
+        scales). xa = x a is exact (|x| <= 448 s (1 + 2^-23): no overflow) and xa / sa = x / s.
+        POW2: y = 1 / sa exactly, so xa y is the real number x / s and rounds as the division does; s = inf gives
+        y = 0 and x * 0 (= x / inf: 0, NaN for x = inf), s = NaN gives NaN.
+        Free scales: Markstein's correction. y = RN(1 / sa) makes q0 = RN(xa y) faithful, the fma makes
+        r = xa - q0 sa exact, and then RN(q0 + r y) = RN(xa / sa) wherever the quotient is a normal float32 whose
+        residual does not underflow: |x / s| >= 2^-12 with sa >= 2^-85. Smaller quotients (e4m3 0 either way) may
+        be an ulp off, and q0 + r y rounds to +0 for x = -0 or a tiny negative quotient, so where q1 is 0 the
+        faithful q0 (x's sign) is taken. s = inf: y = 0 and r is NaN, so q0 (x * 0 = x / inf) is taken."""
+        xa = x * a
+        q0 = xa * y
+        if POW2:
+            return q0
+        else:
+            r = _fma(q0, -sa, xa, HW)
+            q1 = _fma(r, y, q0, HW)
+            return tl.where((q1 == 0.0) | (y == 0.0), q0, q1)
+
+    @triton.jit
+    def _rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, S_STRIDE_M, S_STRIDE_T,
+                     POW2: tl.constexpr, HW: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+        """The 1x128 tiles of x's [BM, BK] block (pid_m, pid_k): q [M, K], s[m, t] at m S_STRIDE_M + t S_STRIDE_T."""
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
-        if GROUPED:
-            row0 = tl.load(src_ptr + pid_m).to(tl.int64)
-            nrows = tl.load(cnt_ptr + pid_m)
-        else:
-            row0 = pid_m.to(tl.int64) * BM
-            nrows = M - pid_m * BM
+        row0 = pid_m.to(tl.int64) * BM
+        nrows = M - pid_m * BM
         r = tl.arange(0, BM)
         c = pid_k * BK + tl.arange(0, BK)
         rmask = r < nrows
-        cmask = c < K
-        mask = rmask[:, None] & cmask[None, :]
+        mask = rmask[:, None] & (c < K)[None, :]
         rows = row0 + r                                                              # [BM] int64
         x = tl.load(x_ptr + rows[:, None] * stride_xm + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        if ROWS:
-            s = _scale(_amax(x, 1), POW2)                      # [BM]
-            q = _cast(x, s[:, None], HW_CAST)
-            tl.store(q_ptr + rows[:, None] * K + c[None, :], q, mask=mask)
-            tl.store(s_ptr + rows * S_STRIDE_M + pid_k * S_STRIDE_T, s, mask=rmask)
-        if COLS:
-            st = _scale(_amax(x, 0), POW2)                     # [BK]
-            qc = _cast(x, st[None, :], HW_CAST)
-            if GROUPED:
-                qc = tl.where(mask, qc, 0)                                           # the padding gets zeros
-            qt = tl.trans(qc)                                                        # [BK, BM]
-            col = pid_m.to(tl.int64) * BM + r                                        # qt's column (token) index
-            if GROUPED:
-                tmask = cmask[:, None] & (r < BM)[None, :]
-            else:
-                tmask = cmask[:, None] & rmask[None, :]
-            tl.store(qt_ptr + c[:, None].to(tl.int64) * QT_STRIDE + col[None, :], qt, mask=tmask)
-            tl.store(st_ptr + c.to(tl.int64) * ST_STRIDE_K + pid_m * ST_STRIDE_T, st, mask=cmask)
+        s = _scale(_amax(x, 1), POW2)                                                # [BM]
+        tl.store(q_ptr + rows[:, None] * K + c[None, :], _cast(x, s[:, None], HW), mask=mask)
+        tl.store(s_ptr + rows * S_STRIDE_M + pid_k * S_STRIDE_T, s, mask=rmask)
+
+    @triton.jit
+    def _cols_kernel(x_ptr, qt_ptr, st_ptr, src_ptr, cnt_ptr, M, K, stride_xm, QT_STRIDE, ST_STRIDE_T,
+                     GROUPED: tl.constexpr, POW2: tl.constexpr, HW: tl.constexpr, IDX64: tl.constexpr,
+                     BKC: tl.constexpr):
+        """The 128x1 tiles of a [128, BKC] strip (row tile pid_m, columns pid_k BKC + [0, BKC)), stored transposed:
+        qt[c, 128 pid_m + r] and st[c, pid_m] (st's column stride 1). Plain: rows 128 pid_m + r of x [M, K].
+        GROUPED: rows src[pid_m] + r, r < cnt[pid_m], and zeros in qt's padding columns (r >= cnt).
+        A column tile needs only its column, so the strip is narrow: few registers, many warps per SM.
+        IDX64: int64 addresses, only where an offset can pass 2^31 (int32 address math is cheaper)."""
+        BT: tl.constexpr = 128
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        m = pid_m.to(tl.int64) if IDX64 else pid_m
+        r = tl.arange(0, BT)
+        col = m * BT + r                                                             # qt's column (token) index
+        if GROUPED:
+            row0 = tl.load(src_ptr + pid_m).to(m.dtype)
+            nrows = tl.load(cnt_ptr + pid_m)
+        else:
+            row0 = m * BT
+            nrows = M - pid_m * BT
+        rows = row0 + r
+        rmask = r < nrows
+        c = pid_k * BKC + tl.arange(0, BKC)
+        cmask = c < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + c[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)                                        # [128, BKC]
+        st = _scale(_amax(x, 0), POW2)                                               # [BKC]
+        a, sa, y = _recip(st)
+        qc = _e4m3(_qdiv(x, a[None, :], sa[None, :], y[None, :], POW2, HW), HW)
+        if GROUPED:
+            qc = tl.where(rmask[:, None], qc, 0)                                     # the padding gets zeros
+            tmask = cmask[:, None] & (r < BT)[None, :]
+        else:
+            tmask = cmask[:, None] & rmask[None, :]
+        tl.store(qt_ptr + c[:, None].to(m.dtype) * QT_STRIDE + col[None, :], tl.trans(qc), mask=tmask)
+        tl.store(st_ptr + c + pid_m * ST_STRIDE_T, st, mask=cmask)
 
 
 if HAVE_TRITON:
@@ -186,16 +265,19 @@ if HAVE_TRITON:
         tl.store(y_ptr + r[:, None] * K + c[None, :], (v * sc[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x, q, s, qt, st, src, cnt, M, qt_stride, grid, rows, cols, grouped, pow2, bm, num_warps=None):
-    dummy = x
-    s_strides = s.stride() if s is not None else (0, 0)
-    st_strides = st.stride() if st is not None else (0, 0)
-    _quant_kernel[grid](x, q.view(torch.uint8) if q is not None else dummy, s if s is not None else dummy,
-                        qt.view(torch.uint8) if qt is not None else dummy, st if st is not None else dummy,
-                        src if src is not None else dummy, cnt if cnt is not None else dummy,
-                        M, x.shape[1], x.stride(0), s_strides[0], s_strides[1], qt_stride, st_strides[0], st_strides[1],
-                        ROWS=rows, COLS=cols, GROUPED=grouped, POW2=pow2, HW_CAST=x.is_cuda, BM=bm, BK=TILE,
-                        num_warps=num_warps or (8 if bm * TILE >= 128 * 128 else 4))
+def _warps(x, num_warps):
+    return {"num_warps": num_warps} if x.is_cuda else {}
+
+
+def _launch_cols(x, qt, st, src, cnt, n_row_tiles, pow2, bkc, num_warps):
+    """_cols_kernel over x [R, K]'s n_row_tiles row tiles (GROUPED when src/cnt are given) into qt [K, Rp]."""
+    R, K = x.shape
+    qt_stride = qt.stride(0)
+    idx64 = max(R * max(K, x.stride(0)), triton.cdiv(K, bkc) * bkc * qt_stride) > _I32_MAX
+    grouped = src is not None
+    _cols_kernel[(n_row_tiles, triton.cdiv(K, bkc))](
+        x, qt.view(torch.uint8), st, src if grouped else x, cnt if grouped else x, R, K, x.stride(0), qt_stride,
+        st.stride(1), GROUPED=grouped, POW2=pow2, HW=x.is_cuda, IDX64=idx64, BKC=bkc, **_warps(x, num_warps))
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -217,27 +299,27 @@ def quantize_tiles_triton(x: torch.Tensor, pow2_scales: bool = False, block_m: i
     q = torch.empty(M, K, dtype=FP8, device=x.device)
     s = _scales_for_mm(M, T, x.device) if x.dim() == 2 else torch.empty(M, T, dtype=torch.float32, device=x.device)
     if M and K:
-        _launch(x2, q, s, None, None, None, None, M, 0, (triton.cdiv(M, block_m), T),
-                True, False, False, pow2_scales, block_m, num_warps)
+        _rows_kernel[(triton.cdiv(M, block_m), T)](x2, q.view(torch.uint8), s, M, K, x2.stride(0), s.stride(0),
+                                                   s.stride(1), POW2=pow2_scales, HW=x.is_cuda, BM=block_m, BK=TILE,
+                                                   **_warps(x, num_warps or (8 if block_m >= 128 else 4)))
     return q.view(*lead, K), (s if x.dim() == 2 else s.view(*lead, T))
 
 
 def quantize_tiles_and_transpose_triton(x: torch.Tensor, pow2_scales: bool = False, num_warps: Optional[int] = None
                                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quant.quantize_tiles_and_transpose(x [M, K]) -> (q, s, qt [K, M], st [K, ceil(M/128)]), one read of x.
-    s and st come as views of stride (1, rows), the GEMM's layout (see quantize_tiles_triton)."""
+    """quant.quantize_tiles_and_transpose(x [M, K]) -> (q, s, qt [K, M], st [K, ceil(M/128)]): quantize_tiles_triton
+    for q, s and _cols_kernel in [128, 32] strips for qt, st (x read twice: see the module docstring).
+    s and st come as views of stride (1, rows), the GEMM's layout (see quantize_tiles_triton). num_warps: the
+    column kernel's."""
     if x.dim() != 2:
         raise ValueError(f"quantize_tiles_and_transpose needs a 2-D [M, K] input, got shape {tuple(x.shape)}")
     x = _as_rows(x)
     M, K = x.shape
-    T, TM = triton.cdiv(K, TILE), triton.cdiv(M, TILE)
-    q = torch.empty(M, K, dtype=FP8, device=x.device)
-    s = _scales_for_mm(M, T, x.device)
+    q, s = quantize_tiles_triton(x, pow2_scales)
     qt = torch.empty(K, M, dtype=FP8, device=x.device)
-    st = _scales_for_mm(K, TM, x.device)
+    st = _scales_for_mm(K, triton.cdiv(M, TILE), x.device)
     if M and K:
-        _launch(x, q, s, qt, st, None, None, M, M, (TM, T), True, True, False,
-                pow2_scales, TILE, num_warps)
+        _launch_cols(x, qt, st, None, None, triton.cdiv(M, TILE), pow2_scales, 32, num_warps or 2)
     return q, s, qt, st
 
 
@@ -324,8 +406,7 @@ def quantize_columns_grouped_triton(x: torch.Tensor, offs: torch.Tensor, pow2_sc
     qt = torch.empty(K, Rp, dtype=FP8, device=x.device)
     st = _scales_for_mm(K, Rp // TILE, x.device)
     if Rp and K:
-        _launch(x, None, None, qt, st, src, cnt, x.shape[0], Rp, (Rp // TILE, triton.cdiv(K, TILE)),
-                False, True, True, pow2_scales, TILE, num_warps)
+        _launch_cols(x, qt, st, src, cnt, Rp // TILE, pow2_scales, 64, num_warps or 2)
     return qt, st, offs_p
 
 

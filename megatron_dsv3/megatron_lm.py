@@ -87,6 +87,8 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--dsv3-yarn-original-max-position-embeddings", type=int, default=None)
     g.add_argument("--dsv3-yarn-beta-fast", type=float, default=None)
     g.add_argument("--dsv3-yarn-beta-slow", type=float, default=None)
+    g.add_argument("--dsv3-fp8-bf16-modules", default=None, metavar="LIST",
+                   help="with --fp8-format e4m3: comma list of modules kept in BF16 besides the paper's list")
     g.add_argument("--dsv3-recompute-mla-up-proj", action="store_true")
     g.add_argument("--dsv3-recompute-norms", action="store_true", help="recompute RMSNorms in backward (3.2.2)")
     g.add_argument("--dsv3-pipeline-schedule", default=None, choices=["dualpipe", "dualpipev"],

@@ -24,7 +24,7 @@ import json
 import os
 from typing import List, Optional, Sequence, Tuple
 
-from megatron_dsv3.config import PRESETS, DSV3Config, YaRNConfig
+from megatron_dsv3.config import FP8_ALWAYS_BF16, FP8_MODULES, PRESETS, DSV3Config, YaRNConfig
 
 # Per-preset training defaults (the quick start runs `--preset tiny` with nothing else).
 TRAIN_DEFAULTS = {
@@ -104,6 +104,9 @@ def add_model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--fp8-backend", default=None, choices=["auto", "te", "native"],
                    help="with --fp8: te = Transformer Engine's block-scaling recipe on TE linears, native = our "
                         "kernels (fp8/), auto (default) = te when Transformer Engine imports, else native")
+    g.add_argument("--fp8-bf16-modules", default=None, metavar="LIST",
+                   help="with --fp8: comma list of modules kept in BF16 besides the paper's (embedding, output head, "
+                        "router, norms, attention core), from: " + ", ".join(FP8_MODULES))
     g.add_argument("--bf16", action="store_true", default=None, help="bf16 params (default on GPU)")
     g.add_argument("--fp32", dest="bf16", action="store_false", help="fp32 params (default on CPU)")
     g.add_argument("--transformer-impl", default="local", choices=["local", "te"], help="module backend")
@@ -467,8 +470,22 @@ def model_flag_values(args, prefix: str = "") -> dict:
                  "mscale": None if prefix else g("mscale"), "mscale_all_dim": None if prefix else g("mscale_all_dim")},
         "bias_update_rate": p("bias_update_rate"), "seq_aux_loss_coeff": p("seq_aux_loss_coeff"),
         "mtp_num_layers": g("mtp_num_layers"), "mtp_loss_weight": p("mtp_loss_weight"), "fp8": bool(g("fp8")),
-        "fp8_backend": g("fp8_backend"),
+        "fp8_backend": g("fp8_backend"), "fp8_bf16_modules": p("fp8_bf16_modules"),
+        "fp8_bf16_modules_flag": "--dsv3-fp8-bf16-modules" if prefix else "--fp8-bf16-modules",
     }
+
+
+def fp8_bf16_modules(text: str, fp8: bool, flag: str = "--fp8-bf16-modules") -> Tuple[str, ...]:
+    """The flag's comma list -> module names (FP8_MODULES, each once), or a one-line error naming the flag."""
+    if not fp8:
+        raise ValueError(f"{flag} {text} needs " + ("--fp8-format e4m3" if flag.startswith("--dsv3") else "--fp8"))
+    names = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in names if m not in FP8_MODULES]
+    if unknown or not names:
+        raise ValueError(f"{flag} {text}: {'unknown module(s) ' + ', '.join(unknown) if unknown else 'no module'}; "
+                         f"choose from {', '.join(FP8_MODULES)} (the embedding, output head, router, norms and "
+                         f"attention core are always BF16)")
+    return names
 
 
 def apply_model_flags(cfg: DSV3Config, v: dict, on_gpu: bool = False, keep_dtype: bool = False) -> DSV3Config:
@@ -510,6 +527,9 @@ def apply_model_flags(cfg: DSV3Config, v: dict, on_gpu: bool = False, keep_dtype
     # precision is the run's choice, as Megatron-LM's per-run --fp8-format: FP8 on exactly when the flag says so,
     # whatever the loaded model's config recorded (its other FP8Config fields, the BF16 module list, are kept)
     fp8 = {"enabled": bool(v.get("fp8")), "backend": v.get("fp8_backend") or "auto"}
+    if v.get("fp8_bf16_modules") is not None:
+        fp8["bf16_modules"] = FP8_ALWAYS_BF16 + fp8_bf16_modules(v["fp8_bf16_modules"], bool(v.get("fp8")),
+                                                                 v.get("fp8_bf16_modules_flag", "--fp8-bf16-modules"))
     cfg = cfg.replace(**top, mla=mla, moe=moe, mtp=mtp, fp8=fp8)
     if cfg.fp8.enabled:
         from megatron_dsv3.fp8.recipe import resolve_backend

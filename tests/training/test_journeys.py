@@ -152,6 +152,9 @@ def test_model_flags_disagreeing_with_the_checkpoint(tiny_data, tmp_path):
     (["--data-path", "/nonexistent/corpus"], "error: --data-path /nonexistent/corpus: /nonexistent/corpus.bin does not exist"),
     (["--global-batch-size", "6", "--micro-batch-size", "4"], "error: --global-batch-size 6 is not divisible by"),
     (["--fp8-backend", "native"], "error: --fp8-backend native needs --fp8"),
+    (["--fp8-bf16-modules", "experts"], "error: --fp8-bf16-modules experts needs --fp8"),
+    (["--fp8", "--fp8-backend", "native", "--fp8-bf16-modules", "experts,mlp"],
+     "error: --fp8-bf16-modules experts,mlp: unknown module(s) mlp; choose from linear_q_down_proj"),
     (["--bias-update-rate", "fast"], "error: schedule 'fast': expected"),
     (["--tokenizer", "/nonexistent/tok.json"], "error: --tokenizer /nonexistent/tok.json: no such file"),
     (["--hf-config", "/nonexistent/config.json"], "error: "),
@@ -176,6 +179,11 @@ def test_fp8_trains_and_says_which_gemms(tiny_data, tmp_path):
     loss = lambda text: [float(l.split("| loss ")[1].split()[0]) for l in text.splitlines() if "| loss " in l]  # noqa
     fp8, bf16 = loss(out), loss(ref)
     assert len(fp8) == len(bf16) == 3 and all(abs(a - b) < 0.02 * b for a, b in zip(fp8, bf16)), (fp8, bf16)
+    # --fp8-bf16-modules: those stay BF16 (an ablation of where FP8's error comes from), the banner says so
+    _, out, _ = train(*base, "--fp8", "--fp8-backend", "native", "--fp8-bf16-modules", "experts,shared_experts")
+    banner = [l for l in out.splitlines() if "FP8: native backend" in l]
+    assert banner and "routed experts" not in banner[0].split("BF16:")[0], banner
+    assert banner[0].split("BF16:")[1].strip().endswith("experts, shared_experts"), banner
 
 
 def test_fp8_is_the_runs_choice_on_resume(tiny_data, tmp_path):

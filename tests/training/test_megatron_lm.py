@@ -82,6 +82,11 @@ def test_config_from_megatron_args():
     # Megatron-LM's --fp8-format / --fp8-recipe: e4m3 + blockwise switch FP8 on, any other recipe is refused
     assert megatron_lm.config_from_megatron_args(_megatron_args(fp8="e4m3", fp8_recipe="blockwise")).fp8.enabled
     assert not megatron_lm.config_from_megatron_args(_megatron_args(fp8=None)).fp8.enabled
+    kept = megatron_lm.config_from_megatron_args(_megatron_args(fp8="e4m3", fp8_recipe="blockwise",
+                                                                dsv3_fp8_bf16_modules="experts")).fp8.bf16_modules
+    assert kept[-1] == "experts" and "router" in kept
+    with pytest.raises(ValueError, match="^--dsv3-fp8-bf16-modules experts needs --fp8-format e4m3"):
+        megatron_lm.config_from_megatron_args(_megatron_args(fp8=None, dsv3_fp8_bf16_modules="experts"))
     for fmt, recipe in (("e4m3", "delayed"), ("hybrid", "blockwise"), ("e4m3", "tensorwise")):
         with pytest.raises(ValueError, match=f"^--fp8-format {fmt} --fp8-recipe {recipe}: DeepSeek-V3 trains in FP8 "
                                              f"as E4M3 with block-wise scaling"):

@@ -4,6 +4,8 @@ gradients of one global batch, parameter by parameter.
 
     python bench/fp8_accuracy.py --steps 300 --out bench/results_fp8_accuracy.md              # H200
     python bench/fp8_accuracy.py --steps 300 --seeds 1234,1235 --parallel --time-limit 500 --out F   # one device call
+    python bench/fp8_accuracy.py --steps 300 --parallel --variant "FP8 experts BF16=--fp8-bf16-modules experts" \
+        --variant "FP8 MLA BF16=--fp8-bf16-modules linear_q_down_proj,linear_q_up_proj,linear_kv_down_proj,..."
     python bench/fp8_accuracy.py --grads --out F        # one global batch: FP8 vs BF16 gradient per parameter
     python bench/fp8_accuracy.py --smoke [--grads]      # CPU: tiny preset
 
@@ -11,7 +13,8 @@ Each (precision, seed) is one `python -m megatron_dsv3.train` process (the built
 TensorBoard; the table gives the training loss every `--every` steps, the mean of the last 20 steps of each, and
 FP8's relative difference (the paper: within 0.25% of BF16 on its 16B/230B runs). A small model trained a few
 hundred steps on a small corpus is chaotic: runs that differ in the last bit drift apart, so the difference only
-means something next to the spread of BF16 runs that differ by their seed alone (`--seeds a,b`).
+means something next to the spread of BF16 runs that differ by their seed alone (`--seeds a,b`). `--variant
+NAME=FLAGS` adds FP8 runs with more flags (an ablation: which modules' FP8 moves the loss).
 
 --grads: each precision in its own process builds the trainer (its DDP, main_grad, micro-batch accumulation), runs
 one global batch forward and backward, and keeps each parameter's gradient norm and its first 2^20 elements; the
@@ -131,7 +134,8 @@ def run_grads(a, model_flags: list, tmp: str) -> list:
 
 # ---- training curves --------------------------------------------------------------------------------------------------
 def run_training(a, model_flags: list, tmp: str) -> list:
-    variants = [(f"{p} s{s}", s, extra) for s in a.seeds for p, extra in (("BF16", []), ("FP8", FP8_FLAGS))]
+    kinds = [("BF16", []), ("FP8", FP8_FLAGS)] + [(n, FP8_FLAGS + f) for n, f in a.variant]
+    variants = [(f"{p} s{s}", s, extra) for s in a.seeds for p, extra in kinds]
 
     def command(name, seed, extra):
         return ([sys.executable, "-m", "megatron_dsv3.train"] + model_flags
@@ -178,12 +182,13 @@ def run_training(a, model_flags: list, tmp: str) -> list:
     s0 = a.seeds[0]
     lines = _header(a, "training")
     lines += [f"model: `{' '.join(model_flags)}`, {a.steps} steps, lr 3e-4 (warmup {max(1, a.steps // 10)}), "
-              f"seeds {', '.join(map(str, a.seeds))}, built-in corpus; FP8 = `{' '.join(FP8_FLAGS)}`", "",
+              f"seeds {', '.join(map(str, a.seeds))}, built-in corpus; FP8 = `{' '.join(FP8_FLAGS)}`"
+              + "".join(f"; {n} = FP8 `{' '.join(f)}`" for n, f in a.variant), "",
               f"mean training loss of the last {len(last)} steps every run reached ({last[0]}..{last[-1]}): "
               + ", ".join(f"{n} {m:.4f}" for n, m in mean.items()), ""]
     for s in a.seeds:
         lines.append(f"- seed {s}: FP8 relative to BF16 **{rel(f'FP8 s{s}', f'BF16 s{s}'):+.3f}%** (paper: within "
-                     f"0.25%)")
+                     f"0.25%)" + "".join(f"; {n} {rel(f'{n} s{s}', f'BF16 s{s}'):+.3f}%" for n, _ in a.variant))
     for s in a.seeds[1:]:
         lines.append(f"- noise floor: BF16 seed {s} relative to BF16 seed {s0} {rel(f'BF16 s{s}', f'BF16 s{s0}'):+.3f}%"
                      f" (FP8 seed {s} relative to FP8 seed {s0}: {rel(f'FP8 s{s}', f'FP8 s{s0}'):+.3f}%)")
@@ -203,13 +208,16 @@ def run_training(a, model_flags: list, tmp: str) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="fp8_accuracy.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--every", type=int, default=25)
     p.add_argument("--seeds", default="1234", help="comma list: BF16 and FP8 run once per seed")
     p.add_argument("--model", default="--preset proxy-1gpu --num-layers 4 --seq-length 1024 --mtp-num-layers 1",
                    help="model flags of megatron_dsv3.train")
     p.add_argument("--batch", default="--micro-batch-size 4 --global-batch-size 16")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="an FP8 run with more megatron_dsv3.train flags, per seed (repeatable)")
     p.add_argument("--grads", action="store_true", help="one global batch: FP8 vs BF16 gradients per parameter")
     p.add_argument("--parallel", action="store_true", help="run all the training runs at once (one device)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; stop the runs there, report what ran")
@@ -222,6 +230,13 @@ def main(argv=None):
         p.error(f"--seeds takes integers separated by commas, got {a.seeds!r}")
     if not a.seeds or len(set(a.seeds)) != len(a.seeds):
         p.error(f"--seeds needs one or more different seeds, got {a.seeds}")
+    variants = []
+    for v in a.variant:
+        name, eq, flags = v.partition("=")
+        if not eq or not name.strip() or name.strip() in ("BF16", "FP8"):
+            p.error(f"--variant takes NAME=FLAGS with a new name, got {v!r}")
+        variants.append((name.strip(), flags.split()))
+    a.variant = variants
     if a.smoke:
         a.steps, a.every, a.model, a.batch = 6, 2, "--preset tiny --cpu", "--micro-batch-size 2 --global-batch-size 4"
     model_flags = a.model.split() + a.batch.split()

@@ -1,6 +1,6 @@
 """bench/fp8_accuracy.py on CPU: --grads --smoke (tiny preset, one global batch per precision, each in its own
 process) writes the per-parameter table with FP8's gradient norm ratio and cosine near 1 for every parameter; bad
---seeds are refused in one line."""
+--seeds / --variant are refused in one line."""
 import importlib.util
 import os
 import re
@@ -32,8 +32,10 @@ def test_gradient_table(tmp_path):
     assert "lowest cosine per kind of parameter: " in text and "routed experts" in text
 
 
-@pytest.mark.parametrize("seeds, msg", [("1,1", "different seeds"), ("x", "integers")])
-def test_bad_seeds_are_refused(capsys, seeds, msg):
+@pytest.mark.parametrize("args, msg", [(["--seeds", "1,1"], "different seeds"), (["--seeds", "x"], "integers"),
+                                       (["--variant", "x"], "NAME=FLAGS"), (["--variant", "FP8=--seed 1"], "new name")])
+def test_bad_flags_are_refused(capsys, args, msg):
     with pytest.raises(SystemExit):
-        _load().main(["--seeds", seeds])
-    assert msg in capsys.readouterr().err
+        _load().main(args)
+    err = capsys.readouterr().err
+    assert msg in err and err.strip().splitlines()[-1].startswith("fp8_accuracy.py: error: ")

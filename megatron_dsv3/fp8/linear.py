@@ -104,23 +104,31 @@ class FP8LinearFunction(torch.autograd.Function):
             dx = _gemm(g_q, g_s, wt_q, wt_s, ctx.x_dtype).view(ctx.x_shape)
         if need_w != NOT_NEEDED:
             # Wgrad: dy^T [N, M] @ x [M, K], contracted over the M tokens in 1x128 tiles of the transposed copies
-            dw32 = _gemm(gt_q, gt_s, qt, st, torch.float32)                 # [N, K]
-            dw = _to_weight_grad(weight, dw32, ctx.into_main_grad and need_w == ACCUMULATE)
+            dw = _weight_grad(weight, lambda dt: _gemm(gt_q, gt_s, qt, st, dt),            # [N, K]
+                              ctx.into_main_grad and need_w == ACCUMULATE, need_w == ACCUMULATE)
         return dx, dw, None, None
 
 
-def _to_weight_grad(weight: torch.Tensor, dw32: torch.Tensor, into_main_grad: bool):
-    """The FP32 weight gradient as megatron expects it: added to `main_grad` (gradient accumulation fusion; a dummy
-    .grad is returned when megatron's DDP asks for one, as megatron-core's linear does) or returned in W's dtype."""
+def _weight_grad(weight: torch.Tensor, wgrad, into_main_grad: bool, accumulate: bool):
+    """The weight gradient as megatron expects it, wgrad(dtype) being the Wgrad GEMM (FP32 accumulation, output in
+    dtype): added in FP32 to `main_grad` (gradient accumulation fusion; a dummy .grad is returned when megatron's
+    DDP asks for one, as megatron-core's linear does); else added in FP32 to an existing .grad when the engine would
+    add it there anyway (accumulate: gradient accumulation without DDP, a benchmark's repeated steps: one add, no
+    W-dtype copy, as fused_wgrad's linears); else returned, written by the GEMM in W's dtype."""
     if into_main_grad and hasattr(weight, "main_grad"):
-        weight.main_grad.add_(dw32)
+        weight.main_grad.add_(wgrad(torch.float32))
         if hasattr(weight, "grad_added_to_main_grad"):
             weight.grad_added_to_main_grad = True
             zero = getattr(weight, "zero_out_wgrad", False)
             return (torch.zeros if zero else torch.empty)(weight.main_grad.shape, dtype=weight.dtype,
                                                           device=weight.device)
         return None
-    return dw32.to(weight.dtype)
+    g = weight.grad
+    if accumulate and g is not None and g.is_contiguous() and g.shape == weight.shape \
+            and not hasattr(weight, "main_grad"):
+        g.add_(wgrad(torch.float32))                  # old + new in FP32, rounded once to .grad's dtype
+        return None
+    return wgrad(weight.dtype)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias=None, wgrad_into_main_grad: bool = False,

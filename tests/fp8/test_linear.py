@@ -129,6 +129,21 @@ def test_gradient_accumulation_into_main_grad():
     assert w.grad_added_to_main_grad
 
 
+def test_gradient_accumulation_into_an_existing_grad():
+    """Without megatron's DDP: the first backward returns dW (written by the GEMM in W's dtype), later ones add
+    theirs in FP32 into the .grad already there (one add, rounded once) and return nothing, so .grad is the sum."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(32, 128, generator=g)
+    w = torch.randn(64, 128, generator=g).bfloat16().requires_grad_()
+    dys = [torch.randn(32, 64, generator=g) for _ in range(3)]
+    want = torch.zeros(64, 128, dtype=torch.float64)
+    for i, dy in enumerate(dys):
+        fp8_linear(x, w).backward(dy)
+        want += references(x, w.detach().float(), dy)[2]
+        assert w.grad.dtype == torch.bfloat16
+        close(w.grad.float(), want, 2 ** -7)                        # a double-counted step is off by a whole dW
+
+
 def test_split_backward_adds_the_weight_gradient_once():
     """DualPipe's split backward with gradient_accumulation_fusion: the B pass (autograd.grad to the input) must not
     touch main_grad, the W pass (backward(inputs=[w])) adds dW once; the sum equals one plain backward's."""

@@ -20,7 +20,9 @@ NAME=FLAGS` adds FP8 runs with more flags (an ablation: which modules' FP8 moves
 one global batch forward and backward, and keeps each parameter's gradient norm and its first 2^20 elements; the
 table gives FP8's norm / BF16's and their cosine per parameter, and the lowest cosine per kind of parameter. The
 routed experts' cosine is the lowest by nature: a token whose top-k choice FP8 flips moves its whole gradient from
-one expert to another.
+one expert to another. So the routed experts are also compared expert by expert (whole gradients) beside the
+tokens each run routed to each expert: experts that got the same tokens in both runs should agree as closely as
+a dense linear does; a low cosine there is an FP8 error, not a routing flip.
 """
 from __future__ import annotations
 
@@ -74,8 +76,11 @@ def grads_child(out: str, flags: list) -> None:
         c.zero_grad_buffer()
     t.optimizer.zero_grad()
     loss = t._reduce_loss(t._run(t.train_ds, 0, t.args.global_batch_size, forward_only=False))
-    res = {"loss": loss, "norms": {}}
+    res = {"loss": loss, "norms": {}, "counts": {}}
     for c in t.chunks:
+        for n, m in c.module.named_modules():
+            if isinstance(getattr(m, "tokens_per_expert", None), torch.Tensor):     # routers: this batch's counts
+                res["counts"][n.rsplit(".router", 1)[0]] = m.tokens_per_expert.tolist()
         for i, (n, p) in enumerate(c.module.named_parameters()):
             g = getattr(p, "main_grad", None)
             g = p.grad if g is None else g
@@ -85,6 +90,8 @@ def grads_child(out: str, flags: list) -> None:
             res["norms"][n] = g.norm().item()
             torch.save(g[:SLICE].cpu().clone(), os.path.join(out, f"{i}.pt"))
             res.setdefault("files", {})[n] = f"{i}.pt"
+            if n.endswith(("experts.weight1", "experts.weight2")):                  # [E, ...]: whole, per expert
+                torch.save(g.view(p.shape[0], -1).bfloat16().cpu(), os.path.join(out, f"{i}.experts.pt"))
     with open(os.path.join(out, "res.json"), "w") as fh:
         json.dump(res, fh)
 
@@ -123,13 +130,47 @@ def run_grads(a, model_flags: list, tmp: str) -> list:
         k = _kind(n)
         worst[k] = min(worst.get(k, (2.0, "")), (cos, n))
     lines = _header(a, "gradients, one global batch")
+    experts = _per_expert(tmp, b, f)
     lines += [f"model: `{' '.join(model_flags)}`, seed {a.seeds[0]}, built-in corpus; FP8 = `{' '.join(FP8_FLAGS)}`",
               "", f"loss: BF16 {b['loss']:.6f}, FP8 {f['loss']:.6f} ({100 * (f['loss'] / b['loss'] - 1):+.3f}%)", "",
               "lowest cosine per kind of parameter: " + ", ".join(
                   f"{k} {c:.4f}" for k, (c, _) in sorted(worst.items(), key=lambda kv: kv[1])), "",
               f"| parameter | BF16 gradient norm | FP8 / BF16 norm | cosine (first {SLICE} elements) |",
               "|---|---|---|---|"] + rows
+    if experts:
+        lines += ["", "Routed experts, expert by expert (whole gradients, bf16 copies): cosine of FP8's and BF16's "
+                  "gradient, split by whether the expert got the same number of tokens in both runs (a flip "
+                  "changes the count unless two flips cancel)", "",
+                  "| weight | experts same count / changed | cosine, same count: median, min | cosine, changed: "
+                  "median, min | (token, expert) choices moved (sum of |count differences| / 2) of all |",
+                  "|---|---|---|---|---|"] + experts
     return lines
+
+
+def _per_expert(tmp: str, b: dict, f: dict) -> list:
+    import torch
+    rows = []
+    for n in b["files"]:
+        layer = n.rsplit(".experts.", 1)[0]
+        if not n.endswith(("experts.weight1", "experts.weight2")) or layer not in b["counts"] \
+                or layer not in f["counts"]:
+            continue
+        cb, cf = b["counts"][layer], f["counts"][layer]
+        gb = torch.load(os.path.join(tmp, "BF16", b["files"][n].replace(".pt", ".experts.pt"))).double()
+        gf = torch.load(os.path.join(tmp, "FP8", f["files"][n].replace(".pt", ".experts.pt"))).double()
+        cos = (gb * gf).sum(1) / (gb.norm(dim=1) * gf.norm(dim=1)).clamp_min(1e-300)        # [E]
+        same = [e for e in range(len(cb)) if cb[e] == cf[e] and cb[e] > 0]
+        changed = [e for e in range(len(cb)) if cb[e] != cf[e] and cb[e] > 0]
+
+        def stat(es):
+            if not es:
+                return "-"
+            v = cos[es].sort().values
+            return f"{float(v[len(es) // 2]):.4f}, {float(v[0]):.4f}"
+        moved = sum(abs(x - y) for x, y in zip(cb, cf)) // 2
+        rows.append(f"| `{n}` | {len(same)} / {len(changed)} | {stat(same)} | {stat(changed)} | {moved} of "
+                    f"{sum(cb)} |")
+    return rows
 
 
 # ---- training curves --------------------------------------------------------------------------------------------------

@@ -30,6 +30,10 @@ def test_gradient_table(tmp_path):
         # experts' tokens cosines far lower
         assert float(norm) > 0 and abs(float(ratio) - 1) < 0.25 and float(cos) > 0.9, (name, ratio, cos)
     assert "lowest cosine per kind of parameter: " in text and "routed experts" in text
+    # expert by expert, beside the routing: every MoE layer's two expert weights, the counts adding up
+    per_expert = re.findall(r"^\| `([^`]+experts\.weight[12])` \| (\d+) / (\d+) \|.*\| (\d+) of (\d+) \|$", text, re.M)
+    assert len(per_expert) == 2 * sum("router.weight" in n for n in names) > 0, per_expert
+    assert all(int(s) + int(c) > 0 and int(moved) <= int(total) for _, s, c, moved, total in per_expert)
 
 
 @pytest.mark.parametrize("args, msg", [(["--seeds", "1,1"], "different seeds"), (["--seeds", "x"], "integers"),

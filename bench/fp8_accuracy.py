@@ -142,7 +142,7 @@ def run_grads(a, model_flags: list, tmp: str) -> list:
                   "gradient, split by whether the expert got the same number of tokens in both runs (a flip "
                   "changes the count unless two flips cancel)", "",
                   "| weight | experts same count / changed | cosine, same count: median, min | cosine, changed: "
-                  "median, min | (token, expert) choices moved (sum of |count differences| / 2) of all |",
+                  "median, min | (token, expert) choices moved (half the summed abs count differences) of all |",
                   "|---|---|---|---|---|"] + experts
     return lines
 

@@ -40,7 +40,7 @@ PARTS = ("stack", "dense", "moe_layer", "mla", "moe")
 TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense": "dense layer (MLA + MLP)",
           "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
 IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8", "ours-recompute", "ours-fp8-hostloop", "ours-fp8-nocache",
-         "ours-unfused-expert-wgrad")
+         "ours-fp8-fpropcache", "ours-unfused-expert-wgrad")
 NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-fp8": "ours FP8 (native; FP8Config's defaults: Triton grouped GEMMs)",
          "ours-recompute": "ours BF16, the paper's recomputation (norms + MLA up-projections)",
@@ -48,6 +48,8 @@ NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-fp8-hostloop": "ours FP8 (native), one cuBLAS GEMM per expert (FP8Config.grouped_gemm='host_loop')",
          "ours-fp8-nocache": "ours FP8 (native), weights quantised at each use (FP8Config.weight_cache=False: no FP8 "
                              "weight copies kept, 2 bytes a parameter less)",
+         "ours-fp8-fpropcache": "ours FP8 (native), Fprop's FP8 weight copy kept, Dgrad's a byte transpose of it "
+                                "(FP8Config.weight_cache='fprop': 1 byte a parameter less)",
          "ours-unfused-expert-wgrad": "ours BF16, experts' weight gradients by autograd + add (GroupedExperts.fuse_wgrad "
                                       "False)"}
 
@@ -104,6 +106,8 @@ def build(part: str, impl: str, cfg, dev, pg):
         impl, fp8_extra = "ours-fp8", {"grouped_gemm": "host_loop"}
     if impl == "ours-fp8-nocache":        # no per-step FP8 weight copies (what 1 micro-batch a step pays for nothing)
         impl, fp8_extra = "ours-fp8", {"weight_cache": False}
+    if impl == "ours-fp8-fpropcache":     # one FP8 copy per weight kept, the transposed one made per backward
+        impl, fp8_extra = "ours-fp8", {"weight_cache": "fprop"}
     fp8 = impl.endswith("-fp8")
     impl = impl[:-4] if fp8 else impl
     if fp8 and impl == "ours":

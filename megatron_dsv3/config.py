@@ -13,7 +13,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple, Union
 
 __all__ = [
     "YaRNConfig", "MLAConfig", "MoEConfig", "MTPConfig", "FP8Config", "ParallelConfig",
@@ -192,8 +192,10 @@ class FP8Config:
     param_fp8: bool = False             # keep FP8 weight copies with their block scales
     dispatch_fp8: bool = True           # routed experts in FP8: tokens quantised (1x128, pow2) before the dispatch
                                         # all-to-all, half its bytes (section 3.3.4; fp8/dispatch.py); combine BF16
-    weight_cache: bool = True           # FP8 weight copies (blocks + transposed) made once per optimizer step and
-                                        # shared by the micro-batches: +2 bytes/FP8 param (fp8/weight_cache.py)
+    weight_cache: Union[bool, str] = True   # FP8 weight copies made once per optimizer step and shared by the
+                                        # micro-batches (fp8/weight_cache.py): True = Fprop's blocks and Dgrad's
+                                        # transposed blocks, +2 bytes/FP8 param; "fprop" = Fprop's only, Dgrad's a
+                                        # byte transpose of them per backward, +1 byte; False = none
     grouped_gemm: str = "triton"        # routed experts' GEMMs on CUDA: "triton" (Fprop/Dgrad/Wgrad one launch each,
                                         # offsets on the device: fp8/grouped_gemm.py; measured faster on the H200,
                                         # bench/results_fp8.md) | "host_loop" (one cuBLAS call per expert)
@@ -203,7 +205,8 @@ class FP8Config:
         _check(self.format in ("e4m3",), f"FP8Config.format must be 'e4m3', got {self.format!r}")
         _positive(self, "act_tile", "weight_block")
         _check(isinstance(self.dispatch_fp8, bool), f"FP8Config.dispatch_fp8 must be a bool, got {self.dispatch_fp8!r}")
-        _check(isinstance(self.weight_cache, bool), f"FP8Config.weight_cache must be a bool, got {self.weight_cache!r}")
+        _check(isinstance(self.weight_cache, bool) or self.weight_cache == "fprop",
+               f"FP8Config.weight_cache must be True, False or 'fprop', got {self.weight_cache!r}")
         _check(self.grouped_gemm in ("host_loop", "triton"),
                f"FP8Config.grouped_gemm must be host_loop|triton, got {self.grouped_gemm!r}")
         unknown = [m for m in self.bf16_modules if m not in FP8_ALWAYS_BF16 + FP8_MODULES]

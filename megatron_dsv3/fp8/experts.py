@@ -36,18 +36,23 @@ import torch
 from megatron_dsv3.fp8.kernels import bounded_row_tiles, use_triton
 from megatron_dsv3.fused_wgrad import ACCUMULATE, NOT_NEEDED, wgrad_buffer, grad_need
 from megatron_dsv3.fp8.linear import quantizer
+from megatron_dsv3.fp8.weight_cache import cache_mode
 from megatron_dsv3.moe.experts import GroupedExperts
 from megatron_dsv3.moe.kernels import swiglu
 
 __all__ = ["FP8GroupedExperts", "fp8_expert_mlp", "expert_weight_blocks"]
 
 
-def expert_weight_blocks(w: torch.Tensor, transposed: bool, cache: bool = False):
+def expert_weight_blocks(w: torch.Tensor, transposed: bool, cache=False):
     """w [E, A, B] -> the 128x128 blocks of each expert's matrix (q [E, A, B], s [E, A/128, B/128]), or with
     transposed=True those of its transpose (q [E, B, A], s [E, B/128, A/128]); from the per-step cache when cache is
-    on (fp8/weight_cache.py)."""
+    on (fp8/weight_cache.py; "fprop": only Fprop's copy, the transposed one, is kept, Dgrad's is its byte
+    transpose)."""
     from megatron_dsv3.fp8.kernels import quantize_blocks_and_transpose_fast
-    from megatron_dsv3.fp8.weight_cache import cached
+    from megatron_dsv3.fp8.weight_cache import FPROP, cached, transposed_blocks
+    if cache == FPROP:
+        fprop = cached(w, "expert_blocks_t", lambda t: quantize_blocks_and_transpose_fast(t)[2:])
+        return fprop if transposed else transposed_blocks(*fprop)
     # both copies from one read (Fprop takes the transposed one, Dgrad the other): made once per step with the cache
     both = cached(w, "expert_blocks_and_t", quantize_blocks_and_transpose_fast, cache)
     return both[2:] if transposed else both[:2]
@@ -82,7 +87,7 @@ def _wgrad(fp8_grouped_wgrad, weight: torch.Tensor, need: int, *operands):
 class FP8ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
-                x_q=None, x_s=None, weight_cache: bool = False, grouped: str = "host_loop", row_scale=None):
+                x_q=None, x_s=None, weight_cache=False, grouped: str = "host_loop", row_scale=None):
         from functools import partial
 
         from megatron_dsv3.fp8 import gemm
@@ -147,7 +152,7 @@ class FP8ExpertsFunction(torch.autograd.Function):
 
 
 def fp8_expert_mlp(x, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
-                   weight_cache: bool = False, grouped_gemm: str = "host_loop", row_scale=None) -> torch.Tensor:
+                   weight_cache=False, grouped_gemm: str = "host_loop", row_scale=None) -> torch.Tensor:
     """(row_scale * SwiGLU(x @ weight1[e])) @ weight2[e] per expert block in FP8. x [N, h] sorted by expert, or
     (rows, q, s) as dispatched in FP8 (module docstring); counts [E]; row_scale [N] float32 (the rows' gates) or
     None -> [N, h]. weight_cache: fp8/weight_cache.py; grouped_gemm: the grouped GEMMs' backend
@@ -161,7 +166,7 @@ def fp8_expert_mlp(x, counts: torch.Tensor, weight1: torch.Tensor, weight2: torc
         out = 0 * x + 0 * (weight1.sum() + weight2.sum())
         return out if row_scale is None else out + 0 * row_scale.sum()
     x_q, x_s = x_fp8 if x_fp8 else (None, None)
-    return FP8ExpertsFunction.apply(x, counts, weight1, weight2, x_q, x_s, bool(weight_cache), grouped_gemm,
+    return FP8ExpertsFunction.apply(x, counts, weight1, weight2, x_q, x_s, cache_mode(weight_cache), grouped_gemm,
                                     row_scale)
 
 

@@ -30,6 +30,7 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from megatron_dsv3.fused_wgrad import ACCUMULATE, NOT_NEEDED, grad_need
+from megatron_dsv3.fp8.weight_cache import cache_mode
 from megatron_dsv3.mla.linear import DuplicatedLinear
 
 __all__ = ["fp8_linear", "quantizer", "FP8LinearFunction", "FP8ColumnParallelLinear", "FP8RowParallelLinear",
@@ -54,11 +55,16 @@ def quantize_weight(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return quantizer("quantize_blocks")(w)
 
 
-def weight_blocks(w: torch.Tensor, transposed: bool = False, cache: bool = False):
-    """quantize_weight(w), or its transpose (W^T's blocks, for Dgrad). With the per-step cache on, both copies are
-    made by one pass at the first use (kernels.quantize_blocks_and_transpose_fast) and kept for the step."""
+def weight_blocks(w: torch.Tensor, transposed: bool = False, cache=False):
+    """quantize_weight(w), or its transpose (W^T's blocks, for Dgrad). cache (FP8Config.weight_cache): True, both
+    copies made by one pass at the first use (kernels.quantize_blocks_and_transpose_fast) and kept for the step;
+    "fprop", Fprop's blocks kept and W^T's made from them by a byte transpose (the same bits: a 128x128 block's
+    amax is its transpose's); False, quantised here."""
     from megatron_dsv3.fp8.kernels import quantize_blocks_and_transpose_fast
-    from megatron_dsv3.fp8.weight_cache import cached
+    from megatron_dsv3.fp8.weight_cache import FPROP, cached, transposed_blocks
+    if cache == FPROP:
+        blocks = cached(w, "blocks", quantize_weight)
+        return transposed_blocks(*blocks) if transposed else blocks
     if cache:
         both = cached(w, "blocks_and_t", quantize_blocks_and_transpose_fast)
         return both[2:] if transposed else both[:2]
@@ -76,7 +82,7 @@ class FP8LinearFunction(torch.autograd.Function):
     """y = x @ W^T with the three GEMMs of the module docstring. x [..., K], W [N, K] -> y [..., N] (x's dtype)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, wgrad_into_main_grad: bool, weight_cache: bool = False):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, wgrad_into_main_grad: bool, weight_cache=False):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)                                               # [M, K]
         q, s, qt, st = _tiles_and_transpose(x2)
@@ -132,13 +138,13 @@ def _weight_grad(weight: torch.Tensor, wgrad, into_main_grad: bool, accumulate: 
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias=None, wgrad_into_main_grad: bool = False,
-               weight_cache: bool = False) -> torch.Tensor:
+               weight_cache=False) -> torch.Tensor:
     """F.linear in FP8: x [..., K], weight [N, K] (param dtype), bias [N] or None -> [..., N] in x's dtype.
-    weight_cache: take W's FP8 copies from the per-step cache (fp8/weight_cache.py)."""
+    weight_cache: W's FP8 copies from the per-step cache (fp8/weight_cache.py; True, "fprop" or False)."""
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"fp8_linear: input has {x.shape[-1]} features, the weight [{weight.shape[0]}, "
                          f"{weight.shape[1]}] expects {weight.shape[1]}")
-    y = FP8LinearFunction.apply(x, weight, bool(wgrad_into_main_grad), bool(weight_cache))
+    y = FP8LinearFunction.apply(x, weight, bool(wgrad_into_main_grad), cache_mode(weight_cache))
     return y if bias is None else y + bias
 
 

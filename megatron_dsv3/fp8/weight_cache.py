@@ -21,9 +21,12 @@ Any other code writing weights behind autograd (`.data` assignments) must call d
 
 Memory: per FP8 weight, both copies (Fprop's blocks and Dgrad's transposed blocks), 2 bytes per parameter plus one
 float32 scale per 128x128 block of each; kept from the first use to the end of the step. FP8Config.weight_cache
-(default on) switches it; configure(model, fp8_config) applies it to a built model (model.py's build_model), and
-training/memory.py counts it. Off, every GEMM quantises its weight as before (bit-identical results: the quantisers
-are deterministic, tests/fp8/test_weight_cache.py).
+(default True) switches it; configure(model, fp8_config) applies it to a built model (model.py's build_model), and
+training/memory.py counts it. "fprop" keeps Fprop's copy only (1 byte per parameter) and makes Dgrad's in each
+backward by transposing its bytes and scales (transposed_blocks): a 128x128 block's amax is its transpose's, so
+these are the bits quantising W^T gives, for a read and a write of 1 byte per parameter instead of a quantiser's
+pass over the 2-byte weight. False: every GEMM quantises its weight as before (bit-identical results: the
+quantisers are deterministic, tests/fp8/test_weight_cache.py).
 """
 from __future__ import annotations
 
@@ -31,10 +34,23 @@ from typing import Callable, Iterable, Tuple
 
 import torch
 
-__all__ = ["cached", "drop_caches", "configure", "ATTR", "ENABLE_ATTR"]
+__all__ = ["cached", "drop_caches", "configure", "cache_mode", "transposed_blocks", "ATTR", "ENABLE_ATTR", "FPROP"]
 
 ATTR = "_dsv3_fp8_cache"              # on a parameter: {kind: (key, value)}
 ENABLE_ATTR = "fp8_weight_cache"      # on an FP8 module: whether its weights' copies are cached (default True)
+
+
+FPROP = "fprop"                       # FP8Config.weight_cache: keep Fprop's copy only
+
+
+def cache_mode(value):
+    """FP8Config.weight_cache's value as the FP8 Functions take it: True (both copies), FPROP or False."""
+    return FPROP if value == FPROP else bool(value)
+
+
+def transposed_blocks(q: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The 128x128 blocks of W^T from W's (q [..., N, K], s [..., N/128, K/128]): both transposed, contiguous."""
+    return q.transpose(-2, -1).contiguous(), s.transpose(-2, -1).contiguous()
 
 
 def _key(p: torch.Tensor) -> Tuple:
@@ -83,12 +99,11 @@ def drop_caches(model_chunks) -> int:
 def configure(model_chunks, fp8_config) -> None:
     """Applies FP8Config to the chunks' FP8 modules: weight_cache on those with the ENABLE_ATTR switch, grouped_gemm
     on the FP8 experts (their `fp8_grouped_gemm`: gemm.fp8_grouped_gemm's backend)."""
-    on = bool(getattr(fp8_config, "weight_cache", True))
+    on = cache_mode(getattr(fp8_config, "weight_cache", True))
     grouped = getattr(fp8_config, "grouped_gemm", "triton")
     for m in _modules(model_chunks):
         if hasattr(m, ENABLE_ATTR):
             setattr(m, ENABLE_ATTR, on)
         if hasattr(m, "fp8_grouped_gemm"):
             m.fp8_grouped_gemm = grouped
-    if not on:
-        drop_caches(model_chunks)
+    drop_caches(model_chunks)              # copies made under another mode (or kept with the cache now off)

@@ -172,7 +172,9 @@ def estimate_memory(cfg, micro_batch_size: int, data_parallel_size: int, seq_len
             act = per_token * s * micro_batch_size * in_flight
         if stage == pp - 1:
             act += s * micro_batch_size * cfg.padded_vocab_size / tp * 4 * (1 + cfg.mtp.num_layers)
-        cache = p["fp8"] * FP8_WEIGHT_CACHE_BYTES if fp8 and cfg.fp8.weight_cache else 0.0
+        # "fprop" keeps one of the two copies (Dgrad's is made per backward, one layer's worth at a time)
+        cache = p["fp8"] * FP8_WEIGHT_CACHE_BYTES * (0.5 if cfg.fp8.weight_cache == "fprop" else 1.0) \
+            if fp8 and cfg.fp8.weight_cache else 0.0
         row = {"stage": stage, "params_billion": n / 1e9, "weights": (n * pbytes + cache) / GiB,
                "fp8_weight_cache": cache / GiB, "gradients": n * grad_bytes / GiB,
                "optimizer": opt / GiB, "activations": act / GiB}

@@ -68,6 +68,17 @@ def test_linear_same_bits_with_and_without_cache_one_quantisation_per_step(block
         assert torch.equal(y, y0) and torch.equal(dx, dx0)
     assert torch.equal(w.grad, dw_ref)
     assert block_calls["calls"] == 1                        # cached: once for the step (the transpose reuses it)
+    assert set(getattr(w, ATTR)) == {"blocks_and_t"}
+    # "fprop": Fprop's blocks kept, Dgrad's their byte transpose in each backward: the same bits, one quantisation
+    drop_caches([torch.nn.ParameterList([w])])
+    w.grad = None
+    block_calls["calls"] = 0
+    for (x, dy), (y0, dx0) in zip(mbs, ref):
+        y, dx = _linear_step(x, w, dy, cache="fprop")
+        assert torch.equal(y, y0) and torch.equal(dx, dx0)
+    assert torch.equal(w.grad, dw_ref) and block_calls["calls"] == 1
+    store = getattr(w, ATTR)
+    assert set(store) == {"blocks"} and [t.shape for t in store["blocks"][1]] == [(192, 320), (2, 3)]
 
 
 def test_optimizer_step_invalidates_the_linear_cache():
@@ -135,6 +146,14 @@ def test_experts_same_bits_with_and_without_cache_and_invalidated_by_a_step(bloc
     for (y, dx), (y0, dx0) in zip(got, ref):
         assert torch.equal(y, y0) and torch.equal(dx, dx0)
     assert all(torch.equal(a, b) for a, b in zip(ggot, gref))
+    drop_caches([torch.nn.ParameterList([w1, w2])])         # "fprop": only Fprop's (transposed) copy is kept
+    block_calls["calls"] = 0
+    got, ggot = run("fprop")
+    assert block_calls["calls"] == 2 * E and set(getattr(w1, ATTR)) == {"expert_blocks_t"}
+    assert getattr(w1, ATTR)["expert_blocks_t"][1][0].shape == (E, 2 * f, h)
+    for (y, dx), (y0, dx0) in zip(got, ref):
+        assert torch.equal(y, y0) and torch.equal(dx, dx0)
+    assert all(torch.equal(a, b) for a, b in zip(ggot, gref))
     with torch.no_grad():                                   # an optimizer step
         w1.add_(torch.randn(w1.shape, generator=g).bfloat16())
         w2.mul_(-1.5)
@@ -149,8 +168,9 @@ def test_configure_and_config_field(mcore_single):
     from megatron_dsv3.config import FP8Config
     from megatron_dsv3.fp8.linear import FP8DuplicatedLinear
 
-    with pytest.raises(ValueError, match="weight_cache"):
-        FP8Config(weight_cache="yes")
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="weight_cache must be True, False or 'fprop'"):
+            FP8Config(weight_cache=bad)
     tc = DSV3Config.from_preset("tiny").to_transformer_config()
     m = torch.nn.Sequential(FP8DuplicatedLinear(128, 128, config=tc, init_method=tc.init_method))
     assert m[0].fp8_weight_cache
@@ -169,6 +189,11 @@ def test_configure_and_config_field(mcore_single):
         FP8Config(grouped_gemm="cutlass")
     m[0](torch.randn(4, 128))
     assert drop_caches(m) == 1 and not getattr(m[0].weight, ATTR)
+    m[0](torch.randn(4, 128))
+    configure(m, FP8Config(enabled=True, weight_cache="fprop"))       # the other mode's copies go
+    assert m[0].fp8_weight_cache == "fprop" and not getattr(m[0].weight, ATTR)
+    m[0](torch.randn(4, 128))
+    assert set(getattr(m[0].weight, ATTR)) == {"blocks"}
 
 
 def test_memory_estimate_counts_the_cache():
@@ -182,4 +207,6 @@ def test_memory_estimate_counts_the_cache():
     assert 0 < p["fp8"] < p["dense"] + p["expert"]
     assert e_off["fp8_weight_cache"] == 0
     assert e_on["weights"] - e_off["weights"] == pytest.approx(p["fp8"] * FP8_WEIGHT_CACHE_BYTES / GiB)
+    half = estimate_memory(on.replace(fp8={"weight_cache": "fprop"}), 1, 1)["fp8_weight_cache"]
+    assert half == pytest.approx(e_on["fp8_weight_cache"] / 2)
     assert estimate_memory(on, 1, 1, fp8=False)["fp8_weight_cache"] == 0

@@ -29,7 +29,7 @@ import torch
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from megatron_dsv3.fused_wgrad import ACCUMULATE, NOT_NEEDED, grad_need
+from megatron_dsv3.fused_wgrad import ACCUMULATE, NOT_NEEDED, grad_need, wgrad_buffer
 from megatron_dsv3.fp8.weight_cache import cache_mode
 from megatron_dsv3.mla.linear import DuplicatedLinear
 
@@ -129,10 +129,9 @@ def _weight_grad(weight: torch.Tensor, wgrad, into_main_grad: bool, accumulate: 
             return (torch.zeros if zero else torch.empty)(weight.main_grad.shape, dtype=weight.dtype,
                                                           device=weight.device)
         return None
-    g = weight.grad
-    if accumulate and g is not None and g.is_contiguous() and g.shape == weight.shape \
-            and not hasattr(weight, "main_grad"):
-        g.add_(wgrad(torch.float32))                  # old + new in FP32, rounded once to .grad's dtype
+    buf = wgrad_buffer(weight) if accumulate else None
+    if buf is not None and buf is weight.grad:        # no DDP (its main_grad is its hook's to fill)
+        buf.add_(wgrad(torch.float32))                # old + new in FP32, rounded once to .grad's dtype
         return None
     return wgrad(weight.dtype)
 

@@ -48,11 +48,15 @@ def expert_weight_blocks(w: torch.Tensor, transposed: bool, cache=False):
     transposed=True those of its transpose (q [E, B, A], s [E, B/128, A/128]); from the per-step cache when cache is
     on (fp8/weight_cache.py; "fprop": only Fprop's copy, the transposed one, is kept, Dgrad's is its byte
     transpose)."""
-    from megatron_dsv3.fp8.kernels import quantize_blocks_and_transpose_fast
+    from megatron_dsv3.fp8.kernels import (quantize_blocks_and_transpose_fast, quantize_blocks_fast,
+                                           quantize_blocks_transposed_fast)
     from megatron_dsv3.fp8.weight_cache import FPROP, cached, transposed_blocks
     if cache == FPROP:
-        fprop = cached(w, "expert_blocks_t", lambda t: quantize_blocks_and_transpose_fast(t)[2:])
+        fprop = cached(w, "expert_blocks_t", quantize_blocks_transposed_fast)
         return fprop if transposed else transposed_blocks(*fprop)
+    if not cache:                            # only the copy asked for (the other would be a transient of 1 B/param)
+        with torch.no_grad():
+            return quantize_blocks_transposed_fast(w) if transposed else quantize_blocks_fast(w)
     # both copies from one read (Fprop takes the transposed one, Dgrad the other): made once per step with the cache
     both = cached(w, "expert_blocks_and_t", quantize_blocks_and_transpose_fast, cache)
     return both[2:] if transposed else both[:2]

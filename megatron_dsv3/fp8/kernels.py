@@ -210,10 +210,10 @@ if HAVE_TRITON:
 if HAVE_TRITON:
     @triton.jit
     def _block_quant_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, stride_we, stride_wn,
-                            NB: tl.constexpr, KB: tl.constexpr, TRANSPOSE: tl.constexpr, POW2: tl.constexpr,
-                            HW_CAST: tl.constexpr, B: tl.constexpr):
-        """One 128x128 block (i, j) of expert e: quant.quantize_blocks' scale and bytes, and with TRANSPOSE the same
-        block transposed into W^T's [K, N] (its scale at [j, i])."""
+                            NB: tl.constexpr, KB: tl.constexpr, TRANSPOSE: tl.constexpr, STRAIGHT: tl.constexpr,
+                            POW2: tl.constexpr, HW_CAST: tl.constexpr, B: tl.constexpr):
+        """One 128x128 block (i, j) of expert e: quant.quantize_blocks' scale and bytes (STRAIGHT), and with
+        TRANSPOSE the same block transposed into W^T's [K, N] (its scale at [j, i])."""
         i = tl.program_id(0)
         j = tl.program_id(1)
         e = tl.program_id(2).to(tl.int64)
@@ -226,11 +226,12 @@ if HAVE_TRITON:
         nan = tl.max((row_amax != row_amax).to(tl.int32), 0)
         blk = tl.where(nan > 0, float("nan"), tl.max(row_amax, 0))
         s = _scale(tl.zeros([B], tl.float32) + blk, POW2)                          # [B], all the block's scale
-        q = _cast(x, s[:, None], HW_CAST)
         NK = N * K
-        tl.store(q_ptr + e * NK + r[:, None].to(tl.int64) * K + c[None, :], q, mask=mask)
         first = tl.arange(0, B) == 0
-        tl.store(s_ptr + e * NB * KB + i * KB + j + tl.arange(0, B) * 0, s, mask=first)
+        if STRAIGHT:
+            q = _cast(x, s[:, None], HW_CAST)
+            tl.store(q_ptr + e * NK + r[:, None].to(tl.int64) * K + c[None, :], q, mask=mask)
+            tl.store(s_ptr + e * NB * KB + i * KB + j + tl.arange(0, B) * 0, s, mask=first)
         if TRANSPOSE:
             # W^T's block: the transposed block cast with the same (per-block) scale, so the bytes of q transposed,
             # stored with W^T's rows contiguous
@@ -411,10 +412,13 @@ def quantize_columns_grouped_triton(x: torch.Tensor, offs: torch.Tensor, pow2_sc
 
 
 def quantize_blocks_triton(w: torch.Tensor, pow2_scales: bool = False, transpose: bool = False,
-                           num_warps: Optional[int] = None):
+                           num_warps: Optional[int] = None, straight: bool = True):
     """quant.quantize_blocks of w [N, K], or of each w[e] of a stack [E, N, K] (any N, K), one read of w ->
     (q [.., N, K], s [.., N/128, K/128]) and with transpose=True also (qt [.., K, N], st [.., K/128, N/128]): the
-    blocks of W^T, i.e. W's blocks transposed (the Dgrad copy), from the same read."""
+    blocks of W^T, i.e. W's blocks transposed (the Dgrad copy), from the same read. transpose=True, straight=False:
+    (qt, st) alone (the copy a GEMM wants, without writing the other)."""
+    if not (straight or transpose):
+        raise ValueError("quantize_blocks_triton: straight=False needs transpose=True (else there is nothing to make)")
     if w.dim() not in (2, 3):
         raise ValueError(f"quantize_blocks needs a 2-D weight or a 3-D stack of them, got shape {tuple(w.shape)}")
     w3 = w if w.dim() == 3 else w.unsqueeze(0)
@@ -422,17 +426,18 @@ def quantize_blocks_triton(w: torch.Tensor, pow2_scales: bool = False, transpose
         w3 = w3.contiguous()
     E, N, K = w3.shape
     NB, KB = triton.cdiv(N, TILE), triton.cdiv(K, TILE)
-    q = torch.empty(E, N, K, dtype=FP8, device=w.device)
-    s = torch.empty(E, NB, KB, dtype=torch.float32, device=w.device)
+    q = torch.empty(E, N, K, dtype=FP8, device=w.device) if straight else None
+    s = torch.empty(E, NB, KB, dtype=torch.float32, device=w.device) if straight else None
     qt = torch.empty(E, K, N, dtype=FP8, device=w.device) if transpose else None
     st = torch.empty(E, KB, NB, dtype=torch.float32, device=w.device) if transpose else None
     if E and N and K:
         kw = {"num_warps": num_warps or 8} if w.is_cuda else {}
-        _block_quant_kernel[(NB, KB, E)](w3, q.view(torch.uint8), s, qt.view(torch.uint8) if transpose else q,
-                                         st if transpose else s, N, K, w3.stride(0), w3.stride(1),
-                                         NB=NB, KB=KB, TRANSPOSE=transpose, POW2=pow2_scales, HW_CAST=w.is_cuda,
-                                         B=TILE, **kw)
-    out = (q, s, qt, st) if transpose else (q, s)
+        qb, sb = (q, s) if straight else (qt, st)                  # (an unwritten pointer is some real buffer)
+        _block_quant_kernel[(NB, KB, E)](w3, qb.view(torch.uint8), sb, qt.view(torch.uint8) if transpose else qb,
+                                         st if transpose else sb, N, K, w3.stride(0), w3.stride(1),
+                                         NB=NB, KB=KB, TRANSPOSE=transpose, STRAIGHT=straight, POW2=pow2_scales,
+                                         HW_CAST=w.is_cuda, B=TILE, **kw)
+    out = ((q, s) if straight else ()) + ((qt, st) if transpose else ())
     return out if w.dim() == 3 else tuple(t[0] for t in out)
 
 
@@ -478,9 +483,22 @@ def _blocks_on_triton(w: torch.Tensor) -> bool:
 
 
 def quantize_blocks_fast(w: torch.Tensor, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    if _blocks_on_triton(w) and w.dim() == 2:
+    """quant.quantize_blocks of w [N, K], or of each w[e] of a stack [E, N, K]."""
+    if _blocks_on_triton(w) and w.dim() in (2, 3):
         return quantize_blocks_triton(w, pow2_scales)
+    if w.dim() == 3:
+        qs = [quant.quantize_blocks(we, pow2_scales=pow2_scales) for we in w]
+        return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
     return quant.quantize_blocks(w, pow2_scales=pow2_scales)
+
+
+def quantize_blocks_transposed_fast(w: torch.Tensor, pow2_scales: bool = False):
+    """w [N, K] or a stack [E, N, K] -> (qt, st): the 128x128 blocks of W^T (of each w[e]^T) alone, the bits of
+    quantize_blocks_and_transpose_fast's second pair without making its first. One Triton pass on CUDA for 16-bit
+    weights; elsewhere the reference and a transpose."""
+    if _blocks_on_triton(w) and w.dim() in (2, 3):
+        return quantize_blocks_triton(w, pow2_scales, transpose=True, straight=False)
+    return quantize_blocks_and_transpose_fast(w, pow2_scales)[2:]
 
 
 def quantize_blocks_and_transpose_fast(w: torch.Tensor, pow2_scales: bool = False):

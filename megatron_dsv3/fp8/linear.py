@@ -60,7 +60,7 @@ def weight_blocks(w: torch.Tensor, transposed: bool = False, cache=False):
     copies made by one pass at the first use (kernels.quantize_blocks_and_transpose_fast) and kept for the step;
     "fprop", Fprop's blocks kept and W^T's made from them by a byte transpose (the same bits: a 128x128 block's
     amax is its transpose's); False, quantised here."""
-    from megatron_dsv3.fp8.kernels import quantize_blocks_and_transpose_fast
+    from megatron_dsv3.fp8.kernels import quantize_blocks_and_transpose_fast, quantize_blocks_transposed_fast
     from megatron_dsv3.fp8.weight_cache import FPROP, cached, transposed_blocks
     if cache == FPROP:
         blocks = cached(w, "blocks", quantize_weight)
@@ -69,7 +69,7 @@ def weight_blocks(w: torch.Tensor, transposed: bool = False, cache=False):
         both = cached(w, "blocks_and_t", quantize_blocks_and_transpose_fast)
         return both[2:] if transposed else both[:2]
     with torch.no_grad():
-        return quantize_blocks_and_transpose_fast(w)[2:] if transposed else quantize_weight(w)
+        return quantize_blocks_transposed_fast(w) if transposed else quantize_weight(w)
 
 
 def _gemm(a_q, a_s, b_q, b_s, out_dtype):

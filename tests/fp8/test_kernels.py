@@ -256,6 +256,11 @@ def test_quantize_blocks_triton_bit_exact_with_its_transpose(triton_device, shap
         _same(sts[e].cpu(), rs.t().contiguous())
     q2, s2 = quantize_blocks_triton(w, pow2_scales=pow2)
     _same(q2.cpu(), q.cpu())
+    qt3, st3 = quantize_blocks_triton(w, pow2_scales=pow2, transpose=True, straight=False)   # W^T's blocks alone
+    _same(qt3.cpu(), qt.cpu())
+    _same(st3.cpu(), st.cpu())
+    with pytest.raises(ValueError, match="straight=False needs transpose=True"):
+        quantize_blocks_triton(w, straight=False)
 
 
 @pytest.mark.gpu
@@ -267,12 +272,11 @@ def test_weight_block_dispatch_on_cuda_is_bit_exact(dtype):
     from megatron_dsv3.fp8 import kernels
     w = (torch.randn(3, 256, 384, generator=torch.Generator().manual_seed(3)) * 0.05).to(dtype)
     q, s, qt, st = kernels.quantize_blocks_and_transpose_fast(w.cuda())
+    (q1, s1), (qt1, st1) = kernels.quantize_blocks_fast(w.cuda()), kernels.quantize_blocks_transposed_fast(w.cuda())
     for e in range(3):
         rq, rs = quant.quantize_blocks(w[e])
-        _same(q[e].cpu(), rq)
-        _same(s[e].cpu(), rs)
-        _same(qt[e].cpu(), rq.t().contiguous())
-        _same(st[e].cpu(), rs.t().contiguous())
+        for a, b in ((q, rq), (s, rs), (qt, rq.t()), (st, rs.t()), (q1, rq), (s1, rs), (qt1, rq.t()), (st1, rs.t())):
+            _same(a[e].cpu(), b.contiguous())
     q2, s2 = kernels.quantize_blocks_fast(w[1].cuda())
     _same(q2.cpu(), quant.quantize_blocks(w[1])[0])
 

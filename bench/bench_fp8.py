@@ -32,7 +32,9 @@ FP8 = torch.float8_e4m3fn
 COPY_TBS = None
 
 
-def timed(fn, iters):
+def timed(fn, iters, reps=1):
+    """Median ms of fn over iters timings; reps > 1: each timing spans reps back-to-back calls (the kernel's own
+    time, its launch hidden behind the previous call's, as in a training step) and is divided by reps."""
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
@@ -40,20 +42,21 @@ def timed(fn, iters):
     for _ in range(iters):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        fn()
+        for _ in range(reps):
+            fn()
         e.record()
         e.synchronize()
-        ts.append(s.elapsed_time(e))
+        ts.append(s.elapsed_time(e) / reps)
     return sorted(ts)[len(ts) // 2]
 
 
-def alternate(variants, rounds, iters):
-    """{name: fn} -> {name: median ms}, the variants round-robin within each round."""
+def alternate(variants, rounds, iters, reps=1):
+    """{name: fn} -> {name: median ms}, the variants round-robin within each round (timed's reps)."""
     got = {k: [] for k in variants}
     for _ in range(rounds):
         for k, fn in variants.items():
             try:
-                got[k].append(timed(fn, iters))
+                got[k].append(timed(fn, iters, reps))
             except Exception as err:  # a variant this torch does not take: say so, keep going
                 got[k].append(float("nan"))
                 print(f"  {k}: {type(err).__name__}: {str(err)[:200]}", flush=True)
@@ -237,7 +240,8 @@ def accum(lines, res):
 # ---- quantisers ---------------------------------------------------------------------------------------------------
 def quant_bench(lines, res, rounds, iters):
     dev = "cuda"
-    lines.append("\n## Quantisers, bf16 input (GB/s = bytes read + written / time)\n")
+    lines.append("\n## Quantisers, bf16 input (GB/s = bytes read + written / time; 20 calls back to back per "
+                 "timing: a small kernel's launch hidden as in a step)\n")
     lines.append("| shape | variant | bit-exact vs quant.py | ms | GB/s | % of copy |\n|---|---|---|---|---|---|")
     for (M, K) in ((16384, 7168), (32768, 2048)):
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
@@ -247,6 +251,7 @@ def quant_bench(lines, res, rounds, iters):
         ref_t = quant.quantize_tiles(x)
         ref_tt = quant.quantize_tiles_and_transpose(x)
         ref_g = quant.quantize_columns_grouped(x, offs)
+        row_tiles = kernels.bounded_row_tiles(offs, M)
         nb_tiles = 2 * M * K + M * K + 4 * M * K // 128
         variants, nbytes, exact = {}, {}, {}
         variants["device copy"] = lambda: y.copy_(x)
@@ -267,11 +272,13 @@ def quant_bench(lines, res, rounds, iters):
             exact[name] = all(_eq(u, v) for u, v in zip(kernels.quantize_tiles_and_transpose_triton(x, False, nw),
                                                          ref_tt))
             name = f"quantize_columns_grouped_triton (32 experts) warps={nw}"
-            variants[name] = (lambda nw=nw: kernels.quantize_columns_grouped_triton(x, offs, False, nw))
+            # row_tiles as the FP8 experts pass them (bounded_row_tiles: no host read-back of offs per call)
+            variants[name] = (lambda nw=nw: kernels.quantize_columns_grouped_triton(x, offs, False, nw,
+                                                                                    row_tiles=row_tiles))
             nbytes[name] = nb_tiles
             exact[name] = all(_eq(u, v) for u, v in zip(kernels.quantize_columns_grouped_triton(x, offs, False, nw),
                                                          ref_g))
-        ms = alternate(variants, rounds, iters)
+        ms = alternate(variants, rounds, iters, reps=20)
         copy = nbytes["device copy"] / ms["device copy"] / 1e6
         for k, t in ms.items():
             gbs = nbytes[k] / t / 1e6
@@ -302,7 +309,12 @@ def wquant_bench(lines, res, rounds, iters, dev="cuda", shapes=((32, 7168, 4096)
                 got = kernels.quantize_blocks_triton(w, False, tr, nw)
                 exact[name] = _eq(got[0][0], ref[0]) and _eq(got[1][0], ref[1]) and (
                     not tr or _eq(got[2][0], ref[0].t().contiguous()))
-        ms = alternate(variants, rounds, iters)
+            name = f"quantize_blocks_triton warps={nw}, W^T's blocks only (straight=False)"
+            variants[name] = (lambda nw=nw: kernels.quantize_blocks_triton(w, False, True, nw, straight=False))
+            nbytes[name] = nb
+            got = kernels.quantize_blocks_triton(w, False, True, nw, straight=False)
+            exact[name] = _eq(got[0][0], ref[0].t().contiguous()) and _eq(got[1][0], ref[1].t().contiguous())
+        ms = alternate(variants, rounds, iters, reps=5)
         copy = nbytes["device copy"] / ms["device copy"] / 1e6
         for k, t in ms.items():
             gbs = nbytes[k] / t / 1e6

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_dsv3.fp8.grouped_gemm import TileSchedule
 from megatron_dsv3.fp8.kernels import bounded_row_tiles, use_triton
 from megatron_dsv3.fused_wgrad import ACCUMULATE, NOT_NEEDED, wgrad_buffer, grad_need
 from megatron_dsv3.fp8.linear import quantizer
@@ -95,9 +96,11 @@ class FP8ExpertsFunction(torch.autograd.Function):
         from functools import partial
 
         from megatron_dsv3.fp8 import gemm
-        fp8_grouped_gemm = partial(gemm.fp8_grouped_gemm, backend=grouped)
         tiles, columns = quantizer("quantize_tiles"), quantizer("quantize_columns_grouped")
         offs = torch.cumsum(counts, 0).to(torch.int32)                                  # [E] group ends
+        # the Triton GEMMs' row-tile schedule, made once for this layer's four grouped GEMMs (same groups, same rows)
+        schedule = TileSchedule.of(offs, x.shape[0]) if grouped == "triton" else None
+        fp8_grouped_gemm = partial(gemm.fp8_grouped_gemm, backend=grouped, schedule=schedule)
         w1t = expert_weight_blocks(weight1, True, weight_cache)                        # [E, 2f, h] blocks
         w2t = expert_weight_blocks(weight2, True, weight_cache)                        # [E, h, f]
         if x_q is None:
@@ -114,6 +117,7 @@ class FP8ExpertsFunction(torch.autograd.Function):
         xt_q, xt_s, offs_p = columns(x, offs, pow2_scales=True, row_tiles=row_tiles)   # [h, Np]: Wgrad operand
         ctx.save_for_backward(offs, offs_p, xt_q, xt_s, h1_q, h1_s, weight1, weight2, row_scale)
         ctx.x_dtype, ctx.weight_cache, ctx.grouped, ctx.row_tiles = x.dtype, weight_cache, grouped, row_tiles
+        ctx.schedule = schedule
         return y
 
     @staticmethod
@@ -121,7 +125,7 @@ class FP8ExpertsFunction(torch.autograd.Function):
         from functools import partial
 
         from megatron_dsv3.fp8 import gemm
-        fp8_grouped_gemm = partial(gemm.fp8_grouped_gemm, backend=ctx.grouped)
+        fp8_grouped_gemm = partial(gemm.fp8_grouped_gemm, backend=ctx.grouped, schedule=ctx.schedule)
         fp8_grouped_wgrad = partial(gemm.fp8_grouped_wgrad, backend=ctx.grouped)
         tiles, columns = quantizer("quantize_tiles"), quantizer("quantize_columns_grouped")
         deq = quantizer("dequantize_tiles")

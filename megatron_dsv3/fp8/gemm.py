@@ -226,12 +226,13 @@ def _triton_interpreted() -> bool:
 
 def fp8_grouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
                      offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
-                     backend: str = "host_loop") -> torch.Tensor:
+                     backend: str = "host_loop", schedule=None) -> torch.Tensor:
     """Rows offs[e-1]:offs[e] of a (1x128 tiles: a_q [R, K], a_scale [R, ceil(K/128)]) times deq(b[e]).T, with
     b_q [E, N, K] e4m3 in 128x128 blocks (b_scale [E, ceil(N/128), ceil(K/128)]); offs [E] int32 cumulative ends
     (torch._grouped_mm's convention). -> [R, N]; rows past offs[-1] are zero.
     backend (FP8Config.grouped_gemm) on CUDA: "host_loop" -- one cuBLAS GEMM per expert, offs read on the host --
-    or "triton" -- fp8/grouped_gemm.py's one launch, offsets on the device, no host sync (offs not validated).
+    or "triton" -- fp8/grouped_gemm.py's one launch, offsets on the device, no host sync (offs not validated;
+    schedule: its grouped_gemm.TileSchedule for these offs and rows, made once for several calls, else made here).
     Elsewhere both are the emulation (but "triton" runs the kernel on CPU under TRITON_INTERPRET=1, as the tests do);
     float64 outputs are always the emulation."""
     if b_q.dim() != 3 or b_scale.dim() != 3:
@@ -248,7 +249,7 @@ def fp8_grouped_gemm(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor
         _check_operands(a_q, a_scale, b_q[0], b_scale[0])
     if backend == "triton" and out_dtype != torch.float64 and (a_q.is_cuda or _triton_interpreted()):
         from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_gemm_triton
-        return fp8_grouped_gemm_triton(a_q, a_scale, b_q, b_scale, offs, out_dtype)
+        return fp8_grouped_gemm_triton(a_q, a_scale, b_q, b_scale, offs, out_dtype, schedule=schedule)
     out = torch.empty(R, N, dtype=out_dtype, device=a_q.device)
     end = 0
     fast = (out_dtype != torch.float64 and _blockwise_available(a_q) and N % _ALIGN["N"] == 0

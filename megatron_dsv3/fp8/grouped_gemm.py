@@ -29,7 +29,7 @@ back). tests/fp8/test_grouped_gemm.py: against the emulation and float64, ragged
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -42,7 +42,7 @@ try:
 except ImportError:
     HAVE_TRITON = False
 
-__all__ = ["fp8_grouped_gemm_triton", "fp8_grouped_wgrad_triton", "tile_schedule"]
+__all__ = ["fp8_grouped_gemm_triton", "fp8_grouped_wgrad_triton", "tile_schedule", "TileSchedule"]
 
 
 def _operand(q: torch.Tensor) -> torch.Tensor:
@@ -51,6 +51,23 @@ def _operand(q: torch.Tensor) -> torch.Tensor:
     bits: scratch measurement of 2026-11-30 in bench/results_fp8.md); as bytes under the interpreter, which decodes
     them itself."""
     return q if q.is_cuda else q.view(torch.uint8)
+
+
+DEFAULT_BLOCK_M = 64                  # fp8_grouped_gemm_triton's row tile (its docstring: the measured choice)
+
+
+class TileSchedule(NamedTuple):
+    """tile_schedule's tensors with the (rows, block_m) they were made for: made once per MoE layer and passed to
+    its four grouped GEMMs (Fprop x 2, Dgrad x 2 share offs and rows), instead of ~14 small launches each."""
+    rows: int
+    block_m: int
+    starts: torch.Tensor
+    ends: torch.Tensor
+    tile_end: torch.Tensor
+
+    @classmethod
+    def of(cls, offs: torch.Tensor, rows: int, block_m: int = DEFAULT_BLOCK_M) -> "TileSchedule":
+        return cls(rows, block_m, *tile_schedule(offs, rows, block_m))
 
 
 def tile_schedule(offs: torch.Tensor, rows: int, block_m: int):
@@ -242,9 +259,10 @@ def fp8_grouped_wgrad_triton(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: tor
 
 
 def fp8_grouped_gemm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
-                            offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, block_m: int = 64,
-                            num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-                            group_m: int = 16, block_n: int = TILE) -> torch.Tensor:
+                            offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+                            block_m: int = DEFAULT_BLOCK_M, num_warps: Optional[int] = None,
+                            num_stages: Optional[int] = None, group_m: int = 16, block_n: int = TILE,
+                            schedule: Optional[TileSchedule] = None) -> torch.Tensor:
     """gemm.fp8_grouped_gemm's contract in one launch (module docstring). a_scale in any strides (the quantisers'
     (1, R) layout included); b_q [E, N, K] K-major (stride 1 along K); offs [E] int cumulative ends.
     group_m: the programs' order. 0: row tiles fastest for each column tile (a wave of programs shares one B tile
@@ -253,7 +271,8 @@ def fp8_grouped_gemm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch
     stay in L2 (A read ~once, B once per group). The same bits either way.
     Defaults (block_m 64, 4 warps, 4 stages, group_m 16): the fastest of bench_fp8.py's tgrouped configs on the H200
     (2026-11-30: 540-690 TFLOP/s on the DeepSeek-V3 expert shapes, uniform and skewed loads, vs 400-555 for the
-    earlier 128 / 8 warps / 3 stages / 2-D order; block_n 256 and block_m 128 slower)."""
+    earlier 128 / 8 warps / 3 stages / 2-D order; block_n 256 and block_m 128 slower).
+    schedule: TileSchedule.of(offs, R, block_m) made by the caller once for several GEMMs over the same groups."""
     if not HAVE_TRITON:
         raise RuntimeError("fp8_grouped_gemm_triton needs Triton")
     if a_q.dtype != FP8 or b_q.dtype != FP8:
@@ -283,7 +302,13 @@ def fp8_grouped_gemm_triton(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch
     if block_n % TILE or block_m % 16:
         raise ValueError(f"block_n must be a multiple of {TILE} and block_m of 16, got {block_n}, {block_m}")
     bm, bn = block_m, block_n
-    starts, ends, tile_end = tile_schedule(offs, R, bm)
+    if schedule is None:
+        starts, ends, tile_end = tile_schedule(offs, R, bm)
+    elif (schedule.rows, schedule.block_m) != (R, bm):
+        raise ValueError(f"schedule was made for {schedule.rows} rows in tiles of {schedule.block_m}, this GEMM has "
+                         f"{R} rows in tiles of {bm}")
+    else:
+        starts, ends, tile_end = schedule.starts, schedule.ends, schedule.tile_end
     NT, NN = triton.cdiv(R, bm) + E + 1, triton.cdiv(N, bn)
     if group_m < 0:
         raise ValueError(f"group_m must be >= 0, got {group_m}")

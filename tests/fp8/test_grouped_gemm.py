@@ -11,7 +11,8 @@ import torch
 
 from megatron_dsv3.fp8 import quant
 from megatron_dsv3.fp8.gemm import fp8_grouped_gemm, fp8_grouped_wgrad
-from megatron_dsv3.fp8.grouped_gemm import fp8_grouped_gemm_triton, fp8_grouped_wgrad_triton, tile_schedule
+from megatron_dsv3.fp8.grouped_gemm import (TileSchedule, fp8_grouped_gemm_triton, fp8_grouped_wgrad_triton,
+                                            tile_schedule)
 
 from tests.fp8.test_gemm import _bound, check_expert_wgrad
 
@@ -128,9 +129,11 @@ def test_fp8_experts_through_the_triton_grouped_gemm(triton_device, monkeypatch)
     from megatron_dsv3.fp8 import grouped_gemm
     from megatron_dsv3.fp8.experts import fp8_expert_mlp
 
-    launches = []
+    launches, schedules = [], []
     orig = grouped_gemm.fp8_grouped_gemm_triton
     monkeypatch.setattr(grouped_gemm, "fp8_grouped_gemm_triton", lambda *a, **k: (launches.append(1), orig(*a, **k))[1])
+    orig_s = grouped_gemm.tile_schedule
+    monkeypatch.setattr(grouped_gemm, "tile_schedule", lambda *a, **k: (schedules.append(1), orig_s(*a, **k))[1])
     wgrads = []
     orig_w = grouped_gemm.fp8_grouped_wgrad_triton
     monkeypatch.setattr(grouped_gemm, "fp8_grouped_wgrad_triton", lambda *a, **k: (wgrads.append(1), orig_w(*a, **k))[1])
@@ -153,6 +156,17 @@ def test_fp8_experts_through_the_triton_grouped_gemm(triton_device, monkeypatch)
         assert ((a - b).abs() <= 2 ** -7 * b.abs() + 1e-3 * scale).all(), ((a - b).abs().max().item(), scale)
     assert len(launches) == 4                               # h1, y (Fprop), da, dx (Dgrad): all four through it
     assert len(wgrads) == 2                                 # dW1, dW2
+    assert len(schedules) == 1                              # their row-tile schedule made once for the layer
+
+
+def test_a_schedule_made_for_other_rows_is_refused(triton_device):
+    qa, sa, qw, sw, offs = [t.to(triton_device) for t in _case([70, 0, 130], 128, 128, tail=5)]
+    sched = TileSchedule.of(offs, qa.shape[0])
+    want = fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, torch.float32)
+    assert torch.equal(fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, torch.float32, schedule=sched), want)
+    with pytest.raises(ValueError, match="schedule was made for 205 rows in tiles of 64, this GEMM has 205 rows in "
+                                         "tiles of 32"):
+        fp8_grouped_gemm_triton(qa, sa, qw, sw, offs, block_m=32, schedule=sched)
 
 
 @pytest.mark.gpu

@@ -187,7 +187,7 @@ def run_training(a, model_flags: list, tmp: str) -> list:
     # --parallel: all runs at once on one device (their steps/s then share the GPU and are not speeds).
     # --time-limit: stop them there and report the steps reached.
     groups = [variants] if a.parallel else [(v,) for v in variants]
-    runs = {}
+    runs, failed = {}, {}
     t_start = time.perf_counter()
     for group in groups:
         procs = {}
@@ -207,18 +207,24 @@ def run_training(a, model_flags: list, tmp: str) -> list:
             log.seek(0)
             out = log.read()
             if rc not in (0, "stopped at --time-limit"):
+                # the other runs are reported all the same (one failure is not a reason to lose their device time)
                 print(out[-4000:])
-                raise SystemExit(f"{name} run failed (rc {rc})")
+                print(f"{name} run failed (rc {rc})", flush=True)
+                failed[name] = rc
+                continue
             runs[name] = {"loss": losses(os.path.join(tmp, name.replace(" ", "_"))), "wall": wall, "stopped": rc != 0}
             print(name, f"{wall:.0f} s", "(stopped at --time-limit)" if rc else "", flush=True)
+    if not runs:
+        raise SystemExit("every run failed: " + ", ".join(f"{n} (rc {rc})" for n, rc in failed.items()))
     common = sorted(set.intersection(*(set(r["loss"]) for r in runs.values())))
     if not common:
         raise SystemExit("no step logged by every run")
+    a.failed = failed
     last = common[-20:]
     mean = {n: sum(r["loss"][s] for s in last) / len(last) for n, r in runs.items()}
 
     def rel(x, y):
-        return 100 * (mean[x] - mean[y]) / mean[y]
+        return f"{100 * (mean[x] - mean[y]) / mean[y]:+.3f}%" if x in mean and y in mean else "n/a (a run failed)"
 
     s0 = a.seeds[0]
     lines = _header(a, "training")
@@ -228,23 +234,25 @@ def run_training(a, model_flags: list, tmp: str) -> list:
               f"mean training loss of the last {len(last)} steps every run reached ({last[0]}..{last[-1]}): "
               + ", ".join(f"{n} {m:.4f}" for n, m in mean.items()), ""]
     for s in a.seeds:
-        lines.append(f"- seed {s}: FP8 relative to BF16 **{rel(f'FP8 s{s}', f'BF16 s{s}'):+.3f}%** (paper: within "
-                     f"0.25%)" + "".join(f"; {n} {rel(f'{n} s{s}', f'BF16 s{s}'):+.3f}%" for n, _ in a.variant))
+        lines.append(f"- seed {s}: FP8 relative to BF16 **{rel(f'FP8 s{s}', f'BF16 s{s}')}** (paper: within "
+                     f"0.25%)" + "".join(f"; {n} {rel(f'{n} s{s}', f'BF16 s{s}')}" for n, _ in a.variant))
     for s in a.seeds[1:]:
-        lines.append(f"- noise floor: BF16 seed {s} relative to BF16 seed {s0} {rel(f'BF16 s{s}', f'BF16 s{s0}'):+.3f}%"
-                     f" (FP8 seed {s} relative to FP8 seed {s0}: {rel(f'FP8 s{s}', f'FP8 s{s0}'):+.3f}%)")
+        lines.append(f"- noise floor: BF16 seed {s} relative to BF16 seed {s0} {rel(f'BF16 s{s}', f'BF16 s{s0}')}"
+                     f" (FP8 seed {s} relative to FP8 seed {s0}: {rel(f'FP8 s{s}', f'FP8 s{s0}')})")
     lines += ["", f"wall time per run (incl. start-up{', all at once on one device' if a.parallel else ''}): "
               + ", ".join(f"{n} {r['wall']:.0f} s" for n, r in runs.items())
               + "".join(f"; {n} stopped at --time-limit after step {max(r['loss'] or [0])}"
-                        for n, r in runs.items() if r["stopped"]), "",
+                        for n, r in runs.items() if r["stopped"])
+              + "".join(f"; {n} FAILED (rc {rc})" for n, rc in failed.items()), "",
               "| step | " + " | ".join(f"{n} loss" for n in runs) + " | "
               + " | ".join(f"FP8 vs BF16 s{s}" for s in a.seeds) + " |",
               "|---|" + "---|" * (len(runs) + len(a.seeds))]
     for st in common:
         if st % a.every == 0 or st == common[-1]:
-            diffs = [100 * (runs[f"FP8 s{s}"]["loss"][st] / runs[f"BF16 s{s}"]["loss"][st] - 1) for s in a.seeds]
+            diffs = [f"{100 * (runs[f'FP8 s{s}']['loss'][st] / runs[f'BF16 s{s}']['loss'][st] - 1):+.2f}%"
+                     if f"FP8 s{s}" in runs and f"BF16 s{s}" in runs else "n/a" for s in a.seeds]
             lines.append(f"| {st} | " + " | ".join(f"{r['loss'][st]:.4f}" for r in runs.values()) + " | "
-                         + " | ".join(f"{d:+.2f}%" for d in diffs) + " |")
+                         + " | ".join(diffs) + " |")
     return lines
 
 
@@ -284,6 +292,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         lines = run_grads(a, model_flags, tmp) if a.grads else run_training(a, model_flags, tmp)
     _write(a, lines)
+    if getattr(a, "failed", None):
+        raise SystemExit("failed: " + ", ".join(f"{n} (rc {rc})" for n, rc in a.failed.items())
+                         + " (the table has the other runs)")
     return lines
 
 

@@ -19,6 +19,12 @@ import numpy as np
 PUNKT_TRAIN_CHARS = 20_000_000     # Punkt learns abbreviations well from a few MB
 
 
+def _private_name(path: str) -> str:
+    """path + a suffix no other writer (process or call) uses: where a file is written before its rename."""
+    import uuid
+    return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def iter_documents(path: str, json_key: str = "text") -> Iterator[str]:
     """The documents of one input file. Bad input raises ValueError naming the file and line."""
     if path.endswith(".jsonl") or path.endswith(".json"):
@@ -129,7 +135,9 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, *, json_key
     prefix = f"{output_prefix}_{json_key}_{level}"
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     dtype = np.uint16 if tokenizer.vocab_size + 1 < 65500 else np.int32
-    tmp = prefix + ".tmp"
+    # a name of this call's own: two runs building the same dataset at once (parallel trainings on a fresh cache)
+    # each write their own files and rename them; the contents are the same, the last rename wins
+    tmp = _private_name(prefix)
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     encoder = _Encoder(tokenizer, splitter, append_eod)
     docs = tokens = nbytes = 0

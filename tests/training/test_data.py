@@ -68,6 +68,26 @@ def test_preprocess_jsonl_and_text_with_workers(tmp_path, mcore_single):
     assert sds.document_indices[-1] == len(sds)
 
 
+def test_preprocess_of_one_prefix_twice_at_once(tmp_path, monkeypatch):
+    """Two builds of the same dataset overlapping (parallel trainings on a fresh cache: a failure seen on the GPU
+    machine): the second one runs whole while the first is between writing its files and renaming them. Both
+    finish, the dataset is whole, no temporary file is left."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+    jl = tmp_path / "a.jsonl"
+    jl.write_text("".join(json.dumps({"text": f"Document {i}. " + TEXT}) + "\n" for i in range(10)))
+    finalize, nested = IndexedDatasetBuilder.finalize, []
+
+    def finalize_then_another_build(self, idx_path):
+        finalize(self, idx_path)
+        if not nested:
+            nested.append(None)
+            nested[0] = (preprocess([str(jl)], str(tmp_path / "d" / "c"), ByteTokenizer(), progress=False))
+    monkeypatch.setattr(IndexedDatasetBuilder, "finalize", finalize_then_another_build)
+    first = preprocess([str(jl)], str(tmp_path / "d" / "c"), ByteTokenizer(), progress=False)
+    assert nested and first == nested[0] and len(IndexedDataset(first["prefix"])) == 10
+    assert sorted(os.listdir(tmp_path / "d")) == ["c_text_document.bin", "c_text_document.idx"]
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_preprocess_bad_input_names_file_and_line_and_leaves_nothing(tmp_path, workers):
     good = json.dumps({"text": "a fine document " * 20}) + "\n"

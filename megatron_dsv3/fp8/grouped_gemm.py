@@ -212,69 +212,17 @@ if HAVE_TRITON:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-if HAVE_TRITON:
-    @triton.jit
-    def _wgrad_tma_kernel(a_desc, as_ptr, b_desc, bs_ptr, out_ptr, offs_ptr, M, N,
-                          stride_asm, stride_ast, stride_bsn, stride_bst, stride_oe, stride_om,
-                          ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                          NS: tl.constexpr, WS: tl.constexpr):
-        """_wgrad_kernel's arithmetic (the same order, the same bits) with the operand tiles brought by the tensor
-        memory accelerator (host tensor descriptors) and, with WS, the loop warp-specialised (producer warps load,
-        consumer warps multiply): Hopper only."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        e = tl.program_id(2)
-        tb0 = tl.load(offs_ptr + e - 1, mask=e > 0, other=0) // BK
-        tb1 = tl.load(offs_ptr + e) // BK
-        rows = pid_m * BM + tl.arange(0, BM)
-        cols = pid_n * BN + tl.arange(0, BN)
-        rmask = rows < M
-        cmask = cols < N
-        as_rows = as_ptr + rows.to(tl.int64) * stride_asm
-        bs_rows = bs_ptr + cols.to(tl.int64) * stride_bsn
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for tb in tl.range(tb0, tb1, num_stages=NS, warp_specialize=WS):
-            a = a_desc.load([pid_m * BM, tb * BK])                                           # [BM, BK] e4m3
-            b = b_desc.load([pid_n * BN, tb * BK])                                           # [BN, BK]
-            part = tl.dot(a, b.T)
-            sa = tl.load(as_rows + tb * stride_ast, mask=rmask, other=0.0)
-            sb = tl.load(bs_rows + tb * stride_bst, mask=cmask, other=0.0)
-            acc += part * sa[:, None] * sb[None, :]
-        out = out_ptr + e.to(tl.int64) * stride_oe + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
-        omask = rmask[:, None] & cmask[None, :]
-        if ACC:
-            acc += tl.load(out, mask=omask, other=0.0).to(tl.float32)
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
-
-
-def _tma_available(t: torch.Tensor) -> bool:
-    if not (HAVE_TRITON and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9):
-        return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-# fp8_grouped_wgrad_triton's kernel on CUDA: (tma, block_m, block_n, num_warps, num_stages, warp_specialize)
-WGRAD_CONFIG = {"tma": True, "block_m": 128, "block_n": 256, "num_warps": 8, "num_stages": 3, "warp_specialize": True}
-
-
 def fp8_grouped_wgrad_triton(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: torch.Tensor, x_st: torch.Tensor,
                              offs_padded: torch.Tensor, out_dtype: torch.dtype = torch.float32,
                              out: Optional[torch.Tensor] = None, num_warps: Optional[int] = None,
                              num_stages: Optional[int] = None, accumulate: bool = False,
-                             block_m: Optional[int] = None, block_n: Optional[int] = None,
-                             tma: Optional[bool] = None, warp_specialize: Optional[bool] = None) -> torch.Tensor:
+                             block_m: int = TILE, block_n: int = TILE) -> torch.Tensor:
     """gemm.fp8_grouped_wgrad's contract in one launch: dW[e] = deq(dy_qt[:, g_e]) deq(x_qt[:, g_e])^T over expert
     e's 128-padded token columns g_e (quant.quantize_columns_grouped's layout), both operands in 1x128 tiles along
     the tokens. Grid (N/128, K/128, E); each program walks its expert's token blocks, promoting each block's product
     into FP32 with the two operands' scales (gemm.fp8_gemm_emulated's order). offs_padded stays on the device.
     accumulate: out += dW (out given; each element old + new in FP32, rounded once), an expert without tokens
-    leaves its slice as it is -- the weight-gradient buffer written by the GEMM, no separate add.
-    Tiles and kernel: WGRAD_CONFIG's on a Hopper GPU (the TMA kernel, warp-specialised: measured fastest, the same
-    bits), the pointer kernel with 128x128 tiles elsewhere; each argument given overrides its entry."""
+    leaves its slice as it is -- the weight-gradient buffer written by the GEMM, no separate add."""
     if not HAVE_TRITON:
         raise RuntimeError("fp8_grouped_wgrad_triton needs Triton")
     (N, Rp), (K, Rp2) = dy_qt.shape, x_qt.shape
@@ -298,38 +246,13 @@ def fp8_grouped_wgrad_triton(dy_qt: torch.Tensor, dy_st: torch.Tensor, x_qt: tor
     target = out
     if not dy_qt.is_cuda and out_dtype != torch.float32:     # the interpreter truncates to bf16: torch rounds
         target = (out.float() if accumulate else torch.empty(E, N, K, dtype=torch.float32, device=out.device))
-    if tma is None:
-        tma = WGRAD_CONFIG["tma"] and _tma_available(dy_qt)
-    elif tma and not _tma_available(dy_qt):
-        raise ValueError("fp8_grouped_wgrad_triton: tma=True needs a Hopper (or newer) GPU and Triton's "
-                         "TensorDescriptor")
-    if warp_specialize and not tma:
-        raise ValueError("fp8_grouped_wgrad_triton: warp_specialize needs the TMA kernel (tma=True)")
-    if tma:
-        cfg = dict(WGRAD_CONFIG)
-    else:
-        cfg = {"block_m": TILE, "block_n": TILE, "num_warps": 8, "num_stages": 3, "warp_specialize": False}
-    for k, v in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps), ("num_stages", num_stages),
-                 ("warp_specialize", warp_specialize)):
-        if v is not None:
-            cfg[k] = v
-    bm, bn = cfg["block_m"], cfg["block_n"]
-    offs32 = offs_padded.to(torch.int32)
-    if E and N and K and tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        a_desc = TensorDescriptor.from_tensor(dy_qt, [bm, TILE])
-        b_desc = TensorDescriptor.from_tensor(x_qt, [bn, TILE])
-        _wgrad_tma_kernel[(triton.cdiv(N, bm), triton.cdiv(K, bn), E)](
-            a_desc, dy_st, b_desc, x_st, target, offs32, N, K, dy_st.stride(0), dy_st.stride(1), x_st.stride(0),
-            x_st.stride(1), target.stride(0), target.stride(1), ACC=accumulate, BM=bm, BN=bn, BK=TILE,
-            NS=cfg["num_stages"], WS=cfg["warp_specialize"], num_warps=cfg["num_warps"])
-    elif E and N and K:
-        kw = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]) if dy_qt.is_cuda else {}
-        _wgrad_kernel[(triton.cdiv(N, bm), triton.cdiv(K, bn), E)](
-            _operand(dy_qt), dy_st, _operand(x_qt), x_st, target, offs32,
+    if E and N and K:
+        kw = dict(num_warps=num_warps or 8, num_stages=num_stages or 3) if dy_qt.is_cuda else {}
+        _wgrad_kernel[(triton.cdiv(N, block_m), triton.cdiv(K, block_n), E)](
+            _operand(dy_qt), dy_st, _operand(x_qt), x_st, target, offs_padded.to(torch.int32),
             N, K, dy_qt.stride(0), dy_st.stride(0), dy_st.stride(1), x_qt.stride(0), x_st.stride(0), x_st.stride(1),
             target.stride(0), target.stride(1), INTERPRET=not dy_qt.is_cuda, FP8_DOT=dy_qt.is_cuda, ACC=accumulate,
-            BM=bm, BN=bn, BK=TILE, **kw)
+            BM=block_m, BN=block_n, BK=TILE, **kw)
     if target is not out:
         out.copy_(target)
     return out

@@ -205,35 +205,6 @@ def test_fp8_experts_make_no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9),
-                    reason="the TMA Wgrad kernel needs a Hopper GPU")
-@pytest.mark.parametrize("accumulate", [False, True])
-def test_tma_wgrad_kernel_gives_the_pointer_kernels_bits(accumulate):
-    """The Hopper default (grouped_gemm.WGRAD_CONFIG: tensor-memory-accelerator loads, warp-specialised, 128x256
-    tiles) and its variants write the bits of the pointer kernel (the one tests compare with float64 on CPU):
-    ragged and empty experts, N and K not multiples of the tile (the TMA box reads zeros past the edge), into a
-    buffer (accumulate) and fresh."""
-    g = torch.Generator().manual_seed(5)
-    N, K, counts = 328, 264, [300, 0, 517, 1, 128]
-    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
-    R = int(offs[-1]) + 5
-    dy = torch.randn(R, N, generator=g) * torch.logspace(-2, 2, R)[:, None]
-    x = torch.randn(R, K, generator=g)
-    dqt, dst, offs_p = (t.cuda() for t in quant.quantize_columns_grouped(dy, offs))
-    xqt, xst, _ = (t.cuda() for t in quant.quantize_columns_grouped(x, offs))
-    start = torch.randn(len(counts), N, K, generator=g).cuda()
-    outs = {}
-    for name, kw in {"pointers": dict(tma=False), "default": {}, "tma 128x128": dict(tma=True, block_n=128),
-                     "tma no ws": dict(tma=True, warp_specialize=False)}.items():
-        out = start.clone() if accumulate else None
-        outs[name] = fp8_grouped_wgrad_triton(dqt, dst, xqt, xst, offs_p, torch.float32, out=out,
-                                              accumulate=accumulate, **kw)
-    for name, got in outs.items():
-        assert torch.equal(got, outs["pointers"]), name
-    with pytest.raises(ValueError, match="warp_specialize needs the TMA kernel"):
-        fp8_grouped_wgrad_triton(dqt, dst, xqt, xst, offs_p, tma=False, warp_specialize=True)
-
-
 @pytest.mark.parametrize("counts", [[70, 0, 200, 1], [0, 0, 128]])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_triton_grouped_wgrad_matches_float64_and_gemm_py(triton_device, counts, out_dtype):
@@ -292,11 +263,3 @@ def test_wgrad_accumulates_into_the_buffer(triton_device, backend, out_dtype):
     assert torch.equal(buf.cpu(), want)
     with pytest.raises(ValueError, match="accumulate=True needs out"):
         fp8_grouped_wgrad(*ops, out_dtype, backend=backend, accumulate=True)
-
-
-def test_tma_wgrad_is_refused_in_one_line_where_it_cannot_run():
-    q = torch.zeros(128, 128).to(quant.FP8)
-    s = torch.ones(128, 1)
-    offs = torch.tensor([128], dtype=torch.int32)
-    with pytest.raises(ValueError, match="tma=True needs a Hopper"):
-        fp8_grouped_wgrad_triton(q, s, q, s, offs, tma=True)

@@ -40,7 +40,7 @@ PARTS = ("stack", "dense", "moe_layer", "mla", "moe")
 TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense": "dense layer (MLA + MLP)",
           "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
 IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8", "ours-recompute", "ours-fp8-hostloop", "ours-fp8-nocache",
-         "ours-fp8-fpropcache", "ours-unfused-expert-wgrad")
+         "ours-fp8-fpropcache", "ours-fp8-restep", "ours-unfused-expert-wgrad")
 NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-fp8": "ours FP8 (native; FP8Config's defaults: Triton grouped GEMMs)",
          "ours-recompute": "ours BF16, the paper's recomputation (norms + MLA up-projections)",
@@ -50,6 +50,9 @@ NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
                              "weight copies kept, 2 bytes a parameter less)",
          "ours-fp8-fpropcache": "ours FP8 (native), Fprop's FP8 weight copy kept, Dgrad's a byte transpose of it "
                                 "(FP8Config.weight_cache='fprop': 1 byte a parameter less)",
+         "ours-fp8-restep": "ours FP8 (native), the FP8 weight copies made again every step, as after an optimizer "
+                            "step (one micro-batch a step; the other FP8 rows, ours and TE's, reuse them as the "
+                            "micro-batches after the first of a step do)",
          "ours-unfused-expert-wgrad": "ours BF16, experts' weight gradients by autograd + add (GroupedExperts.fuse_wgrad "
                                       "False)"}
 
@@ -98,6 +101,10 @@ def build(part: str, impl: str, cfg, dev, pg):
             if isinstance(m, GroupedExperts):
                 m.fuse_wgrad = False
         return out
+    if impl == "ours-fp8-restep":         # an optimizer step between steps: the weights' FP8 copies dropped
+        from megatron_dsv3.fp8.weight_cache import drop_caches
+        mod, loss_of, layers = build(part, "ours-fp8", cfg, dev, pg)
+        return mod, (lambda m: (drop_caches(m), loss_of(m))[1]), layers
     import torch
     from megatron.core.transformer.spec_utils import build_module
 

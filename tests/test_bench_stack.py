@@ -67,3 +67,27 @@ def test_state_file_resumes_a_cut_table(tmp_path):
     assert len(rows) == 2 and all(float(l.split("|")[4]) > 0 for l in rows), rows
     r = run("ours", DSV3_COMMIT="fffffff")
     assert r.returncode == 2 and "holds results of commit abc1234" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+def test_restep_row_remakes_the_fp8_weight_copies_every_step(mcore_single):
+    """`ours-fp8-restep` drops the weights' FP8 copies before each step (as the trainer's after-optimizer-step hook
+    does), so every step quantises its weights again; `ours-fp8` keeps them from the first step on."""
+    import importlib.util
+
+    import torch
+
+    from megatron_dsv3.compat import get_process_group_collection
+    from megatron_dsv3.fp8.weight_cache import ATTR
+    spec = importlib.util.spec_from_file_location("bench_stack", os.path.join(ROOT, "bench", "bench_stack.py"))
+    bs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bs)
+    cfg = bs.bench_config(True, 2).replace(seq_length=16)
+    for impl, remade in (("ours-fp8-restep", True), ("ours-fp8", False)):
+        torch.manual_seed(0)
+        mod, loss_of, _ = bs.build("moe", impl, cfg, torch.device("cpu"), get_process_group_collection(None))
+        copies, alive = [], []              # the copies kept alive, so that no id is reused
+        for _ in range(2):
+            loss_of(mod).sum().backward()
+            alive.append([v[1] for p in mod.parameters() for v in getattr(p, ATTR, {}).values()])
+            copies.append({id(x) for x in alive[-1]})
+        assert copies[0] and (copies[0].isdisjoint(copies[1]) if remade else copies[0] == copies[1]), impl

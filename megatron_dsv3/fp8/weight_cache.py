@@ -50,7 +50,8 @@ def cache_mode(value):
 
 def transposed_blocks(q: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The 128x128 blocks of W^T from W's (q [..., N, K], s [..., N/128, K/128]): both transposed, contiguous."""
-    return q.transpose(-2, -1).contiguous(), s.transpose(-2, -1).contiguous()
+    from megatron_dsv3.fp8.kernels import transpose_last2
+    return transpose_last2(q), transpose_last2(s)
 
 
 def _key(p: torch.Tensor) -> Tuple:

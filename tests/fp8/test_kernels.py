@@ -311,3 +311,20 @@ def test_dequantize_tiles_triton_equals_the_reference(triton_device, shape, pow2
                            ref[keep].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
     else:
         torch.testing.assert_close(got[keep].float(), ref[keep].float(), rtol=2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 256, 384), (130, 70), (1, 1), (2, 0, 5)])
+@pytest.mark.parametrize("dtype", [quant.FP8, torch.float32])
+def test_transpose_last2_triton_gives_torchs_bits(triton_device, shape, dtype):
+    """The 'fprop' weight cache's Dgrad copy (weight_cache.transposed_blocks): e4m3 bytes and float32 scales
+    transposed in [64, 64] tiles, ragged edges and stacks of experts included, bit for bit torch's transpose."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(shape, generator=g) * 100).to(dtype).to(triton_device)
+    got = kernels.transpose_last2_triton(x)
+    ref = x.transpose(-2, -1).contiguous()
+    assert got.shape == ref.shape and got.dtype == dtype and got.is_contiguous()
+    assert torch.equal(got.view(torch.uint8) if dtype == quant.FP8 else got,
+                       ref.view(torch.uint8) if dtype == quant.FP8 else ref)
+    assert torch.equal(kernels.transpose_last2(x).float(), ref.float())
+    with pytest.raises(ValueError, match="1- or 4-byte"):
+        kernels.transpose_last2_triton(torch.zeros(4, 4, dtype=torch.bfloat16))

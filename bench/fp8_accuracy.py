@@ -13,7 +13,9 @@ Each (precision, seed) is one `python -m megatron_dsv3.train` process (the built
 TensorBoard; the table gives the training loss every `--every` steps, the mean of the last 20 steps of each, and
 FP8's relative difference (the paper: within 0.25% of BF16 on its 16B/230B runs). A small model trained a few
 hundred steps on a small corpus is chaotic: runs that differ in the last bit drift apart, so the difference only
-means something next to the spread of BF16 runs that differ by their seed alone (`--seeds a,b`). `--variant
+means something next to the spread of BF16 runs that differ by their seed alone (`--seeds a,b`), and, on a GPU,
+by nothing at all: its BF16 training is not reproducible run to run (cuDNN's attention backward; on the H200 the
+same seed ended 0.8% apart after 30 steps), which `--rerun` measures (BF16 once more per seed). `--variant
 NAME=FLAGS` adds FP8 runs with more flags (an ablation: which modules' FP8 moves the loss).
 
 --grads: each precision in its own process builds the trainer (its DDP, main_grad, micro-batch accumulation), runs
@@ -37,6 +39,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP8_FLAGS = ["--fp8", "--fp8-backend", "native"]
+RERUN = "BF16 again"
 SLICE = 1 << 20                 # elements of each gradient kept for the cosine (its norm is of the whole tensor)
 
 
@@ -175,7 +178,8 @@ def _per_expert(tmp: str, b: dict, f: dict) -> list:
 
 # ---- training curves --------------------------------------------------------------------------------------------------
 def run_training(a, model_flags: list, tmp: str) -> list:
-    kinds = [("BF16", []), ("FP8", FP8_FLAGS)] + [(n, FP8_FLAGS + f) for n, f in a.variant]
+    kinds = ([("BF16", []), ("FP8", FP8_FLAGS)] + [(n, FP8_FLAGS + f) for n, f in a.variant]
+             + ([(RERUN, [])] if a.rerun else []))
     variants = [(f"{p} s{s}", s, extra) for s in a.seeds for p, extra in kinds]
 
     def command(name, seed, extra):
@@ -236,6 +240,10 @@ def run_training(a, model_flags: list, tmp: str) -> list:
     for s in a.seeds:
         lines.append(f"- seed {s}: FP8 relative to BF16 **{rel(f'FP8 s{s}', f'BF16 s{s}')}** (paper: within "
                      f"0.25%)" + "".join(f"; {n} {rel(f'{n} s{s}', f'BF16 s{s}')}" for n, _ in a.variant))
+    if a.rerun:
+        for s in a.seeds:
+            lines.append(f"- run to run (seed {s} and every flag the same): {RERUN} relative to BF16 "
+                         f"{rel(f'{RERUN} s{s}', f'BF16 s{s}')}")
     for s in a.seeds[1:]:
         lines.append(f"- noise floor: BF16 seed {s} relative to BF16 seed {s0} {rel(f'BF16 s{s}', f'BF16 s{s0}')}"
                      f" (FP8 seed {s} relative to FP8 seed {s0}: {rel(f'FP8 s{s}', f'FP8 s{s0}')})")
@@ -267,6 +275,8 @@ def main(argv=None):
     p.add_argument("--batch", default="--micro-batch-size 4 --global-batch-size 16")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                    help="an FP8 run with more megatron_dsv3.train flags, per seed (repeatable)")
+    p.add_argument("--rerun", action="store_true", help="BF16 once more per seed, the same flags: the run-to-run "
+                   "spread (on a GPU, not zero)")
     p.add_argument("--grads", action="store_true", help="one global batch: FP8 vs BF16 gradients per parameter")
     p.add_argument("--parallel", action="store_true", help="run all the training runs at once (one device)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; stop the runs there, report what ran")
@@ -282,10 +292,12 @@ def main(argv=None):
     variants = []
     for v in a.variant:
         name, eq, flags = v.partition("=")
-        if not eq or not name.strip() or name.strip() in ("BF16", "FP8"):
+        if not eq or not name.strip() or name.strip() in ("BF16", "FP8", RERUN):
             p.error(f"--variant takes NAME=FLAGS with a new name, got {v!r}")
         variants.append((name.strip(), flags.split()))
     a.variant = variants
+    if a.grads and (a.rerun or a.variant):
+        p.error("--grads compares one batch's gradients of BF16 and FP8; --rerun and --variant are for training runs")
     if a.smoke:
         a.steps, a.every, a.model, a.batch = 6, 2, "--preset tiny --cpu", "--micro-batch-size 2 --global-batch-size 4"
     model_flags = a.model.split() + a.batch.split()

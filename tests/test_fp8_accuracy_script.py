@@ -38,7 +38,8 @@ def test_gradient_table(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, msg", [(["--seeds", "1,1"], "different seeds"), (["--seeds", "x"], "integers"),
-                                       (["--variant", "x"], "NAME=FLAGS"), (["--variant", "FP8=--seed 1"], "new name")])
+                                       (["--variant", "x"], "NAME=FLAGS"), (["--variant", "FP8=--seed 1"], "new name"),
+                                       (["--grads", "--rerun"], "for training runs")])
 def test_bad_flags_are_refused(capsys, args, msg):
     with pytest.raises(SystemExit):
         _load().main(args)
@@ -52,8 +53,10 @@ def test_a_failed_training_run_loses_no_other(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "acc.md"
     with pytest.raises(SystemExit, match=r"failed: broken s1234 \(rc 2\)"):
-        _load().main(["--smoke", "--variant", "broken=--no-such-flag", "--out", str(out)])
+        _load().main(["--smoke", "--variant", "broken=--no-such-flag", "--rerun", "--out", str(out)])
     text = out.read_text()
     assert "broken s1234 FAILED (rc 2)" in text and "seed 1234: FP8 relative to BF16 **" in text
-    steps = re.findall(r"^\| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| ([+-][0-9.]+%) \|$", text, re.M)
+    # --rerun: BF16 once more, the same seed and flags: on CPU the same numbers (on the GPU not: the spread it shows)
+    assert "- run to run (seed 1234 and every flag the same): BF16 again relative to BF16 +0.000%" in text, text
+    steps = re.findall(r"^\| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([+-][0-9.]+%) \|$", text, re.M)
     assert [int(s[0]) for s in steps] == [2, 4, 6], text

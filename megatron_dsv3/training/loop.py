@@ -112,6 +112,16 @@ def forward_step(data_iterator, model):
     return out, partial(loss_func, b["loss_mask"])
 
 
+def device_memory(device) -> dict:
+    """{allocated, max_allocated, reserved, max_reserved} in GiB on a CUDA device since the start (Megatron-LM's
+    memory report), {} elsewhere."""
+    if getattr(device, "type", str(device)) != "cuda" or not torch.cuda.is_available():
+        return {}
+    g = 2.0 ** 30
+    return {"allocated": torch.cuda.memory_allocated(device) / g,
+            "max_allocated": torch.cuda.max_memory_allocated(device) / g,
+            "reserved": torch.cuda.memory_reserved(device) / g, "max_reserved": torch.cuda.max_memory_reserved(device) / g}
+
 class Trainer:
     def __init__(self, args, model_builder: Optional[Callable] = None):
         self.args = args
@@ -460,6 +470,9 @@ class Trainer:
                      "train/bias_update_rate": rec["bias_rate"], "perf/tokens_per_s": tok_s,
                      "perf/tflops_per_device": tflops, "perf/mfu": tflops / peak if peak else None,
                      "train/tokens": self.tokens_seen}
+                mem = device_memory(self.device)
+                if mem:       # GPU: what this rank's step peaked at (allocated; reserved = the caching allocator's)
+                    s.update({f"memory/{k}_gib": v for k, v in mem.items()})
                 for k, v in mtp.items():
                     s[f"train/mtp_loss_depth{k}"] = v
                 aux = [m["aux_loss"] for m in routers.values() if m.get("aux_loss") is not None]
@@ -478,7 +491,9 @@ class Trainer:
                 log.print(f"iteration {it:6d}/{a.train_iters} | loss {window['loss'] / window['steps']:.4f} | "
                           f"{mtp_s + ' | ' if mtp_s else ''}lr {rec['lr']:.3e} | grad norm {rec['grad_norm']:.3f} | "
                           f"batch {rec['batch_size']} | MaxVio {maxvio:.3f} | {tok_s:,.0f} tok/s | "
-                          f"{tflops:.3f} TFLOP/s/dev{mfu_s}")
+                          f"{tflops:.3f} TFLOP/s/dev{mfu_s}"
+                          + (f" | peak {mem['max_allocated']:.1f} GiB (reserved {mem['max_reserved']:.1f})"
+                             if mem else ""))
                 window = {"t0": time.perf_counter(), "tokens": 0, "steps": 0, "loss": 0.0}
             if a.eval_interval and (it % a.eval_interval == 0 or it == a.train_iters):
                 val = self.evaluate()

@@ -28,3 +28,20 @@ def test_logs_sample_and_summary(mcore_single, tiny_data, tmp_path, capsys):
     assert sample.startswith("The") and isinstance(sample, str)
     summary = t.expert_load_summary()
     assert "MaxVio" in summary and "MTP" in summary and len(summary.splitlines()) == 2 + 3   # 2 MoE layers + MTP
+
+
+def test_device_memory_report(monkeypatch):
+    """The log line's and TensorBoard's memory report: GiB from torch.cuda's counters on a CUDA device, nothing on
+    CPU (the log line then has no 'peak')."""
+    import types
+
+    import torch
+
+    from megatron_dsv3.training.loop import device_memory
+    assert device_memory(torch.device("cpu")) == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, gib in (("memory_allocated", 1), ("max_memory_allocated", 3), ("memory_reserved", 4),
+                      ("max_memory_reserved", 5)):
+        monkeypatch.setattr(torch.cuda, name, lambda device, gib=gib: gib * 2 ** 30)
+    assert device_memory(types.SimpleNamespace(type="cuda")) == {"allocated": 1.0, "max_allocated": 3.0,
+                                                                 "reserved": 4.0, "max_reserved": 5.0}

@@ -228,14 +228,14 @@ if HAVE_TRITON:
         s = _scale(tl.zeros([B], tl.float32) + blk, POW2)                          # [B], all the block's scale
         NK = N * K
         first = tl.arange(0, B) == 0
+        q = _cast(x, s[:, None], HW_CAST)                                          # [B (r), B (c)] bytes
         if STRAIGHT:
-            q = _cast(x, s[:, None], HW_CAST)
             tl.store(q_ptr + e * NK + r[:, None].to(tl.int64) * K + c[None, :], q, mask=mask)
             tl.store(s_ptr + e * NB * KB + i * KB + j + tl.arange(0, B) * 0, s, mask=first)
         if TRANSPOSE:
-            # W^T's block: the transposed block cast with the same (per-block) scale, so the bytes of q transposed,
-            # stored with W^T's rows contiguous
-            qt = _cast(tl.trans(x), s[None, :], HW_CAST)                              # [B (c), B (r)]
+            # W^T's block: one scale for the whole block, so its bytes are q's transposed (a byte transpose through
+            # shared memory, not a float32 one and a second cast), stored with W^T's rows contiguous
+            qt = tl.trans(q)                                                          # [B (c), B (r)]
             tmask = (c < K)[:, None] & (r < N)[None, :]
             tl.store(qt_ptr + e * NK + c[:, None].to(tl.int64) * N + r[None, :], qt, mask=tmask)
             tl.store(st_ptr + e * NB * KB + j * NB + i + tl.arange(0, B) * 0, s, mask=first)

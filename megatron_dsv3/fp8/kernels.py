@@ -364,7 +364,7 @@ def grouped_row_tiles(offs: torch.Tensor, tile: int = TILE) -> Tuple[torch.Tenso
 
 if HAVE_TRITON:
     @triton.jit
-    def _transpose_kernel(src, dst, R, stride_se, stride_sr, stride_de, stride_dc, B: tl.constexpr):
+    def _transpose_kernel(src, dst, stride_se, stride_sr, stride_de, stride_dc, B: tl.constexpr):
         """dst[e, c, r] = src[e, r, c] for one whole [B, B] tile (bytes: e4m3 as uint8, or float32 scales)."""
         r = tl.program_id(0) * B + tl.arange(0, B)
         c = tl.program_id(1) * B + tl.arange(0, B)
@@ -405,7 +405,7 @@ def transpose_last2_triton(x: torch.Tensor, block: int = TRANSPOSE_TILE, num_war
     out = torch.empty(x3.shape[0], C, R, dtype=x.dtype, device=x.device)
     view = (lambda t: t.view(torch.uint8)) if x.element_size() == 1 else (lambda t: t)
     _transpose_kernel[(R // block, C // block, x3.shape[0])](
-        view(x3), view(out), R, x3.stride(0), x3.stride(1), out.stride(0), out.stride(1), B=block,
+        view(x3), view(out), x3.stride(0), x3.stride(1), out.stride(0), out.stride(1), B=block,
         num_warps=num_warps)
     return out.view(*x.shape[:-2], C, R)
 

@@ -73,8 +73,8 @@ def build_docstring_corpus(out_path: str, max_bytes: int = 6_000_000) -> dict:
         raise RuntimeError(f"no docstrings found under {_source_roots()}; pass --data-path with your own data")
     docs.sort()                         # a fixed shuffle: the order of the sha1 of each document
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    from megatron_dsv3.training.preprocess import _private_name
-    tmp, n, written = _private_name(out_path), 0, 0     # concurrent builders each rename their own file
+    from megatron_dsv3.training.preprocess import unique_tmp_path
+    tmp, n, written = unique_tmp_path(out_path), 0, 0     # concurrent builders each rename their own file
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             for _, doc in docs:

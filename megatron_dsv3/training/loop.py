@@ -120,7 +120,9 @@ def device_memory(device) -> dict:
     g = 2.0 ** 30
     return {"allocated": torch.cuda.memory_allocated(device) / g,
             "max_allocated": torch.cuda.max_memory_allocated(device) / g,
-            "reserved": torch.cuda.memory_reserved(device) / g, "max_reserved": torch.cuda.max_memory_reserved(device) / g}
+            "reserved": torch.cuda.memory_reserved(device) / g,
+            "max_reserved": torch.cuda.max_memory_reserved(device) / g}
+
 
 class Trainer:
     def __init__(self, args, model_builder: Optional[Callable] = None):

@@ -19,7 +19,7 @@ import numpy as np
 PUNKT_TRAIN_CHARS = 20_000_000     # Punkt learns abbreviations well from a few MB
 
 
-def _private_name(path: str) -> str:
+def unique_tmp_path(path: str) -> str:
     """path + a suffix no other writer (process or call) uses: where a file is written before its rename."""
     import uuid
     return f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -137,7 +137,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer, *, json_key
     dtype = np.uint16 if tokenizer.vocab_size + 1 < 65500 else np.int32
     # a name of this call's own: two runs building the same dataset at once (parallel trainings on a fresh cache)
     # each write their own files and rename them; the contents are the same, the last rename wins
-    tmp = _private_name(prefix)
+    tmp = unique_tmp_path(prefix)
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     encoder = _Encoder(tokenizer, splitter, append_eod)
     docs = tokens = nbytes = 0

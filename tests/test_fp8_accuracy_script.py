@@ -60,3 +60,19 @@ def test_a_failed_training_run_loses_no_other(tmp_path, monkeypatch):
     assert "- run to run (seed 1234 and every flag the same): BF16 again relative to BF16 +0.000%" in text, text
     steps = re.findall(r"^\| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([+-][0-9.]+%) \|$", text, re.M)
     assert [int(s[0]) for s in steps] == [2, 4, 6], text
+
+
+def test_parallel_runs_are_packed_into_waves_that_fit_the_device():
+    """--parallel on a GPU: runs go in waves whose memory estimates (+ a per-process overhead) fit the device; the
+    H200 call that started six proxy-1gpu runs at once (BF16 ~30 GiB, FP8 ~31 by the estimate) lost two to an
+    out-of-memory error: now four, then two. Off CUDA: one wave."""
+    mod = _load()
+    runs = [(f"{k} s{s}", s, ["--fp8"] if k != "BF16" else []) for s in (1234, 1235) for k in ("BF16", "FP8", "V")]
+    est = lambda extra: 31.3 if extra else 30.0
+    waves = mod._waves(runs, est, 139.8)
+    assert [len(w) for w in waves] == [4, 2] and [r for w in waves for r in w] == runs
+    assert mod._waves(runs, est, None) == [runs]
+    assert [len(w) for w in mod._waves(runs, lambda extra: 200.0, 139.8)] == [1] * 6    # too big: one at a time
+    # the estimate the waves use is the trainer's own (training/memory.py) for the run's flags
+    flags = "--preset proxy-1gpu --num-layers 4 --seq-length 1024 --mtp-num-layers 1 --micro-batch-size 4".split()
+    assert 25 < mod._estimate(flags) < mod._estimate(flags + ["--fp8", "--fp8-backend", "native"]) < 40

@@ -242,8 +242,8 @@ def fit_report(cfg, micro_batch_size: int, data_parallel_size: int, gpu: str, **
             f"configured. What would: " + "; ".join(options) + ".")
 
 
-def main(argv=None) -> int:
-    """python -m megatron_dsv3.training.memory <the trainer's flags>: prints the resolved layout and the estimate."""
+def _resolve(argv):
+    """The trainer's flags -> (args, cfg, micro-batch, data-parallel size, estimate_memory's keywords)."""
     from megatron_dsv3.training.arguments import TRAIN_DEFAULTS, build_parser, config_from_args
     p = build_parser()
     p.add_argument("--world-size", type=int, default=None, help="GPUs in the job (default: TP*PP)")
@@ -257,9 +257,22 @@ def main(argv=None) -> int:
     dp = world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size)
     moments = args.adam_moments_dtype or {**TRAIN_DEFAULTS["*"], **TRAIN_DEFAULTS.get(cfg.name, {})}["adam_moments_dtype"]
     kw = dict(moment_bytes=2 if moments == "bf16" else 4, recompute_full=args.recompute_granularity == "full")
-    print(describe(cfg, args.micro_batch_size or 1, dp, **kw))
+    return args, cfg, args.micro_batch_size or 1, dp, kw
+
+
+def estimate_for_flags(argv) -> float:
+    """The estimate's total (GiB per GPU) for a run of the trainer with these flags (e.g. to pack several runs onto
+    one GPU: bench/fp8_accuracy.py --parallel)."""
+    _, cfg, mb, dp, kw = _resolve(argv)
+    return estimate_memory(cfg, mb, dp, **kw)["total"]
+
+
+def main(argv=None) -> int:
+    """python -m megatron_dsv3.training.memory <the trainer's flags>: prints the resolved layout and the estimate."""
+    args, cfg, mb, dp, kw = _resolve(argv)
+    print(describe(cfg, mb, dp, **kw))
     if args.gpu:
-        print(fit_report(cfg, args.micro_batch_size or 1, dp, args.gpu, **kw))
+        print(fit_report(cfg, mb, dp, args.gpu, **kw))
     return 0
 
 

@@ -219,27 +219,32 @@ GPU_MEMORY_GIB = {"H800": 79.1, "H100": 79.1, "A100": 79.1, "A800": 79.1, "H20":
 
 
 def fit_report(cfg, micro_batch_size: int, data_parallel_size: int, gpu: str, **kw) -> str:
-    """One line when the estimate fits `gpu`; else a WARNING naming the overshoot and what would make it fit
-    (estimated: BF16 Adam moments, full recomputation, FP8 routed experts)."""
+    """One line when the estimate fits `gpu`; else a WARNING naming the overshoot and the switches that lower the
+    estimate (BF16 Adam moments, full recomputation, FP8: its activations are smaller but its per-step FP8 weight
+    copies add 2 bytes a parameter, so it is named only where it lowers the total), each with its estimate and
+    whether it alone fits."""
     if gpu.upper() not in {k.upper() for k in GPU_MEMORY_GIB}:
         raise ValueError(f"--gpu {gpu!r}: unknown GPU; one of {', '.join(GPU_MEMORY_GIB)}")
     cap = {k.upper(): v for k, v in GPU_MEMORY_GIB.items()}[gpu.upper()]
     est = estimate_memory(cfg, micro_batch_size, data_parallel_size, **kw)["total"]
     if est <= cap:
         return f"fits {gpu} ({_fmt(est)} of {_fmt(cap)}, {_fmt(cap - est)} left for buffers and the CUDA context)"
-    options = []
+    switches = []
     if kw.get("moment_bytes", 4) > 2:
-        alt = estimate_memory(cfg, micro_batch_size, data_parallel_size, **dict(kw, moment_bytes=2))["total"]
-        options.append(f"BF16 Adam moments as the paper (--adam-moments-dtype bf16): {_fmt(alt)}")
+        switches.append(("BF16 Adam moments as the paper (--adam-moments-dtype bf16)", dict(kw, moment_bytes=2)))
     if not kw.get("recompute_full"):
-        alt = estimate_memory(cfg, micro_batch_size, data_parallel_size, **dict(kw, recompute_full=True))["total"]
-        options.append(f"full recomputation (--recompute-granularity full): {_fmt(alt)}")
-    fp8 = cfg.fp8.enabled if kw.get("fp8") is None else kw["fp8"]
-    if not fp8:
-        alt = estimate_memory(cfg, micro_batch_size, data_parallel_size, **dict(kw, fp8=True))["total"]
-        options.append(f"FP8 training as the paper (--fp8; counted: the routed experts' activations): {_fmt(alt)}")
-    return (f"WARNING: the estimate {_fmt(est)} exceeds the {gpu}'s {_fmt(cap)}: this layout does not fit as "
-            f"configured. What would: " + "; ".join(options) + ".")
+        switches.append(("full recomputation (--recompute-granularity full)", dict(kw, recompute_full=True)))
+    if not (cfg.fp8.enabled if kw.get("fp8") is None else kw["fp8"]):
+        switches.append(("FP8 training as the paper (--fp8)", dict(kw, fp8=True)))
+    options = []
+    for text, kwa in switches:
+        alt = estimate_memory(cfg, micro_batch_size, data_parallel_size, **kwa)["total"]
+        if alt < est:
+            options.append(f"{text}: {_fmt(alt)}{', fits' if alt <= cap else ''}")
+    head = f"WARNING: the estimate {_fmt(est)} exceeds the {gpu}'s {_fmt(cap)}: this layout does not fit as configured."
+    if not options:
+        return head + " None of BF16 moments, full recomputation or FP8 lowers it: more GPUs (PP, EP, DP) are needed."
+    return head + " Lower (estimated): " + "; ".join(options) + "."
 
 
 def _resolve(argv):

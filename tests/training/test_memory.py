@@ -108,3 +108,35 @@ def test_activation_estimate_matches_the_h200_measurement():
     assert saved == 2 * (2 * h) + 2 * (latents + qkv)
     assert saved == activation_bytes_per_token(cfg, False, False) - activation_bytes_per_token(rec, False, True)
     assert saved == pytest.approx(523_496 - 359_736, rel=1e-3)
+
+
+def test_fit_report_names_only_the_switches_that_lower_the_estimate(monkeypatch):
+    """A layout that does not fit: the report lists what lowers the estimate, each with its number and whether it
+    alone fits; FP8 (smaller activations, +2 bytes a parameter of weight copies) is left out where it raises it --
+    it was once offered under "what would fit" at 5130 GiB against 3882."""
+    from megatron_dsv3.training import memory
+    cfg = DSV3Config.from_preset("dsv3-671b").replace(
+        parallel={"pipeline_model_parallel_size": 16, "expert_model_parallel_size": 64,
+                  "num_layers_in_first_pipeline_stage": 3, "num_layers_in_last_pipeline_stage": 2})
+    kw = dict(moment_bytes=4)
+    est = estimate_memory(cfg, 1, 128, **kw)["total"]
+    alts = {"moments": estimate_memory(cfg, 1, 128, moment_bytes=2)["total"],
+            "recompute": estimate_memory(cfg, 1, 128, moment_bytes=4, recompute_full=True)["total"],
+            "fp8": estimate_memory(cfg, 1, 128, moment_bytes=4, fp8=True)["total"]}
+    cap = (est + min(alts["moments"], alts["recompute"])) / 2          # between the best switch and as configured
+    monkeypatch.setitem(memory.GPU_MEMORY_GIB, "TEST", cap)
+    text = memory.fit_report(cfg, 1, 128, "TEST", **kw)
+    assert text.startswith("WARNING: the estimate") and "Lower (estimated): " in text, text
+    for name, flag in (("moments", "--adam-moments-dtype bf16"), ("recompute", "--recompute-granularity full"),
+                       ("fp8", "--fp8")):
+        assert (flag in text) == (alts[name] < est), (name, alts[name], est, text)
+    best = "--adam-moments-dtype bf16" if alts["moments"] < alts["recompute"] else "--recompute-granularity full"
+    assert f"{best}): " in text and text.split(f"{best}): ", 1)[1].split(";")[0].rstrip(".").endswith(", fits"), text
+    monkeypatch.setitem(memory.GPU_MEMORY_GIB, "TEST", 1.0)
+    assert "fits" not in memory.fit_report(cfg, 1, 128, "TEST", **kw).split("Lower")[1]
+    # every expert on every GPU (no EP): FP8's weight copies outweigh its smaller activations -- not offered
+    flat = DSV3Config.from_preset("dsv3-671b")
+    assert estimate_memory(flat, 1, 2048, moment_bytes=2, fp8=True)["total"] > \
+        estimate_memory(flat, 1, 2048, moment_bytes=2)["total"]
+    text = memory.fit_report(flat, 1, 2048, "H800", moment_bytes=2)
+    assert "--fp8" not in text and "--recompute-granularity full" in text, text

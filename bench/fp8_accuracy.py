@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import subprocess
@@ -187,14 +186,9 @@ def _device_gib():
     return torch.cuda.get_device_properties(0).total_memory / 2 ** 30 if torch.cuda.is_available() else None
 
 
-@functools.lru_cache(maxsize=None)
-def _estimate_cached(flags: tuple) -> float:
-    from megatron_dsv3.training.memory import estimate_for_flags
-    return estimate_for_flags(list(flags))
-
-
 def _estimate(flags: list) -> float:
-    return _estimate_cached(tuple(flags))
+    from megatron_dsv3.training.memory import estimate_for_flags
+    return estimate_for_flags(flags)
 
 
 def _waves(variants: list, estimate, budget_gib) -> list:
@@ -212,6 +206,8 @@ def _waves(variants: list, estimate, budget_gib) -> list:
         cur.append(v)
         used += need
     return groups + ([cur] if cur else [])
+
+
 def run_training(a, model_flags: list, tmp: str) -> list:
     kinds = ([("BF16", []), ("FP8", FP8_FLAGS)] + [(n, FP8_FLAGS + f) for n, f in a.variant]
              + ([(RERUN, [])] if a.rerun else []))
@@ -225,11 +221,12 @@ def run_training(a, model_flags: list, tmp: str) -> list:
 
     # --parallel: the runs at once on one device (their steps/s then share the GPU and are not speeds), in waves
     # that fit its memory by the trainer's estimate; --time-limit: stop them there and report the steps reached.
-    groups = _waves(variants, lambda extra: _estimate(model_flags + extra), _device_gib()) if a.parallel \
+    device_gib = _device_gib() if a.parallel else None
+    groups = _waves(variants, lambda extra: _estimate(model_flags + extra), device_gib) if a.parallel \
         else [(v,) for v in variants]
     if len(groups) > 1 and a.parallel:
         print(f"--parallel: {len(variants)} runs in {len(groups)} waves of at most {max(map(len, groups))} (the "
-              f"memory estimate of each run against the device's {_device_gib():.0f} GiB)", flush=True)
+              f"memory estimate of each run against the device's {device_gib:.0f} GiB)", flush=True)
     runs, failed = {}, {}
     t_start = time.perf_counter()
     for group in groups:
@@ -317,7 +314,8 @@ def main(argv=None):
     p.add_argument("--rerun", action="store_true", help="BF16 once more per seed, the same flags: the run-to-run "
                    "spread (on a GPU, not zero)")
     p.add_argument("--grads", action="store_true", help="one global batch: FP8 vs BF16 gradients per parameter")
-    p.add_argument("--parallel", action="store_true", help="run the training runs at once on one device, in waves that fit its memory by the trainer's estimate")
+    p.add_argument("--parallel", action="store_true", help="run the training runs at once on one device, in "
+                   "waves that fit its memory by the trainer's estimate")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; stop the runs there, report what ran")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=None)

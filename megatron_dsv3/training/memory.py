@@ -241,7 +241,8 @@ def fit_report(cfg, micro_batch_size: int, data_parallel_size: int, gpu: str, **
         alt = estimate_memory(cfg, micro_batch_size, data_parallel_size, **kwa)["total"]
         if alt < est:
             options.append(f"{text}: {_fmt(alt)}{', fits' if alt <= cap else ''}")
-    head = f"WARNING: the estimate {_fmt(est)} exceeds the {gpu}'s {_fmt(cap)}: this layout does not fit as configured."
+    head = (f"WARNING: the estimate {_fmt(est)} exceeds the {gpu}'s {_fmt(cap)}: this layout does not fit as "
+            f"configured.")
     if not options:
         return head + " None of BF16 moments, full recomputation or FP8 lowers it: more GPUs (PP, EP, DP) are needed."
     return head + " Lower (estimated): " + "; ".join(options) + "."

@@ -11,7 +11,7 @@ passes over the bf16 logits do the whole job:
             loss = M + log Z - x_target                                                 (per token)
     pass 2 writes d loss / d x_j = softmax_j - [j == target] over the logits IN PLACE (bf16),
 
-and backward only multiplies each row by its token's incoming gradient (also in place). Kept for backward: that one
+and backward only multiplies each row by its token's incoming gradient (a third pass, also in place). Kept for backward: that one
 bf16 [s, b, V/tp] buffer, half of megatron's float32 one, and no float32 copy ever exists. The caller gives up its
 logits (`consume_logits=True` says so): our model computes the loss from logits nobody else reads.
 
@@ -80,6 +80,17 @@ if HAVE_TRITON:
             g = tl.exp(x - lse) - tl.where(offs == lab, 1.0, 0.0)
             tl.store(row + offs, g.to(x_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _ce_scale_kernel(g_ptr, s_ptr, s_stride, V: tl.constexpr, BLOCK: tl.constexpr):
+        # g[t, j] *= s[t]: one token's row slice per program, the product in float32, one rounding to g's dtype
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < V
+        scale = tl.load(s_ptr + t * s_stride).to(tl.float32)
+        ptr = g_ptr + t * V + offs
+        g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptr, (g * scale).to(g_ptr.dtype.element_ty), mask=mask)
+
 
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -114,7 +125,14 @@ class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         (g,) = ctx.saved_tensors                            # [T, V/tp] softmax - onehot
-        g.mul_(dloss.reshape(-1, 1).to(g.dtype))            # in place: the buffer is not needed again
+        # each row times its token's incoming gradient, in place (the buffer is not needed again). torch's
+        # broadcasting mul_ of a [T, 1] column ran a non-vectorised kernel: 1.6 ms for the 1.06 GB of a V3 step's
+        # logits on the H200 (1.3 TB/s); this pass reads and writes each element once at the copy rate.
+        T, V = g.shape
+        s = dloss.reshape(-1)                               # [T] (a stride-0 view when dloss is an expanded scalar)
+        if T:
+            block = min(8192, triton.next_power_of_2(V))
+            _ce_scale_kernel[(T, triton.cdiv(V, block))](g, s, s.stride(0), V=V, BLOCK=block)
         return g.view(ctx.shape), None, None
 
 

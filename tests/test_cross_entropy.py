@@ -45,6 +45,39 @@ def test_fused_cross_entropy_bf16(triton_device):
     torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=4e-3)
 
 
+@pytest.mark.parametrize("incoming", ["per-token", "mean"])
+def test_fused_cross_entropy_bf16_incoming_gradient(triton_device, incoming):
+    """bf16 logits, each token's row scaled by its own incoming gradient (random per token; and the stride-0 gradient
+    of a .mean(), one value for all): the product rounded once to bf16, so within bf16 rounding of the float32
+    reference's gradient."""
+    dev = triton_device
+    g = torch.Generator().manual_seed(3)
+    V = 5000
+    logits = torch.randn(6, 2, V, generator=g).to(dev, torch.bfloat16)
+    labels = torch.randint(0, V, (6, 2), generator=g).to(dev)
+    dloss = (torch.rand(6, 2, generator=g) * 3 - 1).to(dev)
+    ref_in = logits.float().requires_grad_()
+    ref = cross_entropy_reference(ref_in, labels)
+    x = logits.clone().requires_grad_()
+    loss = fused_cross_entropy_triton(x * 1, labels)
+    if incoming == "mean":
+        (want,) = torch.autograd.grad(ref.mean(), ref_in)
+        (got,) = torch.autograd.grad(loss.mean(), x)
+    else:
+        (want,) = torch.autograd.grad(ref, ref_in, dloss)
+        (got,) = torch.autograd.grad(loss, x, dloss)
+    assert got.dtype == torch.bfloat16
+    scale = want.abs().amax().item()
+    torch.testing.assert_close(got.float(), want, rtol=1.6e-2, atol=scale * 4e-3)
+    # a row whose incoming gradient is 0 is exactly 0
+    if incoming == "per-token":
+        dz = dloss.clone()
+        dz[0, 0] = 0
+        x2 = logits.clone().requires_grad_()
+        (g2,) = torch.autograd.grad(fused_cross_entropy_triton(x2 * 1, labels), x2, dz)
+        assert torch.count_nonzero(g2[0, 0]) == 0 and torch.count_nonzero(g2[0, 1]) > 0
+
+
 def _tp2(rank):
     """TP=2 over gloo: each rank holds half the vocabulary; losses and each rank's gradient slice equal the full
     reference's."""

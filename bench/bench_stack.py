@@ -40,8 +40,7 @@ PARTS = ("stack", "dense", "moe_layer", "mla", "moe")
 TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense": "dense layer (MLA + MLP)",
           "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
 IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8", "ours-recompute", "ours-fp8-hostloop", "ours-fp8-nocache",
-         "ours-fp8-fpropcache", "ours-fp8-restep", "ours-unfused-expert-wgrad", "ours-wgrad-lanes1",
-         "ours-wgrad-lanes2", "ours-wgrad-lanes4")
+         "ours-fp8-fpropcache", "ours-fp8-restep", "ours-unfused-expert-wgrad")
 NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-fp8": "ours FP8 (native; FP8Config's defaults: Triton grouped GEMMs)",
          "ours-recompute": "ours BF16, the paper's recomputation (norms + MLA up-projections)",
@@ -55,9 +54,7 @@ NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
                             "step (one micro-batch a step; the other FP8 rows, ours and TE's, reuse them as the "
                             "micro-batches after the first of a step do)",
          "ours-unfused-expert-wgrad": "ours BF16, experts' weight gradients by autograd + add (GroupedExperts.fuse_wgrad "
-                                      "False)",
-         **{f"ours-wgrad-lanes{n}": f"ours BF16, the experts' per-expert weight-gradient GEMMs on {n} CUDA stream"
-                                    f"{'s' if n > 1 else ''} (GroupedExperts.wgrad_lanes = {n})" for n in (1, 2, 4)}}
+                                      "False)"}
 
 
 def bench_config(smoke: bool, num_layers: int = 4):
@@ -103,13 +100,6 @@ def build(part: str, impl: str, cfg, dev, pg):
         for m in out[0].modules():
             if isinstance(m, GroupedExperts):
                 m.fuse_wgrad = False
-        return out
-    if impl.startswith("ours-wgrad-lanes"):   # the per-expert weight-gradient GEMMs over n streams
-        from megatron_dsv3.moe.experts import GroupedExperts
-        out = build(part, "ours", cfg, dev, pg)
-        for m in out[0].modules():
-            if isinstance(m, GroupedExperts):
-                m.wgrad_lanes = int(impl[len("ours-wgrad-lanes"):])
         return out
     if impl == "ours-fp8-restep":         # an optimizer step between steps: the weights' FP8 copies dropped
         from megatron_dsv3.fp8.weight_cache import drop_caches

@@ -34,13 +34,13 @@ model's output layer). mla/linear.py's DuplicatedLinear uses the matmul too.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
 
 __all__ = ["OutputHead", "FusedWgradColumnParallelLinear", "FusedWgradRowParallelLinear", "accumulate_wgrad",
-           "matmul_fused_wgrad", "fused_wgrad_applies", "grouped_mm_fused_wgrad", "accumulate_groups", "HostCounts", "grad_need",
+           "matmul_fused_wgrad", "fused_wgrad_applies", "grouped_mm_fused_wgrad", "HostCounts", "grad_need",
            "wgrad_buffer", "NOT_NEEDED", "ACCUMULATE", "CAPTURED"]
 
 
@@ -154,9 +154,9 @@ class _GroupedMMFusedWgrad(torch.autograd.Function):
     remake_fn(*remake_args): x made again for dW instead of keeping x (its inputs, kept anyway by whoever made x)."""
 
     @staticmethod
-    def forward(ctx, x, weight, offs, host_counts, lanes, remake_fn, *remake_args):
+    def forward(ctx, x, weight, offs, host_counts, remake_fn, *remake_args):
         ctx.save_for_backward(None if remake_fn else x, weight, offs, *remake_args)
-        ctx.host_counts, ctx.remake_fn, ctx.lanes = host_counts, remake_fn, lanes
+        ctx.host_counts, ctx.remake_fn = host_counts, remake_fn
         return torch._grouped_mm(x, weight, offs=offs)                                   # [N, M]
 
     @staticmethod
@@ -174,51 +174,25 @@ class _GroupedMMFusedWgrad(torch.autograd.Function):
             if buf is None:
                 dw = torch._grouped_mm(x.t(), dy, offs=offs)                             # [G, K, M]
             else:
-                accumulate_groups(buf, x, dy, ctx.host_counts.get(), ctx.lanes)
+                start = 0
+                for g, n in enumerate(ctx.host_counts.get()):
+                    if n:
+                        accumulate_wgrad(buf[g], x[start:start + n], dy[start:start + n])   # [K, M] += x_g^T dy_g
+                    start += n
                 if buf is not weight.grad and hasattr(weight, "grad_added_to_main_grad"):
                     weight.grad_added_to_main_grad = True     # megatron DDP: its hook runs, skips its add
                     dw = torch.empty_like(weight)
-        return (dx, dw, None, None, None, None) + (None,) * len(remake_args)
-
-
-def accumulate_groups(buf: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, counts: Sequence[int],
-                      lanes: int = 1) -> None:
-    """buf[g] [K, M] += x_g^T dy_g for each group's rows (x [N, K], dy [N, M] sorted by group, counts on the host).
-    lanes > 1 on CUDA: the per-group GEMMs spread over that many streams (the current one and lanes - 1 from torch's
-    pool), largest first, round robin, joined before returning (the current stream waits for all): one expert's
-    GEMM (M x K output, K = its ~1k rows) is too short for cuBLAS to hide its prologue and its beta = 1 epilogue,
-    so concurrent GEMMs fill the machine; TE's grouped GEMM does the same with 4 streams. Each GEMM writes its own
-    slice of buf, and everything it reads was made on the current stream before the side streams' wait."""
-    jobs, start = [], 0
-    for g, n in enumerate(int(c) for c in counts):
-        if n:
-            jobs.append((n, g, start))
-        start += n
-    if lanes <= 1 or not buf.is_cuda or len(jobs) < 2:
-        for n, g, s0 in jobs:
-            accumulate_wgrad(buf[g], x[s0:s0 + n], dy[s0:s0 + n])
-        return
-    jobs.sort(key=lambda j: -j[0])
-    cur = torch.cuda.current_stream(buf.device)
-    streams = [cur] + [torch.cuda.Stream(buf.device) for _ in range(min(lanes, len(jobs)) - 1)]
-    ready = cur.record_event()
-    for st in streams[1:]:
-        st.wait_event(ready)
-    for j, (n, g, s0) in enumerate(jobs):
-        with torch.cuda.stream(streams[j % len(streams)]):
-            accumulate_wgrad(buf[g], x[s0:s0 + n], dy[s0:s0 + n])
-    for st in streams[1:]:
-        cur.wait_event(st.record_event())
+        return (dx, dw, None, None, None) + (None,) * len(remake_args)
 
 
 def grouped_mm_fused_wgrad(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, host_counts: HostCounts,
-                           remake=None, lanes: int = 1) -> torch.Tensor:
+                           remake=None) -> torch.Tensor:
     """torch._grouped_mm(x, weight, offs=offs) with the weight gradient accumulated in place (module docstring).
     x [N, K] rows sorted by group, weight [G, K, M], offs [G] int32 group end offsets, host_counts their sizes.
     remake (fn, *args): fn(*args) gives x again, bit for bit: x is not kept for backward (the experts' SwiGLU
     output, made again from h1 and the gates that the SwiGLU keeps for its own backward)."""
     fn, args = (remake[0], remake[1:]) if remake else (None, ())
-    return _GroupedMMFusedWgrad.apply(x, weight, offs, host_counts, lanes, fn, *args)
+    return _GroupedMMFusedWgrad.apply(x, weight, offs, host_counts, fn, *args)
 
 
 def _tp_size(module) -> int:

@@ -207,53 +207,6 @@ def test_grouped_experts_fused_wgrad_on_cuda():
             assert float(o[1].abs().max()) == 0.0                 # the empty expert gets nothing
 
 
-def test_accumulate_groups_matches_the_loop():
-    """accumulate_groups: buf[g] += x_g^T dy_g per group (empty groups untouched), against float64; lanes > 1 off
-    CUDA is the same sequential loop."""
-    from megatron_dsv3.fused_wgrad import accumulate_groups
-    x, w, dy, c, _ = _grouped_case(3, counts=(5, 0, 2, 7))
-    _, _, rdw = _grouped_reference(x, w, dy, c)
-    for lanes in (1, 4):
-        buf = torch.ones_like(w.detach())
-        accumulate_groups(buf, x.detach(), dy, c, lanes)
-        torch.testing.assert_close(buf.double(), 1 + rdw, rtol=1e-5, atol=1e-5)
-        assert torch.equal(buf[1], torch.ones_like(buf[1]))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GEMM lanes are CUDA streams")
-def test_grouped_experts_wgrad_lanes_bit_equal_on_cuda():
-    """The per-expert weight-gradient GEMMs spread over 1, 2 or 4 streams give the same bits (each expert's GEMM is
-    the same call, only its stream differs), into .grad and into a float32 main_grad, at uneven loads with an empty
-    expert; and the gradients are complete when backward returns (read on the current stream, no extra sync)."""
-    from megatron_dsv3.moe.experts import grouped_swiglu
-    g = torch.Generator(device="cuda").manual_seed(1)
-    E, h, f = 6, 256, 128
-    counts = torch.tensor([300, 0, 129, 83, 512, 17], device="cuda")
-    N = int(counts.sum())
-    w1 = (0.05 * torch.randn(E, h, 2 * f, device="cuda", generator=g)).bfloat16()
-    w2 = (0.05 * torch.randn(E, f, h, device="cuda", generator=g)).bfloat16()
-    x = torch.randn(N, h, device="cuda", generator=g).bfloat16()
-    dy = torch.randn(N, h, device="cuda", generator=g).bfloat16()
-    scale = torch.rand(N, device="cuda", generator=g)
-
-    def run(lanes, main_grad):
-        a, b = w1.clone().requires_grad_(), w2.clone().requires_grad_()
-        for p in (a, b):
-            if main_grad:
-                p.main_grad, p.grad_added_to_main_grad = torch.zeros(p.shape, device="cuda"), False
-            else:
-                p.grad = torch.ones_like(p)             # an existing .grad: the in-place accumulation
-        xi = x.clone().requires_grad_()
-        grouped_swiglu(xi, counts, a, b, scale, wgrad_lanes=lanes).backward(dy)
-        return [(p.main_grad if main_grad else p.grad).clone() for p in (a, b)] + [xi.grad]
-
-    for main_grad in (False, True):
-        ref = run(1, main_grad)
-        for lanes in (2, 4):
-            got = run(lanes, main_grad)
-            assert all(torch.equal(r, o) for r, o in zip(ref, got)), (lanes, main_grad)
-
-
 def test_each_pass_computes_only_what_it_returns(monkeypatch):
     """DualPipe's W pass (backward with inputs=[weight]) runs no input-gradient GEMM, its B pass no weight-gradient
     GEMM; torch.autograd.grad asking for the weight gets it returned, .grad untouched. Both fused forms."""

@@ -259,13 +259,18 @@ def _versions() -> dict:
         code = f"import {mod} as m; print(m.__version__)"
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         out[name] = r.stdout.strip() if r.returncode == 0 else "not installed"
-    # a copy without .git (a device run of `git archive` output) names its commit in DSV3_COMMIT; never a parent's
+    out["commit"] = commit_id()
+    return out
+
+
+def commit_id() -> str:
+    """The commit measured: a copy without .git (a device run of `git archive` output) names it in DSV3_COMMIT; never
+    a parent directory's."""
     commit = os.environ.get("DSV3_COMMIT")
     if not commit and os.path.isdir(os.path.join(REPO, ".git")):
         commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
-    out["commit"] = commit or "?"
-    return out
+    return commit or "?"
 
 
 def _read_state(path, commit: str, error) -> list:

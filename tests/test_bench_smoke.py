@@ -35,3 +35,25 @@ def test_bench_smoke(tmp_path):
 
     assert "| DeepSeekMoE | ours | ok |" in text and "megatron-core MoELayer" in text
     assert "- megatron-core: " in text and "- torch: " in text and "- device: CPU" in text
+
+
+def test_mla_breakdown_smoke(tmp_path, monkeypatch):
+    """bench/mla_breakdown.py --smoke on CPU: every row measured (a positive time), the table written with its
+    device and commit; bad sizes refused by name."""
+    import pytest
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)      # the reference kernels: the rows, not the interpreter
+    path = os.path.join(os.path.dirname(_PATH), "mla_breakdown.py")
+    spec = importlib.util.spec_from_file_location("mla_breakdown", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "mla.md"
+    text = mod.main(["--smoke", "--out", str(out)])
+    assert out.read_text() == text and "- device: CPU" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    names = [r[0][2:] for r in rows]
+    for want in ("the block, synchronised steps", "q_down", "kv_down", "as one GEMM", "q_up", "kv_up", "o_proj",
+                 "core attention", "q/k/v assembly", "RMSNorm over"):
+        assert any(n.startswith(want) or want in n for n in names), (want, names)
+    assert all(float(r[1]) > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        mod.main(["--smoke", "--seq", "0"])

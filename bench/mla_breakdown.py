@@ -11,6 +11,8 @@ Rows (forward+backward, median of --iters after --warmup, one process; bench_sta
   * each piece alone at the same sizes: the five projections as x @ W^T with both gradients, the two
     down-projections as one GEMM (what merging them would give), core attention through SDPA with cuDNN on
     [s, b, n, d] views (the layer's layout) and on contiguous [b, n, s, d], the q/k/v assembly, the two latent norms.
+    These are synchronised wall times: the small pieces (the norms, the assembly) are bound by their launches there,
+    and the profiled rows give their kernel time.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import statistics
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = (("GEMM", ("nvjet", "cutlass", "gemm", "xmma", "sm90_")), ("attention", ("cudnn", "flash", "fmha", "attention")),
+# attention first: cuDNN's SDPA kernels are named like cudnn_generated_..._sdpa_sm90_flash_..._wgmma_...
+KINDS = (("attention", ("cudnn", "flash", "fmha", "sdpa", "attention")), ("GEMM", ("nvjet", "cutlass", "gemm", "xmma")),
          ("q/k/v assembly", ("_qkv_",)), ("RMSNorm", ("_rms_",)))
 
 

@@ -271,11 +271,6 @@ def quant_bench(lines, res, rounds, iters):
             nbytes[name] = 2 * nb_tiles - 2 * M * K
             exact[name] = all(_eq(u, v) for u, v in zip(kernels.quantize_tiles_and_transpose_triton(x, False, nw),
                                                          ref_tt))
-            name = f"quantize_tiles_and_transpose_triton fused warps={nw}"
-            variants[name] = (lambda nw=nw: kernels.quantize_tiles_and_transpose_triton(x, False, nw, fused=True))
-            nbytes[name] = 2 * nb_tiles - 2 * M * K
-            exact[name] = all(_eq(u, v) for u, v in zip(
-                kernels.quantize_tiles_and_transpose_triton(x, False, nw, fused=True), ref_tt))
             name = f"quantize_columns_grouped_triton (32 experts) warps={nw}"
             # row_tiles as the FP8 experts pass them (bounded_row_tiles: no host read-back of offs per call)
             variants[name] = (lambda nw=nw: kernels.quantize_columns_grouped_triton(x, offs, False, nw,

@@ -206,37 +206,6 @@ if HAVE_TRITON:
         tl.store(qt_ptr + c[:, None].to(m.dtype) * QT_STRIDE + col[None, :], tl.trans(qc), mask=tmask)
         tl.store(st_ptr + c + pid_m * ST_STRIDE_T, st, mask=cmask)
 
-    @triton.jit
-    def _tiles_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, S_STRIDE_M, S_STRIDE_T, QT_STRIDE,
-                        ST_STRIDE_T, POW2: tl.constexpr, HW: tl.constexpr, B: tl.constexpr):
-        """Both copies of one [B, B] block from one read: the 1x128 tiles (q [M, K], s) and the 128x1 tiles
-        stored transposed (qt [K, M], st) -- _rows_kernel's and _cols_kernel's values (the quotient by _qdiv in
-        both, the correctly rounded one). The block stays in x's dtype (bf16: half a float32 tile's registers,
-        where the first fused kernel held float32); each direction converts it again, so no float32 tile lives
-        across the two."""
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        r = tl.arange(0, B)
-        rows = pid_m.to(tl.int64) * B + r
-        c = pid_k * B + tl.arange(0, B)
-        rmask = rows < M
-        cmask = c < K
-        mask = rmask[:, None] & cmask[None, :]
-        xb = tl.load(x_ptr + rows[:, None] * stride_xm + c[None, :], mask=mask, other=0.0)    # [B, B] x's dtype
-        x = xb.to(tl.float32)
-        s = _scale(_amax(x, 1), POW2)                                                         # [B] row tiles
-        a, sa, y = _recip(s)
-        tl.store(q_ptr + rows[:, None] * K + c[None, :],
-                 _e4m3(_qdiv(x, a[:, None], sa[:, None], y[:, None], POW2, HW), HW), mask=mask)
-        tl.store(s_ptr + rows * S_STRIDE_M + pid_k * S_STRIDE_T, s, mask=rmask)
-        x = xb.to(tl.float32)
-        st = _scale(_amax(x, 0), POW2)                                                        # [B] column tiles
-        a, sa, y = _recip(st)
-        qc = _e4m3(_qdiv(x, a[None, :], sa[None, :], y[None, :], POW2, HW), HW)
-        tl.store(qt_ptr + c[:, None].to(tl.int64) * QT_STRIDE + rows[None, :], tl.trans(qc),
-                 mask=cmask[:, None] & rmask[None, :])
-        tl.store(st_ptr + c + pid_m * ST_STRIDE_T, st, mask=cmask)
-
 
 if HAVE_TRITON:
     @triton.jit
@@ -337,30 +306,20 @@ def quantize_tiles_triton(x: torch.Tensor, pow2_scales: bool = False, block_m: i
     return q.view(*lead, K), (s if x.dim() == 2 else s.view(*lead, T))
 
 
-def quantize_tiles_and_transpose_triton(x: torch.Tensor, pow2_scales: bool = False, num_warps: Optional[int] = None,
-                                        fused: bool = False
+def quantize_tiles_and_transpose_triton(x: torch.Tensor, pow2_scales: bool = False, num_warps: Optional[int] = None
                                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """quant.quantize_tiles_and_transpose(x [M, K]) -> (q, s, qt [K, M], st [K, ceil(M/128)]): quantize_tiles_triton
-    for q, s and _cols_kernel in [128, 32] strips for qt, st (x read twice: see the module docstring); fused: one
-    _tiles_t_kernel pass over [128, 128] blocks held in x's dtype (x read once; the same bytes).
+    for q, s and _cols_kernel in [128, 32] strips for qt, st (x read twice: see the module docstring).
     s and st come as views of stride (1, rows), the GEMM's layout (see quantize_tiles_triton). num_warps: the
-    column kernel's, or the fused one's (default 8)."""
+    column kernel's."""
     if x.dim() != 2:
         raise ValueError(f"quantize_tiles_and_transpose needs a 2-D [M, K] input, got shape {tuple(x.shape)}")
     x = _as_rows(x)
     M, K = x.shape
-    if fused:
-        q = torch.empty(M, K, dtype=FP8, device=x.device)
-        s = _scales_for_mm(M, triton.cdiv(K, TILE), x.device)
-    else:
-        q, s = quantize_tiles_triton(x, pow2_scales)
+    q, s = quantize_tiles_triton(x, pow2_scales)
     qt = torch.empty(K, M, dtype=FP8, device=x.device)
     st = _scales_for_mm(K, triton.cdiv(M, TILE), x.device)
-    if M and K and fused:
-        _tiles_t_kernel[(triton.cdiv(M, TILE), triton.cdiv(K, TILE))](
-            x, q.view(torch.uint8), s, qt.view(torch.uint8), st, M, K, x.stride(0), s.stride(0), s.stride(1),
-            qt.stride(0), st.stride(1), POW2=pow2_scales, HW=x.is_cuda, B=TILE, **_warps(x, num_warps or 8))
-    elif M and K:
+    if M and K:
         _launch_cols(x, qt, st, None, None, triton.cdiv(M, TILE), pow2_scales, 32, num_warps or 2)
     return q, s, qt, st
 

@@ -9,7 +9,9 @@ Activations (1x128 tiles along K, and 128x1 tiles along M for Wgrad), two kernel
 quantize_tiles_and_transpose runs both, reading x twice: a fused kernel holding a [128, 128] float32 tile needed
 ~185 registers a thread (8 warps per SM on an H200, too few loads in flight) and was 2.1x slower than the two
 small, fully occupied ones (bf16 16384 x 7168 on an H200: 638 vs 305 us) although it moves 4 bytes per element,
-not 6. The strip widths and warps (32 wide for it, 64 for the grouped layout, 2 warps) are what measured fastest.
+not 6. A second fused form (2026-11-30: the [128, 128] block held in bf16, each direction converting it again,
+_qdiv both ways, the transposed store through tl.trans; bit-exact) was still slower: 460 / 524 / 651 us at 4 / 8 /
+16 warps against 308 (32768 x 2048: 268 against 180; 4096 x 7168: 126 against 92), so it was not kept. The strip widths and warps (32 wide for it, 64 for the grouped layout, 2 warps) are what measured fastest.
 
 A second kernel quantises weights in 128x128 blocks (quant.quantize_blocks; a stack of experts' weights in one
 launch), optionally writing the transposed blocks (Dgrad's copy) from the same read. A third dequantises 1x128

@@ -481,7 +481,9 @@ def quantize_blocks_triton(w: torch.Tensor, pow2_scales: bool = False, transpose
     qt = torch.empty(E, K, N, dtype=FP8, device=w.device) if transpose else None
     st = torch.empty(E, KB, NB, dtype=torch.float32, device=w.device) if transpose else None
     if E and N and K:
-        kw = {"num_warps": num_warps or 8} if w.is_cuda else {}
+        # 16 warps: on the H200 (2026-11-30, bf16, bench_fp8 --sections wquant) 12-22% faster than 8 in every mode
+        # and shape measured (32 x 7168 x 4096 with the transposed copy: 2.45 vs 3.12 ms; 18432 x 7168: 0.160 vs 0.185)
+        kw = {"num_warps": num_warps or 16} if w.is_cuda else {}
         qb, sb = (q, s) if straight else (qt, st)                  # (an unwritten pointer is some real buffer)
         _block_quant_kernel[(NB, KB, E)](w3, qb.view(torch.uint8), sb, qt.view(torch.uint8) if transpose else qb,
                                          st if transpose else sb, N, K, w3.stride(0), w3.stride(1),

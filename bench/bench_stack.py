@@ -40,7 +40,7 @@ PARTS = ("stack", "dense", "moe_layer", "mla", "moe")
 TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense": "dense layer (MLA + MLP)",
           "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
 IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8", "ours-recompute", "ours-fp8-hostloop", "ours-fp8-nocache",
-         "ours-fp8-fpropcache", "ours-fp8-restep", "ours-unfused-expert-wgrad")
+         "ours-fp8-fpropcache", "ours-fp8-restep", "ours-unfused-expert-wgrad", "ours-mla-inplace")
 NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-fp8": "ours FP8 (native; FP8Config's defaults: Triton grouped GEMMs)",
          "ours-recompute": "ours BF16, the paper's recomputation (norms + MLA up-projections)",
@@ -54,7 +54,9 @@ NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
                             "step (one micro-batch a step; the other FP8 rows, ours and TE's, reuse them as the "
                             "micro-batches after the first of a step do)",
          "ours-unfused-expert-wgrad": "ours BF16, experts' weight gradients by autograd + add (GroupedExperts.fuse_wgrad "
-                                      "False)"}
+                                      "False)",
+         "ours-mla-inplace": "ours BF16, MLA's q/k/v assembly in place (MLASelfAttention.assemble_in_place: the query "
+                             "in q's storage, value a view of kv)"}
 
 
 def bench_config(smoke: bool, num_layers: int = 4):
@@ -100,6 +102,13 @@ def build(part: str, impl: str, cfg, dev, pg):
         for m in out[0].modules():
             if isinstance(m, GroupedExperts):
                 m.fuse_wgrad = False
+        return out
+    if impl == "ours-mla-inplace":
+        from megatron_dsv3.mla.attention import MLASelfAttention
+        out = build(part, "ours", cfg, dev, pg)
+        for m in out[0].modules():
+            if isinstance(m, MLASelfAttention):
+                m.assemble_in_place = True
         return out
     if impl == "ours-fp8-restep":         # an optimizer step between steps: the weights' FP8 copies dropped
         from megatron_dsv3.fp8.weight_cache import drop_caches

@@ -12,6 +12,12 @@ choice per device: on CPU its math/flash-CPU kernels; on CUDA the cuDNN backend 
 so the default `backends` puts cuDNN first (torch.nn.attention.sdpa_kernel with set_priority), falling back
 to efficient and math. No torch.cuda call: the device is the query's.
 
+Under torch.use_deterministic_algorithms(True) (the trainer's --deterministic-mode, Megatron-LM's too) or a config
+with megatron-core's deterministic_mode, cuDNN is left out: its backward sums dQ over key blocks with atomics, so two runs of one step can differ in the last bits (on the
+H200 several trainings at once drifted apart by 0.8% in 30 steps), and PyTorch has no deterministic cuDNN backward
+to ask for. Flash and efficient attention honour the setting (efficient stops splitting the keys in backward,
+when the setting is not warn-only); math is deterministic.
+
 Masks follow megatron-core: `attention_mask` is boolean, True = masked out, broadcastable to [b, 1, sq, sk]
 (padding); with a causal mask type the causal triangle is applied on top of it (so a full causal mask
 given as attention_mask is also fine). A query row with nothing to attend to returns zeros on CPU
@@ -54,12 +60,21 @@ class SDPAttention(torch.nn.Module):
             raise ValueError(f"SDPAttention backends must be among {sorted(_BACKEND_NAMES)}, got {unknown}")
         self.backends = tuple(backends or ())
 
+    def backends_in_use(self, deterministic: bool) -> tuple:
+        """The CUDA backends tried, in order: self.backends, without cuDNN's when deterministic (module docstring);
+        if that leaves none, math."""
+        if not deterministic:
+            return self.backends
+        return tuple(b for b in self.backends if b != "cudnn") or ("math",)
+
     def _kernel_choice(self, device: torch.device):
         # backend choice matters (and exists) only on CUDA; CPU keeps SDPA's own dispatch
         if device.type != "cuda" or not self.backends:
             return nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        return sdpa_kernel([getattr(SDPBackend, _BACKEND_NAMES[b]) for b in self.backends], set_priority=True)
+        names = self.backends_in_use(torch.are_deterministic_algorithms_enabled()
+                                     or bool(getattr(self.config, "deterministic_mode", False)))
+        return sdpa_kernel([getattr(SDPBackend, _BACKEND_NAMES[b]) for b in names], set_priority=True)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None, attn_mask_type=None, attention_bias=None,

@@ -135,6 +135,11 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--overlap-param-gather", action="store_true")
     g.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--deterministic-mode", action="store_true",
+                   help="bit-reproducible runs (Megatron-LM's flag): torch's deterministic algorithms, attention "
+                        "through SDPA's efficient kernel in its deterministic form instead of cuDNN's (whose backward "
+                        "sums dQ with atomics; several times slower), CUBLAS_WORKSPACE_CONFIG=:4096:8, NCCL_ALGO=Ring "
+                        "and NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 unless already set")
 
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=None)
@@ -276,6 +281,9 @@ def check_world(args: argparse.Namespace, cfg: DSV3Config, world: int) -> int:
 def check_args(args: argparse.Namespace, cfg: DSV3Config) -> None:
     """The cheap checks, before any process group, model or dataset exists."""
     from megatron_dsv3.training.data import parse_blend
+    if getattr(args, "deterministic_mode", False):
+        from megatron_dsv3.training.loop import check_deterministic_env
+        check_deterministic_env()
     for flag in ("micro_batch_size", "global_batch_size", "train_iters"):
         v = getattr(args, flag)
         if v is not None and (v < 0 or (v == 0 and flag != "train_iters")):

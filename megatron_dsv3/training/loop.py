@@ -34,12 +34,57 @@ from megatron_dsv3.training.tokenizer import build_tokenizer
 
 
 # ---- process groups ------------------------------------------------------------------------------------------
+# --deterministic-mode's environment, as Megatron-LM's (megatron/training/determinism.py): the defaults, and the
+# values accepted where the launcher set one already
+DETERMINISTIC_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8",      # cuBLAS: a fixed workspace configuration
+                     "NCCL_ALGO": "Ring",                       # NCCL: a fixed reduction order
+                     "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0"}   # Transformer Engine's attention
+DETERMINISTIC_ACCEPTED = {"CUBLAS_WORKSPACE_CONFIG": (":4096:8", ":16:8"),
+                          "NCCL_ALGO": ("Ring", "CollnetDirect", "CollnetChain", "^NVLS"),   # each comma token
+                          "NVTE_ALLOW_NONDETERMINISTIC_ALGO": ("0",)}
+
+
+def check_deterministic_env(env=None) -> None:
+    """A one-line ValueError naming the variable where the environment already holds a value that is not
+    bit-reproducible (NCCL's Tree: its reduction order is not fixed across runs)."""
+    env = os.environ if env is None else env
+    for k, ok in DETERMINISTIC_ACCEPTED.items():
+        v = env.get(k)
+        if not v:
+            continue
+        parts = v.split(",") if k == "NCCL_ALGO" else [v]
+        if any(x.strip() not in ok for x in parts):
+            raise ValueError(f"--deterministic-mode: {k}={v} is not bit-reproducible; unset it (default "
+                             f"{DETERMINISTIC_ENV[k]}) or use {' / '.join(ok)}")
+
+
+def enable_deterministic_mode() -> dict:
+    """--deterministic-mode, before any CUDA, cuBLAS or NCCL work: torch's deterministic algorithms (errors, not
+    warnings, for an op without a deterministic form: SDPA's efficient backward then runs without splitting the
+    keys) and the environment above where the launcher has not set it. SDPAttention sees the torch setting and
+    leaves cuDNN's attention out (core_attention.py). Returns the environment as used."""
+    check_deterministic_env()
+    torch.use_deterministic_algorithms(True)
+    used = {}
+    for k, v in DETERMINISTIC_ENV.items():
+        if not os.environ.get(k):          # unset or empty: the default
+            os.environ[k] = v
+        used[k] = os.environ[k]
+    return used
+
+
 def init_distributed(args, cfg) -> torch.device:
     """Default process group + megatron-core parallel_state at cfg.parallel's sizes (reused when the caller made
     them already)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    if getattr(args, "deterministic_mode", False):
+        env = enable_deterministic_mode()
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            print("deterministic mode: torch deterministic algorithms, attention without cuDNN's kernel, "
+                  + ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     use_cuda = torch.cuda.is_available() and not args.cpu
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -223,8 +223,8 @@ class _AssembleQKV(torch.autograd.Function):
     def backward(ctx, dquery, dkey, dvalue):
         cos_r, sin_r = ctx.saved_tensors
         s, b, n, d_nope, d_rope, d_v, interleaved, cs, kr_dtype, q_in_shape = ctx.meta
-        dquery = dquery.reshape(s, b, n, d_nope + d_rope).contiguous() if dquery is not None else torch.zeros(s, b, n, d_nope + d_rope,
-                                                                           dtype=cos_r.dtype, device=cos_r.device)
+        dquery = (dquery.reshape(s, b, n, d_nope + d_rope).contiguous() if dquery is not None
+                  else torch.zeros(s, b, n, d_nope + d_rope, dtype=cos_r.dtype, device=cos_r.device))
         dkey = dkey.contiguous() if dkey is not None else torch.zeros_like(dquery)
         dvalue = dvalue.contiguous() if dvalue is not None else torch.zeros(s, b, n, d_v, dtype=dquery.dtype,
                                                                            device=dquery.device)
@@ -242,9 +242,9 @@ def assemble_qkv_triton(q, kv, k_rope, cos, sin, d_nope: int, interleaved: bool,
     """The Triton path on any device (CPU tensors under TRITON_INTERPRET=1); same contract as the reference, except
     that value is its own contiguous tensor, and cos/sin must not require grad.
     inplace: the query IS q, its rope slice rotated in place (q is consumed: autograd marks it modified), and value
-    is the view kv[..., d_h:] as in the reference: the forward writes only the key and q's rope slice (of ~1.0 GB
-    read + written at V3 width and 4096 tokens, ~0.5 GB), and keeps kv whole alive where value is kept (d_h more
-    elements a head and token). The backward is the same. q and kv must be contiguous, q itself or a view of a
+    is the view kv[..., d_h:] as in the reference: the forward writes only the key and q's rope slice (~0.5 GB
+    moved where the copying form moves ~1.0 GB, at V3 width and 4096 tokens), and keeps kv whole alive where value
+    is kept (d_h more elements a head and token). The backward is the same. q and kv must be contiguous, q itself or a view of a
     tensor of q's size (the up-projection's [s, b, n (d_h + d_h^R)] output viewed per head)."""
     q_in = q
     if inplace:

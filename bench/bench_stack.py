@@ -40,7 +40,8 @@ PARTS = ("stack", "dense", "moe_layer", "mla", "moe")
 TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense": "dense layer (MLA + MLP)",
           "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
 IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8", "ours-recompute", "ours-fp8-hostloop", "ours-fp8-nocache",
-         "ours-fp8-fpropcache", "ours-fp8-restep", "ours-unfused-expert-wgrad", "ours-mla-inplace")
+         "ours-fp8-fpropcache", "ours-fp8-restep", "ours-unfused-expert-wgrad", "ours-mla-inplace",
+         "ours-dense-embedding-grad")
 NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-fp8": "ours FP8 (native; FP8Config's defaults: Triton grouped GEMMs)",
          "ours-recompute": "ours BF16, the paper's recomputation (norms + MLA up-projections)",
@@ -56,7 +57,9 @@ NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-unfused-expert-wgrad": "ours BF16, experts' weight gradients by autograd + add (GroupedExperts.fuse_wgrad "
                                       "False)",
          "ours-mla-inplace": "ours BF16, MLA's q/k/v assembly in place (MLASelfAttention.assemble_in_place: the query "
-                             "in q's storage, value a view of kv)"}
+                             "in q's storage, value a view of kv)",
+         "ours-dense-embedding-grad": "ours BF16, the word embedding's gradient dense (megatron-core's "
+                                      "VocabParallelEmbedding, not embedding_grad.py's rows into the buffer)"}
 
 
 def bench_config(smoke: bool, num_layers: int = 4):
@@ -102,6 +105,14 @@ def build(part: str, impl: str, cfg, dev, pg):
         for m in out[0].modules():
             if isinstance(m, GroupedExperts):
                 m.fuse_wgrad = False
+        return out
+    if impl == "ours-dense-embedding-grad":
+        from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
+        from megatron_dsv3.embedding_grad import VocabParallelEmbeddingRowGrad
+        out = build(part, "ours", cfg, dev, pg)
+        for m in out[0].modules():
+            if isinstance(m, VocabParallelEmbeddingRowGrad):
+                m.__class__ = VocabParallelEmbedding
         return out
     if impl == "ours-mla-inplace":
         from megatron_dsv3.mla.attention import MLASelfAttention

@@ -42,6 +42,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron_dsv3.compat import get_process_group_collection
 from megatron_dsv3.cross_entropy import vocab_parallel_cross_entropy
 from megatron_dsv3.config import DSV3Config
+from megatron_dsv3.embedding_grad import VocabParallelEmbeddingRowGrad
 from megatron_dsv3.mla.rope import RotaryEmbedding
 from megatron_dsv3.fused_wgrad import OutputHead
 from megatron_dsv3.specs import check_backend, get_decoder_block_spec, get_mtp_block_spec
@@ -91,6 +92,8 @@ class DSV3Model(LanguageModule):
             self.embedding = LanguageModelEmbedding(
                 config=tc, vocab_size=self.vocab_size, max_sequence_length=self.max_sequence_length,
                 position_embedding_type="none", tp_group=pg_collection.tp)
+            # the same module, whose lookup adds its weight gradient row by row into the buffer (embedding_grad.py)
+            self.embedding.word_embeddings.__class__ = VocabParallelEmbeddingRowGrad
 
         if placement is None:
             spec = get_decoder_block_spec(config, backend, vp_stage=vp_stage, pg_collection=pg_collection,
@@ -124,6 +127,12 @@ class DSV3Model(LanguageModule):
                     p.shared = True
         elif self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()
+        if self.pre_process or (self.mtp_process and self._shared_embedding is None):
+            # megatron-core marks an embedding used twice on one stage (the decoder's input and MTP's) with
+            # zero_out_wgrad: DDP's hook then adds whatever gradient arrives, so a layer that accumulated into
+            # main_grad must hand over zeros. Every use of this weight is our row-by-row lookup, which always hands
+            # over megatron's dummy with grad_added_to_main_grad set, so the hook must skip it, as for the linears
+            self.embedding.word_embeddings.weight.zero_out_wgrad = False
 
     # ---- pipeline plumbing -----------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:

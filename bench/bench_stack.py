@@ -41,7 +41,7 @@ TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense"
           "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
 IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8", "ours-recompute", "ours-fp8-hostloop", "ours-fp8-nocache",
          "ours-fp8-fpropcache", "ours-fp8-restep", "ours-unfused-expert-wgrad", "ours-mla-inplace",
-         "ours-dense-embedding-grad")
+         "ours-embedding-rowgrad")
 NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-fp8": "ours FP8 (native; FP8Config's defaults: Triton grouped GEMMs)",
          "ours-recompute": "ours BF16, the paper's recomputation (norms + MLA up-projections)",
@@ -58,8 +58,8 @@ NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
                                       "False)",
          "ours-mla-inplace": "ours BF16, MLA's q/k/v assembly in place (MLASelfAttention.assemble_in_place: the query "
                              "in q's storage, value a view of kv)",
-         "ours-dense-embedding-grad": "ours BF16, the word embedding's gradient dense (megatron-core's "
-                                      "VocabParallelEmbedding, not embedding_grad.py's rows into the buffer)"}
+         "ours-embedding-rowgrad": "ours BF16, the word embedding's gradient added row by row into its buffer "
+                                   "(DSV3Model.embedding_row_grad, embedding_grad.py)"}
 
 
 def bench_config(smoke: bool, num_layers: int = 4):
@@ -106,14 +106,10 @@ def build(part: str, impl: str, cfg, dev, pg):
             if isinstance(m, GroupedExperts):
                 m.fuse_wgrad = False
         return out
-    if impl == "ours-dense-embedding-grad":
-        from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
-        from megatron_dsv3.embedding_grad import VocabParallelEmbeddingRowGrad
-        out = build(part, "ours", cfg, dev, pg)
-        for m in out[0].modules():
-            if isinstance(m, VocabParallelEmbeddingRowGrad):
-                m.__class__ = VocabParallelEmbedding
-        return out
+    if impl == "ours-embedding-rowgrad":
+        from megatron_dsv3.model import DSV3Model
+        DSV3Model.embedding_row_grad = True            # this child process builds one model
+        return build(part, "ours", cfg, dev, pg)
     if impl == "ours-mla-inplace":
         from megatron_dsv3.mla.attention import MLASelfAttention
         out = build(part, "ours", cfg, dev, pg)

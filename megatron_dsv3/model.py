@@ -60,6 +60,11 @@ class DSV3Model(LanguageModule):
     """Parameter names: embedding.word_embeddings.weight [V/tp, h], decoder.layers.{i}.*,
     decoder.final_layernorm.weight, output_layer.weight [V/tp, h], mtp.layers.{k}.* (interfaces.md)."""
 
+    # the word embedding's gradient added row by row into its buffer (embedding_grad.py) instead of made dense:
+    # tested on CPU (its Triton kernel through the interpreter, DDP and MTP sharing included); off until its GPU
+    # run is measured
+    embedding_row_grad = False
+
     def __init__(self, config: DSV3Config, pre_process: bool = True, post_process: bool = True,
                  backend: str = "local", pg_collection=None, vp_stage: Optional[int] = None,
                  parallel_output: bool = True, transformer_config=None, placement=None, shared_embedding=None):
@@ -92,8 +97,9 @@ class DSV3Model(LanguageModule):
             self.embedding = LanguageModelEmbedding(
                 config=tc, vocab_size=self.vocab_size, max_sequence_length=self.max_sequence_length,
                 position_embedding_type="none", tp_group=pg_collection.tp)
-            # the same module, whose lookup adds its weight gradient row by row into the buffer (embedding_grad.py)
-            self.embedding.word_embeddings.__class__ = VocabParallelEmbeddingRowGrad
+            if self.embedding_row_grad:
+                # the same module, whose lookup adds its weight gradient row by row into the buffer
+                self.embedding.word_embeddings.__class__ = VocabParallelEmbeddingRowGrad
 
         if placement is None:
             spec = get_decoder_block_spec(config, backend, vp_stage=vp_stage, pg_collection=pg_collection,
@@ -127,7 +133,7 @@ class DSV3Model(LanguageModule):
                     p.shared = True
         elif self.pre_process or self.post_process:
             self.setup_embeddings_and_output_layer()
-        if self.pre_process or (self.mtp_process and self._shared_embedding is None):
+        if self.embedding_row_grad and (self.pre_process or (self.mtp_process and self._shared_embedding is None)):
             # megatron-core marks an embedding used twice on one stage (the decoder's input and MTP's) with
             # zero_out_wgrad: DDP's hook then adds whatever gradient arrives, so a layer that accumulated into
             # main_grad must hand over zeros. Every use of this weight is our row-by-row lookup, which always hands

@@ -11,9 +11,10 @@ passes over the bf16 logits do the whole job:
             loss = M + log Z - x_target                                                 (per token)
     pass 2 writes d loss / d x_j = softmax_j - [j == target] over the logits IN PLACE (bf16),
 
-and backward only multiplies each row by its token's incoming gradient (a third pass, also in place). Kept for backward: that one
-bf16 [s, b, V/tp] buffer, half of megatron's float32 one, and no float32 copy ever exists. The caller gives up its
-logits (`consume_logits=True` says so): our model computes the loss from logits nobody else reads.
+and backward only multiplies each row by its token's incoming gradient (a third pass, also in place). Kept for
+backward: that one bf16 [s, b, V/tp] buffer, half of megatron's float32 one, and no float32 copy ever exists. The
+caller gives up its logits (`consume_logits=True` says so): our model computes the loss from logits nobody else
+reads.
 
 `cross_entropy_reference` is the plain-torch definition (float32 log-softmax) the kernels are tested against; off
 CUDA, megatron-core's own vocab_parallel_cross_entropy runs.

@@ -11,7 +11,10 @@ quantize_tiles_and_transpose runs both, reading x twice: a fused kernel holding 
 small, fully occupied ones (bf16 16384 x 7168 on an H200: 638 vs 305 us) although it moves 4 bytes per element,
 not 6. A second fused form (2026-11-30: the [128, 128] block held in bf16, each direction converting it again,
 _qdiv both ways, the transposed store through tl.trans; bit-exact) was still slower: 460 / 524 / 651 us at 4 / 8 /
-16 warps against 308 (32768 x 2048: 268 against 180; 4096 x 7168: 126 against 92), so it was not kept. The strip widths and warps (32 wide for it, 64 for the grouped layout, 2 warps) are what measured fastest.
+16 warps against 308 (32768 x 2048: 268 against 180; 4096 x 7168: 126 against 92), so it was not kept. The strip
+widths and warps (32 wide for it, 64 for the grouped layout, 2 warps) are what measured fastest. A third form,
+chunk= below (the block read in row chunks, twice, the second time from L2), is tested for its bytes but not yet
+timed on a GPU.
 
 A second kernel quantises weights in 128x128 blocks (quant.quantize_blocks; a stack of experts' weights in one
 launch), optionally writing the transposed blocks (Dgrad's copy) from the same read. A third dequantises 1x128
@@ -391,7 +394,8 @@ def quantize_tiles_and_transpose_triton(x: torch.Tensor, pow2_scales: bool = Fal
     if x.dim() != 2:
         raise ValueError(f"quantize_tiles_and_transpose needs a 2-D [M, K] input, got shape {tuple(x.shape)}")
     if chunk and (chunk > TILE or TILE % chunk or chunk & (chunk - 1)):
-        raise ValueError(f"quantize_tiles_and_transpose_triton: chunk must be a power of 2 dividing {TILE}, got {chunk}")
+        raise ValueError(f"quantize_tiles_and_transpose_triton: chunk must be a power of 2 dividing {TILE}, "
+                         f"got {chunk}")
     x = _as_rows(x)
     M, K = x.shape
     if chunk:

@@ -13,10 +13,11 @@ so the default `backends` puts cuDNN first (torch.nn.attention.sdpa_kernel with 
 to efficient and math. No torch.cuda call: the device is the query's.
 
 Under torch.use_deterministic_algorithms(True) (the trainer's --deterministic-mode, Megatron-LM's too) or a config
-with megatron-core's deterministic_mode, cuDNN is left out: its backward sums dQ over key blocks with atomics, so two runs of one step can differ in the last bits (on the
-H200 several trainings at once drifted apart by 0.8% in 30 steps), and PyTorch has no deterministic cuDNN backward
-to ask for. Flash and efficient attention honour the setting (efficient stops splitting the keys in backward,
-when the setting is not warn-only); math is deterministic.
+with megatron-core's deterministic_mode, cuDNN is left out: its backward sums dQ over key blocks with atomics,
+so two runs of one step can differ in the last bits (on the H200 several trainings at once drifted apart by 0.8%
+in 30 steps), and PyTorch has no deterministic cuDNN backward to ask for. Flash and efficient attention honour
+the setting (efficient stops splitting the keys in backward, when the setting is not warn-only); math is
+deterministic.
 
 Masks follow megatron-core: `attention_mask` is boolean, True = masked out, broadcastable to [b, 1, sq, sk]
 (padding); with a causal mask type the causal triangle is applied on top of it (so a full causal mask

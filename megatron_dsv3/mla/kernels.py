@@ -244,8 +244,8 @@ def assemble_qkv_triton(q, kv, k_rope, cos, sin, d_nope: int, interleaved: bool,
     inplace: the query IS q, its rope slice rotated in place (q is consumed: autograd marks it modified), and value
     is the view kv[..., d_h:] as in the reference: the forward writes only the key and q's rope slice (~0.5 GB
     moved where the copying form moves ~1.0 GB, at V3 width and 4096 tokens), and keeps kv whole alive where value
-    is kept (d_h more elements a head and token). The backward is the same. q and kv must be contiguous, q itself or a view of a
-    tensor of q's size (the up-projection's [s, b, n (d_h + d_h^R)] output viewed per head)."""
+    is kept (d_h more elements a head and token). The backward is the same. q and kv must be contiguous, q itself
+    or a view of a tensor of q's size (the up-projection's [s, b, n (d_h + d_h^R)] output viewed per head)."""
     q_in = q
     if inplace:
         base = q._base if q._base is not None else q

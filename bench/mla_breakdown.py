@@ -145,6 +145,21 @@ def measure(a) -> dict:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         scale = dqk ** -0.5
         attn_flops = 3.5 * 2.0 * s * s / 2 * n * (dqk + d_v)
+        from megatron_dsv3.mla.core_attention import fa4_attention, flash_attn_4
+        fa4 = flash_attn_4() if cuda else None
+        if fa4 is not None:                  # FlashAttention-4 where installed (bench/fetch_fa4.sh)
+            fl = [torch.randn(s, 1, n, d, device=dev, dtype=dt, requires_grad=True) for d in (dqk, dqk, d_v)]
+            g4 = []
+
+            def att4():
+                for t in fl:
+                    t.grad = None
+                o = fa4_attention(fa4, *fl, scale, True, False)
+                if not g4:
+                    g4.append(torch.randn_like(o))
+                o.backward(g4[0])
+            rows.append(("core attention (FlashAttention-4), [s, b, n, d] views", _median_ms(att4, w, n_it),
+                         attn_flops))
         for layout in ("[s, b, n, d] views (the layer's)", "contiguous [b, n, s, d]"):
             if layout.startswith("contiguous"):
                 q, k = (torch.randn(1, n, s, dqk, device=dev, dtype=dt, requires_grad=True) for _ in range(2))

@@ -19,6 +19,11 @@ in 30 steps), and PyTorch has no deterministic cuDNN backward to ask for. Flash 
 the setting (efficient stops splitting the keys in backward, when the setting is not warn-only); math is
 deterministic.
 
+FlashAttention-4 (`"fa4"` among the backends; the flash-attn-4 package's CuTe DSL kernels, with SM90 forward and
+backward for 192/128 and a deterministic backward) runs instead of SDPA where it is the first backend in use, it
+imports, and the call is one it takes (CUDA, no padding mask, no dropout, square attention); otherwise SDPA's
+backends follow, in order. Not in the default list until measured against cuDNN (bench/fetch_fa4.sh).
+
 Masks follow megatron-core: `attention_mask` is boolean, True = masked out, broadcastable to [b, 1, sq, sk]
 (padding); with a causal mask type the causal triangle is applied on top of it (so a full causal mask
 given as attention_mask is also fine). A query row with nothing to attend to returns zeros on CPU
@@ -27,6 +32,7 @@ given as attention_mask is also fine). A query row with nothing to attend to ret
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
@@ -35,8 +41,30 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 
 _BACKEND_NAMES = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-                  "math": "MATH"}
+                  "math": "MATH", "fa4": None}
 DEFAULT_CUDA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+
+
+@lru_cache(maxsize=None)
+def flash_attn_4():
+    """FlashAttention-4's flash_attn_func (the flash-attn-4 package, CuTe DSL kernels), or None where it does not
+    import (it is optional: bench/fetch_fa4.sh brings it to a machine without network)."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception:   # not installed, or its CUDA libraries missing: SDPA's backends only
+        return None
+    return flash_attn_func
+
+
+def fa4_attention(fn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, causal: bool,
+                  deterministic: bool) -> torch.Tensor:
+    """Causal / full attention through FlashAttention-4's flash_attn_func `fn`, which takes [b, s, n, d] and
+    returns (out [b, s, n, d_v], lse): query/key [s, b, n, d_qk], value [s, b, n, d_v] -> [s, b, n * d_v]
+    (transposes are views; at b = 1 they are the same memory). deterministic: its backward without dQ atomics."""
+    sq, b, n, _ = query.shape
+    out, _ = fn(*(t.transpose(0, 1) for t in (query, key, value)), softmax_scale=scale, causal=causal,
+                deterministic=deterministic)
+    return out.transpose(0, 1).reshape(sq, b, n * out.shape[-1])
 
 
 def _is_causal(mask_type) -> bool:
@@ -62,20 +90,30 @@ class SDPAttention(torch.nn.Module):
         self.backends = tuple(backends or ())
 
     def backends_in_use(self, deterministic: bool) -> tuple:
-        """The CUDA backends tried, in order: self.backends, without cuDNN's when deterministic (module docstring);
-        if that leaves none, math."""
+        """The CUDA backends tried, in order: self.backends, without cuDNN's when deterministic (module docstring;
+        "fa4" stays: its backward is then asked to be deterministic); if that leaves none, math."""
         if not deterministic:
             return self.backends
         return tuple(b for b in self.backends if b != "cudnn") or ("math",)
+
+    def _deterministic(self) -> bool:
+        return torch.are_deterministic_algorithms_enabled() or bool(getattr(self.config, "deterministic_mode", False))
 
     def _kernel_choice(self, device: torch.device):
         # backend choice matters (and exists) only on CUDA; CPU keeps SDPA's own dispatch
         if device.type != "cuda" or not self.backends:
             return nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        names = self.backends_in_use(torch.are_deterministic_algorithms_enabled()
-                                     or bool(getattr(self.config, "deterministic_mode", False)))
+        names = [b for b in self.backends_in_use(self._deterministic()) if b != "fa4"] or ["math"]
         return sdpa_kernel([getattr(SDPBackend, _BACKEND_NAMES[b]) for b in names], set_priority=True)
+
+    def _fa4(self, device: torch.device, masked: bool, dropout_p: float, sq: int, sk: int):
+        """flash_attn_func when "fa4" is the first backend in use, on CUDA, and the call is one it takes (no padding
+        mask, no dropout, square causal or full attention); else None (SDPA)."""
+        if (device.type != "cuda" or masked or dropout_p or sq != sk
+                or next(iter(self.backends_in_use(self._deterministic())), None) != "fa4"):
+            return None
+        return flash_attn_4()
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None, attn_mask_type=None, attention_bias=None,
@@ -102,6 +140,9 @@ class SDPAttention(torch.nn.Module):
             allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
 
         dropout_p = self.dropout_p if self.training else 0.0
+        fn = self._fa4(q.device, attention_mask is not None, dropout_p, sq, sk)
+        if fn is not None:
+            return fa4_attention(fn, query, key, value, self.softmax_scale, causal, self._deterministic())
         with self._kernel_choice(q.device):
             # [b, n, sq, d_qk] x [b, n, sk, d_qk] x [b, n, sk, d_v] -> [b, n, sq, d_v]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p,

@@ -127,3 +127,57 @@ def test_inside_megatron_transformer_layer(mcore_single):
     names = {k for k, _ in layer.named_parameters()}
     assert {"self_attention." + v for v in HF_TO_OURS.values() if v != "linear_q_proj.weight"} <= names
     assert names <= set(layer.sharded_state_dict())
+
+
+def _fake_flash_attn_func(calls):
+    """flash_attn_func's contract in plain torch ([b, s, n, d] in, (out [b, s, n, d_v], lse) out), recording calls."""
+    import torch.nn.functional as F
+
+    def fn(q, k, v, softmax_scale=None, causal=False, deterministic=False):
+        calls.append({"shape": tuple(q.shape), "causal": causal, "deterministic": deterministic})
+        o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal,
+                                           scale=softmax_scale)
+        return o.transpose(1, 2), None
+    return fn
+
+
+def test_flash_attention_4_layout_and_choice(monkeypatch):
+    """fa4_attention takes our [s, b, n, d] tensors to flash_attn_func's [b, s, n, d] and back to [s, b, n d_v],
+    equal to SDPA's path (causal and full, b = 2, d_qk != d_v); SDPAttention uses it only where "fa4" is the first
+    backend in use, on CUDA, without a padding mask or dropout, with square attention, and asks for its
+    deterministic backward under torch's deterministic algorithms."""
+    import torch
+
+    from megatron_dsv3.mla import core_attention as C
+    from megatron_dsv3.config import DSV3Config
+    calls = []
+    fake = _fake_flash_attn_func(calls)
+    g = torch.Generator().manual_seed(0)
+    s, b, n, dqk, dv = 7, 2, 3, 12, 8
+    q, k = (torch.randn(s, b, n, dqk, generator=g) for _ in range(2))
+    v = torch.randn(s, b, n, dv, generator=g)
+    tc = DSV3Config.from_preset("tiny").to_transformer_config()
+    for causal in (True, False):
+        core = C.SDPAttention(tc, 1, k_channels=dqk, v_channels=dv, softmax_scale=0.3,
+                              attn_mask_type=C.AttnMaskType.causal if causal else C.AttnMaskType.no_mask)
+        want = core(q, k, v)                                       # CPU: SDPA
+        got = C.fa4_attention(fake, q, k, v, 0.3, causal, False)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert calls[-1] == {"shape": (b, s, n, dqk), "causal": causal, "deterministic": False}
+
+    monkeypatch.setattr(C, "flash_attn_4", lambda: fake)
+    cuda = torch.device("cuda")
+    core = C.SDPAttention(tc, 1, k_channels=dqk, v_channels=dv, backends=("fa4", "cudnn", "math"))
+    assert core._fa4(cuda, False, 0.0, 8, 8) is fake
+    assert core._fa4(torch.device("cpu"), False, 0.0, 8, 8) is None
+    assert core._fa4(cuda, True, 0.0, 8, 8) is None and core._fa4(cuda, False, 0.1, 8, 8) is None
+    assert core._fa4(cuda, False, 0.0, 4, 8) is None
+    assert C.SDPAttention(tc, 1, k_channels=dqk, v_channels=dv)._fa4(cuda, False, 0.0, 8, 8) is None   # default
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert core.backends_in_use(core._deterministic()) == ("fa4", "math") and core._deterministic()
+        assert core._fa4(cuda, False, 0.0, 8, 8) is fake
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setattr(C, "flash_attn_4", lambda: None)                  # not installed: SDPA
+    assert core._fa4(cuda, False, 0.0, 8, 8) is None

@@ -41,7 +41,7 @@ TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense"
           "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
 IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8", "ours-recompute", "ours-fp8-hostloop", "ours-fp8-nocache",
          "ours-fp8-fpropcache", "ours-fp8-restep", "ours-unfused-expert-wgrad", "ours-mla-inplace",
-         "ours-embedding-rowgrad", "ours-fa4")
+         "ours-embedding-rowgrad", "ours-fa4", "ours-quack-wgrad")
 NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-fp8": "ours FP8 (native; FP8Config's defaults: Triton grouped GEMMs)",
          "ours-recompute": "ours BF16, the paper's recomputation (norms + MLA up-projections)",
@@ -61,7 +61,9 @@ NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-embedding-rowgrad": "ours BF16, the word embedding's gradient added row by row into its buffer "
                                    "(DSV3Model.embedding_row_grad, embedding_grad.py)",
          "ours-fa4": "ours BF16, MLA's attention core through FlashAttention-4 (SDPAttention backends 'fa4' first; "
-                     "needs flash-attn-4: bench/fetch_fa4.sh)"}
+                     "needs flash-attn-4: bench/fetch_fa4.sh)",
+         "ours-quack-wgrad": "ours BF16, the routed experts' weight gradients in one quack grouped GEMM with "
+                             "accumulation (GroupedExperts.wgrad = 'quack'; quack comes with bench/fetch_fa4.sh)"}
 
 
 def bench_config(smoke: bool, num_layers: int = 4):
@@ -107,6 +109,16 @@ def build(part: str, impl: str, cfg, dev, pg):
         for m in out[0].modules():
             if isinstance(m, GroupedExperts):
                 m.fuse_wgrad = False
+        return out
+    if impl == "ours-quack-wgrad":
+        from megatron_dsv3.fused_wgrad import quack_gemm_add_inplace
+        from megatron_dsv3.moe.experts import GroupedExperts
+        if dev.type == "cuda" and quack_gemm_add_inplace() is None:
+            raise RuntimeError("ours-quack-wgrad: quack does not import here (bench/fetch_fa4.sh)")
+        out = build(part, "ours", cfg, dev, pg)
+        for m in out[0].modules():
+            if isinstance(m, GroupedExperts):
+                m.wgrad = "quack"
         return out
     if impl == "ours-fa4":
         from megatron_dsv3.mla.core_attention import DEFAULT_CUDA_BACKENDS, SDPAttention, flash_attn_4

@@ -22,7 +22,10 @@ The routed experts' grouped GEMMs likewise (`grouped_mm_fused_wgrad`, used by mo
 has no accumulate-into output, so where a buffer exists the weight gradient is one GEMM per expert with beta = 1
 into that expert's slice; the per-expert row counts reach the host by an asynchronous copy started in forward
 (waited in backward, long done by then: no stall). Without a buffer it stays one grouped GEMM. The adds this
-removes were 2.1 ms of DeepSeekMoE's 17.8 ms of CUDA time on the H200 (bench/results.md, session 4).
+removes were 2.1 ms of DeepSeekMoE's 17.8 ms of CUDA time on the H200 (bench/results.md, session 4). Those
+per-expert GEMMs (K = an expert's ~1k tokens) run at 433-470 TFLOP/s, ~20 ms of the 4-layer stack: `wgrad="quack"`
+does them in one launch of quack's Hopper grouped GEMM with accumulation instead (varlen K, beta = 1, no host read),
+where quack imports; not the default until measured.
 
 The classes: FusedWgradColumnParallelLinear / FusedWgradRowParallelLinear are megatron-core's Column/Row parallel
 linears (same parameters, init, checkpoint layout) with this matmul on their bias-free paths and megatron's own
@@ -34,13 +37,15 @@ model's output layer). mla/linear.py's DuplicatedLinear uses the matmul too.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
 
 __all__ = ["OutputHead", "FusedWgradColumnParallelLinear", "FusedWgradRowParallelLinear", "accumulate_wgrad",
-           "matmul_fused_wgrad", "fused_wgrad_applies", "grouped_mm_fused_wgrad", "HostCounts", "grad_need",
+           "matmul_fused_wgrad", "fused_wgrad_applies", "grouped_mm_fused_wgrad", "accumulate_groups",
+           "accumulate_groups_quack", "HostCounts", "grad_need",
            "wgrad_buffer", "NOT_NEEDED", "ACCUMULATE", "CAPTURED"]
 
 
@@ -148,15 +153,55 @@ def wgrad_buffer(weight: torch.Tensor) -> Optional[torch.Tensor]:
     return g if g is not None and g.is_contiguous() else None
 
 
+def accumulate_groups(buf: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor,
+                      host_counts: HostCounts) -> None:
+    """buf[g] [K, M] += x_g^T dy_g for each group's rows (x [N, K], dy [N, M] sorted by group): one GEMM per group
+    (cuBLAS, beta = 1), the group sizes read on the host (host_counts, copied there in forward)."""
+    start = 0
+    for g, n in enumerate(host_counts.get()):
+        if n:
+            accumulate_wgrad(buf[g], x[start:start + n], dy[start:start + n])       # [K, M] += x_g^T dy_g
+        start += n
+
+
+@lru_cache(maxsize=None)
+def quack_gemm_add_inplace():
+    """quack's gemm_add_inplace (quack-kernels, which comes with flash-attn-4: bench/fetch_fa4.sh), or None."""
+    try:
+        from quack.gemm_interface import gemm_add_inplace
+    except Exception:   # not installed, or its CUDA libraries missing
+        return None
+    return gemm_add_inplace
+
+
+def _quack_for(buf: torch.Tensor):
+    return quack_gemm_add_inplace() if buf.is_cuda else None
+
+
+def accumulate_groups_quack(buf: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor,
+                            host_counts: HostCounts) -> None:
+    """accumulate_groups' contract in one launch of quack's Hopper grouped GEMM with accumulation (varlen K:
+    out[g] = x[:, group g]^T-contraction + out[g], beta = 1): every expert's weight gradient at once, the group
+    boundaries read on the device (no host read). Where quack does not import, accumulate_groups."""
+    fn = _quack_for(buf)
+    if fn is None:
+        return accumulate_groups(buf, x, dy, offs, host_counts)
+    cu = torch.cat([offs.new_zeros(1), offs]).to(torch.int32)                        # [G + 1] boundaries
+    fn(x.t(), dy, buf, cu_seqlens_k=cu)                                              # [G, K, M] += x_g^T dy_g
+
+
+WGRAD_GROUPED = {"cublas": accumulate_groups, "quack": accumulate_groups_quack}
+
+
 class _GroupedMMFusedWgrad(torch.autograd.Function):
     """x [N, K] (rows sorted by group) @ weight[g] [K, M] for each group's rows -> [N, M]; backward: dx one grouped
     GEMM, dW accumulated in place per group where a buffer exists (module docstring), else one grouped GEMM.
     remake_fn(*remake_args): x made again for dW instead of keeping x (its inputs, kept anyway by whoever made x)."""
 
     @staticmethod
-    def forward(ctx, x, weight, offs, host_counts, remake_fn, *remake_args):
+    def forward(ctx, x, weight, offs, host_counts, accumulate, remake_fn, *remake_args):
         ctx.save_for_backward(None if remake_fn else x, weight, offs, *remake_args)
-        ctx.host_counts, ctx.remake_fn = host_counts, remake_fn
+        ctx.host_counts, ctx.remake_fn, ctx.accumulate = host_counts, remake_fn, accumulate
         return torch._grouped_mm(x, weight, offs=offs)                                   # [N, M]
 
     @staticmethod
@@ -174,25 +219,24 @@ class _GroupedMMFusedWgrad(torch.autograd.Function):
             if buf is None:
                 dw = torch._grouped_mm(x.t(), dy, offs=offs)                             # [G, K, M]
             else:
-                start = 0
-                for g, n in enumerate(ctx.host_counts.get()):
-                    if n:
-                        accumulate_wgrad(buf[g], x[start:start + n], dy[start:start + n])   # [K, M] += x_g^T dy_g
-                    start += n
+                ctx.accumulate(buf, x, dy, offs, ctx.host_counts)                     # [G, K, M] += x_g^T dy_g
                 if buf is not weight.grad and hasattr(weight, "grad_added_to_main_grad"):
                     weight.grad_added_to_main_grad = True     # megatron DDP: its hook runs, skips its add
                     dw = torch.empty_like(weight)
-        return (dx, dw, None, None, None) + (None,) * len(remake_args)
+        return (dx, dw, None, None, None, None) + (None,) * len(remake_args)
 
 
 def grouped_mm_fused_wgrad(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, host_counts: HostCounts,
-                           remake=None) -> torch.Tensor:
+                           remake=None, wgrad: str = "cublas") -> torch.Tensor:
     """torch._grouped_mm(x, weight, offs=offs) with the weight gradient accumulated in place (module docstring).
     x [N, K] rows sorted by group, weight [G, K, M], offs [G] int32 group end offsets, host_counts their sizes.
     remake (fn, *args): fn(*args) gives x again, bit for bit: x is not kept for backward (the experts' SwiGLU
-    output, made again from h1 and the gates that the SwiGLU keeps for its own backward)."""
+    output, made again from h1 and the gates that the SwiGLU keeps for its own backward). wgrad: how the weight
+    gradient is added into its buffer, WGRAD_GROUPED's "cublas" (a GEMM per group) or "quack" (one grouped launch)."""
+    if wgrad not in WGRAD_GROUPED:
+        raise ValueError(f"grouped_mm_fused_wgrad: wgrad must be one of {sorted(WGRAD_GROUPED)}, got {wgrad!r}")
     fn, args = (remake[0], remake[1:]) if remake else (None, ())
-    return _GroupedMMFusedWgrad.apply(x, weight, offs, host_counts, fn, *args)
+    return _GroupedMMFusedWgrad.apply(x, weight, offs, host_counts, WGRAD_GROUPED[wgrad], fn, *args)
 
 
 def _tp_size(module) -> int:

@@ -245,3 +245,48 @@ def test_each_pass_computes_only_what_it_returns(monkeypatch):
     _, dW = torch.autograd.grad(out, [a, W], d)
     torch.testing.assert_close(dW, d.t() @ a.detach(), rtol=0, atol=1e-12)
     assert torch.equal(W.grad, g)
+
+
+def test_grouped_weight_gradient_through_quack_contract(monkeypatch):
+    """wgrad="quack": one grouped call with accumulation (quack's gemm_add_inplace, varlen K), here a plain-torch
+    stand-in of its contract (A [K, total], B [total, M], out [G, K, M], cu_seqlens_k [G + 1] int32), called once per
+    backward with the group boundaries from offs and no host read, landing in .grad and in a float32 main_grad as
+    the per-group path does; where quack does not import (CPU here, or None), the per-group path."""
+    from megatron_dsv3 import fused_wgrad as FW
+    calls = []
+
+    def fake(A, B, out, cu_seqlens_k):
+        calls.append(cu_seqlens_k.tolist())
+        assert cu_seqlens_k.dtype == torch.int32 and A.shape[1] == B.shape[0]
+        assert out.shape[1:] == (A.shape[0], B.shape[1])
+        for g in range(out.shape[0]):
+            s, e = int(cu_seqlens_k[g]), int(cu_seqlens_k[g + 1])
+            out[g] += (A[:, s:e].double() @ B[s:e].double()).to(out.dtype)
+
+    class Host(FW.HostCounts):
+        def get(self):
+            raise AssertionError("the grouped call reads no counts on the host")
+
+    monkeypatch.setattr(FW, "_quack_for", lambda buf: fake)              # as on a GPU with quack installed
+    x, w, dy, c, offs = _grouped_case(4, counts=(3, 0, 5, 2))
+    _, rdx, rdw = _grouped_reference(x, w, dy, c)
+    for main_grad in (False, True):
+        w2 = w.detach().clone().requires_grad_()
+        if main_grad:
+            w2.main_grad, w2.grad_added_to_main_grad = torch.full(w.shape, 0.5), False
+        else:
+            w2.grad = torch.full(w.shape, 0.5)
+        x2 = x.detach().clone().requires_grad_()
+        FW.grouped_mm_fused_wgrad(x2, w2, offs, Host(c), wgrad="quack").backward(dy)
+        buf = w2.main_grad if main_grad else w2.grad
+        torch.testing.assert_close(buf.double(), 0.5 + rdw, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x2.grad.double(), rdx, rtol=1e-5, atol=1e-5)
+        assert calls[-1] == [0, 3, 3, 8, 10]
+    assert len(calls) == 2
+    monkeypatch.setattr(FW, "_quack_for", lambda buf: None)                   # not installed: per group
+    w3 = w.detach().clone().requires_grad_()
+    w3.grad = torch.zeros_like(w3)
+    FW.grouped_mm_fused_wgrad(x.detach(), w3, offs, FW.HostCounts(c), wgrad="quack").backward(dy)
+    torch.testing.assert_close(w3.grad.double(), rdw, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="wgrad must be one of"):
+        FW.grouped_mm_fused_wgrad(x.detach(), w3, offs, FW.HostCounts(c), wgrad="cutlass")

@@ -46,19 +46,22 @@ def can_use_grouped_mm(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Te
 
 
 def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
-                   row_scale: Optional[torch.Tensor] = None, fuse_wgrad: bool = True) -> torch.Tensor:
+                   row_scale: Optional[torch.Tensor] = None, fuse_wgrad: bool = True, wgrad: str = "cublas"
+                   ) -> torch.Tensor:
     """torch._grouped_mm path: x [N, h] sorted by expert, counts [E_local] (on x's device), row_scale [N] -> [N, h].
     fuse_wgrad: the weight gradients accumulated in place by per-expert GEMMs where a buffer exists
     (fused_wgrad.grouped_mm_fused_wgrad), and the SwiGLU output made again for dW2 instead of kept (k * f * 2 bytes
     a token); False: autograd through torch._grouped_mm (a fresh [E, ...] gradient that AccumulateGrad or
-    megatron's DDP hook then adds; the SwiGLU output kept)."""
+    megatron's DDP hook then adds; the SwiGLU output kept). wgrad: the fused weight gradients' GEMMs, "cublas" (one
+    per expert) or "quack" (one grouped launch; fused_wgrad.accumulate_groups_quack)."""
     offs = torch.cumsum(counts, dim=0).to(torch.int32)                                 # group end offsets
     if fuse_wgrad and torch.is_grad_enabled() and weight1.requires_grad and weight2.requires_grad:
         host = HostCounts(counts)
-        h1 = grouped_mm_fused_wgrad(x, weight1, offs, host)                            # [N, 2f] = [gate | up]
+        h1 = grouped_mm_fused_wgrad(x, weight1, offs, host, wgrad=wgrad)                # [N, 2f] = [gate | up]
         a = swiglu(h1, row_scale)                                                       # [N, f], keeps h1 and g
         # a is not kept: dW2 makes it again from h1 and g (as the paper recomputes the SwiGLU output)
-        return grouped_mm_fused_wgrad(a, weight2, offs, host, remake=(swiglu_forward, h1, row_scale))   # [N, h]
+        return grouped_mm_fused_wgrad(a, weight2, offs, host, remake=(swiglu_forward, h1, row_scale),
+                                      wgrad=wgrad)                                      # [N, h]
     h1 = torch._grouped_mm(x, weight1, offs=offs)                                      # [N, 2f] = [gate | up]
     return torch._grouped_mm(swiglu(h1, row_scale), weight2, offs=offs)                # [N, h]
 
@@ -90,9 +93,12 @@ def padded_swiglu(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, 
 
 class GroupedExperts(MegatronModule):
     """E_local SwiGLU experts (weights as in the module docstring); forward(x_sorted [N, h], counts [E_local]).
-    fuse_wgrad (grouped path): the weight gradients accumulated in place by the GEMMs (grouped_swiglu)."""
+    fuse_wgrad (grouped path): the weight gradients accumulated in place by the GEMMs (grouped_swiglu); wgrad: their
+    GEMMs, "cublas" (one per expert) or "quack" (one grouped launch, where quack imports; not the default until
+    measured on the GPU)."""
 
     fuse_wgrad = True
+    wgrad = "cublas"
 
     def __init__(self, config, num_local_experts: int, ffn_hidden_size: int, ep_rank: int = 0, ep_size: int = 1,
                  pg_collection=None):
@@ -143,7 +149,8 @@ class GroupedExperts(MegatronModule):
         float32 or None). A subclass replaces this one method to change the GEMMs' precision (the FP8 experts) and
         nothing else."""
         if can_use_grouped_mm(x, weight1, weight2):
-            return grouped_swiglu(x, counts, weight1, weight2, row_scale, fuse_wgrad=self.fuse_wgrad)
+            return grouped_swiglu(x, counts, weight1, weight2, row_scale, fuse_wgrad=self.fuse_wgrad,
+                                  wgrad=self.wgrad)
         return padded_swiglu(x, counts, weight1, weight2, row_scale)
 
     @staticmethod

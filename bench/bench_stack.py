@@ -13,7 +13,10 @@ top-4 + 1 shared, expert FFN 2048, dense FFN 18432, vocab 129280), micro-batch 1
   moe        the MoE block alone (router, routed and shared experts)
 Implementations: `ours` (build_model / specs.py, local backend) and `mcore-te` (megatron-core's own GPTModel and
 layers from get_gpt_decoder_layer_specs with Transformer Engine: TE linears and fused attention, MLA, TEGroupedMLP,
-permute and router fusion, alltoall dispatcher at EP=1), skipped with a note where TE does not import.
+permute and router fusion, alltoall dispatcher at EP=1), skipped with a note where TE does not import. The other
+`ours-*` names are A/B switches of one piece each (NAMES below says which): among them the changes prepared but not
+on by default until measured here: ours-mla-inplace, ours-embedding-rowgrad, ours-fa4 and ours-quack-wgrad (the last
+two need flash-attn-4 and quack: bench/fetch_fa4.sh).
 
 Hygiene (the same peer measured 221-265 ms depending on what ran before it in one process): every (part, impl, round)
 is a fresh `--child` process; the order of impls alternates per round; per process the median of `--iters` steps after

@@ -10,7 +10,8 @@ Rows (forward+backward, median of --iters after --warmup, one process; bench_sta
     kernels), the q/k/v assembly (mla/kernels.py), RMSNorm, everything else; each kind's FLOP rate where it has FLOPs;
   * each piece alone at the same sizes: the five projections as x @ W^T with both gradients, the two
     down-projections as one GEMM (what merging them would give), core attention through SDPA with cuDNN on
-    [s, b, n, d] views (the layer's layout) and on contiguous [b, n, s, d], the q/k/v assembly, the two latent norms.
+    [s, b, n, d] views (the layer's layout) and on contiguous [b, n, s, d] (and through FlashAttention-4 where it
+    imports: bench/fetch_fa4.sh), the q/k/v assembly, the two latent norms.
     These are synchronised wall times: the small pieces (the norms, the assembly) are bound by their launches there,
     and the profiled rows give their kernel time.
 """

@@ -104,45 +104,39 @@ def _layer_specs_peer(tc):
     return get_gpt_decoder_layer_specs(tc, use_transformer_engine=True)
 
 
+def _ours_with(part, cfg, dev, pg, cls, **attrs):
+    """Our build of `part` with attributes set on every module of class cls (one piece switched for an A/B)."""
+    out = build(part, "ours", cfg, dev, pg)
+    for m in out[0].modules():
+        if isinstance(m, cls):
+            for k, v in attrs.items():
+                setattr(m, k, v)
+    return out
+
+
 def build(part: str, impl: str, cfg, dev, pg):
     """-> (module, call(module) -> tensor to backprop, layers counted)."""
-    if impl == "ours-unfused-expert-wgrad":   # the routed experts' grouped GEMMs as before fused_wgrad's grouped form
-        from megatron_dsv3.moe.experts import GroupedExperts
-        out = build(part, "ours", cfg, dev, pg)
-        for m in out[0].modules():
-            if isinstance(m, GroupedExperts):
-                m.fuse_wgrad = False
-        return out
-    if impl == "ours-quack-wgrad":
+    if impl in ("ours-unfused-expert-wgrad", "ours-quack-wgrad"):
+        # the routed experts' grouped GEMMs as before fused_wgrad's grouped form; or their weight gradients in quack
         from megatron_dsv3.fused_wgrad import quack_gemm_add_inplace
         from megatron_dsv3.moe.experts import GroupedExperts
+        if impl == "ours-unfused-expert-wgrad":
+            return _ours_with(part, cfg, dev, pg, GroupedExperts, fuse_wgrad=False)
         if dev.type == "cuda" and quack_gemm_add_inplace() is None:
             raise RuntimeError("ours-quack-wgrad: quack does not import here (bench/fetch_fa4.sh)")
-        out = build(part, "ours", cfg, dev, pg)
-        for m in out[0].modules():
-            if isinstance(m, GroupedExperts):
-                m.wgrad = "quack"
-        return out
+        return _ours_with(part, cfg, dev, pg, GroupedExperts, wgrad="quack")
     if impl == "ours-fa4":
         from megatron_dsv3.mla.core_attention import DEFAULT_CUDA_BACKENDS, SDPAttention, flash_attn_4
         if dev.type == "cuda" and flash_attn_4() is None:
             raise RuntimeError("ours-fa4: flash_attn.cute does not import here (bench/fetch_fa4.sh)")
-        out = build(part, "ours", cfg, dev, pg)
-        for m in out[0].modules():
-            if isinstance(m, SDPAttention):
-                m.backends = ("fa4",) + DEFAULT_CUDA_BACKENDS
-        return out
+        return _ours_with(part, cfg, dev, pg, SDPAttention, backends=("fa4",) + DEFAULT_CUDA_BACKENDS)
     if impl == "ours-embedding-rowgrad":
         from megatron_dsv3.model import DSV3Model
         DSV3Model.embedding_row_grad = True            # this child process builds one model
         return build(part, "ours", cfg, dev, pg)
     if impl == "ours-mla-inplace":
         from megatron_dsv3.mla.attention import MLASelfAttention
-        out = build(part, "ours", cfg, dev, pg)
-        for m in out[0].modules():
-            if isinstance(m, MLASelfAttention):
-                m.assemble_in_place = True
-        return out
+        return _ours_with(part, cfg, dev, pg, MLASelfAttention, assemble_in_place=True)
     if impl == "ours-fp8-restep":         # an optimizer step between steps: the weights' FP8 copies dropped
         from megatron_dsv3.fp8.weight_cache import drop_caches
         mod, loss_of, layers = build(part, "ours-fp8", cfg, dev, pg)

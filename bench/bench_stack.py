@@ -14,7 +14,8 @@ top-4 + 1 shared, expert FFN 2048, dense FFN 18432, vocab 129280), micro-batch 1
 Implementations: `ours` (build_model / specs.py, local backend) and `mcore-te` (megatron-core's own GPTModel and
 layers from get_gpt_decoder_layer_specs with Transformer Engine: TE linears and fused attention, MLA, TEGroupedMLP,
 permute and router fusion, alltoall dispatcher at EP=1), skipped with a note where TE does not import. The other
-`ours-*` names are A/B switches of one piece each (NAMES below says which): among them the changes prepared but not
+`ours-*` names are A/B switches of one piece each (NAMES below says which; several join with "+", e.g.
+ours-fa4+quack-wgrad): among them the changes prepared but not
 on by default until measured here: ours-mla-inplace, ours-embedding-rowgrad, ours-fa4 and ours-quack-wgrad (the last
 two need flash-attn-4 and quack: bench/fetch_fa4.sh).
 
@@ -69,6 +70,16 @@ NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
                              "accumulation (GroupedExperts.wgrad = 'quack'; quack comes with bench/fetch_fa4.sh)"}
 
 
+SWITCHES = ("unfused-expert-wgrad", "mla-inplace", "embedding-rowgrad", "fa4", "quack-wgrad")
+
+
+def impl_name(impl: str) -> str:
+    """The table's words for an implementation; a '+' combination of switches lists each one's."""
+    if impl in NAMES:
+        return NAMES[impl]
+    return "ours BF16 with: " + "; ".join(NAMES["ours-" + n][len("ours BF16, "):] for n in switches_of(impl))
+
+
 def bench_config(smoke: bool, num_layers: int = 4):
     from megatron_dsv3.config import DSV3Config
     if smoke:
@@ -104,39 +115,56 @@ def _layer_specs_peer(tc):
     return get_gpt_decoder_layer_specs(tc, use_transformer_engine=True)
 
 
-def _ours_with(part, cfg, dev, pg, cls, **attrs):
-    """Our build of `part` with attributes set on every module of class cls (one piece switched for an A/B)."""
+def _switch(name: str, dev):
+    """One BF16 A/B switch -> (class, attributes to set on each of its modules) or None for a class-level flag."""
+    if name == "unfused-expert-wgrad":
+        from megatron_dsv3.moe.experts import GroupedExperts
+        return GroupedExperts, {"fuse_wgrad": False}
+    if name == "quack-wgrad":
+        from megatron_dsv3.fused_wgrad import quack_gemm_add_inplace
+        from megatron_dsv3.moe.experts import GroupedExperts
+        if dev.type == "cuda" and quack_gemm_add_inplace() is None:
+            raise RuntimeError("ours-quack-wgrad: quack does not import here (bench/fetch_fa4.sh)")
+        return GroupedExperts, {"wgrad": "quack"}
+    if name == "fa4":
+        from megatron_dsv3.mla.core_attention import DEFAULT_CUDA_BACKENDS, SDPAttention, flash_attn_4
+        if dev.type == "cuda" and flash_attn_4() is None:
+            raise RuntimeError("ours-fa4: flash_attn.cute does not import here (bench/fetch_fa4.sh)")
+        return SDPAttention, {"backends": ("fa4",) + DEFAULT_CUDA_BACKENDS}
+    if name == "mla-inplace":
+        from megatron_dsv3.mla.attention import MLASelfAttention
+        return MLASelfAttention, {"assemble_in_place": True}
+    if name == "embedding-rowgrad":
+        from megatron_dsv3.model import DSV3Model
+        DSV3Model.embedding_row_grad = True            # this child process builds one model
+        return None
+    raise ValueError(name)
+
+
+def switches_of(impl: str):
+    """'ours-fa4+quack-wgrad' -> ['fa4', 'quack-wgrad']: BF16 A/B switches, alone or several at once; None otherwise."""
+    if not impl.startswith("ours-"):
+        return None
+    names = impl[len("ours-"):].split("+")
+    return names if all(n in SWITCHES for n in names) else None
+
+
+def _ours_with(part, cfg, dev, pg, names):
+    """Our build of `part` with the named switches on (attributes set on every module of their classes)."""
+    sets = [x for x in (_switch(n, dev) for n in names) if x is not None]
     out = build(part, "ours", cfg, dev, pg)
     for m in out[0].modules():
-        if isinstance(m, cls):
-            for k, v in attrs.items():
-                setattr(m, k, v)
+        for cls, attrs in sets:
+            if isinstance(m, cls):
+                for k, v in attrs.items():
+                    setattr(m, k, v)
     return out
 
 
 def build(part: str, impl: str, cfg, dev, pg):
     """-> (module, call(module) -> tensor to backprop, layers counted)."""
-    if impl in ("ours-unfused-expert-wgrad", "ours-quack-wgrad"):
-        # the routed experts' grouped GEMMs as before fused_wgrad's grouped form; or their weight gradients in quack
-        from megatron_dsv3.fused_wgrad import quack_gemm_add_inplace
-        from megatron_dsv3.moe.experts import GroupedExperts
-        if impl == "ours-unfused-expert-wgrad":
-            return _ours_with(part, cfg, dev, pg, GroupedExperts, fuse_wgrad=False)
-        if dev.type == "cuda" and quack_gemm_add_inplace() is None:
-            raise RuntimeError("ours-quack-wgrad: quack does not import here (bench/fetch_fa4.sh)")
-        return _ours_with(part, cfg, dev, pg, GroupedExperts, wgrad="quack")
-    if impl == "ours-fa4":
-        from megatron_dsv3.mla.core_attention import DEFAULT_CUDA_BACKENDS, SDPAttention, flash_attn_4
-        if dev.type == "cuda" and flash_attn_4() is None:
-            raise RuntimeError("ours-fa4: flash_attn.cute does not import here (bench/fetch_fa4.sh)")
-        return _ours_with(part, cfg, dev, pg, SDPAttention, backends=("fa4",) + DEFAULT_CUDA_BACKENDS)
-    if impl == "ours-embedding-rowgrad":
-        from megatron_dsv3.model import DSV3Model
-        DSV3Model.embedding_row_grad = True            # this child process builds one model
-        return build(part, "ours", cfg, dev, pg)
-    if impl == "ours-mla-inplace":
-        from megatron_dsv3.mla.attention import MLASelfAttention
-        return _ours_with(part, cfg, dev, pg, MLASelfAttention, assemble_in_place=True)
+    if switches_of(impl):
+        return _ours_with(part, cfg, dev, pg, switches_of(impl))
     if impl == "ours-fp8-restep":         # an optimizer step between steps: the weights' FP8 copies dropped
         from megatron_dsv3.fp8.weight_cache import drop_caches
         mod, loss_of, layers = build(part, "ours-fp8", cfg, dev, pg)
@@ -359,8 +387,9 @@ def main(argv=None):
         if x not in PARTS:
             p.error(f"--parts: unknown part {x!r} (known: {', '.join(PARTS)})")
     for x in impls:
-        if x not in IMPLS:
-            p.error(f"--impls: unknown implementation {x!r} (known: {', '.join(IMPLS)})")
+        if x not in IMPLS and not switches_of(x):
+            p.error(f"--impls: unknown implementation {x!r} (known: {', '.join(IMPLS)}; and switches joined by "
+                    f"'+', e.g. ours-fa4+quack-wgrad)")
     if a.smoke:
         a.seq, a.rounds, a.warmup, a.iters = 32, 1, 1, 2
     vers = _versions()
@@ -432,7 +461,7 @@ def main(argv=None):
         for impl in impls:
             rs = runs[(part, impl)]
             ok = [x for x in rs if "ms" in x]
-            name = NAMES[impl]
+            name = impl_name(impl)
             if not ok:
                 why = f"error: {rs[-1].get('error')}" if rs else "not run (stopped by SIGTERM)"
                 lines.append(f"| {TITLES[part]} | {name} | {why} | | | | | | |")
@@ -443,7 +472,7 @@ def main(argv=None):
                          f"{tf:.0f} | {100 * tf / MATMUL_TFLOPS:.0f}% | {max(x['peak_gib'] for x in ok):.2f} | "
                          f"{statistics.median(x['kept_bytes_per_token_layer'] for x in ok):,.0f} | {ratio} |")
     for (part, impl), table in profiles.items():
-        lines += ["", f"## Profile of one step: {TITLES[part]}, {NAMES[impl]}", "", "```", table, "```"]
+        lines += ["", f"## Profile of one step: {TITLES[part]}, {impl_name(impl)}", "", "```", table, "```"]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

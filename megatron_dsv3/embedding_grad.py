@@ -38,7 +38,8 @@ __all__ = ["embedding_row_grad", "accumulate_rows", "accumulate_rows_reference",
 
 def accumulate_rows_reference(buf: torch.Tensor, ids: torch.Tensor, grad: torch.Tensor) -> None:
     """buf [V, h] += the rows of grad [T, h] summed per id (ids [T]): each touched row summed in float32 (float64
-    for a float64 buffer) in token order, then added to buf with one rounding."""
+    for a float64 buffer), then added to buf with one rounding. In token order on the CPU; on CUDA index_add_ adds
+    with atomics (an order that varies), which is why accumulate_rows takes the kernel there."""
     acc_dtype = torch.float64 if buf.dtype == torch.float64 else torch.float32
     uniq, inverse = torch.unique(ids, return_inverse=True)
     sums = torch.zeros(uniq.numel(), grad.shape[1], dtype=acc_dtype, device=grad.device)

@@ -109,7 +109,7 @@ def test_recompute_drops_what_the_core_saves(mcore_single, monkeypatch):
     assert b0 - b1 >= qkv, (b0, b1, qkv)
 
 
-def test_in_place_assembly_same_layer_bits(mcore_single, monkeypatch):
+def test_in_place_assembly_same_layer_bits(mcore_single, monkeypatch, triton_device):
     """MLASelfAttention.assemble_in_place: the layer through the Triton assembly (the interpreter on CPU) gives the
     same output, input gradient and parameter gradients, bit for bit, with the query made in q's own storage and
     value a view of kv as without; also under the up-projection recompute (its recipe remakes q, then rotates it in
@@ -120,13 +120,14 @@ def test_in_place_assembly_same_layer_bits(mcore_single, monkeypatch):
     mla, heads, hidden, seq = CONFIGS["v3_yarn"]
     hf, _ = hf_attention(mla, heads, hidden, seq)
     state = full_state(hf)
-    x = torch.randn(12, 2, hidden, generator=torch.Generator().manual_seed(4))   # short: the kernel is interpreted
+    x = torch.randn(12, 2, hidden, generator=torch.Generator().manual_seed(4)).to(triton_device)  # short: interpreted on CPU
     scale = mla.softmax_scale()
     for recompute in (False, True):
         results = []
         for inplace in (False, True):
             ours = build_ours(dsv3_config(dataclasses.replace(mla, recompute_up_proj=recompute), heads, hidden))
             load_ours(ours, state)
+            ours = ours.to(triton_device)
             ours.core_attention = _CoreKeepingQKV(scale)
             ours.assemble_in_place = inplace
             xi = x.clone().requires_grad_()

@@ -100,7 +100,7 @@ def train_step(rank, parallel, state, batches):
 
     cfg = _config(parallel)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
-    chunks = [build_model(cfg, vp_stage=v) for v in range(vpp)] if vpp else [build_model(cfg)]
+    chunks = [build_model(cfg, vp_stage=v, device="cpu") for v in range(vpp)] if vpp else [build_model(cfg, device="cpu")]
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     info, ddps, ckpt = {}, [], {}
     for i, model in enumerate(chunks):
@@ -146,7 +146,7 @@ def reference():
     batches = _batches()
     with single_process(seed=11):
         from megatron_dsv3.model import build_model
-        state = {k: v.clone() for k, v in build_model(_config()).state_dict().items()
+        state = {k: v.clone() for k, v in build_model(_config(), device="cpu").state_dict().items()
                  if not k.endswith("_extra_state")}
         with torch.no_grad():   # non-zero expert bias, so routing depends on loading it right
             for k in state:

@@ -105,10 +105,6 @@ class MLASubmodules:
 
 
 class MLASelfAttention(MegatronModule):
-    # the q/k/v assembly's in-place form (mla/kernels.assemble_qkv_triton(inplace=True)): the query is the q
-    # up-projection's own output, value a view of the kv one; off until measured on the GPU against the copying form
-    assemble_in_place = False
-
     def __init__(self, config, submodules: MLASubmodules, layer_number: int, mla: MLAConfig,
                  attn_mask_type=AttnMaskType.causal, pg_collection=None, cp_comm_type=None, **kwargs):
         super().__init__(config=config)
@@ -222,8 +218,7 @@ class MLASelfAttention(MegatronModule):
         # eqs. 3-5, 8-9: query [q^C | RoPE(q^R)], key [k^C | RoPE(k^R) shared by all heads], value v; one fused
         # pass on CUDA (mla/kernels.py), the plain-torch reference elsewhere
         return assemble_qkv(q.view(s, b, n, mla.qk_head_dim), kv.view(s, b, n, mla.qk_nope_head_dim + mla.v_head_dim),
-                            k_rope, cos, sin, mla.qk_nope_head_dim, self.rotary.interleaved,
-                            inplace=self.assemble_in_place)
+                            k_rope, cos, sin, mla.qk_nope_head_dim, self.rotary.interleaved)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 key_value_states=None, inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,

@@ -17,6 +17,8 @@ up-projection output alive for backward. The kernel reads each input once and wr
 ~0.74 GB per layer at 4096 tokens, ~0.2 ms at the copy rate), in backward also once: d q, d kv = [dk^C | dv] per
 head, and d k_r summed over heads in float32 registers (no atomics: one program owns a token). It saves nothing
 but cos/sin for backward, and `value` is its own tensor, so neither up-projection output outlives the forward.
+An in-place form (the query in q's own storage, value a view of kv) was measured on the H200 (2026-11-30) and lost:
+MLA 12.73 vs 12.55 ms and +0.13 GiB peak (kv kept whole where value is kept), so it was removed.
 
 `assemble_qkv_reference` is the plain-torch form (what MLASelfAttention always computed); tests compare the two
 on CUDA and, through Triton's interpreter, on CPU.
@@ -73,8 +75,7 @@ if HAVE_TRITON:
                         B, kr_stride, cs_sstride, cs_bstride,
                         N: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
                         BN: tl.constexpr, BDN: tl.constexpr, BDV: tl.constexpr, BHALF: tl.constexpr,
-                        INTERLEAVED: tl.constexpr, INPLACE: tl.constexpr):
-        # INPLACE: query is q itself (only its rope slice is rewritten) and value is a view of kv (not written)
+                        INTERLEAVED: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)                         # token (s, b) in [s, b] order
         HALF: tl.constexpr = DR // 2
         DQK: tl.constexpr = DN + DR
@@ -101,20 +102,14 @@ if HAVE_TRITON:
             kvrow = t * (N * (DN + DV)) + h * (DN + DV)
             vrow = t * (N * DV) + h * DV
             mn = hmask[:, None] & (dn < DN)[None, :]
-            if not INPLACE:
-                x = tl.load(q_ptr + qrow[:, None] + dn[None, :], mask=mn, other=0.0)
-                tl.store(query_ptr + qrow[:, None] + dn[None, :], x, mask=mn)
+            x = tl.load(q_ptr + qrow[:, None] + dn[None, :], mask=mn, other=0.0)
+            tl.store(query_ptr + qrow[:, None] + dn[None, :], x, mask=mn)
             x = tl.load(kv_ptr + kvrow[:, None] + dn[None, :], mask=mn, other=0.0)
             tl.store(key_ptr + qrow[:, None] + dn[None, :], x, mask=mn)
-            if not INPLACE:
-                mv = hmask[:, None] & (dv < DV)[None, :]
-                x = tl.load(kv_ptr + kvrow[:, None] + DN + dv[None, :], mask=mv, other=0.0)
-                tl.store(value_ptr + vrow[:, None] + dv[None, :], x, mask=mv)
+            mv = hmask[:, None] & (dv < DV)[None, :]
+            x = tl.load(kv_ptr + kvrow[:, None] + DN + dv[None, :], mask=mv, other=0.0)
+            tl.store(value_ptr + vrow[:, None] + dv[None, :], x, mask=mv)
             x1, x2 = _rope_pairs(q_ptr, qrow + DN, hmask, i, INTERLEAVED, HALF)
-            if INPLACE:
-                # the rotated pairs overwrite the slice they were read from, in another order when interleaved:
-                # every thread's loads complete before any thread of the block stores
-                tl.debug_barrier()
             mr = hmask[:, None] & hm[None, :]
             # rotated pairs are stored [x1 cos - x2 sin | x2 cos + x1 sin] (rope.apply_rope's output layout)
             tl.store(query_ptr + qrow[:, None] + DN + i[None, :],
@@ -193,11 +188,8 @@ _BWD = dict(heads=8, num_warps=4)
 
 class _AssembleQKV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_in, kv, k_rope, cos, sin, d_nope, interleaved, inplace, q_shape):
-        # q_in: q [s, b, n, d_h + d_h^R], or with inplace the tensor q is a view of (autograd lets a Function modify
-        # an input in place only if it is not a view, and return it); q_shape: q's shape
-        s, b, n, dqk = q_shape
-        q = q_in.view(q_shape)
+    def forward(ctx, q, kv, k_rope, cos, sin, d_nope, interleaved):
+        s, b, n, dqk = q.shape
         d_rope, d_v = dqk - d_nope, kv.shape[-1] - d_nope
         q, kv = q.contiguous(), kv.contiguous()
         if k_rope.stride(-1) != 1 or k_rope.stride(0) != b * k_rope.stride(1):
@@ -205,26 +197,23 @@ class _AssembleQKV(torch.autograd.Function):
         cos_r = cos.reshape(cos.shape[0], cos.shape[1], -1).contiguous()             # [s, b|1, d_h^R/2]
         sin_r = sin.reshape(sin.shape[0], sin.shape[1], -1).contiguous()
         cs = (cos_r.stride(0), cos_r.stride(1) if cos_r.shape[1] == b and b > 1 else 0)  # 0: broadcast over b
-        query = q if inplace else torch.empty_like(q)
+        query = torch.empty_like(q)
         key = torch.empty_like(q)
-        value = kv[..., d_nope:] if inplace else torch.empty(s, b, n, d_v, dtype=kv.dtype, device=kv.device)
+        value = torch.empty(s, b, n, d_v, dtype=kv.dtype, device=kv.device)
         if s * b:
             meta = _launch_meta(n, d_nope, d_rope, d_v, _FWD["heads"])
             _qkv_fwd_kernel[(s * b,)](q, kv, k_rope, cos_r, sin_r, query, key, value, b, k_rope.stride(1), *cs,
-                                      INTERLEAVED=interleaved, INPLACE=inplace, num_warps=_FWD["num_warps"], **meta)
-        if inplace:
-            ctx.mark_dirty(q_in)
-            query = q_in
+                                      INTERLEAVED=interleaved, num_warps=_FWD["num_warps"], **meta)
         ctx.save_for_backward(cos_r, sin_r)
-        ctx.meta = (s, b, n, d_nope, d_rope, d_v, interleaved, cs, k_rope.dtype, tuple(q_in.shape))
+        ctx.meta = (s, b, n, d_nope, d_rope, d_v, interleaved, cs, k_rope.dtype)
         return query, key, value
 
     @staticmethod
     def backward(ctx, dquery, dkey, dvalue):
         cos_r, sin_r = ctx.saved_tensors
-        s, b, n, d_nope, d_rope, d_v, interleaved, cs, kr_dtype, q_in_shape = ctx.meta
-        dquery = (dquery.reshape(s, b, n, d_nope + d_rope).contiguous() if dquery is not None
-                  else torch.zeros(s, b, n, d_nope + d_rope, dtype=cos_r.dtype, device=cos_r.device))
+        s, b, n, d_nope, d_rope, d_v, interleaved, cs, kr_dtype = ctx.meta
+        dquery = dquery.contiguous() if dquery is not None else torch.zeros(s, b, n, d_nope + d_rope,
+                                                                           dtype=cos_r.dtype, device=cos_r.device)
         dkey = dkey.contiguous() if dkey is not None else torch.zeros_like(dquery)
         dvalue = dvalue.contiguous() if dvalue is not None else torch.zeros(s, b, n, d_v, dtype=dquery.dtype,
                                                                            device=dquery.device)
@@ -235,33 +224,17 @@ class _AssembleQKV(torch.autograd.Function):
             meta = _launch_meta(n, d_nope, d_rope, d_v, _BWD["heads"])
             _qkv_bwd_kernel[(s * b,)](dquery, dkey, dvalue, cos_r, sin_r, dq, dkv, dkr, b, *cs,
                                       INTERLEAVED=interleaved, num_warps=_BWD["num_warps"], **meta)
-        return dq.view(q_in_shape), dkv, dkr, None, None, None, None, None, None
+        return dq, dkv, dkr, None, None, None, None
 
 
-def assemble_qkv_triton(q, kv, k_rope, cos, sin, d_nope: int, interleaved: bool, inplace: bool = False):
+def assemble_qkv_triton(q, kv, k_rope, cos, sin, d_nope: int, interleaved: bool):
     """The Triton path on any device (CPU tensors under TRITON_INTERPRET=1); same contract as the reference, except
-    that value is its own contiguous tensor, and cos/sin must not require grad.
-    inplace: the query IS q, its rope slice rotated in place (q is consumed: autograd marks it modified), and value
-    is the view kv[..., d_h:] as in the reference: the forward writes only the key and q's rope slice (~0.5 GB
-    moved where the copying form moves ~1.0 GB, at V3 width and 4096 tokens), and keeps kv whole alive where value
-    is kept (d_h more elements a head and token). The backward is the same. q and kv must be contiguous, q itself
-    or a view of a tensor of q's size (the up-projection's [s, b, n (d_h + d_h^R)] output viewed per head)."""
-    q_in = q
-    if inplace:
-        base = q._base if q._base is not None else q
-        if not (q.is_contiguous() and kv.is_contiguous() and base.is_contiguous() and base.numel() == q.numel()
-                and base.data_ptr() == q.data_ptr()):
-            raise ValueError("assemble_qkv(inplace=True) needs contiguous q and kv, q a whole tensor or a view of "
-                             "all of one (the up-projections' outputs)")
-        q_in = base
-    query, key, value = _AssembleQKV.apply(q_in, kv, k_rope, cos.detach(), sin.detach(), d_nope, interleaved,
-                                           inplace, tuple(q.shape))
-    return (query.view(q.shape) if inplace else query), key, value
+    that value is its own contiguous tensor, and cos/sin must not require grad."""
+    return _AssembleQKV.apply(q, kv, k_rope, cos.detach(), sin.detach(), d_nope, interleaved)
 
 
-def assemble_qkv(q, kv, k_rope, cos, sin, d_nope: int, interleaved: bool, inplace: bool = False):
-    """The kernel on CUDA (bf16/fp16/fp32), the reference elsewhere (where `inplace` changes nothing: the reference
-    makes a new query and takes value as a view of kv)."""
+def assemble_qkv(q, kv, k_rope, cos, sin, d_nope: int, interleaved: bool):
+    """The kernel on CUDA (bf16/fp16/fp32), the reference elsewhere."""
     if HAVE_TRITON and q.is_cuda and q.dtype != torch.float64 and not cos.requires_grad:
-        return assemble_qkv_triton(q, kv, k_rope, cos, sin, d_nope, interleaved, inplace)
+        return assemble_qkv_triton(q, kv, k_rope, cos, sin, d_nope, interleaved)
     return assemble_qkv_reference(q, kv, k_rope, cos, sin, d_nope, interleaved)

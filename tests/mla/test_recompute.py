@@ -107,33 +107,3 @@ def test_recompute_drops_what_the_core_saves(mcore_single, monkeypatch):
     qkv = tokens * heads * (2 * mla.qk_head_dim + mla.v_head_dim) * 4
     print(f'saved activation bytes with a q/k/v-keeping core: {b0} -> {b1} (q, k, v: {qkv})')
     assert b0 - b1 >= qkv, (b0, b1, qkv)
-
-
-def test_in_place_assembly_same_layer_bits(mcore_single, monkeypatch, triton_device):
-    """MLASelfAttention.assemble_in_place: the layer through the Triton assembly (the interpreter on CPU) gives the
-    same output, input gradient and parameter gradients, bit for bit, with the query made in q's own storage and
-    value a view of kv as without; also under the up-projection recompute (its recipe remakes q, then rotates it in
-    place again) and with a core that saves q, k, v as the GPU kernels do."""
-    from megatron_dsv3.mla import attention as A
-    from megatron_dsv3.mla import kernels as K
-    monkeypatch.setattr(A, "assemble_qkv", lambda *a, **kw: K.assemble_qkv_triton(*a, **kw))
-    mla, heads, hidden, seq = CONFIGS["v3_yarn"]
-    hf, _ = hf_attention(mla, heads, hidden, seq)
-    state = full_state(hf)
-    x = torch.randn(12, 2, hidden, generator=torch.Generator().manual_seed(4)).to(triton_device)  # short: interpreted on CPU
-    scale = mla.softmax_scale()
-    for recompute in (False, True):
-        results = []
-        for inplace in (False, True):
-            ours = build_ours(dsv3_config(dataclasses.replace(mla, recompute_up_proj=recompute), heads, hidden))
-            load_ours(ours, state)
-            ours = ours.to(triton_device)
-            ours.core_attention = _CoreKeepingQKV(scale)
-            ours.assemble_in_place = inplace
-            xi = x.clone().requires_grad_()
-            out = ours(xi)[0]
-            out.square().mean().backward()
-            results.append((out.detach(), xi.grad, {k: p.grad for k, p in ours.named_parameters()}))
-        (o0, d0, g0), (o1, d1, g1) = results
-        assert torch.equal(o0, o1) and torch.equal(d0, d1), recompute
-        assert all(torch.equal(g0[k], g1[k]) for k in g0), recompute

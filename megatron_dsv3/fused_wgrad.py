@@ -24,8 +24,8 @@ into that expert's slice; the per-expert row counts reach the host by an asynchr
 (waited in backward, long done by then: no stall). Without a buffer it stays one grouped GEMM. The adds this
 removes were 2.1 ms of DeepSeekMoE's 17.8 ms of CUDA time on the H200 (bench/results.md, session 4). Those
 per-expert GEMMs (K = an expert's ~1k tokens) run at 433-470 TFLOP/s, ~20 ms of the 4-layer stack: `wgrad="quack"`
-does them in one launch of quack's Hopper grouped GEMM with accumulation instead (varlen K, beta = 1, no host read),
-where quack imports; not the default until measured.
+does them in one launch of quack's Hopper grouped GEMM with accumulation instead (varlen K, beta = 1, no host read):
+the default ("auto") for bf16/fp16 buffers where quack imports (accumulate_groups_auto has the measurement).
 
 The classes: FusedWgradColumnParallelLinear / FusedWgradRowParallelLinear are megatron-core's Column/Row parallel
 linears (same parameters, init, checkpoint layout) with this matmul on their bias-free paths and megatron's own
@@ -45,7 +45,7 @@ from megatron.core import tensor_parallel
 
 __all__ = ["OutputHead", "FusedWgradColumnParallelLinear", "FusedWgradRowParallelLinear", "accumulate_wgrad",
            "matmul_fused_wgrad", "fused_wgrad_applies", "grouped_mm_fused_wgrad", "accumulate_groups",
-           "accumulate_groups_quack", "HostCounts", "grad_need",
+           "accumulate_groups_quack", "accumulate_groups_auto", "HostCounts", "grad_need",
            "wgrad_buffer", "NOT_NEEDED", "ACCUMULATE", "CAPTURED"]
 
 
@@ -190,7 +190,19 @@ def accumulate_groups_quack(buf: torch.Tensor, x: torch.Tensor, dy: torch.Tensor
     fn(x.t(), dy, buf, cu_seqlens_k=cu)                                              # [G, K, M] += x_g^T dy_g
 
 
-WGRAD_GROUPED = {"cublas": accumulate_groups, "quack": accumulate_groups_quack}
+def accumulate_groups_auto(buf: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor,
+                           host_counts: HostCounts) -> None:
+    """quack's one launch for a bf16/fp16 buffer where quack imports, else a cuBLAS GEMM per group. Measured on the
+    H200 (2026-11-30; 32 experts, 7168 x 4096, ~1k tokens each, bf16 buffer): quack 2.65 ms (uniform) / 2.90
+    (skewed) vs per group 3.04 / 3.16; DeepSeekMoE alone 17.74-17.91 ms vs 18.51-18.85. Into a float32 main_grad
+    quack took 3.91 / 4.12 ms, and the per-group form there (torch.addmm with out_dtype=float32) is not measured
+    against it: that case keeps cuBLAS."""
+    if buf.dtype in (torch.bfloat16, torch.float16) and _quack_for(buf) is not None:
+        return accumulate_groups_quack(buf, x, dy, offs, host_counts)
+    return accumulate_groups(buf, x, dy, offs, host_counts)
+
+
+WGRAD_GROUPED = {"auto": accumulate_groups_auto, "cublas": accumulate_groups, "quack": accumulate_groups_quack}
 
 
 class _GroupedMMFusedWgrad(torch.autograd.Function):
@@ -227,12 +239,13 @@ class _GroupedMMFusedWgrad(torch.autograd.Function):
 
 
 def grouped_mm_fused_wgrad(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor, host_counts: HostCounts,
-                           remake=None, wgrad: str = "cublas") -> torch.Tensor:
+                           remake=None, wgrad: str = "auto") -> torch.Tensor:
     """torch._grouped_mm(x, weight, offs=offs) with the weight gradient accumulated in place (module docstring).
     x [N, K] rows sorted by group, weight [G, K, M], offs [G] int32 group end offsets, host_counts their sizes.
     remake (fn, *args): fn(*args) gives x again, bit for bit: x is not kept for backward (the experts' SwiGLU
     output, made again from h1 and the gates that the SwiGLU keeps for its own backward). wgrad: how the weight
-    gradient is added into its buffer, WGRAD_GROUPED's "cublas" (a GEMM per group) or "quack" (one grouped launch)."""
+    gradient is added into its buffer, WGRAD_GROUPED's "cublas" (a GEMM per group), "quack" (one grouped launch) or
+    "auto" (quack for a bf16/fp16 buffer where it imports, else cublas: accumulate_groups_auto)."""
     if wgrad not in WGRAD_GROUPED:
         raise ValueError(f"grouped_mm_fused_wgrad: wgrad must be one of {sorted(WGRAD_GROUPED)}, got {wgrad!r}")
     fn, args = (remake[0], remake[1:]) if remake else (None, ())

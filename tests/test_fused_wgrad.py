@@ -290,3 +290,53 @@ def test_grouped_weight_gradient_through_quack_contract(monkeypatch):
     torch.testing.assert_close(w3.grad.double(), rdw, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="wgrad must be one of"):
         FW.grouped_mm_fused_wgrad(x.detach(), w3, offs, FW.HostCounts(c), wgrad="cutlass")
+
+
+def test_auto_takes_quack_for_half_precision_buffers_only(monkeypatch):
+    """wgrad="auto" (the default): quack's grouped launch for a bf16/fp16 buffer where quack imports, a GEMM per
+    group for a float32 main_grad (not measured against quack there) and where quack does not import."""
+    from megatron_dsv3 import fused_wgrad as FW
+    calls = []
+    monkeypatch.setattr(FW, "accumulate_groups_quack", lambda *a: calls.append("quack"))
+    monkeypatch.setattr(FW, "accumulate_groups", lambda *a: calls.append("per group"))
+    args = (torch.zeros(1), torch.zeros(1), torch.tensor([1], dtype=torch.int32), None)
+    monkeypatch.setattr(FW, "_quack_for", lambda buf: object())
+    for dtype, want in ((torch.bfloat16, "quack"), (torch.float16, "quack"), (torch.float32, "per group")):
+        FW.accumulate_groups_auto(torch.zeros(2, dtype=dtype), *args)
+        assert calls.pop() == want, dtype
+    monkeypatch.setattr(FW, "_quack_for", lambda buf: None)
+    FW.accumulate_groups_auto(torch.zeros(2, dtype=torch.bfloat16), *args)
+    assert calls == ["per group"]
+    from megatron_dsv3.moe.experts import GroupedExperts
+    assert GroupedExperts.wgrad == "auto" and FW.WGRAD_GROUPED["auto"] is not None
+
+
+@pytest.mark.gpu
+def test_quack_grouped_weight_gradient_on_cuda():
+    """quack's gemm_add_inplace itself (skipped without CUDA or quack: bench/fetch_fa4.sh) with groups of any size,
+    empty and odd ones included: buf[g] += x_g^T dy_g equals the float64 per-group loop within one rounding of the
+    buffer, bf16 and float32 buffers, and twice from the same start gives the same bits."""
+    from megatron_dsv3 import fused_wgrad as FW
+    if not torch.cuda.is_available() or FW.quack_gemm_add_inplace() is None:
+        pytest.skip("needs CUDA and quack (bench/fetch_fa4.sh)")
+    counts = (0, 1, 37, 128, 301, 0, 8, 77)
+    g = torch.Generator().manual_seed(5)
+    N, K, M = sum(counts), 256, 384
+    x = torch.randn(N, K, generator=g).cuda().bfloat16()
+    dy = torch.randn(N, M, generator=g).cuda().bfloat16()
+    start = torch.randn(len(counts), K, M, generator=g).cuda()
+    c = torch.tensor(counts)
+    offs = torch.cumsum(c, 0).to(torch.int32).cuda()
+    want = start.double().clone()
+    s = 0
+    for e, n in enumerate(counts):
+        want[e] += x[s:s + n].double().t() @ dy[s:s + n].double()
+        s += n
+    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+        runs = []
+        for _ in range(2):
+            buf = start.to(dtype).clone()
+            FW.accumulate_groups_quack(buf, x, dy, offs, FW.HostCounts(c))
+            runs.append(buf)
+        assert torch.equal(runs[0], runs[1]), dtype
+        torch.testing.assert_close(runs[0].double(), want.to(dtype).double(), rtol=tol, atol=tol * 10)

@@ -46,14 +46,15 @@ def can_use_grouped_mm(x: torch.Tensor, weight1: torch.Tensor, weight2: torch.Te
 
 
 def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, weight2: torch.Tensor,
-                   row_scale: Optional[torch.Tensor] = None, fuse_wgrad: bool = True, wgrad: str = "cublas"
+                   row_scale: Optional[torch.Tensor] = None, fuse_wgrad: bool = True, wgrad: str = "auto"
                    ) -> torch.Tensor:
     """torch._grouped_mm path: x [N, h] sorted by expert, counts [E_local] (on x's device), row_scale [N] -> [N, h].
     fuse_wgrad: the weight gradients accumulated in place by per-expert GEMMs where a buffer exists
     (fused_wgrad.grouped_mm_fused_wgrad), and the SwiGLU output made again for dW2 instead of kept (k * f * 2 bytes
     a token); False: autograd through torch._grouped_mm (a fresh [E, ...] gradient that AccumulateGrad or
     megatron's DDP hook then adds; the SwiGLU output kept). wgrad: the fused weight gradients' GEMMs, "cublas" (one
-    per expert) or "quack" (one grouped launch; fused_wgrad.accumulate_groups_quack)."""
+    per expert), "quack" (one grouped launch; fused_wgrad.accumulate_groups_quack) or "auto" (quack for a bf16/fp16
+    gradient buffer where it imports, else cublas; fused_wgrad.accumulate_groups_auto has the measurement)."""
     offs = torch.cumsum(counts, dim=0).to(torch.int32)                                 # group end offsets
     if fuse_wgrad and torch.is_grad_enabled() and weight1.requires_grad and weight2.requires_grad:
         host = HostCounts(counts)
@@ -94,11 +95,11 @@ def padded_swiglu(x: torch.Tensor, counts: torch.Tensor, weight1: torch.Tensor, 
 class GroupedExperts(MegatronModule):
     """E_local SwiGLU experts (weights as in the module docstring); forward(x_sorted [N, h], counts [E_local]).
     fuse_wgrad (grouped path): the weight gradients accumulated in place by the GEMMs (grouped_swiglu); wgrad: their
-    GEMMs, "cublas" (one per expert) or "quack" (one grouped launch, where quack imports; not the default until
-    measured on the GPU)."""
+    GEMMs, "auto" (default: quack's one grouped launch for a bf16/fp16 buffer where quack imports, else one cuBLAS
+    GEMM per expert), "cublas" or "quack" (grouped_swiglu)."""
 
     fuse_wgrad = True
-    wgrad = "cublas"
+    wgrad = "auto"
 
     def __init__(self, config, num_local_experts: int, ffn_hidden_size: int, ep_rank: int = 0, ep_size: int = 1,
                  pg_collection=None):

@@ -82,3 +82,43 @@ def test_module_on_cuda_matches_hf(mcore_single, name):
     errs.update({k: rel_err(own[HF_TO_OURS[k]].grad, p.grad) for k, p in hf.named_parameters()})
     print(name, "cuda float32 max rel err", max(errs.values()))
     assert max(errs.values()) < 1e-5, errs
+
+
+def test_flash_attention_4_at_mla_head_dims():
+    """FlashAttention-4 itself (skipped without flash-attn-4: bench/fetch_fa4.sh) through SDPAttention: q/k 192,
+    v 128, bf16, causal, against the float32 reference to bf16 accuracy (output and the three input gradients);
+    under torch's deterministic algorithms (cuDNN's place taken by FA4's deterministic backward) the gradients of
+    two runs are bit-equal."""
+    from megatron_dsv3.mla.core_attention import flash_attn_4
+    if flash_attn_4() is None:
+        pytest.skip("flash-attn-4 does not import (bench/fetch_fa4.sh)")
+    s, b, n, dqk, dv = 1024, 1, 8, 192, 128
+    scale = dqk ** -0.5
+    cfg = SimpleNamespace(kv_channels=dqk, attention_dropout=0.0)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(s, b, n, dqk, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(s, b, n, dv, device="cuda", generator=g, dtype=torch.bfloat16)
+    go = torch.randn(s, b, n * dv, device="cuda", generator=g, dtype=torch.bfloat16)
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    _reference(*leaves, scale).backward(go.float())
+    want = [t.grad for t in leaves]
+
+    def run(attn):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = attn(qq, kk, vv, None)
+        out.backward(go)
+        return out, [qq.grad, kk.grad, vv.grad]
+
+    attn = SDPAttention(cfg, 1, softmax_scale=scale, k_channels=dqk, v_channels=dv, backends=("fa4", "math"))
+    out, grads = run(attn)
+    assert rel_err(out.float(), _reference(q, k, v, scale)) < 2e-2
+    for got, ref in zip(grads, want):
+        assert rel_err(got.float(), ref) < 2e-2
+    default = SDPAttention(cfg, 1, softmax_scale=scale, k_channels=dqk, v_channels=dv)
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert default.backends_in_use(default._deterministic())[0] == "fa4"
+        (_, g1), (_, g2) = run(default), run(default)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))

@@ -92,6 +92,10 @@ def test_deterministic_mode(mcore_single, tiny_data, monkeypatch, capsys):
     core = SDPAttention.__new__(SDPAttention)
     core.backends = ("cudnn", "flash", "efficient", "math")
     assert core.backends_in_use(False) == core.backends
-    assert core.backends_in_use(True) == ("flash", "efficient", "math")
+    assert core.backends_in_use(True) == ("fa4", "flash", "efficient", "math")     # FA4's deterministic backward
     core.backends = ("cudnn",)
+    assert core.backends_in_use(True) == ("fa4",)
+    core.backends = ("fa4", "cudnn", "math")
+    assert core.backends_in_use(True) == ("fa4", "math")
+    core.backends = ()
     assert core.backends_in_use(True) == ("math",)

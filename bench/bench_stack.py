@@ -15,9 +15,9 @@ Implementations: `ours` (build_model / specs.py, local backend) and `mcore-te` (
 layers from get_gpt_decoder_layer_specs with Transformer Engine: TE linears and fused attention, MLA, TEGroupedMLP,
 permute and router fusion, alltoall dispatcher at EP=1), skipped with a note where TE does not import. The other
 `ours-*` names are A/B switches of one piece each (NAMES below says which; several join with "+", e.g.
-ours-fa4+quack-wgrad): among them the changes prepared but not
-on by default until measured here: ours-mla-inplace, ours-embedding-rowgrad, ours-fa4 and ours-quack-wgrad (the last
-two need flash-attn-4 and quack: bench/fetch_fa4.sh).
+ours-fa4+embedding-rowgrad): ours-embedding-rowgrad is off by default until measured alone; ours-fa4 (a tie with
+cuDNN alone) and ours-cublas-wgrad (the routed experts' weight gradients as before quack) are the alternatives to
+what runs by default. FlashAttention-4 and quack come from bench/fetch_fa4.sh.
 
 Hygiene (the same peer measured 221-265 ms depending on what ran before it in one process): every (part, impl, round)
 is a fresh `--child` process; the order of impls alternates per round; per process the median of `--iters` steps after
@@ -44,8 +44,8 @@ PARTS = ("stack", "dense", "moe_layer", "mla", "moe")
 TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense": "dense layer (MLA + MLP)",
           "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
 IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8", "ours-recompute", "ours-fp8-hostloop", "ours-fp8-nocache",
-         "ours-fp8-fpropcache", "ours-fp8-restep", "ours-unfused-expert-wgrad", "ours-mla-inplace",
-         "ours-embedding-rowgrad", "ours-fa4", "ours-quack-wgrad")
+         "ours-fp8-fpropcache", "ours-fp8-restep", "ours-unfused-expert-wgrad", "ours-embedding-rowgrad", "ours-fa4",
+         "ours-quack-wgrad", "ours-cublas-wgrad")
 NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-fp8": "ours FP8 (native; FP8Config's defaults: Triton grouped GEMMs)",
          "ours-recompute": "ours BF16, the paper's recomputation (norms + MLA up-projections)",
@@ -60,17 +60,18 @@ NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
                             "micro-batches after the first of a step do)",
          "ours-unfused-expert-wgrad": "ours BF16, experts' weight gradients by autograd + add (GroupedExperts.fuse_wgrad "
                                       "False)",
-         "ours-mla-inplace": "ours BF16, MLA's q/k/v assembly in place (MLASelfAttention.assemble_in_place: the query "
-                             "in q's storage, value a view of kv)",
          "ours-embedding-rowgrad": "ours BF16, the word embedding's gradient added row by row into its buffer "
                                    "(DSV3Model.embedding_row_grad, embedding_grad.py)",
          "ours-fa4": "ours BF16, MLA's attention core through FlashAttention-4 (SDPAttention backends 'fa4' first; "
                      "needs flash-attn-4: bench/fetch_fa4.sh)",
          "ours-quack-wgrad": "ours BF16, the routed experts' weight gradients in one quack grouped GEMM with "
-                             "accumulation (GroupedExperts.wgrad = 'quack'; quack comes with bench/fetch_fa4.sh)"}
+                             "accumulation for any buffer (GroupedExperts.wgrad = 'quack'; the default 'auto' takes "
+                             "it for bf16 buffers where quack imports: bench/fetch_fa4.sh)",
+         "ours-cublas-wgrad": "ours BF16, the routed experts' weight gradients one cuBLAS GEMM per expert "
+                              "(GroupedExperts.wgrad = 'cublas', as before quack)"}
 
 
-SWITCHES = ("unfused-expert-wgrad", "mla-inplace", "embedding-rowgrad", "fa4", "quack-wgrad")
+SWITCHES = ("unfused-expert-wgrad", "embedding-rowgrad", "fa4", "quack-wgrad", "cublas-wgrad")
 
 
 def impl_name(impl: str) -> str:
@@ -126,14 +127,14 @@ def _switch(name: str, dev):
         if dev.type == "cuda" and quack_gemm_add_inplace() is None:
             raise RuntimeError("ours-quack-wgrad: quack does not import here (bench/fetch_fa4.sh)")
         return GroupedExperts, {"wgrad": "quack"}
+    if name == "cublas-wgrad":
+        from megatron_dsv3.moe.experts import GroupedExperts
+        return GroupedExperts, {"wgrad": "cublas"}
     if name == "fa4":
         from megatron_dsv3.mla.core_attention import DEFAULT_CUDA_BACKENDS, SDPAttention, flash_attn_4
         if dev.type == "cuda" and flash_attn_4() is None:
             raise RuntimeError("ours-fa4: flash_attn.cute does not import here (bench/fetch_fa4.sh)")
         return SDPAttention, {"backends": ("fa4",) + DEFAULT_CUDA_BACKENDS}
-    if name == "mla-inplace":
-        from megatron_dsv3.mla.attention import MLASelfAttention
-        return MLASelfAttention, {"assemble_in_place": True}
     if name == "embedding-rowgrad":
         from megatron_dsv3.model import DSV3Model
         DSV3Model.embedding_row_grad = True            # this child process builds one model

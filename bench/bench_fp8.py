@@ -271,15 +271,6 @@ def quant_bench(lines, res, rounds, iters):
             nbytes[name] = 2 * nb_tiles - 2 * M * K
             exact[name] = all(_eq(u, v) for u, v in zip(kernels.quantize_tiles_and_transpose_triton(x, False, nw),
                                                          ref_tt))
-            for ch in (16, 32, 64):          # the one-read form: [128, 128] blocks in row chunks of ch
-                if nw == 16:
-                    continue
-                name = f"quantize_tiles_and_transpose_triton chunk={ch} warps={nw}"
-                variants[name] = (lambda nw=nw, ch=ch: kernels.quantize_tiles_and_transpose_triton(x, False, nw,
-                                                                                                   chunk=ch))
-                nbytes[name] = 2 * nb_tiles - 2 * M * K
-                exact[name] = all(_eq(u, v) for u, v in zip(
-                    kernels.quantize_tiles_and_transpose_triton(x, False, nw, chunk=ch), ref_tt))
             name = f"quantize_columns_grouped_triton (32 experts) warps={nw}"
             # row_tiles as the FP8 experts pass them (bounded_row_tiles: no host read-back of offs per call)
             variants[name] = (lambda nw=nw: kernels.quantize_columns_grouped_triton(x, offs, False, nw,
@@ -287,14 +278,6 @@ def quant_bench(lines, res, rounds, iters):
             nbytes[name] = nb_tiles
             exact[name] = all(_eq(u, v) for u, v in zip(kernels.quantize_columns_grouped_triton(x, offs, False, nw),
                                                          ref_g))
-            if nw < 16:                      # the two-pass form over wider strips
-                for ch, strip in ((32, 128), (16, 128), (32, 256)):
-                    name = f"quantize_columns_grouped_triton (32 experts) chunk={ch} strip={strip} warps={nw}"
-                    variants[name] = (lambda nw=nw, ch=ch, strip=strip: kernels.quantize_columns_grouped_triton(
-                        x, offs, False, nw, row_tiles=row_tiles, chunk=ch, strip=strip))
-                    nbytes[name] = nb_tiles
-                    exact[name] = all(_eq(u, v) for u, v in zip(kernels.quantize_columns_grouped_triton(
-                        x, offs, False, nw, chunk=ch, strip=strip), ref_g))
         ms = alternate(variants, rounds, iters, reps=20)
         copy = nbytes["device copy"] / ms["device copy"] / 1e6
         for k, t in ms.items():

@@ -12,9 +12,13 @@ small, fully occupied ones (bf16 16384 x 7168 on an H200: 638 vs 305 us) althoug
 not 6. A second fused form (2026-11-30: the [128, 128] block held in bf16, each direction converting it again,
 _qdiv both ways, the transposed store through tl.trans; bit-exact) was still slower: 460 / 524 / 651 us at 4 / 8 /
 16 warps against 308 (32768 x 2048: 268 against 180; 4096 x 7168: 126 against 92), so it was not kept. The strip
-widths and warps (32 wide for it, 64 for the grouped layout, 2 warps) are what measured fastest. A third form,
-chunk= below (the block read in row chunks, twice, the second time from L2), is tested for its bytes but not yet
-timed on a GPU.
+widths and warps (32 wide for it, 64 for the grouped layout, 2 warps) are what measured fastest. A third form
+(2026-11-30, removed): one kernel reading each [128, 128] block twice in row chunks (the second time from L2),
+bit-exact but slower at every setting on an H200: bf16 4096 x 7168 131 / 158 / 231 us in chunks of 64 / 32 / 16
+rows (4 warps; 8 slower still) against the two kernels' 84 us (1391 GB/s, 36% of the 3.8 TB/s copy); 32768 x 2048
+284 us at best. The column kernel's two-pass form over wider strips (row chunks read twice, amax then bytes) lost
+too: grouped 32768 x 2048 136 us at best (64-row chunks, strip 128, 2 warps; others 186-764) against 128 us
+(1568 GB/s, 39%), 4096 x 7168 103 against 103 (others 142-598), so only the single-pass [128, 64] strip is kept.
 
 A second kernel quantises weights in 128x128 blocks (quant.quantize_blocks; a stack of experts' weights in one
 launch), optionally writing the transposed blocks (Dgrad's copy) from the same read. A third dequantises 1x128
@@ -176,108 +180,39 @@ if HAVE_TRITON:
     @triton.jit
     def _cols_kernel(x_ptr, qt_ptr, st_ptr, src_ptr, cnt_ptr, M, K, stride_xm, QT_STRIDE, ST_STRIDE_T,
                      GROUPED: tl.constexpr, POW2: tl.constexpr, HW: tl.constexpr, IDX64: tl.constexpr,
-                     BKC: tl.constexpr, CH: tl.constexpr):
+                     BKC: tl.constexpr):
         """The 128x1 tiles of a [128, BKC] strip (row tile pid_m, columns pid_k BKC + [0, BKC)), stored transposed:
         qt[c, 128 pid_m + r] and st[c, pid_m] (st's column stride 1). Plain: rows 128 pid_m + r of x [M, K].
         GROUPED: rows src[pid_m] + r, r < cnt[pid_m], and zeros in qt's padding columns (r >= cnt).
         A column tile needs only its column, so the strip is narrow: few registers, many warps per SM.
-        CH < 128: the strip read in row chunks of CH, twice (the column amax, then the bytes; the second read hits
-        L2), so a wider strip fits in registers. IDX64: int64 addresses, only where an offset can pass 2^31 (int32
-        address math is cheaper)."""
+        IDX64: int64 addresses, only where an offset can pass 2^31 (int32 address math is cheaper)."""
         BT: tl.constexpr = 128
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         m = pid_m.to(tl.int64) if IDX64 else pid_m
         r = tl.arange(0, BT)
-        col0 = m * BT
-        col = col0 + r                                                               # qt's column (token) index
+        col = m * BT + r                                                             # qt's column (token) index
         if GROUPED:
             row0 = tl.load(src_ptr + pid_m).to(m.dtype)
             nrows = tl.load(cnt_ptr + pid_m)
         else:
             row0 = m * BT
             nrows = M - pid_m * BT
+        rows = row0 + r
+        rmask = r < nrows
         c = pid_k * BKC + tl.arange(0, BKC)
         cmask = c < K
-        if CH == BT:             # the whole [128, BKC] strip in registers, read once
-            rows = row0 + r
-            rmask = r < nrows
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + c[None, :], mask=rmask[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)                                    # [128, BKC]
-            st = _scale(_amax(x, 0), POW2)                                           # [BKC]
-            a, sa, y = _recip(st)
-            qc = _e4m3(_qdiv(x, a[None, :], sa[None, :], y[None, :], POW2, HW), HW)
-            if GROUPED:
-                qc = tl.where(rmask[:, None], qc, 0)                                 # the padding gets zeros
-                tmask = cmask[:, None] & (r < BT)[None, :]
-            else:
-                tmask = cmask[:, None] & rmask[None, :]
-            tl.store(qt_ptr + c[:, None].to(m.dtype) * QT_STRIDE + col[None, :], tl.trans(qc), mask=tmask)
-        else:                    # chunks of CH rows: the column amax first, then the same chunks again (from L2)
-            rc = tl.arange(0, CH)
-            camax = tl.zeros([BKC], dtype=tl.float32)
-            cnan = tl.zeros([BKC], dtype=tl.int32)
-            for i in tl.static_range(0, BT, CH):
-                rmask = i + rc < nrows
-                x = tl.load(x_ptr + (row0 + i + rc)[:, None] * stride_xm + c[None, :],
-                            mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)   # [CH, BKC]
-                camax = tl.maximum(camax, tl.max(tl.abs(x), 0))
-                cnan = tl.maximum(cnan, tl.max((x != x).to(tl.int32), 0))
-            st = _scale(tl.where(cnan > 0, float("nan"), camax), POW2)               # [BKC]
-            a, sa, y = _recip(st)
-            for i in tl.static_range(0, BT, CH):
-                rmask = i + rc < nrows
-                x = tl.load(x_ptr + (row0 + i + rc)[:, None] * stride_xm + c[None, :],
-                            mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-                qc = _e4m3(_qdiv(x, a[None, :], sa[None, :], y[None, :], POW2, HW), HW)
-                if GROUPED:
-                    qc = tl.where(rmask[:, None], qc, 0)
-                    tmask = cmask[:, None] & (i + rc < BT)[None, :]
-                else:
-                    tmask = cmask[:, None] & rmask[None, :]
-                tl.store(qt_ptr + c[:, None].to(m.dtype) * QT_STRIDE + (col0 + i + rc)[None, :], tl.trans(qc),
-                         mask=tmask)
-        tl.store(st_ptr + c + pid_m * ST_STRIDE_T, st, mask=cmask)
-
-    @triton.jit
-    def _tiles_t_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, stride_xm, S_STRIDE_M, S_STRIDE_T, QT_STRIDE,
-                        ST_STRIDE_T, POW2: tl.constexpr, HW: tl.constexpr, B: tl.constexpr, CH: tl.constexpr):
-        """Both copies of one [B, B] block (B = 128) with x read from memory once, in row chunks of CH: pass 1
-        quantises each chunk's 1x128 row tiles (q, s) and keeps each column's running amax and NaN flag; pass 2
-        reads the chunks again -- from L2, the block was just read -- and stores their 128x1 column tiles
-        transposed (qt [K, M], st). No program holds more than a [CH, B] float32 chunk: the whole-block fused
-        kernels (float32, then bf16) ran out of registers and were 1.4-2.1x slower than two kernels. The values
-        are _rows_kernel's and _cols_kernel's (the quotient by _qdiv both ways: the correctly rounded one)."""
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        row0 = pid_m.to(tl.int64) * B
-        c = pid_k * B + tl.arange(0, B)
-        cmask = c < K
-        ch = tl.arange(0, CH)
-        camax = tl.zeros([B], dtype=tl.float32)
-        cnan = tl.zeros([B], dtype=tl.int32)
-        for i in tl.static_range(0, B, CH):
-            rows = row0 + i + ch
-            rmask = rows < M
-            mask = rmask[:, None] & cmask[None, :]
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            s = _scale(_amax(x, 1), POW2)                                                     # [CH] row tiles
-            a, sa, y = _recip(s)
-            tl.store(q_ptr + rows[:, None] * K + c[None, :],
-                     _e4m3(_qdiv(x, a[:, None], sa[:, None], y[:, None], POW2, HW), HW), mask=mask)
-            tl.store(s_ptr + rows * S_STRIDE_M + pid_k * S_STRIDE_T, s, mask=rmask)
-            camax = tl.maximum(camax, tl.max(tl.abs(x), 0))
-            cnan = tl.maximum(cnan, tl.max((x != x).to(tl.int32), 0))
-        st = _scale(tl.where(cnan > 0, float("nan"), camax), POW2)                            # [B] column tiles
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + c[None, :], mask=rmask[:, None] & cmask[None, :],
+                    other=0.0).to(tl.float32)                                        # [128, BKC]
+        st = _scale(_amax(x, 0), POW2)                                               # [BKC]
         a, sa, y = _recip(st)
-        for i in tl.static_range(0, B, CH):
-            rows = row0 + i + ch
-            rmask = rows < M
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + c[None, :], mask=rmask[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)
-            qc = _e4m3(_qdiv(x, a[None, :], sa[None, :], y[None, :], POW2, HW), HW)          # [CH, B]
-            tl.store(qt_ptr + c[:, None].to(tl.int64) * QT_STRIDE + rows[None, :], tl.trans(qc),
-                     mask=cmask[:, None] & rmask[None, :])
+        qc = _e4m3(_qdiv(x, a[None, :], sa[None, :], y[None, :], POW2, HW), HW)
+        if GROUPED:
+            qc = tl.where(rmask[:, None], qc, 0)                                     # the padding gets zeros
+            tmask = cmask[:, None] & (r < BT)[None, :]
+        else:
+            tmask = cmask[:, None] & rmask[None, :]
+        tl.store(qt_ptr + c[:, None].to(m.dtype) * QT_STRIDE + col[None, :], tl.trans(qc), mask=tmask)
         tl.store(st_ptr + c + pid_m * ST_STRIDE_T, st, mask=cmask)
 
 
@@ -344,18 +279,15 @@ def _warps(x, num_warps):
     return {"num_warps": num_warps} if x.is_cuda else {}
 
 
-def _launch_cols(x, qt, st, src, cnt, n_row_tiles, pow2, bkc, num_warps, chunk=TILE):
+def _launch_cols(x, qt, st, src, cnt, n_row_tiles, pow2, bkc, num_warps):
     """_cols_kernel over x [R, K]'s n_row_tiles row tiles (GROUPED when src/cnt are given) into qt [K, Rp]."""
-    if chunk > TILE or TILE % chunk or chunk & (chunk - 1):
-        raise ValueError(f"the column quantiser's chunk must be a power of 2 dividing {TILE}, got {chunk}")
     R, K = x.shape
     qt_stride = qt.stride(0)
     idx64 = max(R * max(K, x.stride(0)), triton.cdiv(K, bkc) * bkc * qt_stride) > _I32_MAX
     grouped = src is not None
     _cols_kernel[(n_row_tiles, triton.cdiv(K, bkc))](
         x, qt.view(torch.uint8), st, src if grouped else x, cnt if grouped else x, R, K, x.stride(0), qt_stride,
-        st.stride(1), GROUPED=grouped, POW2=pow2, HW=x.is_cuda, IDX64=idx64, BKC=bkc, CH=chunk,
-        **_warps(x, num_warps))
+        st.stride(1), GROUPED=grouped, POW2=pow2, HW=x.is_cuda, IDX64=idx64, BKC=bkc, **_warps(x, num_warps))
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -383,33 +315,20 @@ def quantize_tiles_triton(x: torch.Tensor, pow2_scales: bool = False, block_m: i
     return q.view(*lead, K), (s if x.dim() == 2 else s.view(*lead, T))
 
 
-def quantize_tiles_and_transpose_triton(x: torch.Tensor, pow2_scales: bool = False, num_warps: Optional[int] = None,
-                                        chunk: int = 0
+def quantize_tiles_and_transpose_triton(x: torch.Tensor, pow2_scales: bool = False, num_warps: Optional[int] = None
                                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """quant.quantize_tiles_and_transpose(x [M, K]) -> (q, s, qt [K, M], st [K, ceil(M/128)]): quantize_tiles_triton
-    for q, s and _cols_kernel in [128, 32] strips for qt, st (x read twice: see the module docstring). chunk > 0:
-    one _tiles_t_kernel pass instead, [128, 128] blocks in row chunks of `chunk` (x read from memory once; the same
-    bytes; not yet the default: its GPU speed is unmeasured). s and st come as views of stride (1, rows), the GEMM's
-    layout (see quantize_tiles_triton). num_warps: the column kernel's, or the chunked kernel's (default 4)."""
+    for q, s and _cols_kernel in [128, 32] strips for qt, st (x read twice: see the module docstring).
+    s and st come as views of stride (1, rows), the GEMM's layout (see quantize_tiles_triton). num_warps: the
+    column kernel's."""
     if x.dim() != 2:
         raise ValueError(f"quantize_tiles_and_transpose needs a 2-D [M, K] input, got shape {tuple(x.shape)}")
-    if chunk and (chunk > TILE or TILE % chunk or chunk & (chunk - 1)):
-        raise ValueError(f"quantize_tiles_and_transpose_triton: chunk must be a power of 2 dividing {TILE}, "
-                         f"got {chunk}")
     x = _as_rows(x)
     M, K = x.shape
-    if chunk:
-        q = torch.empty(M, K, dtype=FP8, device=x.device)
-        s = _scales_for_mm(M, triton.cdiv(K, TILE), x.device)
-    else:
-        q, s = quantize_tiles_triton(x, pow2_scales)
+    q, s = quantize_tiles_triton(x, pow2_scales)
     qt = torch.empty(K, M, dtype=FP8, device=x.device)
     st = _scales_for_mm(K, triton.cdiv(M, TILE), x.device)
-    if M and K and chunk:
-        _tiles_t_kernel[(triton.cdiv(M, TILE), triton.cdiv(K, TILE))](
-            x, q.view(torch.uint8), s, qt.view(torch.uint8), st, M, K, x.stride(0), s.stride(0), s.stride(1),
-            qt.stride(0), st.stride(1), POW2=pow2_scales, HW=x.is_cuda, B=TILE, CH=chunk, **_warps(x, num_warps or 4))
-    elif M and K:
+    if M and K:
         _launch_cols(x, qt, st, None, None, triton.cdiv(M, TILE), pow2_scales, 32, num_warps or 2)
     return q, s, qt, st
 
@@ -531,13 +450,12 @@ def checked_row_tiles(offs: torch.Tensor, rows: int):
 
 
 def quantize_columns_grouped_triton(x: torch.Tensor, offs: torch.Tensor, pow2_scales: bool = False,
-                                    num_warps: Optional[int] = None, row_tiles=None, chunk: int = TILE,
-                                    strip: int = 64) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                    num_warps: Optional[int] = None, row_tiles=None
+                                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """quant.quantize_columns_grouped(x [R, K], offs) -> (qt [K, Rp], st [K, Rp/128], offs_padded).
     row_tiles: grouped_row_tiles / bounded_row_tiles of the same offs made earlier: the routed experts' four Wgrad
     operands of a layer share one (bounded_row_tiles: made without reading the device at all); None: made here,
-    exact, with one host read. chunk < 128 with a wider strip: _cols_kernel's two-pass form (same bytes; its GPU
-    speed not yet measured, so not the default)."""
+    exact, with one host read."""
     if x.dim() != 2:
         raise ValueError(f"quantize_columns_grouped needs a 2-D [R, K] input, got shape {tuple(x.shape)}")
     x = _as_rows(x)
@@ -546,7 +464,7 @@ def quantize_columns_grouped_triton(x: torch.Tensor, offs: torch.Tensor, pow2_sc
     qt = torch.empty(K, Rp, dtype=FP8, device=x.device)
     st = _scales_for_mm(K, Rp // TILE, x.device)
     if Rp and K:
-        _launch_cols(x, qt, st, src, cnt, Rp // TILE, pow2_scales, strip, num_warps or 2, chunk)
+        _launch_cols(x, qt, st, src, cnt, Rp // TILE, pow2_scales, 64, num_warps or 2)
     return qt, st, offs_p
 
 

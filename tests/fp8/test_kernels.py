@@ -130,13 +130,12 @@ def test_quantize_tiles_leading_dims_and_strides(triton_device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])      # float32: the block kernel's GPU bug was
 @pytest.mark.parametrize("M,K", [(130, 300), (128, 128), (5, 140),      # float32-only (test_weight_block_dispatch...)
                                  (300, 200), (1, 128)])
-@pytest.mark.parametrize("chunk", [0, 32, 128])
-def test_quantize_tiles_and_transpose_bit_exact(triton_device, M, K, pow2, dtype, chunk):
-    """Both forms (two kernels; one pass over [128, 128] blocks in row chunks) give the reference's bytes and
-    scales, in the GEMM's scale layout, at ragged shapes in both dims (NaN, zero tiles, outliers: _hard_input)."""
+def test_quantize_tiles_and_transpose_bit_exact(triton_device, M, K, pow2, dtype):
+    """The reference's bytes and scales, in the GEMM's scale layout, at ragged shapes in both dims (NaN, zero
+    tiles, outliers: _hard_input)."""
     from megatron_dsv3.fp8.kernels import quantize_tiles_and_transpose_triton
     x = _hard_input(M, K, dtype, triton_device, seed=1)
-    q, s, qt, st = quantize_tiles_and_transpose_triton(x, pow2, chunk=chunk)
+    q, s, qt, st = quantize_tiles_and_transpose_triton(x, pow2)
     assert qt.shape == (K, M) and st.shape == (K, -(-M // 128))
     assert s.stride() == (1, M) and st.stride() == (1, K)
     rq, rs = quant.quantize_tiles(x, pow2_scales=pow2)
@@ -169,14 +168,12 @@ def test_division_free_quotient_is_the_correctly_rounded_division(triton_device,
 @pytest.mark.parametrize("counts", [(5, 115, 0, 10), (128, 2), (0, 0), (140,),
                                     (0, 1, 129, 0, 40, 1),       # empty first expert, 1 row, 129 rows (2 tiles)
                                     (129, 128, 1, 42)])          # every row of x
-@pytest.mark.parametrize("chunk,strip", [(128, 64), (32, 128)])
-def test_quantize_columns_grouped_bit_exact(triton_device, counts, dtype, pow2, chunk, strip):
-    """Per-expert 128x1 column tiles against quant.py, the strip whole in registers (the default) and read in row
-    chunks of 32 twice (amax, then bytes) over a wider strip: the same bytes, zeros in the padding."""
+def test_quantize_columns_grouped_bit_exact(triton_device, counts, dtype, pow2):
+    """Per-expert 128x1 column tiles against quant.py: the same bytes, zeros in the padding."""
     from megatron_dsv3.fp8.kernels import quantize_columns_grouped_triton
     x = _hard_input(300, 300, dtype, triton_device, seed=2)
     offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32).to(triton_device)
-    qt, st, offs_p = quantize_columns_grouped_triton(x, offs, pow2, chunk=chunk, strip=strip)
+    qt, st, offs_p = quantize_columns_grouped_triton(x, offs, pow2)
     rqt, rst, roffs_p = quant.quantize_columns_grouped(x, offs, pow2_scales=pow2)
     assert torch.equal(offs_p, roffs_p)
     _same(qt, rqt)

@@ -340,3 +340,58 @@ def test_quack_grouped_weight_gradient_on_cuda():
             runs.append(buf)
         assert torch.equal(runs[0], runs[1]), dtype
         torch.testing.assert_close(runs[0].double(), want.to(dtype).double(), rtol=tol, atol=tol * 10)
+
+
+def test_weight_pair_in_one_gemm_equals_two_linears():
+    """matmul_fused_wgrad_pair (MLA's merged down-projections): y = x [W1; W2]^T, dx and both weight gradients
+    equal the float64 definitions on every path: no buffer (returned), an existing .grad (added once per step, two
+    steps), megatron DDP's main_grad (flag set, dummy returned), and a dx-only pass (autograd.grad) that leaves both
+    buffers alone followed by a weight-only pass (DualPipe's split backward)."""
+    from megatron_dsv3.fused_wgrad import matmul_fused_wgrad_pair
+    g = torch.Generator().manual_seed(3)
+    K, N1, N2 = 16, 12, 7
+    W1, W2 = (torch.randn(n, K, generator=g, dtype=torch.float64) for n in (N1, N2))
+
+    def case():
+        x = torch.randn(5, 2, K, generator=g, dtype=torch.float64, requires_grad=True)
+        dy = torch.randn(5, 2, N1 + N2, generator=g, dtype=torch.float64)
+        return x, dy, dy.reshape(-1, N1 + N2), x.detach().reshape(-1, K)
+
+    for path in ("returned", "grad", "main_grad"):
+        w1, w2 = W1.clone().requires_grad_(), W2.clone().requires_grad_()
+        want1, want2 = torch.zeros_like(W1), torch.zeros_like(W2)
+        for step in range(2):
+            if path == "grad" and step == 0:                  # a buffer from an earlier micro-batch
+                w1.grad, w2.grad = torch.full_like(W1, 0.25), torch.full_like(W2, 0.25)
+                want1 += 0.25
+                want2 += 0.25
+            if path == "main_grad" and step == 0:
+                for w, start in ((w1, 0.5), (w2, -0.5)):
+                    w.main_grad, w.grad_added_to_main_grad = torch.full_like(w, start), False
+                want1 += 0.5
+                want2 -= 0.5
+            x, dy, g2, x2 = case()
+            y = matmul_fused_wgrad_pair(x, w1, w2)
+            torch.testing.assert_close(y, x @ torch.cat([W1, W2]).t(), rtol=0, atol=1e-12)
+            y.backward(dy)
+            want1 += g2[:, :N1].t() @ x2
+            want2 += g2[:, N1:].t() @ x2
+            torch.testing.assert_close(x.grad, dy[..., :N1] @ W1 + dy[..., N1:] @ W2, rtol=0, atol=1e-12)
+            if path == "main_grad":
+                assert w1.grad_added_to_main_grad and w2.grad_added_to_main_grad
+                got1, got2 = w1.main_grad, w2.main_grad
+            else:
+                got1, got2 = w1.grad, w2.grad
+            torch.testing.assert_close(got1, want1, rtol=0, atol=1e-12)
+            torch.testing.assert_close(got2, want2, rtol=0, atol=1e-12)
+
+    w1, w2 = W1.clone().requires_grad_(), W2.clone().requires_grad_()
+    w1.grad, w2.grad = torch.ones_like(W1), torch.ones_like(W2)
+    x, dy, g2, x2 = case()
+    y = matmul_fused_wgrad_pair(x, w1, w2)
+    (dx,) = torch.autograd.grad(y, x, dy, retain_graph=True)
+    torch.testing.assert_close(dx, dy[..., :N1] @ W1 + dy[..., N1:] @ W2, rtol=0, atol=1e-12)
+    assert torch.equal(w1.grad, torch.ones_like(W1)) and torch.equal(w2.grad, torch.ones_like(W2))
+    torch.autograd.backward(y, dy, inputs=[w1, w2])
+    torch.testing.assert_close(w1.grad, 1 + g2[:, :N1].t() @ x2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(w2.grad, 1 + g2[:, N1:].t() @ x2, rtol=0, atol=1e-12)

@@ -15,9 +15,10 @@ Implementations: `ours` (build_model / specs.py, local backend) and `mcore-te` (
 layers from get_gpt_decoder_layer_specs with Transformer Engine: TE linears and fused attention, MLA, TEGroupedMLP,
 permute and router fusion, alltoall dispatcher at EP=1), skipped with a note where TE does not import. The other
 `ours-*` names are A/B switches of one piece each (NAMES below says which; several join with "+", e.g.
-ours-fa4+embedding-rowgrad): ours-embedding-rowgrad and ours-merged-down are off by default until measured
-alone; ours-fa4 (a tie with cuDNN alone) and ours-cublas-wgrad (the routed experts' weight gradients as before
-quack) are the alternatives to what runs by default. FlashAttention-4 and quack come from bench/fetch_fa4.sh.
+ours-fa4+embedding-rowgrad): ours-embedding-rowgrad, ours-merged-down and ours-router-split are off by default
+until measured alone; ours-fa4 (a tie with cuDNN alone) and ours-cublas-wgrad (the routed experts' weight
+gradients as before quack) are the alternatives to what runs by default. FlashAttention-4 and quack come from
+bench/fetch_fa4.sh.
 
 Hygiene (the same peer measured 221-265 ms depending on what ran before it in one process): every (part, impl, round)
 is a fresh `--child` process; the order of impls alternates per round; per process the median of `--iters` steps after
@@ -45,7 +46,7 @@ TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense"
           "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
 IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8", "ours-recompute", "ours-fp8-hostloop", "ours-fp8-nocache",
          "ours-fp8-fpropcache", "ours-fp8-restep", "ours-unfused-expert-wgrad", "ours-embedding-rowgrad", "ours-fa4",
-         "ours-quack-wgrad", "ours-cublas-wgrad", "ours-merged-down")
+         "ours-quack-wgrad", "ours-cublas-wgrad", "ours-merged-down", "ours-router-split")
 NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-fp8": "ours FP8 (native; FP8Config's defaults: Triton grouped GEMMs)",
          "ours-recompute": "ours BF16, the paper's recomputation (norms + MLA up-projections)",
@@ -70,10 +71,13 @@ NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-cublas-wgrad": "ours BF16, the routed experts' weight gradients one cuBLAS GEMM per expert "
                               "(GroupedExperts.wgrad = 'cublas', as before quack)",
          "ours-merged-down": "ours BF16, MLA's two down-projections in one GEMM each way "
-                             "(MLASelfAttention.merge_down_proj)"}
+                             "(MLASelfAttention.merge_down_proj)",
+         "ours-router-split": "ours BF16, the gate's GEMMs on bf16 operands with float32 accumulation, dlogits in two "
+                              "bf16 halves (Router.split_precision_gemms)"}
 
 
-SWITCHES = ("unfused-expert-wgrad", "embedding-rowgrad", "fa4", "quack-wgrad", "cublas-wgrad", "merged-down")
+SWITCHES = ("unfused-expert-wgrad", "embedding-rowgrad", "fa4", "quack-wgrad", "cublas-wgrad", "merged-down",
+            "router-split")
 
 
 def impl_name(impl: str) -> str:
@@ -129,6 +133,9 @@ def _switch(name: str, dev):
         if dev.type == "cuda" and quack_gemm_add_inplace() is None:
             raise RuntimeError("ours-quack-wgrad: quack does not import here (bench/fetch_fa4.sh)")
         return GroupedExperts, {"wgrad": "quack"}
+    if name == "router-split":
+        from megatron_dsv3.moe.router import Router
+        return Router, {"split_precision_gemms": True}
     if name == "merged-down":
         from megatron_dsv3.mla.attention import MLASelfAttention
         return MLASelfAttention, {"merge_down_proj": True}

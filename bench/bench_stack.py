@@ -38,6 +38,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATMUL_TFLOPS = 779.0
@@ -268,6 +269,7 @@ def _first(out):
 def child(a) -> dict:
     sys.path.insert(0, REPO)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    t0 = time.perf_counter()
     import torch
     from megatron_dsv3.compat import get_process_group_collection
     from timing import time_steps
@@ -281,8 +283,10 @@ def child(a) -> dict:
     cfg = cfg.replace(seq_length=a.seq)
     with single_process(backend="nccl" if cuda else "gloo"):
         torch.manual_seed(0)
+        t1 = time.perf_counter()
         mod, loss_of, layers = build(a.part, a.impl, cfg, dev, get_process_group_collection(None))
         mod.train()
+        t2 = time.perf_counter()
         go = None
 
         def step():
@@ -293,6 +297,7 @@ def child(a) -> dict:
             out.backward(go)
 
         times = time_steps(step, a.warmup, a.iters)
+        t3 = time.perf_counter()
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
         kept = 0
         if cuda:   # what one forward keeps for backward (grads already allocated, so they do not count)
@@ -327,7 +332,9 @@ def child(a) -> dict:
     ms = statistics.median(times)
     return {"ms": ms, "all_ms": times, "peak_gib": peak, "kept_bytes_per_token_layer": kept / T / layers,
             "tflops": flops / (ms * 1e-3) / 1e12, "device": torch.cuda.get_device_name(0) if cuda else "CPU",
-            "torch": torch.__version__, "profile": prof}
+            "torch": torch.__version__, "profile": prof,
+            # where a process's time goes (seconds): imports and process groups, the build, warmup + timed steps
+            "phases_s": {"setup": round(t1 - t0, 1), "build": round(t2 - t1, 1), "steps": round(t3 - t2, 1)}}
 
 
 def _versions() -> dict:
@@ -436,7 +443,9 @@ def main(argv=None):
                     cmd.append("--smoke")
                 if part in profile and r == 0:
                     cmd += ["--profile", part] + (["--trace", a.trace] if a.trace else [])
+                started = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True)
+                wall = time.perf_counter() - started
                 line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
                 if stopped and not line:
                     continue
@@ -453,7 +462,8 @@ def main(argv=None):
                         f.write(json.dumps({"commit": vers["commit"], "part": part, "impl": impl, "round": r,
                                             "res": res, "profile": profiles.get((part, impl)) if r == 0 else None})
                                 + "\n")
-                print(part, impl, r, "%.2f ms" % res["ms"] if "ms" in res else res["error"], flush=True)
+                print(part, impl, r, "%.2f ms" % res["ms"] if "ms" in res else res["error"],
+                      f"(process {wall:.0f} s: {res.get('phases_s')})", flush=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = [f"# megatron_dsv3 vs megatron-core + Transformer Engine, forward+backward ({now:%Y-%m-%d %H:%M} UTC)", "",
              f"- device: {info.get('device', '?')}; torch {info.get('torch', '?')}; megatron-core "

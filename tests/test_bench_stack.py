@@ -91,3 +91,32 @@ def test_restep_row_remakes_the_fp8_weight_copies_every_step(mcore_single):
             alive.append([v[1] for p in mod.parameters() for v in getattr(p, ATTR, {}).values()])
             copies.append({id(x) for x in alive[-1]})
         assert copies[0] and (copies[0].isdisjoint(copies[1]) if remade else copies[0] == copies[1]), impl
+
+
+def test_switches_combine_and_set_their_attributes(mcore_single):
+    """'ours-a+b' turns on each named A/B switch in one build (each attribute set on every module of its class);
+    anything else is not a combination (and --impls refuses it)."""
+    import importlib.util
+
+    import torch
+
+    from megatron_dsv3.compat import get_process_group_collection
+    from megatron_dsv3.mla.attention import MLASelfAttention
+    from megatron_dsv3.moe.experts import GroupedExperts
+    spec = importlib.util.spec_from_file_location("bench_stack", os.path.join(ROOT, "bench", "bench_stack.py"))
+    bs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bs)
+    assert bs.switches_of("ours-merged-down+cublas-wgrad") == ["merged-down", "cublas-wgrad"]
+    assert bs.switches_of("ours-merged-down+bogus") is None and bs.switches_of("mcore-te") is None
+    assert "MLA's two down-projections" in bs.impl_name("ours-merged-down+cublas-wgrad")
+    cfg = bs.bench_config(True, 2).replace(seq_length=16)
+    mod, _, _ = bs.build("moe_layer", "ours-merged-down+cublas-wgrad", cfg, torch.device("cpu"),
+                         get_process_group_collection(None))
+    mlas = [m for m in mod.modules() if isinstance(m, MLASelfAttention)]
+    experts = [m for m in mod.modules() if isinstance(m, GroupedExperts)]
+    assert mlas and all(m.merge_down_proj for m in mlas)
+    assert experts and all(m.wgrad == "cublas" for m in experts)
+    assert MLASelfAttention.merge_down_proj is False and GroupedExperts.wgrad == "auto"   # instances only
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_stack.py"), "--smoke", "--impls",
+                        "ours-merged-down+bogus"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown implementation 'ours-merged-down+bogus'" in r.stderr

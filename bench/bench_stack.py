@@ -47,12 +47,15 @@ TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense"
           "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
 IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8", "ours-recompute", "ours-fp8-hostloop", "ours-fp8-nocache",
          "ours-fp8-fpropcache", "ours-fp8-restep", "ours-unfused-expert-wgrad", "ours-embedding-rowgrad", "ours-fa4",
-         "ours-quack-wgrad", "ours-cublas-wgrad", "ours-merged-down", "ours-router-split")
+         "ours-quack-wgrad", "ours-cublas-wgrad", "ours-merged-down", "ours-router-split", "ours-fp8-bf16experts")
 NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-fp8": "ours FP8 (native; FP8Config's defaults: Triton grouped GEMMs)",
          "ours-recompute": "ours BF16, the paper's recomputation (norms + MLA up-projections)",
          "mcore-te-fp8": "megatron-core + TE FP8 (Float8BlockScaling)",
          "ours-fp8-hostloop": "ours FP8 (native), one cuBLAS GEMM per expert (FP8Config.grouped_gemm='host_loop')",
+         "ours-fp8-bf16experts": "ours FP8 (native) for every linear but the routed experts, which stay BF16 "
+                                 "(FP8Config.bf16_modules + experts: cuBLAS block-scaled GEMMs where they beat bf16, "
+                                 "the grouped BF16 GEMMs where the Triton FP8 ones do not)",
          "ours-fp8-nocache": "ours FP8 (native), weights quantised at each use (FP8Config.weight_cache=False: no FP8 "
                              "weight copies kept, 2 bytes a parameter less)",
          "ours-fp8-fpropcache": "ours FP8 (native), Fprop's FP8 weight copy kept, Dgrad's a byte transpose of it "
@@ -189,6 +192,9 @@ def build(part: str, impl: str, cfg, dev, pg):
     fp8_extra = {}
     if impl == "ours-fp8-hostloop":       # the routed experts' FP8 GEMMs one cuBLAS call per expert (offsets on the host)
         impl, fp8_extra = "ours-fp8", {"grouped_gemm": "host_loop"}
+    if impl == "ours-fp8-bf16experts":    # FP8 where cuBLAS's block-scaled GEMMs run, the routed experts BF16
+        from megatron_dsv3.config import FP8_ALWAYS_BF16
+        impl, fp8_extra = "ours-fp8", {"bf16_modules": FP8_ALWAYS_BF16 + ("experts",)}
     if impl == "ours-fp8-nocache":        # no per-step FP8 weight copies (what 1 micro-batch a step pays for nothing)
         impl, fp8_extra = "ours-fp8", {"weight_cache": False}
     if impl == "ours-fp8-fpropcache":     # one FP8 copy per weight kept, the transposed one made per backward

@@ -220,7 +220,10 @@ def accumulate_groups_quack(buf: torch.Tensor, x: torch.Tensor, dy: torch.Tensor
     if fn is None:
         return accumulate_groups(buf, x, dy, offs, host_counts)
     cu = torch.cat([offs.new_zeros(1), offs]).to(torch.int32)                        # [G + 1] boundaries
-    fn(x.t(), dy, buf, cu_seqlens_k=cu)                                              # [G, K, M] += x_g^T dy_g
+    # quack autotunes its tile configuration on a shape's first call (what was measured); under torch's deterministic
+    # algorithms its fixed default instead, so that two runs cannot pick different configurations
+    fn(x.t(), dy, buf, cu_seqlens_k=cu,
+       tuned=not torch.are_deterministic_algorithms_enabled())                        # [G, K, M] += x_g^T dy_g
 
 
 def accumulate_groups_auto(buf: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor,

@@ -255,8 +255,9 @@ def test_grouped_weight_gradient_through_quack_contract(monkeypatch):
     from megatron_dsv3 import fused_wgrad as FW
     calls = []
 
-    def fake(A, B, out, cu_seqlens_k):
+    def fake(A, B, out, cu_seqlens_k, tuned):
         calls.append(cu_seqlens_k.tolist())
+        assert tuned is not torch.are_deterministic_algorithms_enabled()
         assert cu_seqlens_k.dtype == torch.int32 and A.shape[1] == B.shape[0]
         assert out.shape[1:] == (A.shape[0], B.shape[1])
         for g in range(out.shape[0]):
@@ -283,6 +284,14 @@ def test_grouped_weight_gradient_through_quack_contract(monkeypatch):
         torch.testing.assert_close(x2.grad.double(), rdx, rtol=1e-5, atol=1e-5)
         assert calls[-1] == [0, 3, 3, 8, 10]
     assert len(calls) == 2
+    try:                                       # deterministic algorithms: quack's fixed configuration (no autotuning)
+        torch.use_deterministic_algorithms(True)
+        w2 = w.detach().clone().requires_grad_()
+        w2.grad = torch.zeros_like(w2)
+        FW.grouped_mm_fused_wgrad(x.detach(), w2, offs, Host(c), wgrad="quack").backward(dy)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert len(calls) == 3
     monkeypatch.setattr(FW, "_quack_for", lambda buf: None)                   # not installed: per group
     w3 = w.detach().clone().requires_grad_()
     w3.grad = torch.zeros_like(w3)

@@ -137,10 +137,10 @@ def add_training_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
     g.add_argument("--deterministic-mode", action="store_true",
                    help="bit-reproducible runs (Megatron-LM's flag): torch's deterministic algorithms, attention "
-                        "instead of cuDNN's (whose backward sums dQ with atomics) through FlashAttention-4's deterministic "
-                        "backward where flash-attn-4 imports (~1.2x cuDNN's time), else SDPA's efficient kernel in "
-                        "its deterministic form (~7x), CUBLAS_WORKSPACE_CONFIG=:4096:8, NCCL_ALGO=Ring "
-                        "and NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 unless already set")
+                        "instead of cuDNN's (whose backward sums dQ with atomics) through FlashAttention-4's "
+                        "deterministic backward where flash-attn-4 imports (~1.2x cuDNN's time), else SDPA's "
+                        "efficient kernel in its deterministic form (~7x), CUBLAS_WORKSPACE_CONFIG=:4096:8, "
+                        "NCCL_ALGO=Ring and NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 unless already set")
 
     g = p.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=None)

@@ -83,8 +83,8 @@ def init_distributed(args, cfg) -> torch.device:
         env = enable_deterministic_mode()
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
         if rank == 0:
-            print("deterministic mode: torch deterministic algorithms, attention through FlashAttention-4's deterministic "
-                  "backward where it imports (else without cuDNN's kernel), "
+            print("deterministic mode: torch deterministic algorithms, attention through FlashAttention-4's "
+                  "deterministic backward where it imports (else without cuDNN's kernel), "
                   + ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     use_cuda = torch.cuda.is_available() and not args.cpu
     if use_cuda:

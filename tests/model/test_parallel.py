@@ -100,7 +100,9 @@ def train_step(rank, parallel, state, batches):
 
     cfg = _config(parallel)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
-    chunks = [build_model(cfg, vp_stage=v, device="cpu") for v in range(vpp)] if vpp else [build_model(cfg, device="cpu")]
+    # the gloo harness runs on the CPU, also on a machine with CUDA
+    chunks = ([build_model(cfg, vp_stage=v, device="cpu") for v in range(vpp)] if vpp
+              else [build_model(cfg, device="cpu")])
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     info, ddps, ckpt = {}, [], {}
     for i, model in enumerate(chunks):

@@ -22,6 +22,15 @@ def _reference(q, k, v, scale):
     return out.permute(2, 0, 1, 3).reshape(s, q.shape[0], -1)
 
 
+def _attention_case(s, b, n, dqk, dv):
+    """-> (softmax scale, a config SDPAttention takes, the CUDA generator, bf16 q, k [s, b, n, dqk], v [.., dv])."""
+    cfg = SimpleNamespace(kv_channels=dqk, attention_dropout=0.0)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(s, b, n, dqk, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(s, b, n, dv, device="cuda", generator=g, dtype=torch.bfloat16)
+    return dqk ** -0.5, cfg, g, (q, k, v)
+
+
 def _timed(fn, reps=10):
     for _ in range(3):
         fn()
@@ -40,11 +49,7 @@ def test_sdpa_backends_at_mla_head_dims():
     efficient only 7.66 ms; rel err vs float32 2.0e-3 for all.
     """
     s, b, n, dqk, dv = 4096, 1, 16, 192, 128
-    scale = dqk ** -0.5
-    cfg = SimpleNamespace(kv_channels=dqk, attention_dropout=0.0)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k = (torch.randn(s, b, n, dqk, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
-    v = torch.randn(s, b, n, dv, device="cuda", generator=g, dtype=torch.bfloat16)
+    scale, cfg, g, (q, k, v) = _attention_case(s, b, n, dqk, dv)
     ref = _reference(q, k, v, scale)
     # causal forward: q k^T and p v over half the s x s pairs; backward counted as 2.5x forward (flash-attn's rule)
     flops = 3.5 * 2 * b * n * s * s * (dqk + dv) / 2
@@ -93,11 +98,7 @@ def test_flash_attention_4_at_mla_head_dims():
     if flash_attn_4() is None:
         pytest.skip("flash-attn-4 does not import (bench/fetch_fa4.sh)")
     s, b, n, dqk, dv = 1024, 1, 8, 192, 128
-    scale = dqk ** -0.5
-    cfg = SimpleNamespace(kv_channels=dqk, attention_dropout=0.0)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k = (torch.randn(s, b, n, dqk, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
-    v = torch.randn(s, b, n, dv, device="cuda", generator=g, dtype=torch.bfloat16)
+    scale, cfg, g, (q, k, v) = _attention_case(s, b, n, dqk, dv)
     go = torch.randn(s, b, n * dv, device="cuda", generator=g, dtype=torch.bfloat16)
     leaves = [t.float().requires_grad_() for t in (q, k, v)]
     _reference(*leaves, scale).backward(go.float())

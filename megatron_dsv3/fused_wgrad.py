@@ -45,8 +45,7 @@ from megatron.core import tensor_parallel
 
 __all__ = ["OutputHead", "FusedWgradColumnParallelLinear", "FusedWgradRowParallelLinear", "accumulate_wgrad",
            "matmul_fused_wgrad", "matmul_fused_wgrad_pair", "fused_wgrad_applies", "grouped_mm_fused_wgrad",
-           "accumulate_groups",
-           "accumulate_groups_quack", "accumulate_groups_auto", "HostCounts", "grad_need",
+           "accumulate_groups", "accumulate_groups_quack", "accumulate_groups_auto", "HostCounts", "grad_need",
            "wgrad_buffer", "NOT_NEEDED", "ACCUMULATE", "CAPTURED"]
 
 

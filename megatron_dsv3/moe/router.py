@@ -97,9 +97,13 @@ class _Float32Logits(torch.autograd.Function):
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [M, K] @ b [K, N], both bf16/fp16, accumulated and returned in float32: one GEMM on CUDA (out_dtype), the
-    exact upcast elsewhere (a product of two bf16 values is exact in float32 either way)."""
+    exact upcast elsewhere, or where the build has no out_dtype (a product of two bf16 values is exact in float32
+    either way; fused_wgrad.accumulate_wgrad falls back alike)."""
     if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        try:   # torch >= 2.8 on CUDA
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            pass
     return a.float() @ b.float()
 
 

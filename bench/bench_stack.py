@@ -15,9 +15,9 @@ Implementations: `ours` (build_model / specs.py, local backend) and `mcore-te` (
 layers from get_gpt_decoder_layer_specs with Transformer Engine: TE linears and fused attention, MLA, TEGroupedMLP,
 permute and router fusion, alltoall dispatcher at EP=1), skipped with a note where TE does not import. The other
 `ours-*` names are A/B switches of one piece each (NAMES below says which; several join with "+", e.g.
-ours-fa4+embedding-rowgrad): ours-embedding-rowgrad, ours-merged-down and ours-router-split are off by default
-until measured alone; ours-fa4 (a tie with cuDNN alone) and ours-cublas-wgrad (the routed experts' weight
-gradients as before quack) are the alternatives to what runs by default. FlashAttention-4 and quack come from
+ours-fa4+cublas-wgrad), each the alternative to what runs by default: ours-fa4 (a tie with cuDNN alone),
+ours-cublas-wgrad (the routed experts' weight gradients as before quack), ours-dense-embedding-grad (the word
+embedding's gradient made dense, as before its row-by-row accumulation). FlashAttention-4 and quack come from
 bench/fetch_fa4.sh.
 
 Hygiene (the same peer measured 221-265 ms depending on what ran before it in one process): every (part, impl, round)
@@ -46,8 +46,8 @@ PARTS = ("stack", "dense", "moe_layer", "mla", "moe")
 TITLES = {"stack": "4 layers (1 dense + 3 MoE) + embedding, head, loss", "dense": "dense layer (MLA + MLP)",
           "moe_layer": "MoE layer (MLA + DeepSeekMoE)", "mla": "MLA alone", "moe": "DeepSeekMoE alone"}
 IMPLS = ("ours", "mcore-te", "ours-fp8", "mcore-te-fp8", "ours-recompute", "ours-fp8-hostloop", "ours-fp8-nocache",
-         "ours-fp8-fpropcache", "ours-fp8-restep", "ours-unfused-expert-wgrad", "ours-embedding-rowgrad", "ours-fa4",
-         "ours-quack-wgrad", "ours-cublas-wgrad", "ours-merged-down", "ours-router-split", "ours-fp8-bf16experts")
+         "ours-fp8-fpropcache", "ours-fp8-restep", "ours-unfused-expert-wgrad", "ours-dense-embedding-grad",
+         "ours-fa4", "ours-quack-wgrad", "ours-cublas-wgrad", "ours-fp8-bf16experts")
 NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
          "ours-fp8": "ours FP8 (native; FP8Config's defaults: Triton grouped GEMMs)",
          "ours-recompute": "ours BF16, the paper's recomputation (norms + MLA up-projections)",
@@ -65,23 +65,18 @@ NAMES = {"ours": "ours BF16", "mcore-te": "megatron-core + TE BF16",
                             "micro-batches after the first of a step do)",
          "ours-unfused-expert-wgrad": "ours BF16, experts' weight gradients by autograd + add (GroupedExperts.fuse_wgrad "
                                       "False)",
-         "ours-embedding-rowgrad": "ours BF16, the word embedding's gradient added row by row into its buffer "
-                                   "(DSV3Model.embedding_row_grad, embedding_grad.py)",
+         "ours-dense-embedding-grad": "ours BF16, the word embedding's gradient made dense by F.embedding's backward "
+                                      "(DSV3Model.embedding_row_grad False, as before embedding_grad.py)",
          "ours-fa4": "ours BF16, MLA's attention core through FlashAttention-4 (SDPAttention backends 'fa4' first; "
                      "needs flash-attn-4: bench/fetch_fa4.sh)",
          "ours-quack-wgrad": "ours BF16, the routed experts' weight gradients in one quack grouped GEMM with "
                              "accumulation for any buffer (GroupedExperts.wgrad = 'quack'; the default 'auto' takes "
                              "it for bf16 buffers where quack imports: bench/fetch_fa4.sh)",
          "ours-cublas-wgrad": "ours BF16, the routed experts' weight gradients one cuBLAS GEMM per expert "
-                              "(GroupedExperts.wgrad = 'cublas', as before quack)",
-         "ours-merged-down": "ours BF16, MLA's two down-projections in one GEMM each way "
-                             "(MLASelfAttention.merge_down_proj)",
-         "ours-router-split": "ours BF16, the gate's GEMMs on bf16 operands with float32 accumulation, dlogits in two "
-                              "bf16 halves (Router.split_precision_gemms)"}
+                              "(GroupedExperts.wgrad = 'cublas', as before quack)"}
 
 
-SWITCHES = ("unfused-expert-wgrad", "embedding-rowgrad", "fa4", "quack-wgrad", "cublas-wgrad", "merged-down",
-            "router-split")
+SWITCHES = ("unfused-expert-wgrad", "dense-embedding-grad", "fa4", "quack-wgrad", "cublas-wgrad")
 
 
 def impl_name(impl: str) -> str:
@@ -137,12 +132,6 @@ def _switch(name: str, dev):
         if dev.type == "cuda" and quack_gemm_add_inplace() is None:
             raise RuntimeError("ours-quack-wgrad: quack does not import here (bench/fetch_fa4.sh)")
         return GroupedExperts, {"wgrad": "quack"}
-    if name == "router-split":
-        from megatron_dsv3.moe.router import Router
-        return Router, {"split_precision_gemms": True}
-    if name == "merged-down":
-        from megatron_dsv3.mla.attention import MLASelfAttention
-        return MLASelfAttention, {"merge_down_proj": True}
     if name == "cublas-wgrad":
         from megatron_dsv3.moe.experts import GroupedExperts
         return GroupedExperts, {"wgrad": "cublas"}
@@ -151,9 +140,9 @@ def _switch(name: str, dev):
         if dev.type == "cuda" and flash_attn_4() is None:
             raise RuntimeError("ours-fa4: flash_attn.cute does not import here (bench/fetch_fa4.sh)")
         return SDPAttention, {"backends": ("fa4",) + DEFAULT_CUDA_BACKENDS}
-    if name == "embedding-rowgrad":
+    if name == "dense-embedding-grad":
         from megatron_dsv3.model import DSV3Model
-        DSV3Model.embedding_row_grad = True            # this child process builds one model
+        DSV3Model.embedding_row_grad = False           # this child process builds one model
         return None
     raise ValueError(name)
 

@@ -13,8 +13,7 @@ The rows are summed without atomics and in a fixed order, so the result is deter
 its row with one rounding (`accumulate_rows_triton`; `accumulate_rows_reference` is the plain-torch form, used off
 CUDA). VocabParallelEmbeddingRowGrad is megatron-core's VocabParallelEmbedding with this lookup in training (same
 parameters, masking, reductions); anything else (inference, megatron's gtp rematerialisation) runs its own forward.
-DSV3Model.embedding_row_grad turns it on (off: measured only together with quack, model.py; bench_stack's
-ours-embedding-rowgrad).
+DSV3Model.embedding_row_grad (on; bench_stack's ours-dense-embedding-grad is the dense form) chooses it.
 """
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ import torch
 from megatron.core import tensor_parallel
 
 __all__ = ["OutputHead", "FusedWgradColumnParallelLinear", "FusedWgradRowParallelLinear", "accumulate_wgrad",
-           "matmul_fused_wgrad", "matmul_fused_wgrad_pair", "fused_wgrad_applies", "grouped_mm_fused_wgrad",
+           "matmul_fused_wgrad", "fused_wgrad_applies", "grouped_mm_fused_wgrad",
            "accumulate_groups", "accumulate_groups_quack", "accumulate_groups_auto", "HostCounts", "grad_need",
            "wgrad_buffer", "NOT_NEEDED", "ACCUMULATE", "CAPTURED"]
 
@@ -121,26 +121,6 @@ def _weight_grad(weight: torch.Tensor, need: int, g2: torch.Tensor, x2: torch.Te
     return torch.mm(g2.t(), x2)
 
 
-class _FusedWgradMatmulPair(torch.autograd.Function):
-    """x [..., K] @ [W1; W2]^T -> [..., N1 + N2] in one GEMM (two linears reading one input); backward: dx one GEMM
-    over N1 + N2 (no second GEMM and no add of two [.., K] gradients), dW1 and dW2 each accumulated in place as
-    _FusedWgradMatmul's. The concatenated weight is made in forward and again in backward (not kept)."""
-
-    @staticmethod
-    def forward(ctx, x, w1, w2):
-        ctx.save_for_backward(x, w1, w2)
-        return torch.matmul(x, torch.cat([w1, w2]).t())                     # [.., K] -> [.., N1 + N2]
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w1, w2 = ctx.saved_tensors
-        n1 = w1.shape[0]
-        dx = torch.matmul(dy, torch.cat([w1, w2])) if grad_need(ctx, 0) != NOT_NEEDED else None   # [.., K]
-        g2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])     # [T, N1 + N2], [T, K]
-        return (dx, _weight_grad(w1, grad_need(ctx, 1), g2[:, :n1], x2),
-                _weight_grad(w2, grad_need(ctx, 2), g2[:, n1:], x2))
-
-
 def fused_wgrad_applies(weight: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and weight.requires_grad
 
@@ -148,12 +128,6 @@ def fused_wgrad_applies(weight: torch.Tensor) -> bool:
 def matmul_fused_wgrad(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T with the weight gradient accumulated in place (module docstring)."""
     return _FusedWgradMatmul.apply(x, weight)
-
-
-def matmul_fused_wgrad_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """x @ [w1; w2]^T -> [..., N1 + N2]: two weights reading one input in one GEMM each way (_FusedWgradMatmulPair),
-    their gradients accumulated in place."""
-    return _FusedWgradMatmulPair.apply(x, w1, w2)
 
 
 class HostCounts:

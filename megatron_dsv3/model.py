@@ -61,10 +61,9 @@ class DSV3Model(LanguageModule):
     decoder.final_layernorm.weight, output_layer.weight [V/tp, h], mtp.layers.{k}.* (interfaces.md)."""
 
     # the word embedding's gradient added row by row into its buffer (embedding_grad.py) instead of made dense:
-    # tested on CPU (its Triton kernel through the interpreter, DDP and MTP sharing included) and the kernel on the
-    # H200. Measured only together with quack's expert weight gradients (4-layer stack 157.10 vs 159.94 ms, of which
-    # DeepSeekMoE alone gives quack ~0.86 ms a layer): its own share is inside the noise, so off until measured alone
-    embedding_row_grad = False
+    # the 4-layer stack on the H200 157.20 vs 160.38 ms with it (bench_stack, 2026-11-30; the other switches in that
+    # row measured neutral alone), the same peak memory, and deterministic (no atomics)
+    embedding_row_grad = True
 
     def __init__(self, config: DSV3Config, pre_process: bool = True, post_process: bool = True,
                  backend: str = "local", pg_collection=None, vp_stage: Optional[int] = None,

@@ -101,22 +101,22 @@ def test_switches_combine_and_set_their_attributes(mcore_single):
     import torch
 
     from megatron_dsv3.compat import get_process_group_collection
-    from megatron_dsv3.mla.attention import MLASelfAttention
+    from megatron_dsv3.mla.core_attention import SDPAttention
     from megatron_dsv3.moe.experts import GroupedExperts
     spec = importlib.util.spec_from_file_location("bench_stack", os.path.join(ROOT, "bench", "bench_stack.py"))
     bs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bs)
-    assert bs.switches_of("ours-merged-down+cublas-wgrad") == ["merged-down", "cublas-wgrad"]
-    assert bs.switches_of("ours-merged-down+bogus") is None and bs.switches_of("mcore-te") is None
-    assert "MLA's two down-projections" in bs.impl_name("ours-merged-down+cublas-wgrad")
+    assert bs.switches_of("ours-fa4+cublas-wgrad") == ["fa4", "cublas-wgrad"]
+    assert bs.switches_of("ours-fa4+bogus") is None and bs.switches_of("mcore-te") is None
+    assert "FlashAttention-4" in bs.impl_name("ours-fa4+cublas-wgrad")
     cfg = bs.bench_config(True, 2).replace(seq_length=16)
-    mod, _, _ = bs.build("moe_layer", "ours-merged-down+cublas-wgrad", cfg, torch.device("cpu"),
+    mod, _, _ = bs.build("moe_layer", "ours-fa4+cublas-wgrad", cfg, torch.device("cpu"),
                          get_process_group_collection(None))
-    mlas = [m for m in mod.modules() if isinstance(m, MLASelfAttention)]
+    cores = [m for m in mod.modules() if isinstance(m, SDPAttention)]
     experts = [m for m in mod.modules() if isinstance(m, GroupedExperts)]
-    assert mlas and all(m.merge_down_proj for m in mlas)
+    assert cores and all(m.backends[0] == "fa4" for m in cores)
     assert experts and all(m.wgrad == "cublas" for m in experts)
-    assert MLASelfAttention.merge_down_proj is False and GroupedExperts.wgrad == "auto"   # instances only
+    assert GroupedExperts.wgrad == "auto"   # instances only
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_stack.py"), "--smoke", "--impls",
-                        "ours-merged-down+bogus"], capture_output=True, text=True)
-    assert r.returncode == 2 and "unknown implementation 'ours-merged-down+bogus'" in r.stderr
+                        "ours-fa4+bogus"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown implementation 'ours-fa4+bogus'" in r.stderr

@@ -109,6 +109,8 @@ def test_vocab_parallel_embedding_swap_same_outputs_and_grads(mcore_single):
         assert torch.equal(ours(ids), ref(ids))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="megatron DDP puts its gradient buffers on "
+                    "torch.cuda.current_device() where CUDA exists, and this gloo harness builds the model on the CPU")
 def test_model_step_with_row_gradients_equals_dense(monkeypatch):
     """DSV3Model.embedding_row_grad under megatron DDP: one step of 4 micro-batches of the tiny model with MTP (the
     embedding used twice per micro-batch, megatron's zero_out_wgrad case) gives the same gradients as the dense

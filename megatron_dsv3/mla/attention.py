@@ -20,6 +20,9 @@ gradient (and through it the input's and W^KR's) must be summed over TP, as the 
 latents. (Reading megatron-core 0.16.1's MLA, its duplicated-down-projection path without sequence parallel
 has no such reduction; not run here, since that path needs TE.)
 
+Measured and removed (H200, 2026-11-30): both down-projections in one GEMM each way (7168 -> 2112, weights kept
+apart) ran MLA alone in 12.84 vs 12.86 ms, no gain for the extra autograd function.
+
 Recompute (V3 section 3.2.2, MLAConfig.recompute_up_proj): the latent norms, up-projections and the q/k/v
 assembly run under a non-reentrant activation checkpoint, and the attention core's saved q, k, v are replaced by a
 recipe (RecomputedQKV) that makes them again from the latents in backward: only the latents (and k^R) are kept,
@@ -49,9 +52,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_dsv3.compat import get_process_group_collection
 from megatron_dsv3.config import MLAConfig
-from megatron_dsv3.fused_wgrad import fused_wgrad_applies, matmul_fused_wgrad_pair
 from megatron_dsv3.mla.kernels import assemble_qkv
-from megatron_dsv3.mla.linear import DuplicatedLinear
 from megatron_dsv3.mla.rope import RotaryEmbedding
 
 # DeepSeek's reference and HF build the latent RMSNorms with their default eps, whatever rms_norm_eps says
@@ -107,12 +108,6 @@ class MLASubmodules:
 
 
 class MLASelfAttention(MegatronModule):
-    # both down-projections (W^DQ, then W^DKV;W^KR) in one GEMM each way (fused_wgrad.matmul_fused_wgrad_pair): one
-    # forward GEMM 7168 -> 2112 instead of 1536 and 576 (H200, forward alone: 0.55-0.61 vs 0.62-0.84 ms), one dgrad
-    # and no add of two [s, b, h] gradients; the weights stay two parameters (checkpoint names). Off until the
-    # layer is measured with it (bench_stack's ours-merged-down)
-    merge_down_proj = False
-
     def __init__(self, config, submodules: MLASubmodules, layer_number: int, mla: MLAConfig,
                  attn_mask_type=AttnMaskType.causal, pg_collection=None, cp_comm_type=None, **kwargs):
         super().__init__(config=config)
@@ -186,18 +181,12 @@ class MLASelfAttention(MegatronModule):
 
         # down-projections on this rank's tokens
         q_latent = q_direct = None
-        if self._merged_down():
-            # eqs. 6, 1, 3 in one GEMM: [s', b, q_lora + kv_lora + d_h^R]
-            down = matmul_fused_wgrad_pair(hidden_states, self.linear_q_down_proj.weight,
-                                           self.linear_kv_down_proj.weight)
-            q_latent, kv_latent, k_rope = torch.split(down, [mla.q_lora_rank, mla.kv_lora_rank, d_rope], dim=-1)
+        kv_combined, _ = self.linear_kv_down_proj(hidden_states)               # [s', b, kv_lora + d_h^R]  eq. 1, 3
+        kv_latent, k_rope = torch.split(kv_combined, [mla.kv_lora_rank, d_rope], dim=-1)
+        if mla.q_lora_rank is not None:
+            q_latent, _ = self.linear_q_down_proj(hidden_states)               # [s', b, q_lora]  eq. 6
         else:
-            kv_combined, _ = self.linear_kv_down_proj(hidden_states)           # [s', b, kv_lora + d_h^R]  eq. 1, 3
-            kv_latent, k_rope = torch.split(kv_combined, [mla.kv_lora_rank, d_rope], dim=-1)
-            if mla.q_lora_rank is not None:
-                q_latent, _ = self.linear_q_down_proj(hidden_states)           # [s', b, q_lora]  eq. 6
-            else:
-                q_direct, _ = self.linear_q_proj(hidden_states)                # [s, b, n*(d_h+d_h^R)]
+            q_direct, _ = self.linear_q_proj(hidden_states)                    # [s, b, n*(d_h+d_h^R)]
         # k^R leaves the duplicated region into per-rank heads: each rank's gradient covers its heads only,
         # so the backward must sum over TP (the column-parallel up-projections do the same for the latents)
         if self.sequence_parallel:
@@ -221,14 +210,6 @@ class MLASelfAttention(MegatronModule):
             # run again in backward (non-reentrant checkpoint); forward() keeps q, k, v out of the attention core
             return checkpoint(self._up_and_assemble, *inputs, use_reentrant=False), inputs
         return self._up_and_assemble(*inputs), None
-
-    def _merged_down(self) -> bool:
-        """merge_down_proj applies: both down-projections our plain DuplicatedLinear (not FP8's, not TE's), no
-        bias, weight gradients wanted."""
-        q, kv = getattr(self, "linear_q_down_proj", None), self.linear_kv_down_proj
-        return (self.merge_down_proj and self.mla.q_lora_rank is not None
-                and type(q) is DuplicatedLinear and type(kv) is DuplicatedLinear and q.bias is None
-                and kv.bias is None and fused_wgrad_applies(q.weight) and fused_wgrad_applies(kv.weight))
 
     def _up_and_assemble(self, q_latent, kv_latent, k_rope, cos, sin, q_direct):
         """Latents -> q, k [s, b, n, d_h+d_h^R], v [s, b, n, d_v] (the part section 3.2.2 recomputes)."""

@@ -95,58 +95,13 @@ class _Float32Logits(torch.autograd.Function):
         return dx, dw
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [M, K] @ b [K, N], both bf16/fp16, accumulated and returned in float32: one GEMM on CUDA (out_dtype), the
-    exact upcast elsewhere, or where the build has no out_dtype (a product of two bf16 values is exact in float32
-    either way; fused_wgrad.accumulate_wgrad falls back alike)."""
-    if a.is_cuda:
-        try:   # torch >= 2.8 on CUDA
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            pass
-    return a.float() @ b.float()
+def float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[T, h] x [E, h] -> float32 [T, E] router logits (section 3.3: gating in high precision).
 
-
-def _hi_lo(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float32 t [M, E] -> [hi | lo] [M, 2E] in dtype with hi + lo = t to ~2^-16 relative (bf16: 8 + 8 bits)."""
-    hi = t.to(dtype)
-    return torch.cat([hi, (t - hi.float()).to(dtype)], dim=-1)
-
-
-class _SplitPrecisionLogits(torch.autograd.Function):
-    """_Float32Logits' contract without a float32 copy of x or an [T, h] float32 gradient: forward one GEMM on the
-    bf16 operands with float32 accumulation (the same products, exact, and the same float32 sums in another order);
-    backward the float32 dlogits split into two bf16 halves (hi + lo, ~16 bits) so that dx is one bf16 GEMM over
-    K = 2E ([hi | lo] @ [W; W], float32 accumulation, one rounding to x's dtype) and dW one GEMM [2E, T] @ x with
-    float32 output, its halves summed. Per MoE layer at T = 4096, h = 7168 this moves ~0.1 GB instead of ~0.75 GB
-    (the float32 copies of x in forward and backward, the float32 dx and its cast) and runs no float32 GEMM."""
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
-        return _mm_f32(x, weight.t())                                                              # [T, E] fp32
-
-    @staticmethod
-    def backward(ctx, dlogits):
-        x, weight = ctx.saved_tensors
-        need_x, need_w = (grad_need(ctx, i) != NOT_NEEDED for i in (0, 1))
-        d2 = _hi_lo(dlogits, x.dtype)                                                              # [T, 2E]
-        dx = d2 @ torch.cat([weight, weight]) if need_x else None                                 # [T, h]
-        dw = None
-        if need_w:
-            E = weight.shape[0]
-            dw2 = _mm_f32(d2.t(), x)                                                               # [2E, h] fp32
-            dw = (dw2[:E] + dw2[E:]).to(weight.dtype)                                              # [E, h]
-        return dx, dw
-
-
-def float32_logits(x: torch.Tensor, weight: torch.Tensor, split_precision: bool = False) -> torch.Tensor:
-    """[T, h] x [E, h] -> float32 [T, E] router logits (section 3.3: gating in high precision). split_precision
-    (bf16/fp16 x and weight of one dtype): _SplitPrecisionLogits' GEMMs instead of float32 copies."""
+    Measured and removed (H200, 2026-11-30): the gate's GEMMs on bf16 operands with float32 accumulation and dlogits
+    in two bf16 halves (no float32 copy of x) ran DeepSeekMoE alone in 17.77 vs 17.78 ms, the same peak memory."""
     if x.dtype in (torch.float32, torch.float64):
         return F.linear(x.float(), weight.float())
-    if split_precision and weight.dtype == x.dtype:
-        return _SplitPrecisionLogits.apply(x, weight)
     return _Float32Logits.apply(x, weight)
 
 
@@ -291,10 +246,6 @@ class Router(MegatronModule):
     expect one parameter dtype per model.)
     """
 
-    # the gate's GEMMs on bf16 operands with float32 accumulation (_SplitPrecisionLogits) instead of float32
-    # copies; off until measured on the GPU (bench_stack's ours-router-split)
-    split_precision_gemms = False
-
     def __init__(self, config, moe: MoEConfig, expert_order: Optional[torch.Tensor] = None,
                  n_group: Optional[int] = None, balance_group=None):
         super().__init__(config=config)
@@ -344,8 +295,7 @@ class Router(MegatronModule):
         The balance loss (when configured and training) rides on the gates through AuxLossScaler.
         """
         s, b, h = hidden_states.shape
-        logits = float32_logits(hidden_states.reshape(s * b, h), self.weight,
-                                self.split_precision_gemms)                                        # [T, E] fp32
+        logits = float32_logits(hidden_states.reshape(s * b, h), self.weight)                     # [T, E] fp32
         gate_logits = logits
         if self.gate_grad_group is not None:
             from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region

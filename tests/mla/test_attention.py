@@ -19,13 +19,11 @@ from tests.mla.common import (CONFIGS, HF_TO_OURS, build_ours, dsv3_config, full
 CASES = [(name, v) for name, (mla, *_) in CONFIGS.items() for v in ((3, 2) if mla.rope_interleave else (3,))]
 
 
-def _compare(name, version, dtype=torch.float32, mla_override=None, pad=None, mask_kind=None, seed=0, merge=False):
+def _compare(name, version, dtype=torch.float32, mla_override=None, pad=None, mask_kind=None, seed=0):
     mla, heads, hidden, seq = CONFIGS[name]
     hf, rot = hf_attention(mla, heads, hidden, seq, version=version, dtype=dtype, seed=seed)
     ours = build_ours(dsv3_config(mla_override or mla, heads, hidden, dtype=str(dtype).split(".")[-1]))
     load_ours(ours, full_state(hf))
-    ours.merge_down_proj = merge
-    assert ours._merged_down() == (merge and mla.q_lora_rank is not None)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(2, seq, hidden, generator=g, dtype=dtype)
     x_hf, x_ours = x.clone().requires_grad_(), x.transpose(0, 1).clone().requires_grad_()
@@ -51,14 +49,6 @@ def _compare(name, version, dtype=torch.float32, mla_override=None, pad=None, ma
 @pytest.mark.parametrize("name,version", CASES)
 def test_parity_with_hf_float32(mcore_single, name, version):
     errs = _compare(name, version)
-    assert max(errs.values()) < 1e-5, errs
-
-
-@pytest.mark.parametrize("name", [n for n, (mla, *_) in CONFIGS.items() if mla.q_lora_rank is not None])
-def test_merged_down_projections_parity_with_hf(mcore_single, name):
-    """MLASelfAttention.merge_down_proj: W^DQ and W^DKV;W^KR in one GEMM each way (fused_wgrad.matmul_fused_wgrad_pair)
-    against HF, outputs and every weight gradient (the two down-projections' included)."""
-    errs = _compare(name, 3, merge=True)
     assert max(errs.values()) < 1e-5, errs
 
 

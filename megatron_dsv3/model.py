@@ -60,9 +60,9 @@ class DSV3Model(LanguageModule):
     """Parameter names: embedding.word_embeddings.weight [V/tp, h], decoder.layers.{i}.*,
     decoder.final_layernorm.weight, output_layer.weight [V/tp, h], mtp.layers.{k}.* (interfaces.md)."""
 
-    # the word embedding's gradient added row by row into its buffer (embedding_grad.py) instead of made dense:
-    # the 4-layer stack on the H200 157.20 vs 160.38 ms with it (bench_stack, 2026-11-30; the other switches in that
-    # row measured neutral alone), the same peak memory, and deterministic (no atomics)
+    # the word embedding's gradient added row by row into its buffer (embedding_grad.py) instead of made dense: the
+    # 4-layer stack on the H200 160.2 vs 161.45 ms (bench_stack, 4 rounds, 2026-11-30), the same peak memory, no
+    # 1.85 GB transient, and deterministic (no atomics)
     embedding_row_grad = True
 
     def __init__(self, config: DSV3Config, pre_process: bool = True, post_process: bool = True,
